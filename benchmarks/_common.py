@@ -1,0 +1,76 @@
+"""Shared helpers for the benchmarks: a private server, timing, and ratio tables.
+
+Machines here are noisy (2 vCPUs): every table compares peers measured in the same run and
+reports ratios; absolute times are indicative only. Every loop is bounded.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from servers import ServerProcess  # noqa: E402
+
+__all__ = ["ServerProcess", "ns_per_call", "percentile", "print_table", "quick"]
+
+QUICK = "--quick" in sys.argv
+
+
+def quick() -> bool:
+    """``--quick``: smaller loops (for smoke-testing the benchmarks themselves)."""
+    return QUICK
+
+
+def ns_per_call(fn: Callable[[], object], loops: int = 200_000, repeat: int = 5) -> float:
+    """Median over ``repeat`` runs of the mean time of one ``fn()`` call, in nanoseconds."""
+    if QUICK:
+        loops, repeat = max(1, loops // 50), 3
+    results = []
+    rng = range(loops)
+    gc_was = gc.isenabled()
+    gc.disable()
+    try:
+        for _ in range(repeat):
+            t0 = time.perf_counter_ns()
+            for _ in rng:
+                fn()
+            results.append((time.perf_counter_ns() - t0) / loops)
+    finally:
+        if gc_was:
+            gc.enable()
+    return statistics.median(results)
+
+
+def percentile(values: Sequence[float], pct: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    idx = min(len(ordered) - 1, max(0, round(pct / 100 * (len(ordered) - 1))))
+    return ordered[idx]
+
+
+def print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """Print (and return) a Markdown table."""
+    lines = [f"### {title}", "", "| " + " | ".join(headers) + " |"]
+    lines.append("|" + "|".join("---" for _ in headers) + "|")
+    for row in rows:
+        lines.append("| " + " | ".join(_fmt(c) for c in row) + " |")
+    text = "\n".join(lines) + "\n"
+    print(text, flush=True)
+    return text
+
+
+def _fmt(cell: object) -> str:
+    if isinstance(cell, float):
+        if cell >= 100:
+            return f"{cell:,.0f}"
+        if cell >= 10:
+            return f"{cell:.1f}"
+        return f"{cell:.2f}"
+    return str(cell)

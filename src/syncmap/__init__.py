@@ -1,0 +1,57 @@
+"""syncmap: a hash-map cache shared coherently by many processes and machines, and the
+distributed locks to coordinate them, on Redis or Valkey.
+
+Layers (each usable alone): :class:`SafeHashMap` (thread-safe local map), ``Lock``
+(distributed lock), ``SyncMap`` (coherent near-cache map). Start with :func:`connect`.
+"""
+
+from ._codec import BytesCodec, Codec, JSONCodec, MsgpackCodec, PickleCodec
+from ._errors import (
+    CorruptData,
+    EmbeddedServerError,
+    GuardRejected,
+    InvalidArgument,
+    InvalidURL,
+    LockError,
+    LockLost,
+    LockNotHeld,
+    NotObtained,
+    SerializationError,
+    ServerError,
+    ServerUnavailable,
+    StaleRead,
+    SyncMapError,
+    TooLarge,
+    UnsupportedKey,
+)
+from ._node import AsyncNode, Node, connect, connect_async
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AsyncNode",
+    "BytesCodec",
+    "Codec",
+    "CorruptData",
+    "EmbeddedServerError",
+    "GuardRejected",
+    "InvalidArgument",
+    "InvalidURL",
+    "JSONCodec",
+    "LockError",
+    "LockLost",
+    "LockNotHeld",
+    "MsgpackCodec",
+    "Node",
+    "NotObtained",
+    "PickleCodec",
+    "SerializationError",
+    "ServerError",
+    "ServerUnavailable",
+    "StaleRead",
+    "SyncMapError",
+    "TooLarge",
+    "UnsupportedKey",
+    "connect",
+    "connect_async",
+]

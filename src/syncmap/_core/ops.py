@@ -1,0 +1,43 @@
+"""The requests a core flow can make of its driver.
+
+A *flow* is a generator: it yields an operation, the driver performs it and sends the result
+back in (or throws the translated error in), until the flow returns its answer. The sync and
+asyncio drivers are each a few lines (``syncmap._driver``); all decisions stay in the flow.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+__all__ = ["Command", "Flow", "Op", "Script", "Sleep"]
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """Run one server command, e.g. ``Command(("GET", key))``."""
+
+    args: tuple[Any, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Script:
+    """Run the Lua script ``lua/<name>.lua`` with ``keys`` and ``args`` (EVALSHA, loaded once)."""
+
+    name: str
+    keys: tuple[Any, ...]
+    args: tuple[Any, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Sleep:
+    """Wait ``seconds`` (a thread sleeps; a task awaits)."""
+
+    seconds: float
+
+
+Op = Command | Script | Sleep
+Flow = Generator[Op, Any, T]

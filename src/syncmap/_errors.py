@@ -1,0 +1,159 @@
+"""Every error syncmap raises, in one place.
+
+::
+
+    SyncMapError
+     ├── InvalidArgument (ValueError)        bad TTL, bad name, bad option: nothing was sent
+     │    ├── InvalidURL                     a URL that cannot be parsed or is not supported
+     │    ├── UnsupportedKey (TypeError)     a key of a type a map does not take
+     │    ├── SerializationError (TypeError) a value the codec cannot encode
+     │    └── TooLarge                       key, value or metadata over its size limit
+     ├── ServerUnavailable                   cannot reach / lost the server (names the address)
+     ├── ServerError                         the server answered with an error we did not expect
+     ├── CorruptData                         foreign or malformed data found under our keys
+     ├── EmbeddedServerError                 the embedded Valkey could not be started or found
+     ├── StaleRead                           a local read could not be proven fresh (max_staleness)
+     ├── GuardRejected                       a guarded write whose lock is no longer current
+     └── LockError
+          ├── NotObtained                    obtain() gave up: someone else holds the lock
+          ├── LockNotHeld                    release/refresh of a lock this holder no longer owns
+          └── LockLost                       a held lock expired or was taken while in use
+
+redis-py's exceptions are translated at one boundary (:func:`translate_redis_error`); no
+builtin name (``TimeoutError``, ``ConnectionError``) is shadowed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TypeVar
+
+__all__ = [
+    "CorruptData",
+    "EmbeddedServerError",
+    "GuardRejected",
+    "InvalidArgument",
+    "InvalidURL",
+    "LockError",
+    "LockLost",
+    "LockNotHeld",
+    "NotObtained",
+    "SerializationError",
+    "ServerError",
+    "ServerUnavailable",
+    "StaleRead",
+    "SyncMapError",
+    "TooLarge",
+    "UnsupportedKey",
+]
+
+
+class SyncMapError(Exception):
+    """Root of every error syncmap raises."""
+
+
+class InvalidArgument(SyncMapError, ValueError):
+    """An argument is out of range or of the wrong kind; nothing was sent to the server."""
+
+
+class InvalidURL(InvalidArgument):
+    """A server URL that cannot be parsed or uses an unsupported scheme."""
+
+
+class UnsupportedKey(InvalidArgument, TypeError):
+    """A map key of a type the map does not accept."""
+
+
+class SerializationError(InvalidArgument, TypeError):
+    """A value the map's codec cannot encode."""
+
+
+class TooLarge(InvalidArgument):
+    """A key, value or lock metadata over its configured size limit."""
+
+
+class ServerUnavailable(SyncMapError):
+    """The server cannot be reached, or the connection to it was lost."""
+
+    def __init__(self, message: str, address: str | None = None) -> None:
+        super().__init__(message)
+        self.address = address
+
+
+class ServerError(SyncMapError):
+    """The server answered with an error syncmap did not expect."""
+
+
+class CorruptData(SyncMapError):
+    """Data under one of syncmap's keys is not in syncmap's format."""
+
+
+class EmbeddedServerError(SyncMapError):
+    """The embedded Valkey server could not be started or found."""
+
+
+class StaleRead(SyncMapError):
+    """A local read could not be proven fresh within ``max_staleness`` (``on_stale='raise'``)."""
+
+
+class GuardRejected(SyncMapError):
+    """A write guarded by a lock was refused: a newer holder of that lock exists, or it expired."""
+
+
+class LockError(SyncMapError):
+    """Base of the lock errors."""
+
+
+class NotObtained(LockError):
+    """The lock could not be obtained within the retry strategy."""
+
+
+class LockNotHeld(LockError):
+    """The lock is not (or no longer) held by this holder."""
+
+
+class LockLost(LockError):
+    """A lock held in a ``with`` block expired or was taken by another holder meanwhile."""
+
+
+T = TypeVar("T")
+
+
+def _address_of(exc: BaseException) -> str | None:
+    return getattr(exc, "_syncmap_address", None)
+
+
+def translate_redis_error(exc: BaseException, address: str | None = None) -> SyncMapError | None:
+    """Map a redis-py exception onto syncmap's tree; ``None`` if it is not one of redis-py's."""
+    import redis.exceptions as rexc
+
+    where = address or _address_of(exc) or "the server"
+    if isinstance(exc, rexc.AuthenticationError | rexc.AuthorizationError):
+        return ServerUnavailable(f"authentication failed at {where}: {exc}", address)
+    if isinstance(exc, rexc.ConnectionError | rexc.TimeoutError):
+        return ServerUnavailable(f"cannot reach the server at {where}: {exc}", address)
+    if isinstance(exc, rexc.ResponseError):
+        return ServerError(f"server at {where} answered with an error: {exc}")
+    if isinstance(exc, rexc.RedisError):
+        return ServerError(f"redis client error talking to {where}: {exc}")
+    return None
+
+
+@contextmanager
+def redis_errors(address: str | None = None) -> Iterator[None]:
+    """The one boundary where redis-py exceptions become syncmap exceptions."""
+    try:
+        yield
+    except SyncMapError:
+        raise
+    except Exception as exc:
+        translated = translate_redis_error(exc, address)
+        if translated is None:
+            raise
+        raise translated from exc
+
+
+def wrap(fn: Callable[[], T], address: str | None = None) -> T:
+    with redis_errors(address):
+        return fn()

@@ -1,0 +1,405 @@
+"""A Jepsen-style staleness checker for SyncMap, and a multi-process harness that feeds it.
+
+History model
+-------------
+Every operation is stamped with the system-wide monotonic clock (``time.monotonic_ns`` is
+``CLOCK_MONOTONIC``: one clock for every process on a Linux machine).
+
+* :class:`Write` — one write of ``key``. ``value`` is a token unique per write (``None`` means
+  "the key is absent": a delete, or a server reset). ``order`` is the write's position in the
+  key's write order on the server; it must come from the server's own serialization, never from
+  a client's guess: either one writer per key (its program order is the server order, because it
+  waits for each ack), or a read-modify-write chain (the new value carries ``previous.n + 1``
+  computed atomically by the server-side CAS), or a version the map exposes. ``acked=False``
+  marks a write whose call raised: it may or may not have landed, so its value is legal to read
+  but it creates no obligation.
+* :class:`Read` — one read: the token returned, when it was invoked, when it returned.
+
+The rule (DESIGN.md §3.1-3.2)
+-----------------------------
+A read R of key k on node X must return a value whose order is >= the order of every acked
+write W of k with ``W.ack_ns + window(W, X) < R.invoke_ns``, where ``window`` is 0 when W was
+made by X itself (read-your-writes) and ``window_ns`` otherwise (propagation). A read must also
+never return a token that no write of that key produced ("phantom"), nor one whose write was
+invoked only after the read had returned ("future").
+
+A ``None`` read is matched to the best "absent" state it could have seen: the initial state
+(order ``()``-smallest) or any delete/reset of the key invoked before the read returned. This is
+lenient only where a history cannot say more; it never reports a correct read as stale.
+
+Server resets (a restart without persistence) are modelled as a delete of every key by the
+pseudo-node ``SERVER`` invoked when the kill began and acked when the new server answered, with
+its own window (``max_staleness`` and slack): the contract lets a disconnected node be stale for
+at most that long. Orders are tuples ``(epoch, n)`` so that a reset sorts after everything
+before it; :func:`with_resets` does the bookkeeping.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import os
+import pickle
+import random
+import time
+from collections import defaultdict
+from collections.abc import Callable, Hashable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+SERVER = "<server>"
+
+Order = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Write:
+    node: str
+    key: str
+    value: Hashable | None  # unique token per write; None = absent (delete / reset)
+    order: Order | None  # position in the key's server-side write order (None: unknown)
+    invoke_ns: int
+    ack_ns: int
+    acked: bool = True
+    window_ns: int | None = None  # overrides the checker's window for this write
+
+
+@dataclass(frozen=True)
+class Read:
+    node: str
+    key: str
+    value: Hashable | None
+    invoke_ns: int
+    return_ns: int
+
+
+@dataclass(frozen=True)
+class Violation:
+    kind: str  # "stale" | "phantom" | "future" | "duplicate-order" | "duplicate-token"
+    read: Read | None
+    write: Write | None  # the write the read should have seen (stale) / the clashing write
+    lag_ns: int = 0  # stale: how long after the write's deadline the read was invoked
+
+    def describe(self) -> str:
+        r, w = self.read, self.write
+        if self.kind == "stale" and r and w:
+            return (
+                f"stale: node {r.node} read {r.key}={r.value!r} {self.lag_ns / 1e6:.3f} ms past "
+                f"the deadline of {w.node}'s write {w.value!r} (order {w.order})"
+            )
+        if self.kind == "duplicate-order" and w:
+            return f"duplicate-order: two writes of {w.key} claim order {w.order}"
+        if self.kind == "duplicate-token" and w:
+            return f"duplicate-token: two writes of {w.key} wrote {w.value!r}"
+        return f"{self.kind}: {r}"
+
+
+@dataclass
+class Report:
+    reads: int = 0
+    writes: int = 0
+    violations: list[Violation] = field(default_factory=list)
+    max_lag_ns: int = 0
+    unjudged: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.violations
+
+    def kinds(self) -> dict[str, int]:
+        out: dict[str, int] = defaultdict(int)
+        for v in self.violations:
+            out[v.kind] += 1
+        return dict(out)
+
+    def summary(self, limit: int = 5) -> str:
+        head = f"{self.reads} reads, {self.writes} writes, violations {self.kinds() or 'none'}"
+        if self.violations:
+            head += f", max lag {self.max_lag_ns / 1e6:.3f} ms"
+        lines = [head] + ["  " + v.describe() for v in self.violations[:limit]]
+        return "\n".join(lines)
+
+
+class _Deadlines:
+    """For one key: the highest order that must be visible at a given time (bisect + prefix max)."""
+
+    def __init__(self, entries: Iterable[tuple[int, Order, Write]]) -> None:
+        rows = sorted(entries, key=lambda e: e[0])
+        self.times = [t for t, _, _ in rows]
+        self.best: list[tuple[Order, Write]] = []
+        for _, order, w in rows:
+            if not self.best or order > self.best[-1][0]:
+                self.best.append((order, w))
+            else:
+                self.best.append(self.best[-1])
+
+    def required(self, before_ns: int) -> tuple[Order, Write] | None:
+        i = bisect.bisect_left(self.times, before_ns)  # deadlines strictly before the read
+        return self.best[i - 1] if i else None
+
+
+def check(writes: Sequence[Write], reads: Sequence[Read], window_ns: int) -> Report:
+    """Every read against every acked write; see the module docstring for the rule."""
+    report = Report(reads=len(reads), writes=len(writes))
+    by_token: dict[tuple[str, Hashable], Write] = {}
+    absent: dict[str, list[Write]] = defaultdict(list)
+    for w in writes:
+        if w.value is None:
+            absent[w.key].append(w)
+            continue
+        if (w.key, w.value) in by_token:
+            report.violations.append(Violation("duplicate-token", None, w))
+            continue
+        by_token[(w.key, w.value)] = w
+    seen_order: dict[tuple[str, Order], Write] = {}
+    for w in writes:
+        if not w.acked or w.node == SERVER or w.order is None:
+            continue
+        clash = seen_order.setdefault((w.key, w.order), w)
+        if clash is not w:
+            report.violations.append(Violation("duplicate-order", None, w))
+
+    acked = [w for w in writes if w.acked and w.order is not None]
+    everyone: dict[str, list[tuple[int, Order, Write]]] = defaultdict(list)
+    own: dict[tuple[str, str], list[tuple[int, Order, Write]]] = defaultdict(list)
+    for w in acked:
+        win = window_ns if w.window_ns is None else w.window_ns
+        assert w.order is not None
+        everyone[w.key].append((w.ack_ns + win, w.order, w))
+        own[(w.key, w.node)].append((w.ack_ns, w.order, w))
+    deadlines = {k: _Deadlines(v) for k, v in everyone.items()}
+    own_deadlines = {k: _Deadlines(v) for k, v in own.items()}
+    for lst in absent.values():
+        lst.sort(key=lambda w: w.invoke_ns)
+
+    for r in reads:
+        if r.value is None:
+            order: Order = ()
+            for w in absent.get(r.key, ()):
+                if w.invoke_ns >= r.return_ns:
+                    break
+                if w.order is not None:
+                    order = max(order, w.order)
+        else:
+            src = by_token.get((r.key, r.value))
+            if src is None:
+                report.violations.append(Violation("phantom", r, None))
+                continue
+            if src.invoke_ns > r.return_ns:
+                report.violations.append(Violation("future", r, src))
+                continue
+            if src.order is None:  # a failed write of unknown position: cannot be judged
+                report.unjudged += 1
+                continue
+            order = src.order
+        worst: tuple[Order, Write, int] | None = None
+        for table, deadline_of in (
+            (deadlines.get(r.key), lambda w: w.ack_ns + _win(w, window_ns)),
+            (own_deadlines.get((r.key, r.node)), lambda w: w.ack_ns),
+        ):
+            if table is None:
+                continue
+            need = table.required(r.invoke_ns)
+            if need is not None and need[0] > order and (worst is None or need[0] > worst[0]):
+                worst = (need[0], need[1], r.invoke_ns - deadline_of(need[1]))
+        if worst is not None:
+            report.violations.append(Violation("stale", r, worst[1], worst[2]))
+            report.max_lag_ns = max(report.max_lag_ns, worst[2])
+    return report
+
+
+def _win(w: Write, window_ns: int) -> int:
+    return window_ns if w.window_ns is None else w.window_ns
+
+
+@dataclass(frozen=True)
+class Reset:
+    """The server lost its memory: killed at ``down_ns``, answering again at ``up_ns``."""
+
+    down_ns: int
+    up_ns: int
+    window_ns: int  # how long a node may keep serving pre-reset values after ``up_ns``
+
+
+def with_resets(
+    writes: Sequence[Write], resets: Sequence[Reset], keys: Iterable[str]
+) -> list[Write]:
+    """Prefix every order with its epoch and add one "absent" write per key per reset.
+
+    A write belongs to the epoch of the last reset that began before it was acked. A write whose
+    call overlapped a reset may have landed on either server: it becomes ``acked=False`` (legal to
+    read, no obligation).
+    """
+    resets = sorted(resets, key=lambda r: r.down_ns)
+    downs = [r.down_ns for r in resets]
+    out: list[Write] = []
+    for w in writes:
+        epoch = bisect.bisect_left(downs, w.ack_ns)
+        overlaps = any(w.invoke_ns <= r.up_ns and w.ack_ns >= r.down_ns for r in resets)
+        order = None if w.order is None else (epoch, *w.order)
+        out.append(replace(w, order=order, acked=w.acked and not overlaps))
+    for e, r in enumerate(resets, start=1):
+        for k in keys:
+            out.append(Write(SERVER, k, None, (e,), r.down_ns, r.up_ns, True, r.window_ns))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# The multi-process harness: each node is an OS process with its own SyncMap.
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    """What one node process does. ``setup`` (an importable function) runs in the child first."""
+
+    url: str
+    map_name: str
+    node: str
+    index: int
+    keys: tuple[str, ...]
+    owned: tuple[str, ...]  # keys this node writes (mode "owned"); empty = reader only
+    mode: str = "owned"  # "owned": plain m[k] = v by the key's single writer; "rmw": update_item
+    duration_s: float = 1.5
+    write_ratio: float = 0.1
+    max_ops: int = 200_000
+    burst: int = 1  # writes per write step (bursts make fill races likely)
+    pause_s: float = 0.0  # sleep after a write step (lets keys stay quiet between bursts)
+    map_options: dict[str, Any] = field(default_factory=dict)
+    setup: Callable[[Any], None] | None = None  # called with the map, in the child
+    out_path: str = ""
+
+
+def _now() -> int:
+    return time.monotonic_ns()
+
+
+def _token(value: Any) -> Hashable | None:
+    if isinstance(value, dict):
+        return value.get("id")
+    if isinstance(value, list):
+        return tuple(value)
+    return value  # type: ignore[no-any-return]
+
+
+def run_node(spec: NodeSpec, start_at_ns: int) -> None:
+    """Body of one node process: writes its history to ``spec.out_path`` (pickle)."""
+    import syncmap
+
+    writes: list[Write] = []
+    reads: list[Read] = []
+    errors: dict[str, int] = defaultdict(int)
+    rng = random.Random(spec.index * 7919 + os.getpid())
+    node = syncmap.connect(spec.url)
+    m = node.map(spec.map_name, **spec.map_options)
+    if spec.setup is not None:
+        spec.setup(m)
+    counters: dict[str, int] = defaultdict(int)
+    seq = 0
+    while _now() < start_at_ns:
+        time.sleep(0.001)
+    end = start_at_ns + int(spec.duration_s * 1e9)
+    ops = 0
+    while ops < spec.max_ops and _now() < end:
+        ops += 1
+        if spec.owned and rng.random() < spec.write_ratio:
+            key = rng.choice(spec.owned) if spec.mode == "owned" else rng.choice(spec.keys)
+            for _ in range(spec.burst):
+                seq += 1
+                token = f"{spec.node}:{seq}"
+                order: Order | None = None
+                if spec.mode == "owned":
+                    counters[key] += 1
+                    order = (counters[key],)
+                t0 = _now()
+                try:
+                    if spec.mode == "owned":
+                        m[key] = token
+                    else:
+                        new = m.update_item(
+                            key, lambda old, t=token: {"n": (old or {"n": 0})["n"] + 1, "id": t}
+                        )
+                        order = (new["n"],)
+                    writes.append(Write(spec.node, key, token, order, t0, _now()))
+                except Exception as exc:  # may have landed: legal to read, no obligation
+                    errors[f"write {type(exc).__name__}"] += 1
+                    writes.append(Write(spec.node, key, token, order, t0, _now(), False))
+            if spec.pause_s:
+                time.sleep(spec.pause_s)
+            continue
+        key = rng.choice(spec.keys)
+        t0 = _now()
+        try:
+            value = m.get(key)
+        except Exception as exc:  # a read that raises is allowed by the contract
+            errors[f"read {type(exc).__name__}"] += 1
+            continue
+        reads.append(Read(spec.node, key, _token(value), t0, _now()))
+    stats = None
+    with contextlib.suppress(Exception):
+        stats = repr(m.stats)
+    with contextlib.suppress(Exception):
+        m.close()
+    with open(spec.out_path, "wb") as fh:
+        pickle.dump({"writes": writes, "reads": reads, "errors": dict(errors), "stats": stats}, fh)
+
+
+@dataclass
+class History:
+    writes: list[Write]
+    reads: list[Read]
+    errors: dict[str, int]
+    stats: list[str | None]
+
+
+def run_nodes(
+    specs: Sequence[NodeSpec],
+    *,
+    during: Callable[[float], None] | None = None,
+    start_delay_s: float = 1.5,
+    join_timeout_s: float = 30.0,
+) -> History:
+    """Start one process per spec (spawn), release them together, gather their histories.
+
+    ``during(start_monotonic_s)`` runs in the parent while the nodes work (fault injection).
+    """
+    import multiprocessing as mp
+    import tempfile
+
+    ctx = mp.get_context("spawn")
+    start_at = _now() + int(start_delay_s * 1e9)
+    with tempfile.TemporaryDirectory(prefix="syncmap-check-") as tmp:
+        specs = [replace(s, out_path=os.path.join(tmp, f"{s.node}.pkl")) for s in specs]
+        procs = [ctx.Process(target=run_node, args=(s, start_at), daemon=True) for s in specs]
+        for p in procs:
+            p.start()
+        try:
+            if during is not None:
+                during(start_at / 1e9)
+            for p in procs:
+                p.join(join_timeout_s)
+        finally:
+            for p in procs:
+                if p.is_alive():
+                    p.kill()
+                    p.join(5)
+        failed = [(s.node, p.exitcode) for s, p in zip(specs, procs, strict=True) if p.exitcode]
+        if failed:
+            raise RuntimeError(f"node processes failed: {failed}")
+        history = History([], [], defaultdict(int), [])
+        for s in specs:
+            with open(s.out_path, "rb") as fh:
+                part = pickle.load(fh)
+            history.writes += part["writes"]
+            history.reads += part["reads"]
+            for k, n in part["errors"].items():
+                history.errors[k] += n
+            history.stats.append(part["stats"])
+    history.errors = dict(history.errors)
+    return history
+
+
+def sleep_until(t_s: float) -> None:
+    """Sleep until the monotonic clock reads ``t_s`` (bounded by the caller's schedule)."""
+    delay = t_s - time.monotonic()
+    if delay > 0:
+        time.sleep(delay)

@@ -1,0 +1,379 @@
+"""The near-caches bench_map compares, behind one small interface, and its worker processes.
+
+A *kind* names one reader/writer pair:
+
+============== ==========================================================================
+``get``        plain redis-py GET/SET (no local copy)
+``redis-csc``  redis-py 8.1 client-side cache (RESP3 + CacheConfig). redis-py refuses every
+               server whose HELLO does not say ``server: redis`` with version >= 7.4, so
+               Valkey is refused; the workaround is to tell ``CacheProxyConnection`` the
+               server's real name (:func:`allow_redis_py_csc`).
+``valkey-csc`` valkey-py 6.2 client-side cache (``protocol=3, cache_enabled=True``); breaks
+               when libvalkey is installed (not installed here).
+``cashews``    cashews 7.6 ``client_side=True`` forced to RESP2 (``?protocol=2``): the only
+               configuration in which it invalidates. A local hit never suspends, so a tight
+               read loop starves cashews' own listener task: readers yield once per poll /
+               per batch of 16 reads (``await asyncio.sleep(0)``).
+``cashews-r3`` cashews 7.6 as configured by default on redis-py 8 (RESP3): never invalidates.
+``syncmap``    SyncMap: ``m.get(k)`` from the local copy, ``m[k] = v`` to write.
+============== ==========================================================================
+
+Values are integers; ``decode`` turns whatever the client returns into ``int | None``.
+Every worker runs in its own spawned OS process; times are ``time.monotonic_ns``
+(CLOCK_MONOTONIC, one clock for every process on the machine).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import contextlib
+import pickle
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+KINDS = ("get", "redis-csc", "valkey-csc", "cashews", "cashews-r3", "syncmap")
+ASYNC_KINDS = ("cashews", "cashews-r3")
+MAP_NAME = "benchmap"
+
+
+def key_of(kind: str, i: int) -> str:
+    return f"k{i}" if kind in (*ASYNC_KINDS, "syncmap") else f"bench:k{i}"
+
+
+def decode(value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bytes | str):
+        return int(value)
+    return int(value)
+
+
+def allow_redis_py_csc(port: int) -> str:
+    """redis-py's CSC refuses Valkey by HELLO's ``server`` field; accept the real name instead.
+
+    Returns the server name it now accepts. (Valkey's ``extended-redis-compatibility`` makes
+    HELLO say ``redis`` but also version 7.2.4, below redis-py's 7.4 floor: refused again.)
+    """
+    import redis
+    from redis.connection import CacheProxyConnection
+
+    with redis.Redis(host="127.0.0.1", port=port, protocol=3) as c:
+        hello = c.execute_command("HELLO", 3)
+    name = hello[b"server"].decode()
+    CacheProxyConnection.DEFAULT_SERVER_NAME = name  # type: ignore[misc]
+    return name
+
+
+@dataclass
+class Client:
+    """``get(key)``/``set(key, int)`` of one kind; async kinds return awaitables."""
+
+    kind: str
+    get: Callable[[str], Any]
+    set: Callable[[str, int], Any]
+    close: Callable[[], Any]
+    raw: Any = None
+
+    @property
+    def is_async(self) -> bool:
+        return self.kind in ASYNC_KINDS
+
+
+def open_client(kind: str, port: int, *, cache_size: int = 20_000) -> Client:
+    """A connected client of ``kind`` (for async kinds: call inside a running loop, then
+    ``await client.raw.init()`` via :func:`open_async`)."""
+    import redis
+
+    if kind == "get":
+        r = redis.Redis(host="127.0.0.1", port=port)
+        return Client(kind, r.get, r.set, r.close, r)
+    if kind == "redis-csc":
+        from redis.cache import CacheConfig
+
+        allow_redis_py_csc(port)
+        r = redis.Redis(
+            host="127.0.0.1", port=port, protocol=3, cache_config=CacheConfig(max_size=cache_size)
+        )
+        return Client(kind, r.get, r.set, r.close, r)
+    if kind == "valkey-csc":
+        import valkey
+
+        v = valkey.Valkey(
+            host="127.0.0.1", port=port, protocol=3, cache_enabled=True, cache_max_size=cache_size
+        )
+        return Client(kind, v.get, v.set, v.close, v)
+    if kind == "syncmap":
+        import syncmap
+
+        node = syncmap.connect(f"redis://127.0.0.1:{port}/0")
+        m = node.map(MAP_NAME, maxsize=cache_size)
+
+        def close() -> None:
+            m.close()
+            with contextlib.suppress(Exception):
+                node.client.close()
+
+        return Client(kind, m.get, m.__setitem__, close, m)
+    raise ValueError(kind)
+
+
+async def open_async(kind: str, port: int, *, cache_size: int = 20_000) -> Client:
+    from cashews import Cache
+    from cashews.backends.memory import Memory
+
+    proto = "2" if kind == "cashews" else "3"
+    cache = Cache()
+    cache.setup(
+        f"redis://127.0.0.1:{port}/0?protocol={proto}",
+        client_side=True,
+        local_cache=Memory(size=cache_size),
+    )
+    await cache.init()
+
+    async def set_(key: str, value: int) -> None:
+        await cache.set(key, value)
+
+    return Client(kind, cache.get, set_, cache.close, cache)
+
+
+class SyncWriter:
+    """A blocking writer of any kind (async kinds run on a private event loop)."""
+
+    def __init__(self, kind: str, port: int) -> None:
+        self.loop: asyncio.AbstractEventLoop | None = None
+        if kind in ASYNC_KINDS:
+            self.loop = asyncio.new_event_loop()
+            self.client = self.loop.run_until_complete(open_async(kind, port))
+        else:
+            self.client = open_client(kind, port)
+
+    def set(self, key: str, value: int) -> None:
+        if self.loop is not None:
+            self.loop.run_until_complete(self.client.set(key, value))
+        else:
+            self.client.set(key, value)
+
+    def set_many(self, items: list[tuple[str, int]]) -> None:
+        for k, v in items:
+            self.set(k, v)
+
+    def close(self) -> None:
+        if self.loop is not None:
+            with contextlib.suppress(Exception):
+                self.loop.run_until_complete(self.client.close())
+            self.loop.close()
+        else:
+            with contextlib.suppress(Exception):
+                self.client.close()
+
+
+def _wait(start_ns: int) -> None:
+    while time.monotonic_ns() < start_ns:
+        time.sleep(0.0005)
+
+
+# ------------------------------------------------------------------ propagation reader
+
+
+def propagation_reader(kind: str, port: int, key: str, samples: int, conn: Any) -> None:
+    """Poll ``key`` until it shows 1, 2, ... ``samples``; send the time each one showed up."""
+    timeout_ns = 2_000_000_000
+
+    def run_sync(client: Client) -> None:
+        get = client.get
+        while decode(get(key)) != 0:  # the value 0 is cached before the first write
+            time.sleep(0.001)
+        conn.send("ready")
+        for i in range(1, samples + 1):
+            deadline = time.monotonic_ns() + timeout_ns
+            while True:
+                if decode(get(key)) == i:
+                    conn.send(time.monotonic_ns())
+                    break
+                if time.monotonic_ns() > deadline:
+                    conn.send(-1)
+                    break
+
+    async def run_async() -> None:
+        client = await open_async(kind, port)
+        get = client.get
+        while decode(await get(key)) != 0:
+            await asyncio.sleep(0.001)
+        conn.send("ready")
+        for i in range(1, samples + 1):
+            deadline = time.monotonic_ns() + timeout_ns
+            while True:
+                if decode(await get(key)) == i:
+                    conn.send(time.monotonic_ns())
+                    break
+                if time.monotonic_ns() > deadline:
+                    conn.send(-1)
+                    break
+                await asyncio.sleep(0)  # a local hit never suspends: let the listener run
+        await client.close()
+
+    if kind in ASYNC_KINDS:
+        asyncio.run(run_async())
+    else:
+        client = open_client(kind, port)
+        run_sync(client)
+        client.close()
+
+
+# ------------------------------------------------------------------ throughput workers
+
+
+def paced_writer(
+    kind: str, port: int, nkeys: int, rate: int, start_ns: int, duration_s: float, out: str
+) -> None:
+    """Write ``rate`` values per second to random keys; log (key index, value, ack time).
+
+    Values come from one counter, so each key's values grow with its write order.
+    """
+    writer = SyncWriter(kind, port)
+    rng = random.Random(1)
+    log_k: list[int] = []
+    log_v: list[int] = []
+    log_t: list[int] = []
+    keys = [key_of(kind, i) for i in range(nkeys)]
+    period = 1_000_000_000 // rate
+    _wait(start_ns)
+    end = start_ns + int(duration_s * 1e9)
+    n = 0
+    due = start_ns
+    max_writes = int(rate * duration_s) + 1
+    while n < max_writes:
+        now = time.monotonic_ns()
+        if now >= end:
+            break
+        if now < due:
+            time.sleep((due - now) / 1e9)
+        due += period
+        n += 1
+        i = rng.randrange(nkeys)
+        writer.set(keys[i], n)
+        log_k.append(i)
+        log_v.append(n)
+        log_t.append(time.monotonic_ns())
+    writer.close()
+    with open(out, "wb") as fh:
+        pickle.dump((log_k, log_v, log_t), fh)
+
+
+BATCH = 16
+
+
+def reader(kind: str, port: int, nkeys: int, start_ns: int, duration_s: float, out: str) -> None:
+    """Read random keys for ``duration_s``; keep every (key, value) and one invoke time per
+    batch of 16 reads (the batch's start: earlier than each read's own start, so the stale
+    count can only be under-, never over-stated by it)."""
+    rng = random.Random(2)
+    idx = [rng.randrange(nkeys) for _ in range(1 << 16)]
+    mask = (1 << 16) - 1
+    keys = [key_of(kind, i) for i in range(nkeys)]
+    seq = [keys[i] for i in idx]
+    got: list[Any] = []
+    stamps: list[int] = []
+    end = start_ns + int(duration_s * 1e9)
+
+    def run_sync(client: Client) -> None:
+        get = client.get
+        for k in keys:  # warm the local copy
+            get(k)
+        _wait(start_ns)
+        j = 0
+        append = got.append
+        while True:
+            t = time.monotonic_ns()
+            if t >= end:
+                break
+            stamps.append(t)
+            for _ in range(BATCH):
+                append(get(seq[j & mask]))
+                j += 1
+
+    async def run_async() -> None:
+        client = await open_async(kind, port)
+        get = client.get
+        for k in keys:
+            await get(k)
+        _wait(start_ns)
+        j = 0
+        append = got.append
+        while True:
+            t = time.monotonic_ns()
+            if t >= end:
+                break
+            stamps.append(t)
+            for _ in range(BATCH):
+                append(await get(seq[j & mask]))
+                j += 1
+            await asyncio.sleep(0)  # a local hit never suspends: let the listener run
+        await client.close()
+
+    if kind in ASYNC_KINDS:
+        asyncio.run(run_async())
+    else:
+        client = open_client(kind, port)
+        run_sync(client)
+        client.close()
+    values = [decode(v) for v in got]
+    with open(out, "wb") as fh:
+        pickle.dump((idx, values, stamps), fh)
+
+
+@dataclass
+class Staleness:
+    reads: int
+    stale: dict[int, int]  # window (ms) -> reads older than the writer's ack by more than it
+    max_lag_ms: float
+
+
+def staleness(
+    nkeys: int,
+    writes: tuple[list[int], list[int], list[int]],
+    reads: tuple[list[int], list[int | None], list[int]],
+    windows_ms: tuple[int, ...],
+) -> Staleness:
+    """A read of key k invoked at t returning value v is *stale beyond w* if a write of k with
+    a value > v was acknowledged before t - w. Its lag is t - (ack of the first such write)."""
+    wk, wv, wt = writes
+    per_v: list[list[int]] = [[] for _ in range(nkeys)]
+    per_t: list[list[int]] = [[] for _ in range(nkeys)]
+    for k, v, t in zip(wk, wv, wt, strict=True):
+        per_v[k].append(v)
+        per_t[k].append(t)
+    idx, values, stamps = reads
+    stale = dict.fromkeys(windows_ms, 0)
+    max_lag = 0
+    mask = len(idx) - 1
+    for j, v in enumerate(values):
+        t = stamps[j // BATCH]
+        k = idx[j & mask]
+        vs = per_v[k]
+        pos = 0 if v is None else bisect.bisect_right(vs, v)  # first write newer than v
+        if pos >= len(vs):
+            continue
+        lag = t - per_t[k][pos]
+        if lag <= 0:
+            continue
+        max_lag = max(max_lag, lag)
+        for w in windows_ms:
+            if lag > w * 1_000_000:
+                stale[w] += 1
+    return Staleness(len(values), stale, max_lag / 1e6)
+
+
+async def async_ns_per_call(fn: Callable[[], Awaitable[Any]], loops: int, repeat: int = 5) -> float:
+    results = []
+    for _ in range(repeat):
+        t0 = time.perf_counter_ns()
+        for _ in range(loops):
+            await fn()
+        results.append((time.perf_counter_ns() - t0) / loops)
+    results.sort()
+    return results[len(results) // 2]

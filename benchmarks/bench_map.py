@@ -1,0 +1,409 @@
+"""SyncMap against the Python near-caches, in one run on one private server.
+
+(a) read-hit cost, (b) write latency, (c) write -> other process sees it, (d) read throughput
+under a paced writer with stale reads counted, (e) invalidation cost vs local size.
+Every peer runs in the same run; every load loop is bounded; ``--quick`` shrinks everything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import multiprocessing as mp
+import os
+import random
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from benchmarks import _peers_map as peers
+from benchmarks._common import ServerProcess, ns_per_call, percentile, print_table, quick
+
+SPAWN = mp.get_context("spawn")
+
+
+def syncmap_available() -> str | None:
+    """``None`` if SyncMap can be used, else why not."""
+    try:
+        from syncmap import _map  # noqa: F401
+    except ImportError as exc:
+        return f"SyncMap not available yet ({exc})"
+    return None
+
+
+def _server_calls(port: int, command: str) -> int:
+    import redis
+
+    with redis.Redis(host="127.0.0.1", port=port) as c:
+        stats = c.info("commandstats")
+    return int(stats.get(f"cmdstat_{command}", {}).get("calls", 0))
+
+
+# ------------------------------------------------------------------------- (a) read hits
+
+
+def bench_hits(port: int) -> None:
+    import cachetools
+
+    rows: list[list[object]] = []
+    d = {"k": 1}
+    base = ns_per_call(lambda: d.get("k"), loops=1_000_000)
+    rows.append(["dict.get", base, 1.0, "-"])
+
+    lru: cachetools.LRUCache[str, int] = cachetools.LRUCache(maxsize=1000)
+    lru["k"] = 1
+    lock = threading.Lock()
+
+    def lru_get() -> Any:
+        with lock:
+            return lru.get("k")
+
+    t = ns_per_call(lru_get, loops=300_000)
+    rows.append(["cachetools LRUCache.get under Lock", t, t / base, "-"])
+
+    def measure(label: str, kind: str, loops: int) -> None:
+        key = peers.key_of(kind, 0)
+        if kind in peers.ASYNC_KINDS:
+
+            async def run() -> tuple[float, int]:
+                client = await peers.open_async(kind, port)
+                await client.set(key, 1)
+                await client.get(key)
+                before = _server_calls(port, "get")
+                ns = await peers.async_ns_per_call(lambda: client.get(key), loops // 10 or 1)
+                calls = _server_calls(port, "get") - before
+                await client.close()
+                return ns, calls
+
+            ns, calls = asyncio.run(run())
+            total = 5 * (loops // 10 or 1)
+        else:
+            client = peers.open_client(kind, port)
+            client.set(key, 1)
+            client.get(key)
+            before = _server_calls(port, "get")
+            ns = ns_per_call(lambda: client.get(key), loops=loops)
+            calls = _server_calls(port, "get") - before
+            total = 5 * loops if not quick() else 3 * max(1, loops // 50)
+            client.close()
+        rows.append([label, ns, ns / base, f"{1000 * calls / max(total, 1):.0f}"])
+
+    measure("redis-py GET (loopback, no cache)", "get", 5_000)
+    measure("redis-py 8.1 CSC hit (Valkey name patched)", "redis-csc", 20_000)
+    measure("valkey-py 6.2 CSC hit", "valkey-csc", 50_000)
+    measure("cashews 7.6 client_side hit (RESP2)", "cashews", 100_000)
+    why = syncmap_available()
+    if why is None:
+        measure("SyncMap m.get(k), local hit", "syncmap", 300_000)
+        m = peers.open_client("syncmap", port)
+        m.set("k0", 1)
+        m.raw["k0"]
+        t = ns_per_call(lambda: m.raw["k0"], loops=300_000)
+        rows.append(["SyncMap m[k], local hit", t, t / base, "-"])
+        m.close()
+    else:
+        rows.append(["SyncMap", why, "", ""])
+    print_table(
+        "(a) Read-hit cost (goal: SyncMap hit within 10x dict.get)",
+        ["reader", "ns/read", "x dict.get", "server GETs per 1k reads"],
+        rows,
+    )
+
+
+# ------------------------------------------------------------------------- (b) writes
+
+
+def bench_writes(port: int) -> None:
+    import redis
+
+    rows: list[list[object]] = []
+    r = redis.Redis(host="127.0.0.1", port=port)
+    counter = iter(range(10**9))
+    base = ns_per_call(lambda: r.set("bench:w", next(counter)), loops=5_000)
+    rows.append(["redis-py SET", base / 1000, 1.0])
+    r.close()
+    why = syncmap_available()
+    if why is None:
+        m = peers.open_client("syncmap", port)
+
+        def put() -> None:
+            m.raw["w"] = next(counter)
+
+        t = ns_per_call(put, loops=5_000)
+        rows.append(["SyncMap m[k] = v", t / 1000, t / base])
+        m.close()
+    else:
+        rows.append(["SyncMap", why, ""])
+    print_table(
+        "(b) Write latency (goal: SyncMap <= 1.3x redis-py SET)",
+        ["writer", "µs/write", "x redis-py SET"],
+        rows,
+    )
+
+
+# ------------------------------------------------------------------------- (c) propagation
+
+
+def propagation(kind: str, port: int, samples: int) -> tuple[list[float], list[float], int]:
+    """Writer here, reader in a spawned process: µs from write invoke / ack to first sight."""
+    key = peers.key_of(kind, 999_999)
+    writer = peers.SyncWriter(kind, port)
+    writer.set(key, 0)
+    here, there = SPAWN.Pipe()
+    proc = SPAWN.Process(target=peers.propagation_reader, args=(kind, port, key, samples, there))
+    proc.start()
+    from_invoke: list[float] = []
+    from_ack: list[float] = []
+    lost = 0
+    rng = random.Random(3)
+    try:
+        if not here.poll(60) or here.recv() != "ready":
+            raise RuntimeError(f"{kind} reader did not start")
+        for i in range(1, samples + 1):
+            time.sleep(rng.uniform(0.001, 0.003))  # the reader is polling a warm cache
+            t0 = time.monotonic_ns()
+            writer.set(key, i)
+            t1 = time.monotonic_ns()
+            if not here.poll(10):
+                raise RuntimeError(f"{kind} reader stopped answering")
+            seen = here.recv()
+            if seen < 0:
+                lost += 1
+                continue
+            from_invoke.append((seen - t0) / 1000)
+            from_ack.append((seen - t1) / 1000)
+    finally:
+        proc.join(20)
+        if proc.is_alive():
+            proc.kill()
+        writer.close()
+    return from_invoke, from_ack, lost
+
+
+def bench_propagation(port: int) -> None:
+    samples = 30 if quick() else 300
+    kinds = ["get", "redis-csc", "valkey-csc", "cashews"]
+    if syncmap_available() is None:
+        kinds.append("syncmap")
+    rows: list[list[object]] = []
+    base_p99 = None
+    results = {}
+    for kind in kinds:
+        inv, ack, lost = propagation(kind, port, samples)
+        results[kind] = (inv, ack, lost)
+        if kind == "valkey-csc":
+            base_p99 = percentile(inv, 99)
+    for kind, (inv, ack, lost) in results.items():
+        p99 = percentile(inv, 99)
+        rows.append(
+            [
+                kind,
+                percentile(inv, 50),
+                p99,
+                percentile(ack, 50),
+                percentile(ack, 99),
+                p99 / base_p99 if base_p99 else "",
+                f"{lost}/{samples}",
+            ]
+        )
+    print_table(
+        "(c) Write -> other process sees it, µs (goal: SyncMap p99 no worse than valkey-py CSC)",
+        [
+            "reader",
+            "p50 from invoke",
+            "p99 from invoke",
+            "p50 from ack",
+            "p99 from ack",
+            "p99 x valkey-py CSC",
+            "never seen (2 s)",
+        ],
+        rows,
+    )
+
+
+# ------------------------------------------------------------------------- (d) throughput
+
+WINDOWS_MS = (1, 10, 100)
+
+
+def throughput(kind: str, port: int, nkeys: int, rate: int, duration_s: float) -> list[object]:
+    writer = peers.SyncWriter(kind, port)
+    writer.set_many([(peers.key_of(kind, i), 0) for i in range(nkeys)])
+    writer.close()
+    with tempfile.TemporaryDirectory(prefix="bench-map-") as tmp:
+        wout, rout = os.path.join(tmp, "w.pkl"), os.path.join(tmp, "r.pkl")
+        start = time.monotonic_ns() + 3_000_000_000
+        w = SPAWN.Process(
+            target=peers.paced_writer, args=(kind, port, nkeys, rate, start, duration_s, wout)
+        )
+        r = SPAWN.Process(target=peers.reader, args=(kind, port, nkeys, start, duration_s, rout))
+        w.start()
+        r.start()
+        for p in (w, r):
+            p.join(duration_s + 60)
+            if p.is_alive():
+                p.kill()
+                raise RuntimeError(f"{kind} worker hung")
+            if p.exitcode:
+                raise RuntimeError(f"{kind} worker failed ({p.exitcode})")
+        import pickle
+
+        with open(wout, "rb") as fh:
+            writes = pickle.load(fh)
+        with open(rout, "rb") as fh:
+            reads = pickle.load(fh)
+    st = peers.staleness(nkeys, writes, reads, WINDOWS_MS)
+    wrate = len(writes[0]) / duration_s
+    return [st.reads / duration_s, wrate, *(st.stale[w] for w in WINDOWS_MS), st.max_lag_ms]
+
+
+def bench_throughput(port: int) -> None:
+    duration = 0.5 if quick() else 3.0
+    nkeys, rate = 1_000, 2_000
+    kinds = ["get", "redis-csc", "valkey-csc", "cashews", "cashews-r3"]
+    if syncmap_available() is None:
+        kinds.append("syncmap")
+    results = {kind: throughput(kind, port, nkeys, rate, duration) for kind in kinds}
+    base = results["valkey-csc"][0]
+    rows = [
+        [kind, res[0], float(res[0]) / float(base), *res[1:]]  # type: ignore[arg-type]
+        for kind, res in results.items()
+    ]
+    print_table(
+        f"(d) One reader process, random keys of {nkeys:,}, while another process writes "
+        f"{rate:,}/s ({duration:g} s) — goal: SyncMap >= 10x valkey-py CSC, 0 stale > 10 ms",
+        [
+            "reader",
+            "reads/s",
+            "x valkey-py CSC",
+            "writes/s done",
+            *(f"stale > {w} ms" for w in WINDOWS_MS),
+            "max lag ms",
+        ],
+        rows,
+    )
+    print(
+        "A read of key k invoked at t that returned value v is *stale > w* when a write of k "
+        "with a newer value had been acknowledged by the writer process before t - w (times are "
+        "CLOCK_MONOTONIC, shared by all processes; t is the start of the read's batch of 16, "
+        "which can only hide staleness, not invent it). *max lag* = the largest t - (ack of the "
+        "first newer write) over all reads. cashews-r3 is cashews' default on redis-py 8 "
+        "(RESP3), where it never invalidates.\n",
+        flush=True,
+    )
+
+
+# ------------------------------------------------------------------------- (e) invalidations
+
+
+def redis_csc_invalidation(port: int, size: int, n: int) -> float:
+    """ms to process ``n`` pending invalidations with ``size`` cached entries (redis-py CSC)."""
+    import redis
+
+    reader = peers.open_client("redis-csc", port, cache_size=size + 10)
+    other = redis.Redis(host="127.0.0.1", port=port)
+    keys = [peers.key_of("get", i) for i in range(size)]
+    pipe = other.pipeline(transaction=False)
+    for k in keys:
+        pipe.set(k, 0)
+    pipe.execute()
+    for k in keys:
+        reader.get(k)
+    cache = reader.raw.get_cache().collection
+    assert len(cache) == size, (len(cache), size)
+    pipe = other.pipeline(transaction=False)
+    for k in keys[1 : n + 1]:
+        pipe.set(k, 1)
+    pipe.execute()
+    conn = reader.raw.connection_pool._available_connections[0]
+    deadline = time.monotonic() + 5
+    while not conn.can_read() and time.monotonic() < deadline:
+        time.sleep(0.001)
+    time.sleep(0.05)  # let every push of the batch reach the socket buffer
+    t0 = time.perf_counter_ns()
+    reader.get(keys[0])  # drains and applies the pending invalidations first
+    ms = (time.perf_counter_ns() - t0) / 1e6
+    processed = size - len(cache)
+    reader.close()
+    other.close()
+    if processed != n:
+        raise RuntimeError(f"redis-py CSC processed {processed} of {n} invalidations")
+    return ms
+
+
+def syncmap_invalidation(port: int, size: int, n: int) -> float:
+    """ms from the first of ``n`` writes (another node) until the reader applied them all."""
+    import syncmap
+
+    url = f"redis://127.0.0.1:{port}/0"
+    name = f"inval{size}"
+    wnode, rnode = syncmap.connect(url), syncmap.connect(url)
+    wm = wnode.map(name, maxsize=size + 10)
+    rm = rnode.map(name, maxsize=size + 10)
+    keys = [f"k{i}" for i in range(size)]
+    wm.update(dict.fromkeys(keys, 0))
+    for k in keys:
+        rm.get(k)
+    base = rm.stats.invalidations
+    t0 = time.perf_counter_ns()
+    for k in keys[1 : n + 1]:
+        wm[k] = 1
+    deadline = time.monotonic() + 30
+    while rm.stats.invalidations < base + n:
+        if time.monotonic() > deadline:
+            raise RuntimeError("SyncMap reader did not apply the invalidations")
+        time.sleep(0.0002)
+    ms = (time.perf_counter_ns() - t0) / 1e6
+    with contextlib.suppress(Exception):
+        wm.clear()
+    wm.close()
+    rm.close()
+    return ms
+
+
+def bench_invalidation(port: int) -> None:
+    n = 100
+    rows: list[list[object]] = []
+    csc_sizes = (1_000, 5_000) if quick() else (1_000, 10_000)
+    csc = [redis_csc_invalidation(port, s, n) for s in csc_sizes]
+    for s, ms in zip(csc_sizes, csc, strict=True):
+        rows.append(["redis-py 8.1 CSC", f"{s:,}", n, ms, ms / csc[0], "drain on next command"])
+    if syncmap_available() is None:
+        sizes = (1_000, 10_000) if quick() else (1_000, 100_000)
+        sm = [syncmap_invalidation(port, s, n) for s in sizes]
+        for s, ms in zip(sizes, sm, strict=True):
+            rows.append(["SyncMap", f"{s:,}", n, ms, ms / sm[0], "first write -> all applied"])
+    else:
+        rows.append(["SyncMap", syncmap_available(), "", "", "", ""])
+    print_table(
+        f"(e) Processing {n} invalidations vs local size (goal: SyncMap flat, ratio ~1)",
+        ["cache", "local entries", "invalidations", "ms", "x smallest", "what is timed"],
+        rows,
+    )
+
+
+def main() -> None:
+    sections: list[tuple[str, Callable[[int], None]]] = [
+        ("hits", bench_hits),
+        ("writes", bench_writes),
+        ("propagation", bench_propagation),
+        ("throughput", bench_throughput),
+        ("invalidation", bench_invalidation),
+    ]
+    only = os.environ.get("BENCH_MAP_ONLY")
+    srv = ServerProcess().start()
+    try:
+        print(f"## bench_map (server on port {srv.port}{', quick' if quick() else ''})\n")
+        for name, fn in sections:
+            if only and name not in only.split(","):
+                continue
+            srv.client().flushall()
+            fn(srv.port)
+    finally:
+        srv.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -24,12 +24,14 @@ from ._errors import (
     TooLarge,
     UnsupportedKey,
 )
+from ._map import AsyncSyncMap, MapStats, SyncMap
 from ._node import AsyncNode, Node, connect, connect_async
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AsyncNode",
+    "AsyncSyncMap",
     "BytesCodec",
     "Codec",
     "CorruptData",
@@ -41,6 +43,7 @@ __all__ = [
     "LockError",
     "LockLost",
     "LockNotHeld",
+    "MapStats",
     "MsgpackCodec",
     "Node",
     "NotObtained",
@@ -49,6 +52,7 @@ __all__ = [
     "ServerError",
     "ServerUnavailable",
     "StaleRead",
+    "SyncMap",
     "SyncMapError",
     "TooLarge",
     "UnsupportedKey",

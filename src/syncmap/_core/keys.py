@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from .._errors import InvalidArgument
 
-__all__ = ["PREFIX", "hash_tag", "validate_name"]
+__all__ = ["PREFIX", "MapKeys", "hash_tag", "validate_name"]
 
 PREFIX = "syncmap"
 
@@ -44,3 +44,32 @@ def validate_name(name: object, what: str = "name", max_len: int = 512) -> str:
         raise InvalidArgument(f"{what} must not contain NUL")
     hash_tag(name)
     return name
+
+
+class MapKeys:
+    """The server names of one SyncMap. Every name carries the hash tag ``{<map name>}``.
+
+    ``meta`` hash (epoch, seq) · ``record(k)`` one string per entry · ``idx`` zset of live keys
+    (score: expiry in ms, or +inf) · ``fences`` hash (guard lock key -> highest fence seen) ·
+    ``load(k)`` get_or_load's single-flight lock of one entry · ``channel`` the change channel.
+    """
+
+    __slots__ = ("channel", "fences", "idx", "meta", "name", "record_prefix")
+
+    def __init__(self, name: str) -> None:
+        validate_name(name, "map name")
+        if "{" in name or "}" in name:
+            raise InvalidArgument(f"map name {name!r} must not contain braces (it is the hash tag)")
+        base = f"{PREFIX}:{{{name}}}"
+        self.name = name
+        self.meta = f"{base}:meta"
+        self.idx = f"{base}:idx"
+        self.fences = f"{base}:fences"
+        self.channel = f"{base}:ch"
+        self.record_prefix = f"{base}:v:"
+
+    def record(self, key: str) -> str:
+        return self.record_prefix + key
+
+    def load(self, key: str) -> str:
+        return f"{PREFIX}:{{{self.name}}}:load:{key}"

@@ -1,0 +1,407 @@
+"""The coherence state of one SyncMap's local copy: no I/O, every decision in one place.
+
+What it tracks (for the map's one shard; the server numbers every change of the map):
+
+* ``epoch`` / ``applied``: the server epoch and the last change number (seq) whose message was
+  applied to the local copy. Messages must arrive as ``applied + 1``; anything else is a *gap*.
+* ``synced``: the local copy is known to have seen every change since some base. Only then is
+  anything installed in it. ``generation`` moves at every transition, so a fill that started
+  under another generation never installs.
+* ``verified_at``: the (injected) clock time at which the local copy was last *proven* to
+  reflect every write acknowledged before it (probe: read the server's seq, then PING over the
+  subscriber connection; the PONG comes after every message published before). Local reads are
+  served only while ``clock() - verified_at <= max_staleness``.
+
+Fill protocol (no fill race): before a fetch or a write the caller puts a :class:`Placeholder`
+in the local store; a change message for that key only *marks* the placeholder with its seq;
+the result is installed only if the same placeholder is still there, nothing newer than the
+result's version was marked on it, and the generation did not move. Invalidation of an entry
+drops it only if its version is older than the message's seq: O(1) per message, never a scan.
+
+All mutations happen under ``mutex`` (injected: a lock for threads, or a null context).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from typing import Any, Final, Protocol, overload
+
+__all__ = [
+    "ABSENT",
+    "Change",
+    "Coherence",
+    "Entry",
+    "LocalStore",
+    "Placeholder",
+    "parse_change",
+]
+
+log = logging.getLogger("syncmap.map")
+
+INF: Final = float("inf")
+
+
+class _Absent:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "ABSENT"
+
+
+ABSENT: Final = _Absent()
+"""The value of an entry that records "this key has no value on the server" (a cached miss)."""
+
+
+class Entry:
+    """A value in the local copy, with the map seq it is known current at."""
+
+    __slots__ = ("value", "version")
+
+    def __init__(self, value: Any, version: int) -> None:
+        self.value = value
+        self.version = version
+
+    def __repr__(self) -> str:
+        return f"Entry({self.value!r}, v{self.version})"
+
+
+class Placeholder:
+    """A reservation for a fetch or write in flight; change messages mark it (``max_seq``)."""
+
+    __slots__ = ("generation", "max_seq")
+
+    def __init__(self, generation: int) -> None:
+        self.generation = generation
+        self.max_seq = 0
+
+    def __repr__(self) -> str:
+        return f"Placeholder(g{self.generation}, max_seq={self.max_seq})"
+
+
+UNGUARDED: Final = Placeholder(-1)
+"""Returned by :meth:`Coherence.begin_fill` when the fill guard is disabled (tests only)."""
+
+
+class LocalStore(Protocol):
+    """What the coherence state needs of the local store (``syncmap.SafeHashMap`` fits)."""
+
+    @overload
+    def get(self, key: str) -> Any: ...
+    @overload
+    def get(self, key: str, default: Any) -> Any: ...
+
+    def set(self, key: str, value: Any, ttl: float | None = None) -> None: ...
+
+    def replace(self, key: str, expected: Any, value: Any, ttl: float | None = None) -> bool: ...
+
+    def delete_if(self, key: str, predicate: Callable[[Any], object]) -> bool: ...
+
+    def clear(self) -> None: ...
+
+    def __len__(self) -> int: ...
+
+
+class Change:
+    """One decoded change message: ``SM1 <epoch> <seq> <op> <key>``; op S (set), D (delete),
+    C (clear: key is empty)."""
+
+    __slots__ = ("epoch", "key", "op", "seq")
+
+    def __init__(self, epoch: str, seq: int, op: str, key: str) -> None:
+        self.epoch = epoch
+        self.seq = seq
+        self.op = op
+        self.key = key
+
+
+MAGIC: Final = b"SM1 "
+
+
+class MalformedChange(ValueError):
+    """A message that claims to be ours (magic prefix) but cannot be decoded."""
+
+
+def parse_change(data: bytes) -> Change | None:
+    """``None`` for a message that is not ours (garbage: log and skip); raises
+    :class:`MalformedChange` for one that claims to be ours but is malformed (resync)."""
+    if not data.startswith(MAGIC):
+        return None
+    parts = data.split(b" ", 4)
+    if len(parts) != 5:
+        raise MalformedChange(f"change message with {len(parts)} fields")
+    _, epoch, seq, op, key = parts
+    if not seq.isdigit() or op not in (b"S", b"D", b"C") or not epoch:
+        raise MalformedChange("bad seq, op or epoch in change message")
+    try:
+        return Change(epoch.decode("ascii"), int(seq), op.decode("ascii"), key.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise MalformedChange(f"undecodable change message: {exc}") from None
+
+
+class Coherence:
+    """The state machine of one local copy. See the module docstring."""
+
+    SEEN_LIMIT: Final = 10_000
+
+    def __init__(
+        self,
+        store: LocalStore,
+        clock: Callable[[], float],
+        mutex: AbstractContextManager[Any],
+        max_staleness: float,
+        *,
+        probe_timeout: float,
+    ) -> None:
+        self.store = store
+        self.clock = clock
+        self.mutex = mutex
+        self.max_staleness = max_staleness
+        self.probe_interval = max_staleness / 3
+        self.probe_timeout = probe_timeout
+        self.fill_guard = True  # tests turn it off to show the fill race it prevents
+        # coherence
+        self.epoch: str | None = None
+        self.applied = 0
+        self.synced = False
+        self.generation = 0
+        self.verified_at = -INF
+        self.subscribed_once = False
+        # probe in flight: token, start time, server (epoch, seq) read at start
+        self._token_counter = 0
+        self.probe_token: str | None = None
+        self.probe_t0 = 0.0
+        self.probe_meta: tuple[str | None, int] | None = None
+        self.last_probe = -INF
+        self._seen: list[tuple[str, int]] = []  # unsynced: changes seen since the probe's read
+        # stats
+        self.invalidations = 0
+        self.skipped = 0
+        self.resyncs = 0
+        self.resync_causes: dict[str, int] = {}
+
+    # ---- reads -----------------------------------------------------------------------------
+
+    def is_fresh(self) -> bool:
+        return self.clock() - self.verified_at <= self.max_staleness
+
+    # ---- fills -----------------------------------------------------------------------------
+
+    def begin_fill(self, key: str) -> Placeholder | None:
+        """Reserve ``key`` before a fetch/write; ``None`` means "do not install the result"."""
+        if not self.fill_guard:
+            return UNGUARDED
+        with self.mutex:
+            if not self.synced:
+                return None
+            current = self.store.get(key)
+            if type(current) is Placeholder and current.generation == self.generation:
+                return current
+            ph = Placeholder(self.generation)
+            self.store.set(key, ph)
+            return ph
+
+    def finish_fill(
+        self,
+        key: str,
+        ph: Placeholder | None,
+        value: Any,
+        version: int,
+        epoch: str | None,
+        ttl: float | None = None,
+    ) -> bool:
+        """Install ``value`` (current at map seq ``version`` in ``epoch``) if nothing newer was
+        seen meanwhile. Returns whether it was installed."""
+        if ph is None:
+            return False
+        with self.mutex:
+            if epoch != self.epoch:
+                if self.epoch is not None and self.synced:
+                    # the server's data was lost/reset and the listener has not said so yet
+                    self._resync("epoch")
+                self._drop(key, ph)
+                return False
+            if ph is UNGUARDED:
+                if self.synced:
+                    self.store.set(key, Entry(value, version), ttl)
+                return self.synced
+            if (
+                not self.synced
+                or ph.generation != self.generation
+                or ph.max_seq > version
+                or (ttl is not None and ttl <= 0)
+            ):
+                self._drop(key, ph)
+                return False
+            return self.store.replace(key, ph, Entry(value, version), ttl)
+
+    def local_clear(self) -> None:
+        """Empty the local copy (after this node cleared the map); fills in flight fail."""
+        with self.mutex:
+            self.generation += 1
+            self.store.clear()
+
+    def abort_fill(self, key: str, ph: Placeholder | None) -> None:
+        if ph is not None and ph is not UNGUARDED:
+            with self.mutex:
+                self._drop(key, ph)
+
+    def _drop(self, key: str, ph: Placeholder) -> None:
+        self.store.delete_if(key, lambda e: e is ph)
+
+    def note_epoch(self, epoch: str | None) -> None:
+        """A server reply showed ``epoch``; a different one than ours means data was lost."""
+        if epoch != self.epoch and self.epoch is not None:
+            with self.mutex:
+                if self.synced and epoch != self.epoch:
+                    self._resync("epoch")
+
+    # ---- the listener's events -------------------------------------------------------------
+
+    def on_subscribed(self) -> None:
+        """A (re)subscribe confirmation: anything may have been missed before it."""
+        with self.mutex:
+            cause = "resubscribe" if self.subscribed_once else None
+            self.subscribed_once = True
+            self._resync(cause)
+
+    def on_disconnect(self) -> None:
+        with self.mutex:
+            self._resync("disconnect")
+
+    def on_message(self, data: bytes) -> None:
+        """One message from the map's channel."""
+        try:
+            change = parse_change(data)
+        except MalformedChange as exc:
+            log.warning("malformed change message on %r: %s; dropping the local copy", data, exc)
+            with self.mutex:
+                self._resync("malformed")
+            return
+        if change is None:
+            log.warning("skipped a message that is not syncmap's: %r", data[:200])
+            self.skipped += 1
+            return
+        with self.mutex:
+            self.invalidations += 1
+            if not self.synced:
+                if self.probe_meta is not None:
+                    if len(self._seen) >= self.SEEN_LIMIT:
+                        self._resync(None)
+                    else:
+                        self._seen.append((change.epoch, change.seq))
+                return
+            if change.epoch != self.epoch:
+                if self.epoch is None and self.applied == 0 and change.seq == 1:
+                    self.epoch = change.epoch  # the first write of a map that had no data
+                else:
+                    self._resync("epoch")
+                    return
+            if change.seq != self.applied + 1:
+                self._resync("gap" if change.seq > self.applied else "seq_regress")
+                return
+            self.applied = change.seq
+            if change.op == "C":
+                self.generation += 1
+                self.store.clear()
+                return
+            self._invalidate(change.key, change.seq)
+
+    def _invalidate(self, key: str, seq: int) -> None:
+        current = self.store.get(key)
+        if current is None:
+            return
+        if type(current) is Placeholder:
+            if seq > current.max_seq:
+                current.max_seq = seq
+        elif current.version < seq:
+            self.store.delete_if(key, lambda e: e is current)
+
+    # ---- probes: proving freshness ---------------------------------------------------------
+
+    def probe_due(self) -> bool:
+        if self.probe_token is not None:
+            return False
+        return not self.synced or self.clock() - self.last_probe >= self.probe_interval
+
+    def probe_overdue(self) -> bool:
+        return self.probe_token is not None and self.clock() - self.probe_t0 > self.probe_timeout
+
+    def start_probe(self) -> str:
+        """Call right before reading the server's (epoch, seq); returns the PING token."""
+        with self.mutex:
+            self._token_counter += 1
+            self.probe_token = f"syncmap-probe-{self._token_counter}"
+            self.probe_t0 = self.last_probe = self.clock()
+            self.probe_meta = None
+            return self.probe_token
+
+    def cancel_probe(self) -> None:
+        with self.mutex:
+            self.probe_token = None
+            self.probe_meta = None
+
+    def probe_read(self, token: str, epoch: str | None, seq: int) -> None:
+        """The server's (epoch, seq) as read for probe ``token``."""
+        with self.mutex:
+            if token != self.probe_token:
+                return
+            self.probe_meta = (epoch, seq)
+            self._seen = []
+
+    def on_pong(self, token: str) -> None:
+        """Every message published before the probe's read has now arrived."""
+        with self.mutex:
+            if token != self.probe_token or self.probe_meta is None:
+                return  # a stale or foreign PONG
+            epoch, seq = self.probe_meta
+            t0 = self.probe_t0
+            self.probe_token = None
+            self.probe_meta = None
+            if self.synced:
+                if epoch != self.epoch:
+                    # data lost/reset (or, from no epoch, a first change we never saw)
+                    self._resync("epoch" if self.epoch is not None else "gap")
+                elif self.applied < seq:
+                    self._resync("gap")  # a message was lost and nothing came after it
+                else:
+                    self.verified_at = t0
+                return
+            # unsynced: establish the base from this probe
+            applied = seq
+            for e, s in self._seen:
+                if e == epoch and s <= seq:
+                    continue
+                if e != epoch or s != applied + 1:
+                    self._seen = []
+                    return  # changes during the probe we cannot account for: probe again
+                applied = s
+            self._seen = []
+            self.epoch = epoch
+            self.applied = applied
+            self.synced = True
+            self.generation += 1
+            self.verified_at = t0
+
+    # ---- resync ----------------------------------------------------------------------------
+
+    def _resync(self, cause: str | None) -> None:
+        """Drop the local copy; nothing is served or installed until a probe re-establishes a
+        base. ``cause`` None: a reset that is not counted (e.g. the first subscription)."""
+        was_synced = self.synced
+        self.verified_at = -INF  # first: no local read is served from here on
+        self.synced = False
+        self.generation += 1
+        self.probe_token = None
+        self.probe_meta = None
+        self._seen = []
+        self.store.clear()
+        if cause is not None and (was_synced or cause != "disconnect"):
+            self.resyncs += 1
+            self.resync_causes[cause] = self.resync_causes.get(cause, 0) + 1
+            log.info("syncmap: local copy dropped (%s)", cause)
+
+    def resync(self, cause: str | None) -> None:
+        with self.mutex:
+            self._resync(cause)

@@ -1,0 +1,490 @@
+"""SyncMap's server operations as flows (generators over :mod:`syncmap._core.ops`), shared by
+the blocking and the asyncio map. No I/O here: flows yield operations, the map's runner
+performs them. Input is checked before the first yield, so bad input never reaches the server.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
+from typing import Any, Final, TypeVar
+
+from .._codec import Codec
+from .._errors import (
+    CorruptData,
+    GuardRejected,
+    InvalidArgument,
+    NotObtained,
+    ServerError,
+    TooLarge,
+    UnsupportedKey,
+)
+from .coherence import ABSENT, Coherence, Entry, Placeholder
+from .keys import MapKeys
+from .ops import Command, Op, Script, Sleep
+
+__all__ = ["Call", "MapCore", "MapFlow", "MapOp", "parse_record"]
+
+T = TypeVar("T")
+RECORD_MAGIC: Final = b"SM\x01"
+_SCALARS: Final = (str, int, float, bool, type(None))
+_NO_INSTALL: Any = object()
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """Call ``fn(*args)`` in the caller's context; the asyncio runner awaits an awaitable
+    result (a loader may be a coroutine function)."""
+
+    fn: Callable[..., Any]
+    args: tuple[Any, ...] = ()
+
+
+MapOp = Op | Call
+MapFlow = Generator[MapOp, Any, T]
+"""A map flow: the operations of :mod:`~syncmap._core.ops`, plus :class:`Call`."""
+
+
+def _keep_if_written(keep: Any) -> Callable[[int, Any], Any]:
+    """An ``install`` for ``MapCore._write``: ``keep`` if the write landed, else nothing."""
+    return lambda status, record: keep if status == 1 else _NO_INSTALL
+
+
+def _text(value: Any) -> str | None:
+    if value is None or value is False:
+        return None
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def parse_record(record: bytes) -> tuple[str, int, bytes]:
+    """``(epoch, seq, payload)`` of a record; :class:`CorruptData` for foreign data."""
+    if not isinstance(record, bytes) or not record.startswith(RECORD_MAGIC):
+        raise CorruptData("the value under a map key is not a syncmap record (foreign data?)")
+    nl = record.find(b"\n", 3, 64)
+    epoch, _, seq = record[3:nl].partition(b" ")
+    if nl < 0 or not epoch or not seq.isdigit():
+        raise CorruptData("malformed syncmap record header (foreign data?)")
+    return epoch.decode("ascii", "replace"), int(seq), record[nl + 1 :]
+
+
+def _check_ttl(ttl: object) -> float:
+    if isinstance(ttl, bool) or not isinstance(ttl, int | float):
+        raise InvalidArgument(f"ttl must be a number of seconds or None, not {type(ttl).__name__}")
+    if not (0 < ttl < math.inf) or ttl * 1000 >= 2**53:
+        raise InvalidArgument(f"ttl must be a finite number of seconds > 0, got {ttl!r}")
+    return float(ttl)
+
+
+class MapCore:
+    """The decisions of one map's server operations. ``state`` is its local copy's coherence;
+    ``new_token()`` returns a fresh random hex string (epoch candidates, load tokens)."""
+
+    def __init__(
+        self,
+        keys: MapKeys,
+        state: Coherence,
+        codec: Codec,
+        *,
+        new_token: Callable[[], str],
+        default_ttl: float | None,
+        max_key_bytes: int,
+        max_value_bytes: int,
+    ) -> None:
+        self.keys = keys
+        self.state = state
+        self.codec = codec
+        self.new_token = new_token
+        self.default_ttl = None if default_ttl is None else _check_ttl(default_ttl)
+        self.max_key_bytes = max_key_bytes
+        self.max_value_bytes = max_value_bytes
+        self.fill_hook: Callable[[str], Any] | None = None  # tests: runs between fetch and install
+        self._copy_scalars = codec.name in ("json", "msgpack")
+        self.incr_codec = codec.name if codec.name in ("json", "msgpack") else None
+
+    # ---- input checks (before anything is sent) --------------------------------------------
+
+    def check_key(self, key: object) -> str:
+        if not isinstance(key, str):
+            raise UnsupportedKey(f"map keys must be str, not {type(key).__name__}")
+        try:
+            size = len(key.encode("utf-8"))
+        except UnicodeEncodeError:
+            raise UnsupportedKey(f"map key {key!r} is not encodable as UTF-8") from None
+        if size > self.max_key_bytes:
+            raise TooLarge(f"map key is {size} bytes; the limit is {self.max_key_bytes}")
+        return key
+
+    def encode(self, value: Any) -> bytes:
+        payload = self.codec.encode(value)
+        if len(payload) > self.max_value_bytes:
+            raise TooLarge(
+                f"encoded value is {len(payload)} bytes; the limit is {self.max_value_bytes}"
+            )
+        return payload
+
+    def px(self, ttl: float | None) -> int:
+        seconds = self.default_ttl if ttl is None else _check_ttl(ttl)
+        return 0 if seconds is None else max(1, math.ceil(seconds * 1000))
+
+    def guard_args(self, guard: Any) -> tuple[tuple[str, ...], tuple[str, str]]:
+        if guard is None:
+            return (), ("", "")
+        try:
+            key, token, fence = guard.key, guard.token, guard.fence
+        except AttributeError:
+            raise InvalidArgument(
+                f"guard must be a held syncmap.Lock, not {type(guard).__name__}"
+            ) from None
+        if not isinstance(key, str):
+            raise InvalidArgument(f"guard must be a syncmap.Lock, not {type(guard).__name__}")
+        if not isinstance(token, str) or not token:
+            raise GuardRejected(f"write refused: lock {key!r} is not held by this holder")
+        if fence is not None and (isinstance(fence, bool) or not isinstance(fence, int)):
+            raise InvalidArgument(f"guard fence must be an int or None, not {fence!r}")
+        return (key,), (token, "" if fence is None else str(fence))
+
+    def decode_value(self, record: bytes | None) -> Any:
+        if record is None:
+            return ABSENT
+        return self.codec.decode(parse_record(record)[2])
+
+    def local_copy(self, value: Any, payload: bytes) -> Any:
+        """What the writer keeps: the value as every other node will decode it."""
+        if self._copy_scalars and type(value) in _SCALARS:
+            return value
+        return self.codec.decode(payload)
+
+    # ---- reads -----------------------------------------------------------------------------
+
+    def get(self, key: object, default: Any, fresh: bool) -> MapFlow[Any]:
+        k = self.check_key(key)
+        state = self.state
+        if fresh:
+            generation = state.generation
+            entry = state.store.get(k)
+            if type(entry) is Entry:
+                reply = yield Script("map_version", (self.keys.meta, self.keys.record(k)), ())
+                epoch = _text(reply[0])
+                head = reply[2]
+                if (
+                    not reply[3]
+                    and epoch is not None
+                    and epoch == state.epoch
+                    and generation == state.generation
+                    and self._unchanged(head, entry, epoch)
+                ):
+                    value = entry.value
+                    return default if value is ABSENT else value
+                state.note_epoch(epoch)
+        value = yield from self._fetch(k)
+        return default if value is ABSENT else value
+
+    @staticmethod
+    def _unchanged(head: bytes | None, entry: Entry, epoch: str) -> bool:
+        if head is None:
+            return entry.value is ABSENT
+        if entry.value is ABSENT:
+            return False
+        try:
+            rec_epoch, rec_seq, _ = parse_record(head if b"\n" in head else head + b"\n")
+        except CorruptData:
+            return False
+        return rec_epoch == epoch and rec_seq <= entry.version
+
+    def _fetch(self, k: str) -> MapFlow[Any]:
+        state = self.state
+        ph = state.begin_fill(k)
+        started = state.clock()
+        try:
+            reply = yield Script("map_get", (self.keys.meta, self.keys.record(k)), ())
+            if reply[4]:
+                raise CorruptData(f"map key {k!r} holds a non-string value (foreign data)")
+            value = self.decode_value(reply[2])
+            if self.fill_hook is not None:
+                yield Call(self.fill_hook, (k,))
+        except BaseException:
+            state.abort_fill(k, ph)
+            raise
+        self._install(k, ph, value, reply[1], _text(reply[0]), reply[3], started)
+        return value
+
+    def _install(
+        self,
+        k: str,
+        ph: Placeholder | None,
+        value: Any,
+        version: int,
+        epoch: str | None,
+        pttl_ms: int,
+        started: float,
+    ) -> None:
+        ttl = None
+        if pttl_ms is not None and pttl_ms >= 0:
+            ttl = pttl_ms / 1000 - (self.state.clock() - started)
+        self.state.finish_fill(k, ph, value, int(version), epoch, ttl)
+
+    # ---- writes ----------------------------------------------------------------------------
+
+    def _write(
+        self,
+        op: str,
+        k: str,
+        *,
+        payload: bytes = b"",
+        px: int = 0,
+        expected: bytes | str = "",
+        guard: Any = None,
+        load_token: str = "",
+        install: Callable[[int, Any], Any],
+    ) -> MapFlow[tuple[int, Any]]:
+        """Run ``map_write``; returns ``(status, record)``. ``install(status, record)`` says
+        what the local copy should hold afterwards (``_NO_INSTALL``: nothing)."""
+        keys = self.keys
+        guard_keys, (token, fence) = self.guard_args(guard)
+        state = self.state
+        ph = state.begin_fill(k)
+        started = state.clock()
+        try:
+            reply = yield Script(
+                "map_write",
+                (keys.meta, keys.record(k), keys.idx, keys.fences, keys.load(k), *guard_keys),
+                (op, k, self.new_token(), keys.channel, payload, px, expected, token, fence,
+                 load_token),
+            )  # fmt: skip
+            epoch, seq, status, record = _text(reply[0]), int(reply[1]), int(reply[2]), reply[3]
+            if status == -1:
+                raise GuardRejected(
+                    f"write to {k!r} refused: lock {guard_keys[0]!r} is no longer held by this "
+                    "holder, or a newer holder has written"
+                )
+            if status == -2:
+                raise InvalidArgument(f"incr: the value of {k!r} is not an integer counter")
+            if status == -3:
+                raise CorruptData(f"map key {k!r} holds foreign data; nothing was written")
+            value = install(status, record)
+        except BaseException:
+            state.abort_fill(k, ph)
+            raise
+        if value is _NO_INSTALL:
+            state.abort_fill(k, ph)
+        else:
+            self._install(k, ph, value, seq, epoch, int(reply[4]), started)
+        return status, record
+
+    def set(self, key: object, value: Any, ttl: float | None, guard: Any) -> MapFlow[None]:
+        k = self.check_key(key)
+        payload = self.encode(value)
+        px = self.px(ttl)
+        keep = self.local_copy(value, payload)
+        yield from self._write(
+            "set", k, payload=payload, px=px, guard=guard, install=lambda status, rec: keep
+        )
+
+    def delete(self, key: object, guard: Any) -> MapFlow[bool]:
+        k = self.check_key(key)
+        status, _ = yield from self._write(
+            "del", k, guard=guard, install=lambda status, rec: ABSENT
+        )
+        return status == 1
+
+    def pop(self, key: object, default: Any) -> MapFlow[Any]:
+        """The removed value, else ``default`` (``ABSENT`` if none was given)."""
+        k = self.check_key(key)
+        status, record = yield from self._write("del", k, install=lambda status, rec: ABSENT)
+        if status != 1:
+            return default
+        return self.decode_value(record)
+
+    def setdefault(self, key: object, default: Any) -> MapFlow[Any]:
+        k = self.check_key(key)
+        payload = self.encode(default)
+        px = self.px(None)
+        keep = self.local_copy(default, payload)
+
+        def install(status: int, record: Any) -> Any:
+            return keep if status == 1 else self.decode_value(record)
+
+        status, record = yield from self._write("setnx", k, payload=payload, px=px, install=install)
+        return keep if status == 1 else self.decode_value(record)
+
+    def compare_and_set(
+        self, key: object, expected: Any, new: Any, ttl: float | None, guard: Any
+    ) -> MapFlow[bool]:
+        k = self.check_key(key)
+        want = self.encode(expected)
+        payload = self.encode(new)
+        px = self.px(ttl)
+        keep = self.local_copy(new, payload)
+        seen: list[Any] = []
+
+        def install(status: int, record: Any) -> Any:
+            if status == 1:
+                return keep
+            seen[:] = [self.decode_value(record)]
+            return seen[0]
+
+        op, arg = "cas", want
+        for _ in range(64):
+            status, record = yield from self._write(
+                op, k, payload=payload, px=px, expected=arg, guard=guard, install=install
+            )
+            if status == 1:
+                return True
+            current = seen[0]
+            if current is ABSENT or current != expected:
+                return False
+            # equal as values but not as bytes (e.g. dict order): compare-and-set on its version
+            epoch, seq, _ = parse_record(record)
+            op, arg = "casv", f"{epoch} {seq}".encode()
+        raise ServerError(f"compare_and_set({k!r}): gave up after 64 conflicting attempts")
+
+    def update_item(
+        self, key: object, fn: Callable[[Any], Any], default: Any, ttl: float | None
+    ) -> MapFlow[Any]:
+        if not callable(fn):
+            raise InvalidArgument(f"update_item needs a callable, not {type(fn).__name__}")
+        k = self.check_key(key)
+        px = self.px(ttl)
+        for attempt in range(64):
+            reply = yield Script("map_get", (self.keys.meta, self.keys.record(k)), ())
+            if reply[4]:
+                raise CorruptData(f"map key {k!r} holds a non-string value (foreign data)")
+            record = reply[2]
+            if record is None:
+                current, version = default, b""
+            else:
+                epoch, seq, body = parse_record(record)
+                current, version = self.codec.decode(body), f"{epoch} {seq}".encode()
+            new = fn(current)
+            payload = self.encode(new)
+            keep = self.local_copy(new, payload)
+            status, _ = yield from self._write(
+                "casv",
+                k,
+                payload=payload,
+                px=px,
+                expected=version,
+                install=_keep_if_written(keep),
+            )
+            if status == 1:
+                return keep
+            if attempt >= 3:
+                yield Sleep(min(0.001 * attempt, 0.05))
+        raise ServerError(f"update_item({k!r}): gave up after 64 conflicting attempts")
+
+    def incr(self, key: object, amount: int) -> MapFlow[int]:
+        if isinstance(amount, bool) or not isinstance(amount, int) or abs(amount) >= 2**53:
+            raise InvalidArgument(f"incr amount must be an int below 2**53, not {amount!r}")
+        k = self.check_key(key)
+        if self.incr_codec is None:
+
+            def add(value: Any) -> int:
+                if isinstance(value, bool) or not isinstance(value, int):
+                    raise InvalidArgument(f"incr: the value of {k!r} is not an integer counter")
+                return value + amount
+
+            result = yield from self.update_item(k, add, 0, None)
+            return int(result)
+        px = self.px(None)
+        box: list[int] = []
+
+        def install(status: int, record: Any) -> Any:
+            box.append(self.decode_value(record))
+            return box[0]
+
+        yield from self._write(
+            "incr", k, payload=str(amount).encode(), px=px, expected=self.incr_codec,
+            install=install,
+        )  # fmt: skip
+        return box[0]
+
+    def get_or_load(
+        self, key: object, loader: Callable[[], Any], ttl: float | None, timeout: float
+    ) -> MapFlow[Any]:
+        if not callable(loader):
+            raise InvalidArgument(f"loader must be callable, not {type(loader).__name__}")
+        if (
+            isinstance(timeout, bool)
+            or not isinstance(timeout, int | float)
+            or not (0 < timeout < math.inf)
+        ):
+            raise InvalidArgument(f"timeout must be a number of seconds > 0, got {timeout!r}")
+        k = self.check_key(key)
+        px = self.px(ttl)
+        state = self.state
+        keys = self.keys
+        token = self.new_token()
+        deadline = state.clock() + timeout
+        delay = 0.002
+        while True:
+            ph = state.begin_fill(k)
+            started = state.clock()
+            try:
+                reply = yield Script(
+                    "map_load",
+                    (keys.meta, keys.record(k), keys.load(k)),
+                    (token, max(1, math.ceil(timeout * 1000))),
+                )
+                code = int(reply[0])
+                if code == 1:
+                    if reply[5]:
+                        raise CorruptData(f"map key {k!r} holds a non-string value (foreign data)")
+                    value = self.decode_value(reply[3])
+            except BaseException:
+                state.abort_fill(k, ph)
+                raise
+            if code == 1:
+                self._install(k, ph, value, reply[2], _text(reply[1]), reply[4], started)
+                return value
+            state.abort_fill(k, ph)
+            if code == 2:
+                try:
+                    value = yield Call(loader)
+                    payload = self.encode(value)
+                except BaseException:
+                    yield Script("map_unload", (keys.load(k),), (token,))
+                    raise
+                keep = self.local_copy(value, payload)
+                yield from self._write(
+                    "set", k, payload=payload, px=px, load_token=token,
+                    install=_keep_if_written(keep),
+                )  # fmt: skip
+                return keep
+            if state.clock() >= deadline:
+                raise NotObtained(
+                    f"get_or_load({k!r}): another node's loader did not finish within {timeout}s"
+                )
+            yield Sleep(min(delay, max(0.0, deadline - state.clock())))
+            delay = min(delay * 2, 0.05)
+
+    # ---- whole-map operations --------------------------------------------------------------
+
+    def length(self) -> MapFlow[int]:
+        count = yield Script("map_len", (self.keys.idx,), ())
+        return int(count)
+
+    def key_list(self) -> MapFlow[list[str]]:
+        """Every live key (ZSCAN of the index: keys present throughout are listed once)."""
+        now = yield Command(("TIME",))
+        now_ms = int(now[0]) * 1000 + int(now[1]) // 1000
+        cursor: Any = 0
+        seen: dict[str, None] = {}
+        while True:
+            cursor, items = yield Command(("ZSCAN", self.keys.idx, cursor, "COUNT", 1000))
+            if items and not isinstance(items[0], tuple | list):  # raw reply, not redis-py's pairs
+                items = list(zip(items[::2], items[1::2], strict=True))
+            for member, score in items:
+                if float(score) > now_ms:
+                    seen[member.decode("utf-8") if isinstance(member, bytes) else member] = None
+            if int(cursor) == 0:
+                return list(seen)
+
+    def clear(self) -> MapFlow[None]:
+        keys = self.keys
+        yield Script(
+            "map_clear",
+            (keys.meta, keys.idx),
+            (keys.record_prefix, keys.channel, self.new_token()),
+        )
+        self.state.local_clear()

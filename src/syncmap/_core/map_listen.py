@@ -1,0 +1,119 @@
+"""The listener of one SyncMap as a flow: subscribe, apply change messages, prove freshness,
+reconnect with backoff. The blocking runner (a thread) and the asyncio runner (a task) in
+``syncmap._listener`` differ only in how they wait; every decision is here or in
+:class:`~syncmap._core.coherence.Coherence`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Generator
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from .._errors import SyncMapError
+from .coherence import Coherence
+from .keys import MapKeys
+from .ops import Command, Op, Sleep
+
+__all__ = [
+    "Event",
+    "ListenFlow",
+    "ListenOp",
+    "PubsubPing",
+    "Receive",
+    "Subscribe",
+    "Unsubscribe",
+    "listen",
+]
+
+log = logging.getLogger("syncmap.map")
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Subscribe:
+    """Open a fresh subscriber connection and SUBSCRIBE to ``channel``."""
+
+    channel: str
+
+
+@dataclass(frozen=True, slots=True)
+class Unsubscribe:
+    """Close the subscriber connection (errors are swallowed by the runner)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Receive:
+    """Wait up to ``timeout`` seconds for one event of the subscriber connection:
+    an :data:`Event`, or ``None``."""
+
+    timeout: float
+
+
+@dataclass(frozen=True, slots=True)
+class PubsubPing:
+    """Send PING ``token`` over the subscriber connection (answered by a ``pong`` event)."""
+
+    token: str
+
+
+Event = tuple[str, bytes]
+"""("message", data) | ("subscribe", b"") | ("pong", token) — anything else is dropped."""
+
+ListenOp = Op | Subscribe | Unsubscribe | Receive | PubsubPing
+ListenFlow = Generator[ListenOp, Any, T]
+
+MAX_WAIT = 0.05  # the runner checks for close() at least this often
+
+
+def listen(state: Coherence, keys: MapKeys, *, max_backoff: float = 2.0) -> ListenFlow[None]:
+    """Run until closed (the runner stops sending). Never ends on bad data or lost servers."""
+    backoff = 0.02
+    while True:
+        try:
+            yield Subscribe(keys.channel)
+            while True:
+                if state.probe_overdue():
+                    log.warning("syncmap: no PONG from the subscriber connection; reconnecting")
+                    state.resync("probe_timeout")
+                    break
+                if state.probe_due():
+                    ok = yield from _probe(state, keys)
+                    if not ok:
+                        yield Sleep(min(0.05, state.probe_interval))
+                        continue
+                wait = state.probe_interval - (state.clock() - state.last_probe)
+                event = yield Receive(max(0.001, min(MAX_WAIT, wait)))
+                if event is None:
+                    continue
+                kind, data = event
+                if kind == "message":
+                    state.on_message(data)
+                elif kind == "pong":
+                    state.on_pong(data.decode("utf-8", "replace"))
+                elif kind == "subscribe":
+                    state.on_subscribed()
+                    backoff = 0.02
+        except SyncMapError as exc:
+            log.warning("syncmap: subscriber connection for map %r lost: %s", keys.name, exc)
+            state.on_disconnect()
+        yield Unsubscribe()
+        yield Sleep(backoff)
+        backoff = min(backoff * 2, max_backoff)
+
+
+def _probe(state: Coherence, keys: MapKeys) -> ListenFlow[bool]:
+    """Read the server's (epoch, seq), then PING through the subscriber connection: its PONG
+    (``state.on_pong``) arrives after every message published before the read."""
+    token = state.start_probe()
+    try:
+        epoch, seq = yield Command(("HMGET", keys.meta, "epoch", "seq"))
+    except SyncMapError as exc:
+        log.debug("syncmap: freshness probe of %r failed: %s", keys.name, exc)
+        state.cancel_probe()
+        return False
+    text = epoch.decode("utf-8", "replace") if isinstance(epoch, bytes) else epoch
+    state.probe_read(token, text, int(seq or 0))
+    yield PubsubPing(token)
+    return True

@@ -1,0 +1,470 @@
+"""SyncMap: a map shared by every node, with a local copy in each for dict-speed reads.
+
+Consistency contract (what holds, and how)
+==========================================
+
+The server holds the truth. Every write is one Lua script that bumps the map's sequence
+number (``seq``), writes the entry and publishes ``epoch seq op key`` on the map's channel,
+atomically. The ``epoch`` is a random id created with the map's server-side metadata: a
+server restart without persistence, or FLUSHALL, yields a new one. Each node keeps a local
+copy and one listener (a thread, or a task under asyncio) on a dedicated subscriber
+connection. Call the moment a write's call returns "acknowledged".
+
+1. **Read-your-writes.** A node's own acknowledged write is installed in its local copy with
+   that write's ``seq`` (or, if a newer change of that key was seen meanwhile, not at all and
+   the next read goes to the server). It never reads an older value after that.
+2. **Propagation.** Every other node's listener drops its copy of the key as soon as the
+   change message arrives (a change with seq ``s`` drops an entry only if the entry is older
+   than ``s``). Cost per message: O(1), never a scan of the local copy.
+3. **No fill race.** A fetch (or write) first reserves the key with a placeholder; a change
+   message marks the placeholder; the fetched value is installed only if its placeholder is
+   still there, nothing newer than the read was marked on it, and the copy was not reset
+   meanwhile. A value read before a concurrent write is never installed after that write's
+   invalidation was processed.
+4. **Lost invalidations: zero tolerance.** Messages must arrive as ``applied + 1``. A gap, a
+   seq going backwards, another epoch, a malformed message of ours, a (re)subscription, a lost
+   subscriber connection, or a reply carrying another epoch drops the whole local copy *before
+   the next local read is served*; nothing is cached again until a probe (below) has set a new
+   base. Foreign messages on the channel are logged and skipped.
+5. **Bounded staleness.** Every ``max_staleness / 3`` the listener reads the server's
+   (epoch, seq) at ``t0`` and then PINGs over the subscriber connection; when the PONG
+   arrives, every change published before ``t0`` has arrived too, so if the applied seq has
+   caught up, the copy is proven current as of ``t0``. A local read is served only within
+   ``max_staleness`` of the last proof; past it, it goes to the server (``on_stale="server"``,
+   the default) or raises :class:`~syncmap.StaleRead` (``on_stale="raise"``). A stalled
+   listener, a half-open connection or a paused server therefore never yields a read more
+   than ``max_staleness`` old.
+6. **Fresh reads.** ``get(k, fresh=True)`` asks the server only for the entry's version
+   (epoch and seq in its record header, one small round trip); the local value is returned if
+   it is still current, else the value is fetched. Linearizable.
+7. **Atomic operations** run on the server: ``compare_and_set`` (equality of values; bytes
+   first, then the record's version), ``update_item`` (optimistic: read, ``fn``, write if the
+   record's version is unchanged, retried), ``setdefault``, ``pop``, ``incr`` (server-side for
+   the JSON and msgpack codecs, counters up to 2**53).
+8. **Single flight.** ``get_or_load(k, loader)`` takes a load lock in the map's hash slot
+   (``SET NX PX timeout``); the one node that gets it runs ``loader`` and writes the value
+   (releasing the lock in the same script); the others poll (2 ms doubling to 50 ms) until the
+   value exists, or take over if the loader failed; :class:`~syncmap.NotObtained` after
+   ``timeout``.
+9. **Guarded writes.** ``set(..., guard=lock)`` is rejected by the server
+   (:class:`~syncmap.GuardRejected`) unless the lock key still holds the lock's token and the
+   lock's fence is not older than the highest fence that already wrote to this map. The
+   lock's key must share the map's hash slot on a Cluster: name it with the map's hash tag,
+   e.g. ``"{mymap}:writer"``.
+10. **Bounded memory.** The local copy holds at most ``maxsize`` entries (LRU); an entry's
+    TTL is honoured on the server (PX) and locally (its deadline never later than the
+    server's).
+
+Server layout (all keys share the hash tag ``{<map name>}``; see ``_core/keys.py``): ``meta``
+hash (epoch, seq), one string per entry (``"SM\\x01" epoch " " seq "\\n"`` + codec payload:
+anything else there is foreign data, :class:`~syncmap.CorruptData`), an ``idx`` zset of live
+keys for ``len`` and iteration, a ``fences`` hash, per-key load locks, and the channel.
+
+Not covered: values returned by ``get`` are the cached objects themselves (treat them as
+read-only); keys are ``str``; ``len``/iteration/``clear`` read the whole index in one step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import math
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterator, MutableMapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final, TypeVar
+
+from ._codec import Codec, get_codec
+from ._core.coherence import ABSENT, Coherence, Entry
+from ._core.keys import MapKeys
+from ._core.map_flows import Call, MapCore, MapFlow
+from ._errors import InvalidArgument, StaleRead
+from ._listener import AsyncListener, SyncListener
+from ._local import SafeHashMap
+
+if TYPE_CHECKING:
+    from ._node import AsyncNode, Node
+
+__all__ = ["AsyncSyncMap", "MapStats", "SyncMap"]
+
+T = TypeVar("T")
+_MISSING: Any = object()
+DEFAULT_MAXSIZE: Final = 100_000
+
+
+@dataclass(frozen=True, slots=True)
+class MapStats:
+    """A snapshot of one map's local-copy counters."""
+
+    hits: int  # reads served from the local copy
+    misses: int  # reads that went to the server
+    invalidations: int  # change messages received
+    resyncs: int  # times the local copy was dropped because coherence could not be proven
+    resync_causes: dict[str, int]  # gap, epoch, resubscribe, disconnect, probe_timeout, ...
+    local_size: int  # entries in the local copy (placeholders included)
+    skipped_messages: int  # foreign messages on the map's channel, logged and skipped
+    verified_age: float  # seconds since the local copy was last proven current (inf: never)
+
+
+def _check_options(
+    maxsize: object,
+    max_staleness: object,
+    on_stale: object,
+    max_key_bytes: object,
+    max_value_bytes: object,
+) -> None:
+    if isinstance(max_staleness, bool) or not isinstance(max_staleness, int | float):
+        raise InvalidArgument(f"max_staleness must be a number of seconds, not {max_staleness!r}")
+    if not (0.01 <= max_staleness <= 3600):
+        raise InvalidArgument(f"max_staleness must be between 0.01 and 3600 s, not {max_staleness}")
+    if on_stale not in ("server", "raise"):
+        raise InvalidArgument(f"on_stale must be 'server' or 'raise', not {on_stale!r}")
+    for name, limit in (("max_key_bytes", max_key_bytes), ("max_value_bytes", max_value_bytes)):
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise InvalidArgument(f"{name} must be a positive int, not {limit!r}")
+    if maxsize is not None and (isinstance(maxsize, bool) or not isinstance(maxsize, int)):
+        raise InvalidArgument(f"maxsize must be an int or None, not {maxsize!r}")
+
+
+class _MapBase:
+    """What the blocking and the asyncio map share: options, local copy, coherence, flows."""
+
+    def __init__(
+        self,
+        node: Node | AsyncNode,
+        name: str,
+        *,
+        maxsize: int | None = DEFAULT_MAXSIZE,
+        ttl: float | None = None,
+        codec: str | Codec | None = None,
+        max_staleness: float = 1.0,
+        on_stale: str = "server",
+        max_key_bytes: int = 1024,
+        max_value_bytes: int = 1 << 20,
+        _fill_guard: bool = True,
+    ) -> None:
+        keys = MapKeys(name)
+        _check_options(maxsize, max_staleness, on_stale, max_key_bytes, max_value_bytes)
+        self.name = name
+        self.node = node
+        self._store: SafeHashMap[str, Any] = SafeHashMap(maxsize)
+        self._clock = time.monotonic
+        self._max_staleness = float(max_staleness)
+        self._raise_stale = on_stale == "raise"
+        self._state = Coherence(
+            self._store,
+            self._clock,
+            threading.RLock(),
+            self._max_staleness,
+            probe_timeout=max(3 * self._max_staleness, 2.0),
+        )
+        self._state.fill_guard = bool(_fill_guard)
+        self._core = MapCore(
+            keys,
+            self._state,
+            get_codec(codec),
+            new_token=lambda: secrets.token_hex(8),
+            default_ttl=ttl,
+            max_key_bytes=max_key_bytes,
+            max_value_bytes=max_value_bytes,
+        )
+        self._listener_timeout = min(max(self._max_staleness, 0.25), 2.0)
+        self._hits = 0
+        self._misses = 0
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r} on {self.node.address}>"
+
+    def _local(self, key: Any) -> Any:
+        """The local copy's value (``ABSENT`` for a cached miss), or ``_MISSING``."""
+        try:
+            entry = self._store.get(key)
+        except TypeError:  # unhashable: not cached; the server path names the error
+            return _MISSING
+        if entry.__class__ is Entry:
+            if self._clock() - self._state.verified_at <= self._max_staleness:
+                self._hits += 1
+                return entry.value
+            if self._raise_stale:
+                raise StaleRead(self._stale_message())
+        self._misses += 1
+        return _MISSING
+
+    def _stale_message(self) -> str:
+        age = self._clock() - self._state.verified_at
+        shown = "never" if math.isinf(age) else f"{age:.3f}s ago"
+        return (
+            f"map {self.name!r}: the local copy was last proven current {shown}, beyond "
+            f"max_staleness={self._max_staleness}s (listener stalled or server unreachable?)"
+        )
+
+    def get_local(self, key: Any, default: Any = None) -> Any:
+        """The local copy's value if it is cached and fresh, else ``default``; no server call.
+        (With ``on_stale="raise"``, a cached but unprovable entry raises StaleRead.)"""
+        value = self._local(key)
+        return default if value is _MISSING or value is ABSENT else value
+
+    @property
+    def stats(self) -> MapStats:
+        state = self._state
+        return MapStats(
+            hits=self._hits,
+            misses=self._misses,
+            invalidations=state.invalidations,
+            resyncs=state.resyncs,
+            resync_causes=dict(state.resync_causes),
+            local_size=len(self._store),
+            skipped_messages=state.skipped,
+            verified_age=self._clock() - state.verified_at,
+        )
+
+    def _closing(self) -> None:
+        self._closed = True
+        self._state.resync(None)  # nothing is served or installed locally after close
+
+
+class SyncMap(_MapBase, MutableMapping[str, Any]):
+    """The blocking map. Make one with ``node.map(name, ...)``; see the module docstring."""
+
+    def __init__(self, node: Node, name: str, **options: Any) -> None:
+        super().__init__(node, name, **options)
+        self._driver = node.driver
+        self._listener = SyncListener(
+            self._state, self._core.keys, node.client, node.address, self._listener_timeout
+        )
+        self._listener.start()
+        deadline = time.monotonic() + 2.0  # usually ms: ready to cache right away
+        while not self._state.synced and time.monotonic() < deadline:
+            time.sleep(0.001)
+
+    def _run(self, flow: MapFlow[T]) -> T:
+        perform = self._driver.perform
+        try:
+            op = next(flow)
+            while True:
+                try:
+                    result = op.fn(*op.args) if isinstance(op, Call) else perform(op)
+                except Exception as exc:
+                    op = flow.throw(exc)
+                else:
+                    op = flow.send(result)
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
+
+    # ---- reads ----
+
+    def get(self, key: Any, default: Any = None, fresh: bool = False) -> Any:
+        """The value of ``key`` (``default`` if absent): local when fresh, else the server's.
+        ``fresh=True``: linearizable, at the cost of one small round trip."""
+        if not fresh:
+            try:
+                entry = self._store.get(key)
+            except TypeError:
+                entry = None
+            if entry.__class__ is Entry:
+                if self._clock() - self._state.verified_at <= self._max_staleness:
+                    self._hits += 1
+                    value = entry.value
+                    return default if value is ABSENT else value
+                if self._raise_stale:
+                    raise StaleRead(self._stale_message())
+        self._misses += 1
+        return self._run(self._core.get(key, default, fresh))
+
+    def __getitem__(self, key: str) -> Any:
+        value = self.get(key, _MISSING)
+        if value is _MISSING:
+            raise KeyError(key)
+        return value
+
+    def __contains__(self, key: object) -> bool:
+        return self.get(key, _MISSING) is not _MISSING
+
+    def __len__(self) -> int:
+        return self._run(self._core.length())
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._run(self._core.key_list()))
+
+    # ---- writes ----
+
+    def set(self, key: str, value: Any, ttl: float | None = None, guard: Any = None) -> None:
+        """Write ``key``; ``ttl`` in seconds (default: the map's); ``guard``: a held Lock."""
+        self._run(self._core.set(key, value, ttl, guard))
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self._run(self._core.set(key, value, None, None))
+
+    def delete(self, key: str, guard: Any = None) -> bool:
+        """Remove ``key``; True if it existed."""
+        return self._run(self._core.delete(key, guard))
+
+    def __delitem__(self, key: str) -> None:
+        if not self._run(self._core.delete(key, None)):
+            raise KeyError(key)
+
+    def pop(self, key: str, default: Any = _MISSING) -> Any:
+        value = self._run(self._core.pop(key, ABSENT))
+        if value is ABSENT:
+            if default is _MISSING:
+                raise KeyError(key)
+            return default
+        return value
+
+    def setdefault(self, key: str, default: Any = None) -> Any:
+        return self._run(self._core.setdefault(key, default))
+
+    def clear(self) -> None:
+        """Remove every entry (one script; every node drops its copy)."""
+        self._run(self._core.clear())
+
+    def compare_and_set(
+        self, key: str, expected: Any, new: Any, ttl: float | None = None, guard: Any = None
+    ) -> bool:
+        """Set ``key`` to ``new`` if its value equals ``expected`` (absent never matches)."""
+        return self._run(self._core.compare_and_set(key, expected, new, ttl, guard))
+
+    def update_item(
+        self, key: str, fn: Callable[[Any], Any], default: Any = None, ttl: float | None = None
+    ) -> Any:
+        """Atomically replace the value ``v`` of ``key`` (``default`` if absent) by ``fn(v)``;
+        ``fn`` may run more than once under contention. Returns the new value."""
+        return self._run(self._core.update_item(key, fn, default, ttl))
+
+    def incr(self, key: str, amount: int = 1) -> int:
+        """Atomically add ``amount`` to the integer counter ``key`` (absent: 0)."""
+        return self._run(self._core.incr(key, amount))
+
+    def get_or_load(
+        self, key: str, loader: Callable[[], Any], ttl: float | None = None, timeout: float = 10.0
+    ) -> Any:
+        """The value of ``key``; if absent, ``loader()`` runs on exactly one node and its
+        result is stored (``ttl``) and returned to every waiting node."""
+        value = self.get(key, _MISSING)
+        if value is not _MISSING:
+            return value
+        return self._run(self._core.get_or_load(key, loader, ttl, timeout))
+
+    def close(self) -> None:
+        """Stop the listener; the local copy is no longer used (server calls still work)."""
+        if not self._closed:
+            self._closing()
+            self._listener.close()
+
+    def __enter__(self) -> SyncMap:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncSyncMap(_MapBase):
+    """The asyncio map. ``await anode.map(name, ...)``; server operations are awaited,
+    ``get_local`` reads the local copy without awaiting."""
+
+    def __init__(self, node: AsyncNode, name: str, **options: Any) -> None:
+        super().__init__(node, name, **options)
+        self._driver = node.driver
+        self._listener = AsyncListener(
+            self._state, self._core.keys, node.client, node.address, self._listener_timeout
+        )
+
+    @classmethod
+    async def open(cls, node: AsyncNode, name: str, **options: Any) -> AsyncSyncMap:
+        self = cls(node, name, **options)
+        self._listener.start()
+        deadline = time.monotonic() + 2.0
+        while not self._state.synced and time.monotonic() < deadline:
+            await asyncio.sleep(0.001)
+        return self
+
+    async def _run(self, flow: MapFlow[T]) -> T:
+        perform = self._driver.perform
+        try:
+            op = next(flow)
+            while True:
+                try:
+                    if isinstance(op, Call):
+                        result = op.fn(*op.args)
+                        if inspect.isawaitable(result):
+                            result = await result
+                    else:
+                        result = await perform(op)
+                except Exception as exc:
+                    op = flow.throw(exc)
+                else:
+                    op = flow.send(result)
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
+
+    async def get(self, key: Any, default: Any = None, fresh: bool = False) -> Any:
+        if not fresh:
+            value = self._local(key)
+            if value is not _MISSING:
+                return default if value is ABSENT else value
+        return await self._run(self._core.get(key, default, fresh))
+
+    async def contains(self, key: Any) -> bool:
+        return await self.get(key, _MISSING) is not _MISSING
+
+    async def length(self) -> int:
+        return await self._run(self._core.length())
+
+    async def keys(self) -> list[str]:
+        return await self._run(self._core.key_list())
+
+    async def set(self, key: str, value: Any, ttl: float | None = None, guard: Any = None) -> None:
+        await self._run(self._core.set(key, value, ttl, guard))
+
+    async def delete(self, key: str, guard: Any = None) -> bool:
+        return await self._run(self._core.delete(key, guard))
+
+    async def pop(self, key: str, default: Any = _MISSING) -> Any:
+        value = await self._run(self._core.pop(key, ABSENT))
+        if value is ABSENT:
+            if default is _MISSING:
+                raise KeyError(key)
+            return default
+        return value
+
+    async def setdefault(self, key: str, default: Any = None) -> Any:
+        return await self._run(self._core.setdefault(key, default))
+
+    async def clear(self) -> None:
+        await self._run(self._core.clear())
+
+    async def compare_and_set(
+        self, key: str, expected: Any, new: Any, ttl: float | None = None, guard: Any = None
+    ) -> bool:
+        return await self._run(self._core.compare_and_set(key, expected, new, ttl, guard))
+
+    async def update_item(
+        self, key: str, fn: Callable[[Any], Any], default: Any = None, ttl: float | None = None
+    ) -> Any:
+        return await self._run(self._core.update_item(key, fn, default, ttl))
+
+    async def incr(self, key: str, amount: int = 1) -> int:
+        return await self._run(self._core.incr(key, amount))
+
+    async def get_or_load(
+        self, key: str, loader: Callable[[], Any], ttl: float | None = None, timeout: float = 10.0
+    ) -> Any:
+        """As :meth:`SyncMap.get_or_load`; ``loader`` may be a coroutine function."""
+        value = await self.get(key, _MISSING)
+        if value is not _MISSING:
+            return value
+        return await self._run(self._core.get_or_load(key, loader, ttl, timeout))
+
+    async def close(self) -> None:
+        if not self._closed:
+            self._closing()
+            await self._listener.close()
+
+    async def __aenter__(self) -> AsyncSyncMap:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

@@ -1,0 +1,19 @@
+-- map_load: get_or_load's single flight. If the entry exists, read it (as map_get); otherwise
+-- try to take the entry's load lock.
+-- KEYS[1] meta hash {epoch, seq}   KEYS[2] the entry's record   KEYS[3] the entry's load lock
+-- ARGV[1] load token   ARGV[2] load lock life in ms
+-- Returns {state, epoch or false, seq, record or false, pttl, foreign}
+--   state: 1 the entry exists (record, pttl as map_get); 2 lock taken by us: run the loader;
+--          0 another node is loading (pttl: the load lock's remaining life)
+local m = redis.call('HMGET', KEYS[1], 'epoch', 'seq')
+local seq = tonumber(m[2] or '0')
+local t = redis.call('TYPE', KEYS[2])['ok']
+if t == 'string' then
+  return {1, m[1], seq, redis.call('GET', KEYS[2]), redis.call('PTTL', KEYS[2]), 0}
+elseif t ~= 'none' then
+  return {1, m[1], seq, false, -2, 1}
+end
+if redis.call('SET', KEYS[3], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return {2, m[1], seq, false, -2, 0}
+end
+return {0, m[1], seq, false, redis.call('PTTL', KEYS[3]), 0}

@@ -1,0 +1,14 @@
+-- map_version: the map's epoch and the header of one entry's record, without its value
+-- (fresh reads: one small round trip instead of re-transferring the value).
+-- KEYS[1] meta hash {epoch, seq}   KEYS[2] the entry's record
+-- Returns {epoch or false, seq, head or false, foreign}
+--   head: the record's first 64 bytes ("SM\1" .. epoch .. " " .. seq .. "\n" ...), false if absent
+--   foreign: 1 when something that is not a string sits under the record key
+local m = redis.call('HMGET', KEYS[1], 'epoch', 'seq')
+local t = redis.call('TYPE', KEYS[2])['ok']
+if t == 'none' then
+  return {m[1], tonumber(m[2] or '0'), false, 0}
+elseif t ~= 'string' then
+  return {m[1], tonumber(m[2] or '0'), false, 1}
+end
+return {m[1], tonumber(m[2] or '0'), redis.call('GETRANGE', KEYS[2], 0, 63), 0}

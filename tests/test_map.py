@@ -1,0 +1,349 @@
+# ruff: noqa: F811  (the ``maps`` fixture is imported)
+"""SyncMap against a real Valkey: mapping behaviour, read-your-writes, propagation, fresh
+reads, atomic operations, TTL and size bounds, bad input, foreign data and channel garbage.
+Most tests run twice (``maps`` fixture): blocking map and asyncio map."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import redis
+
+import syncmap
+from servers import wait_until
+from syncmap._scripts import script_source
+from test_map_support import maps  # noqa: F401 (fixture)
+
+LONG = 60.0  # max_staleness long enough that only change messages can make a node fresh
+
+
+def record_key(name: str, key: str) -> str:
+    return f"syncmap:{{{name}}}:v:{key}"
+
+
+def server_keys(client: redis.Redis, name: str) -> list[bytes]:
+    return sorted(client.keys(f"syncmap:{{{name}}}*"))
+
+
+def test_mutable_mapping(server, ns):
+    with syncmap.connect(server.url) as node, node.map(ns) as m:
+        assert len(m) == 0 and list(m) == [] and "a" not in m
+        m["a"] = 1
+        m.update({"b": [1, 2], "c": {"x": None}})
+        assert m["a"] == 1 and m["b"] == [1, 2] and m["c"] == {"x": None}
+        assert sorted(m) == ["a", "b", "c"] and len(m) == 3
+        assert dict(m.items()) == {"a": 1, "b": [1, 2], "c": {"x": None}}
+        assert sorted(m.keys()) == ["a", "b", "c"] and m == {"a": 1, "b": [1, 2], "c": {"x": None}}
+        del m["a"]
+        with pytest.raises(KeyError):
+            del m["a"]
+        with pytest.raises(KeyError):
+            m["a"]
+        assert m.get("a") is None and m.get("a", 5) == 5
+        assert m.pop("b") == [1, 2] and m.pop("b", "gone") == "gone"
+        with pytest.raises(KeyError):
+            m.pop("b")
+        assert m.setdefault("d", 4) == 4 and m.setdefault("d", 5) == 4
+        m.clear()
+        assert len(m) == 0 and "c" not in m and m.get("d") is None
+
+
+def test_read_your_writes_is_local(maps, server, ns):
+    """With its listener stalled (its own change messages not processed), a node still reads
+    its own acknowledged writes, from its local copy."""
+    m = maps(server.url, ns, max_staleness=LONG)
+    m.set("k", "v0")
+    assert m.get("k") == "v0"
+    m.stall_listener()
+    for i in range(20):
+        m.set("k", f"v{i}")
+        hits = m.stats.hits
+        assert m.get("k") == f"v{i}"
+        assert m.stats.hits == hits + 1  # served locally, not fetched
+    assert m.delete("k") and m.get("k") is None
+    assert m.incr("n") == 1 and m.get("n") == 1
+    assert m.compare_and_set("n", 1, 7) and m.get("n") == 7
+    assert m.update_item("n", lambda v: v + 1) == 8 and m.get("n") == 8
+    m.resume_listener()
+
+
+def test_propagation(maps, server, ns):
+    a = maps(server.url, ns, max_staleness=LONG)
+    b = maps(server.url, ns, max_staleness=LONG)
+    a.set("k", 1)
+    # the map's first write creates its epoch; b caches once its listener has seen it
+    wait_until(lambda: b.get("k") == 1 and b.stats.hits > 0, 5, what="b caches k")
+    for value in range(2, 12):
+        a.set("k", value)
+        wait_until(lambda v=value: b.get("k") == v, 5, what=f"b sees {value}")
+    a.delete("k")
+    wait_until(lambda: b.get("k", "none") == "none", 5, what="b sees the delete")
+    a.set("c", {"x": 1})
+    assert b.get("c") == {"x": 1}
+    a.clear()
+    wait_until(lambda: b.get("c") is None, 5, what="b sees the clear")
+    assert b.stats.invalidations >= 12 and b.stats.resyncs == 0
+
+
+def test_fresh_read_is_linearizable_and_small(maps, server, ns):
+    a = maps(server.url, ns, max_staleness=LONG)
+    b = maps(server.url, ns, max_staleness=LONG)
+    big = "x" * 400_000
+    a.set("k", big)
+    wait_until(lambda: b.get("k") == big and b.stats.hits > 0, 5, what="b caches k")
+    info = server.client()
+    out0 = info.info("stats")["total_net_output_bytes"]
+    for _ in range(5):
+        assert b.get("k", fresh=True) == big
+    out1 = info.info("stats")["total_net_output_bytes"]
+    assert out1 - out0 < 50_000, "fresh reads of an unchanged entry re-transferred the value"
+    b.stall_listener()  # b's copy is now stale and knows nothing of it
+    a.set("k", "new")
+    assert b.get("k") == big  # allowed: within max_staleness
+    assert b.get("k", fresh=True) == "new"
+    assert b.get("k") == "new"  # and the fetched value is what b now holds
+    a.delete("k")
+    assert b.get("k", "none", fresh=True) == "none"
+    b.resume_listener()
+
+
+def test_atomic_operations(maps, server, ns):
+    m = maps(server.url, ns)
+    assert m.incr("n") == 1 and m.incr("n", 41) == 42 and m.incr("n", -2) == 40
+    m.set("s", "text")
+    with pytest.raises(syncmap.InvalidArgument):
+        m.incr("s")
+    assert m.get("s") == "text"
+    assert not m.compare_and_set("missing", None, 1) and m.get("missing") is None
+    m.set("d", {"a": 1, "b": 2})
+    assert not m.compare_and_set("d", {"a": 1}, "no")
+    assert m.compare_and_set("d", {"b": 2, "a": 1}, "yes")  # equal values, other key order
+    assert m.get("d") == "yes"
+    assert m.update_item("u", lambda v: [*v, 1], default=[]) == [1]
+    assert m.update_item("u", lambda v: [*v, 2]) == [1, 2]
+    assert m.setdefault("sd", 1) == 1 and m.setdefault("sd", 2) == 1
+    assert m.pop("sd") == 1 and m.pop("sd", None) is None
+    assert m.get_or_load("lo", lambda: {"loaded": True}) == {"loaded": True}
+    assert m.get_or_load("lo", lambda: 1 / 0) == {"loaded": True}
+
+
+def test_incr_msgpack_and_generic_codecs(server, ns):
+    with syncmap.connect(server.url) as node:
+        for codec in ("msgpack", "pickle"):
+            with node.map(f"{ns}-{codec}", codec=codec) as m:
+                assert m.incr("n", 5) == 5 and m.incr("n") == 6 and m.get("n") == 6
+
+
+def test_ttl_server_and_local(maps, server, ns, client):
+    m = maps(server.url, ns, max_staleness=LONG)
+    m.set("t", 1, ttl=0.3)
+    m.set("p", 2)
+    assert 0 < client.pttl(record_key(ns, "t")) <= 300
+    assert client.pttl(record_key(ns, "p")) == -1
+    assert m.get("t") == 1 and m.length() == 2
+    time.sleep(0.35)
+    assert m.get("t") is None  # expired locally (no message is sent when the server expires it)
+    assert m.length() == 1 and m.keys() == ["p"]
+
+
+def test_map_default_ttl(server, ns, client):
+    with syncmap.connect(server.url) as node, node.map(ns, ttl=5) as m:
+        m["a"] = 1
+        assert 4000 < client.pttl(record_key(ns, "a")) <= 5000
+
+
+def test_bounded_memory(maps, server, ns):
+    m = maps(server.url, ns, maxsize=10)
+    for i in range(60):
+        m.set(f"k{i}", i)
+        assert m.get(f"k{i // 2}") == i // 2
+    assert m.stats.local_size <= 10
+    assert m.length() == 60
+
+
+BAD_KEYS = [1, b"bytes", None, ("t",), 1.5, "\ud800"]
+
+
+@pytest.mark.parametrize("key", BAD_KEYS, ids=repr)
+def test_unsupported_keys(maps, server, ns, client, key):
+    m = maps(server.url, ns)
+    with pytest.raises(syncmap.UnsupportedKey):
+        m.set(key, 1)
+    with pytest.raises(syncmap.UnsupportedKey):
+        m.get(key)
+    with pytest.raises(syncmap.UnsupportedKey):
+        m.incr(key)
+    assert server_keys(client, ns) == []
+
+
+def test_bad_values_and_sizes(maps, server, ns, client):
+    m = maps(server.url, ns, max_value_bytes=1000, max_key_bytes=50)
+    for bad in (object(), {1, 2}, float("nan"), b"bytes-in-json"):
+        with pytest.raises(syncmap.SerializationError):
+            m.set("k", bad)
+    with pytest.raises(syncmap.TooLarge):
+        m.set("k", "x" * 1000)
+    with pytest.raises(syncmap.TooLarge):
+        m.set("k" * 51, 1)
+    for ttl in (0, -1, float("nan"), float("inf"), "1", True):
+        with pytest.raises(syncmap.InvalidArgument):
+            m.set("k", 1, ttl=ttl)
+    with pytest.raises(syncmap.SerializationError):
+        m.compare_and_set("k", 1, object())
+    with pytest.raises(syncmap.InvalidArgument):
+        m.incr("k", 1.5)
+    with pytest.raises(syncmap.SerializationError):
+        m.get_or_load("k", object)
+    with pytest.raises(syncmap.SerializationError):
+        m.update_item("k", lambda v: object())
+    assert server_keys(client, ns) in ([], [f"syncmap:{{{ns}}}:meta".encode()])
+    assert not client.exists(record_key(ns, "k"))
+    assert m.get("k") is None
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"max_staleness": 0},
+        {"max_staleness": "1"},
+        {"on_stale": "ignore"},
+        {"maxsize": 0},
+        {"ttl": -1},
+        {"codec": "yaml"},
+        {"max_value_bytes": 0},
+    ],
+    ids=repr,
+)
+def test_bad_options(server, ns, options):
+    with syncmap.connect(server.url) as node, pytest.raises(syncmap.InvalidArgument):
+        node.map(ns, **options)
+
+
+@pytest.mark.parametrize("name", ["", "a{b}", "a}", 5, None], ids=repr)
+def test_bad_map_names(server, name):
+    with syncmap.connect(server.url) as node, pytest.raises(syncmap.InvalidArgument):
+        node.map(name)
+
+
+def test_foreign_data_under_keys(maps, server, ns, client):
+    m = maps(server.url, ns)
+    client.set(record_key(ns, "s"), b"not ours")
+    client.hset(record_key(ns, "h"), "f", "v")
+    client.set(record_key(ns, "j"), b"SM\x01nonsense")
+    for key in ("s", "h", "j"):
+        with pytest.raises(syncmap.CorruptData):
+            m.get(key)
+        with pytest.raises(syncmap.CorruptData):
+            m.get(key, fresh=True)
+    for op in (lambda: m.incr("s"), lambda: m.compare_and_set("h", 1, 2),
+               lambda: m.setdefault("s", 1), lambda: m.update_item("j", lambda v: 1)):  # fmt: skip
+        with pytest.raises(syncmap.CorruptData):
+            op()
+    assert client.get(record_key(ns, "s")) == b"not ours"  # nothing half-written
+    m.set("s", "ours")  # a plain write replaces foreign data
+    assert m.get("s") == "ours"
+    # a value the codec cannot decode, in a well-formed record
+    client.set(record_key(ns, "bad"), b"SM\x01abc 1\n{not json")
+    with pytest.raises(syncmap.CorruptData):
+        m.get("bad")
+
+
+def test_garbage_on_the_channel(maps, server, ns, client):
+    a = maps(server.url, ns, max_staleness=LONG)
+    b = maps(server.url, ns, max_staleness=LONG)
+    channel = f"syncmap:{{{ns}}}:ch"
+    a.set("k", 1)
+    wait_until(lambda: b.get("k") == 1 and b.stats.hits > 0, 5, what="b caches k")
+    for junk in (b"hello", b"", b"\xff\xfe", b"SM2 x 1 S k"):
+        client.publish(channel, junk)
+    wait_until(lambda: b.stats.skipped_messages == 4, 5, what="garbage skipped")
+    assert b.stats.resyncs == 0
+    # one of ours but malformed: the copy is dropped (it may have hidden a change)
+    client.publish(channel, b"SM1 e notanumber S k")
+    wait_until(lambda: b.stats.resync_causes.get("malformed") == 1, 5, what="resync")
+    # the listener lives on: changes still propagate
+    wait_until(lambda: b.get("k") == 1 and b.stats.verified_age < 1, 5, what="resynced")
+    a.set("k", 2)
+    wait_until(lambda: b.get("k") == 2, 5, what="propagation after garbage")
+
+
+def test_lost_message_is_detected_with_zero_tolerance(maps, server, ns, client):
+    """A change whose message was dropped (written with the real script, published to a
+    channel nobody hears): the next message shows a gap, and the local copy is dropped before
+    the next local read."""
+    a = maps(server.url, ns, max_staleness=LONG)
+    b = maps(server.url, ns, max_staleness=LONG)
+    a.set("k", "old")
+    wait_until(lambda: b.get("k") == "old" and b.stats.hits > 0, 5, what="b caches k")
+    write = client.register_script(script_source("map_write"))
+    meta, idx = f"syncmap:{{{ns}}}:meta", f"syncmap:{{{ns}}}:idx"
+    keys = [meta, record_key(ns, "k"), idx, f"syncmap:{{{ns}}}:fences", "unused-load"]
+    write(keys=keys, args=["set", "k", "e", "nobody-listens", b'"new"', 0, "", "", "", ""])
+    assert b.get("k") == "old"  # not yet detectable: allowed within max_staleness
+    seen = b.stats.invalidations
+    a.set("other", 1)  # its message carries seq + 2
+    wait_until(lambda: b.stats.invalidations > seen, 5, what="b got the next message")
+    assert b.get("k") == "new"  # no tolerance: no read after the gap was seen is stale
+    assert b.stats.resync_causes.get("gap") == 1
+
+
+def test_seq_bumped_on_server_is_a_gap(maps, server, ns, client):
+    a = maps(server.url, ns, max_staleness=LONG)
+    b = maps(server.url, ns, max_staleness=LONG)
+    a.set("k", 1)
+    wait_until(lambda: b.get("k") == 1 and b.stats.hits > 0, 5, what="b caches k")
+    client.hincrby(f"syncmap:{{{ns}}}:meta", "seq", 1)
+    seen = b.stats.invalidations
+    a.set("j", 1)
+    wait_until(lambda: b.stats.invalidations > seen, 5, what="next message")
+    assert b.stats.resync_causes.get("gap") == 1
+    assert b.stats.local_size <= 1
+
+
+def test_guarded_writes_by_hand(maps, server, ns, client):
+    """A lock key in redislock format (token + metadata), and a holder-like guard object."""
+
+    class Guard:
+        def __init__(self, key, token, fence):
+            self.key, self.token, self.fence = key, token, fence
+
+    m = maps(server.url, ns)
+    lock_key = f"{{{ns}}}:writer"
+    client.set(lock_key, "tokenA" + "meta")
+    a = Guard(lock_key, "tokenA", 10)
+    m.set("k", 1, guard=a)
+    assert m.delete("k", guard=a)
+    assert m.compare_and_set("k", None, 1, guard=a) is False
+    client.set(lock_key, "tokenB")
+    with pytest.raises(syncmap.GuardRejected):
+        m.set("k", 2, guard=a)
+    b = Guard(lock_key, "tokenB", 11)
+    m.set("k", 3, guard=b)
+    client.set(lock_key, "tokenA")  # the old holder's token back, but its fence is older
+    with pytest.raises(syncmap.GuardRejected):
+        m.set("k", 4, guard=a)
+    client.delete(lock_key)
+    with pytest.raises(syncmap.GuardRejected):
+        m.set("k", 5, guard=b)
+    assert m.get("k", fresh=True) == 3
+    with pytest.raises(syncmap.GuardRejected):
+        m.set("k", 6, guard=Guard(lock_key, None, None))  # a released lock
+    with pytest.raises(syncmap.InvalidArgument):
+        m.set("k", 6, guard="not a lock")
+    assert m.get("k", fresh=True) == 3
+
+
+def test_guarded_writes_with_a_real_lock(server, ns):
+    with syncmap.connect(server.url) as node, node.map(ns) as m:
+        first = node.obtain(f"{{{ns}}}:writer", ttl=0.2)
+        m.set("k", "first", guard=first)
+        wait_until(lambda: not node.client.exists(first.key), 5, what="lock expiry")
+        second = node.obtain(f"{{{ns}}}:writer", ttl=5)
+        if first.fence is not None:
+            assert second.fence > first.fence
+        with pytest.raises(syncmap.GuardRejected):
+            m.set("k", "zombie", guard=first)  # a GC pause outlived the lease
+        m.set("k", "second", guard=second)
+        assert m.get("k", fresh=True) == "second"
+        second.release()

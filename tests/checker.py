@@ -101,6 +101,19 @@ class Report:
     violations: list[Violation] = field(default_factory=list)
     max_lag_ns: int = 0
     unjudged: int = 0
+    # how long after a newer write's ack each read was invoked, for every read that
+    # returned an older value (inside or outside the window): the observed propagation delay
+    lags_ns: list[int] = field(default_factory=list)
+
+    def lag_percentiles(self) -> str:
+        if not self.lags_ns:
+            return "no read ever returned a value older than an acked write"
+        xs = sorted(self.lags_ns)
+        pick = [xs[min(len(xs) - 1, int(q * (len(xs) - 1)))] / 1e6 for q in (0.5, 0.99, 1.0)]
+        return (
+            f"{len(xs)} reads saw an older value after a newer ack: "
+            f"p50 {pick[0]:.3f} ms, p99 {pick[1]:.3f} ms, max {pick[2]:.3f} ms"
+        )
 
     @property
     def ok(self) -> bool:
@@ -116,7 +129,8 @@ class Report:
         head = f"{self.reads} reads, {self.writes} writes, violations {self.kinds() or 'none'}"
         if self.violations:
             head += f", max lag {self.max_lag_ns / 1e6:.3f} ms"
-        lines = [head] + ["  " + v.describe() for v in self.violations[:limit]]
+        lines = [head, "  " + self.lag_percentiles()]
+        lines += ["  " + v.describe() for v in self.violations[:limit]]
         return "\n".join(lines)
 
 
@@ -136,6 +150,23 @@ class _Deadlines:
     def required(self, before_ns: int) -> tuple[Order, Write] | None:
         i = bisect.bisect_left(self.times, before_ns)  # deadlines strictly before the read
         return self.best[i - 1] if i else None
+
+
+class _FirstNewer:
+    """For one key: the earliest ack among acked writes ordered after a given order."""
+
+    def __init__(self, entries: Iterable[tuple[int, Order, Write]]) -> None:
+        rows = sorted((o, w.ack_ns) for _, o, w in entries)
+        self.orders = [o for o, _ in rows]
+        self.min_ack: list[int] = [0] * len(rows)
+        best = 1 << 62
+        for i in range(len(rows) - 1, -1, -1):
+            best = min(best, rows[i][1])
+            self.min_ack[i] = best
+
+    def lag(self, order: Order, at_ns: int) -> int:
+        i = bisect.bisect_right(self.orders, order)
+        return at_ns - self.min_ack[i] if i < len(self.orders) else 0
 
 
 def check(writes: Sequence[Write], reads: Sequence[Read], window_ns: int) -> Report:
@@ -168,6 +199,7 @@ def check(writes: Sequence[Write], reads: Sequence[Read], window_ns: int) -> Rep
         everyone[w.key].append((w.ack_ns + win, w.order, w))
         own[(w.key, w.node)].append((w.ack_ns, w.order, w))
     deadlines = {k: _Deadlines(v) for k, v in everyone.items()}
+    first_newer = {k: _FirstNewer(v) for k, v in everyone.items()}
     own_deadlines = {k: _Deadlines(v) for k, v in own.items()}
     for lst in absent.values():
         lst.sort(key=lambda w: w.invoke_ns)
@@ -192,6 +224,11 @@ def check(writes: Sequence[Write], reads: Sequence[Read], window_ns: int) -> Rep
                 report.unjudged += 1
                 continue
             order = src.order
+        newer = first_newer.get(r.key)
+        if newer is not None:
+            lag = newer.lag(order, r.invoke_ns)
+            if lag > 0:
+                report.lags_ns.append(lag)
         worst: tuple[Order, Write, int] | None = None
         for table, deadline_of in (
             (deadlines.get(r.key), lambda w: w.ack_ns + _win(w, window_ns)),
@@ -250,20 +287,26 @@ def with_resets(
 
 @dataclass(frozen=True)
 class NodeSpec:
-    """What one node process does. ``setup`` (an importable function) runs in the child first."""
+    """What one node process does. ``setup`` (an importable function) runs in the child first.
+
+    Writes come in steps at exponentially distributed gaps (mean ``write_interval_s``; 0: this
+    node never writes); a step writes one key ``burst`` times back to back (bursts make fill
+    races likely, the quiet gaps let a wrongly installed value linger). Reads of random keys
+    fill the time in between, paced to at most ``read_rate`` per second.
+    """
 
     url: str
     map_name: str
     node: str
     index: int
     keys: tuple[str, ...]
-    owned: tuple[str, ...]  # keys this node writes (mode "owned"); empty = reader only
+    owned: tuple[str, ...] = ()  # mode "owned": the keys only this node writes
     mode: str = "owned"  # "owned": plain m[k] = v by the key's single writer; "rmw": update_item
-    duration_s: float = 1.5
-    write_ratio: float = 0.1
+    duration_s: float = 2.0
+    write_interval_s: float = 0.0
+    burst: int = 1
+    read_rate: float = 20_000.0
     max_ops: int = 200_000
-    burst: int = 1  # writes per write step (bursts make fill races likely)
-    pause_s: float = 0.0  # sleep after a write step (lets keys stay quiet between bursts)
     map_options: dict[str, Any] = field(default_factory=dict)
     setup: Callable[[Any], None] | None = None  # called with the map, in the child
     out_path: str = ""
@@ -275,14 +318,24 @@ def _now() -> int:
 
 def _token(value: Any) -> Hashable | None:
     if isinstance(value, dict):
-        return value.get("id")
+        return value.get("id")  # type: ignore[no-any-return]
     if isinstance(value, list):
         return tuple(value)
     return value  # type: ignore[no-any-return]
 
 
-def run_node(spec: NodeSpec, start_at_ns: int) -> None:
-    """Body of one node process: writes its history to ``spec.out_path`` (pickle)."""
+def _bump(token: str) -> Callable[[Any], dict[str, Any]]:
+    def fn(old: Any) -> dict[str, Any]:
+        return {"n": (old or {"n": 0})["n"] + 1, "id": token}
+
+    return fn
+
+
+def run_node(spec: NodeSpec, ready: Any, go: Any, start_at: Any) -> None:
+    """Body of one node process: writes its history to ``spec.out_path`` (pickle).
+
+    Puts its name on ``ready`` once connected, waits for ``go``, starts at ``start_at.value``.
+    """
     import syncmap
 
     writes: list[Write] = []
@@ -294,15 +347,26 @@ def run_node(spec: NodeSpec, start_at_ns: int) -> None:
     if spec.setup is not None:
         spec.setup(m)
     counters: dict[str, int] = defaultdict(int)
+    writable = spec.owned if spec.mode == "owned" else spec.keys
     seq = 0
+    ready.put(spec.node)
+    if not go.wait(120):
+        raise RuntimeError("never told to start")
+    start_at_ns = int(start_at.value)
     while _now() < start_at_ns:
-        time.sleep(0.001)
+        time.sleep(0.0005)
     end = start_at_ns + int(spec.duration_s * 1e9)
+    read_gap = int(1e9 / spec.read_rate)
+    next_read = start_at_ns
+    next_write = start_at_ns + _gap(rng, spec.write_interval_s)
     ops = 0
-    while ops < spec.max_ops and _now() < end:
+    while ops < spec.max_ops:
+        now = _now()
+        if now >= end:
+            break
         ops += 1
-        if spec.owned and rng.random() < spec.write_ratio:
-            key = rng.choice(spec.owned) if spec.mode == "owned" else rng.choice(spec.keys)
+        if writable and now >= next_write:
+            key = rng.choice(writable)
             for _ in range(spec.burst):
                 seq += 1
                 token = f"{spec.node}:{seq}"
@@ -315,17 +379,17 @@ def run_node(spec: NodeSpec, start_at_ns: int) -> None:
                     if spec.mode == "owned":
                         m[key] = token
                     else:
-                        new = m.update_item(
-                            key, lambda old, t=token: {"n": (old or {"n": 0})["n"] + 1, "id": t}
-                        )
-                        order = (new["n"],)
+                        order = (m.update_item(key, _bump(token))["n"],)
                     writes.append(Write(spec.node, key, token, order, t0, _now()))
                 except Exception as exc:  # may have landed: legal to read, no obligation
                     errors[f"write {type(exc).__name__}"] += 1
                     writes.append(Write(spec.node, key, token, order, t0, _now(), False))
-            if spec.pause_s:
-                time.sleep(spec.pause_s)
+            next_write = _now() + _gap(rng, spec.write_interval_s)
             continue
+        if now < next_read:
+            time.sleep(min(next_read - now, max(0, next_write - now)) / 1e9)
+            continue
+        next_read += read_gap
         key = rng.choice(spec.keys)
         t0 = _now()
         try:
@@ -343,6 +407,10 @@ def run_node(spec: NodeSpec, start_at_ns: int) -> None:
         pickle.dump({"writes": writes, "reads": reads, "errors": dict(errors), "stats": stats}, fh)
 
 
+def _gap(rng: random.Random, mean_s: float) -> int:
+    return int(rng.expovariate(1 / mean_s) * 1e9) if mean_s > 0 else 1 << 62
+
+
 @dataclass
 class History:
     writes: list[Write]
@@ -355,26 +423,40 @@ def run_nodes(
     specs: Sequence[NodeSpec],
     *,
     during: Callable[[float], None] | None = None,
-    start_delay_s: float = 1.5,
+    start_delay_s: float = 0.1,
+    ready_timeout_s: float = 60.0,
     join_timeout_s: float = 30.0,
 ) -> History:
-    """Start one process per spec (spawn), release them together, gather their histories.
+    """Start one process per spec (spawn), release them together once all are connected,
+    gather their histories.
 
     ``during(start_monotonic_s)`` runs in the parent while the nodes work (fault injection).
     """
     import multiprocessing as mp
+    import queue
     import tempfile
 
     ctx = mp.get_context("spawn")
-    start_at = _now() + int(start_delay_s * 1e9)
+    ready, go, start_at = ctx.Queue(), ctx.Event(), ctx.Value("q", 0)
     with tempfile.TemporaryDirectory(prefix="syncmap-check-") as tmp:
         specs = [replace(s, out_path=os.path.join(tmp, f"{s.node}.pkl")) for s in specs]
-        procs = [ctx.Process(target=run_node, args=(s, start_at), daemon=True) for s in specs]
+        procs = [
+            ctx.Process(target=run_node, args=(s, ready, go, start_at), daemon=True) for s in specs
+        ]
         for p in procs:
             p.start()
         try:
+            deadline = time.monotonic() + ready_timeout_s
+            for _ in procs:
+                try:
+                    ready.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    raise RuntimeError("node processes did not connect in time") from None
+            t0 = _now() + int(start_delay_s * 1e9)
+            start_at.value = t0
+            go.set()
             if during is not None:
-                during(start_at / 1e9)
+                during(t0 / 1e9)
             for p in procs:
                 p.join(join_timeout_s)
         finally:

@@ -139,3 +139,183 @@ def test_checker_is_linear_enough(n_reads):
     reads = [r("b", f"k{i % 10}", f"a:{i}", i + 0.6, i + 0.7) for i in range(n_reads)]
     report = check(writes, reads, WINDOW)
     assert report.ok, report.summary()
+
+
+# ---------------------------------------------------------------- real nodes on a real server
+
+S = 1_000_000_000
+KEYS = ("k0", "k1", "k2", "k3")
+WINDOW_REAL = 100 * MS  # propagation allowed to other nodes in the healthy runs
+MAX_STALENESS = 0.5
+WINDOW_FAULT = int((MAX_STALENESS + 0.25) * S)  # DESIGN §3.5: a silent node may lag this long
+
+
+def _require_syncmap() -> None:
+    pytest.importorskip("syncmap._map", reason="SyncMap has not landed yet")
+
+
+def _coherence_of(m):
+    """The map's coherence state machine (found by type, whatever the attribute is called)."""
+    from syncmap._core.coherence import Coherence
+
+    seen = set()
+    todo = [m]
+    while todo:
+        obj = todo.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, Coherence):
+            return obj
+        todo.extend(v for v in getattr(obj, "__dict__", {}).values() if hasattr(v, "__dict__"))
+    raise AssertionError(f"no Coherence inside {m!r}")
+
+
+# Sabotages: run in the child process, on that node's map only.
+
+
+def no_fill_guard(m) -> None:
+    """Disable the fill-race placeholder (SyncMap's private test switch)."""
+    _coherence_of(m).fill_guard = False
+
+
+def deaf_listener(m) -> None:
+    """The listener drops every change message (only the periodic probe still notices)."""
+    _coherence_of(m).on_message = lambda data: None
+
+
+def lossy_listener(m) -> None:
+    """The listener silently loses a third of the messages and hides the gap (no seq check)."""
+    import random
+
+    from syncmap._core.coherence import parse_change
+
+    coherence = _coherence_of(m)
+    real = coherence.on_message
+    rng = random.Random(5)
+
+    def on_message(data: bytes) -> None:
+        change = parse_change(data)
+        if change is not None and rng.random() < 0.33 and coherence.applied == change.seq - 1:
+            coherence.applied = change.seq  # "applied" without invalidating anything
+            return
+        real(data)
+
+    coherence.on_message = on_message
+
+
+def _specs(url: str, ns: str, *, mode: str = "owned", setup=None, **kw) -> list:
+    from checker import NodeSpec
+
+    options = {"max_staleness": MAX_STALENESS, **kw.pop("map_options", {})}
+    common = dict(url=url, map_name=f"{ns}-m", keys=KEYS, mode=mode, setup=setup, read_rate=5000)
+    common.update(map_options=options, **kw)
+    writer = dict(write_interval_s=0.04, burst=3)
+    if mode == "owned":
+        return [
+            NodeSpec(node="a", index=0, owned=KEYS[:2], **writer, **common),
+            NodeSpec(node="b", index=1, owned=KEYS[2:], **writer, **common),
+            NodeSpec(node="c", index=2, **common),
+        ]
+    return [
+        NodeSpec(node="a", index=0, owned=KEYS, **writer, **common),
+        NodeSpec(node="b", index=1, owned=KEYS, **writer, **common),
+        NodeSpec(node="c", index=2, owned=KEYS, **writer, **common),
+    ]
+
+
+def _run(specs, window_ns: int, **kw):
+    from checker import check, run_nodes
+
+    history = run_nodes(specs, **kw)
+    report = check(history.writes, history.reads, window_ns)
+    return history, report
+
+
+def _assert_busy(history, min_reads: int = 5_000, min_writes: int = 50) -> None:
+    acked = [x for x in history.writes if x.acked]
+    assert len(history.reads) >= min_reads, (len(history.reads), history.errors)
+    assert len(acked) >= min_writes, (len(acked), history.errors)
+    others = sum(1 for r in history.reads if isinstance(r.value, str) and r.value[0] != r.node)
+    assert others > min_reads // 10, "nodes hardly ever read each other's writes"
+
+
+@pytest.mark.slow
+def test_real_syncmap_owned_keys_no_violations(server, ns):
+    _require_syncmap()
+    history, report = _run(_specs(server.url, ns), WINDOW_REAL)
+    print(report.summary())
+    _assert_busy(history)
+    assert report.ok, report.summary() + f"\nerrors {history.errors}\nstats {history.stats}"
+
+
+@pytest.mark.slow
+def test_real_syncmap_read_modify_write_no_violations(server, ns):
+    """Three writers race on the same keys through update_item: the chain of n stays unbroken
+    (no lost update: no two acked writes claim the same n) and nobody reads stale."""
+    _require_syncmap()
+    history, report = _run(_specs(server.url, ns, mode="rmw"), WINDOW_REAL)
+    _assert_busy(history, min_writes=50)
+    assert report.ok, report.summary() + f"\nerrors {history.errors}\nstats {history.stats}"
+    by_key: dict[str, list[int]] = {}
+    for x in history.writes:
+        if x.acked:
+            by_key.setdefault(x.key, []).append(x.order[0])
+    for key, ns_ in by_key.items():
+        assert sorted(ns_) == list(range(1, len(ns_) + 1)) or len(set(ns_)) == len(ns_), key
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sabotage", [no_fill_guard, deaf_listener, lossy_listener])
+def test_broken_syncmap_is_caught(server, ns, sabotage):
+    _require_syncmap()
+    history, report = _run(_specs(server.url, ns, setup=sabotage), WINDOW_REAL)
+    _assert_busy(history)
+    assert report.kinds().get("stale", 0) > 0, report.summary()
+
+
+@pytest.mark.slow
+def test_pubsub_connections_killed_mid_run(fresh_server, ns):
+    from checker import sleep_until
+
+    _require_syncmap()
+    killed = []
+
+    def during(t0: float) -> None:
+        for at in (0.5, 1.0, 1.5):
+            sleep_until(t0 + at)
+            killed.append(fresh_server.drop_clients("pubsub"))
+
+    history, report = _run(_specs(fresh_server.url, ns), WINDOW_FAULT, during=during)
+    assert sum(killed) >= 3, killed
+    _assert_busy(history)
+    assert report.ok, report.summary() + f"\nerrors {history.errors}\nstats {history.stats}"
+
+
+@pytest.mark.slow
+def test_server_restart_mid_run(fresh_server, ns):
+    from checker import Reset, check, run_nodes, sleep_until, with_resets
+
+    _require_syncmap()
+    resets = []
+
+    def during(t0: float) -> None:
+        sleep_until(t0 + 0.8)
+        down = _now_ns()
+        fresh_server.restart()
+        resets.append(Reset(down, _now_ns(), WINDOW_FAULT))
+
+    history = run_nodes(_specs(fresh_server.url, ns, duration_s=2.5), during=during)
+    writes = with_resets(history.writes, resets, KEYS)
+    report = check(writes, history.reads, WINDOW_FAULT)
+    up = resets[0].up_ns
+    after_w = [x for x in history.writes if x.acked and x.invoke_ns > up]
+    after_r = [x for x in history.reads if x.invoke_ns > up + WINDOW_FAULT]
+    assert after_w and after_r, f"nodes did not recover: {history.errors}"
+    assert report.ok, report.summary() + f"\nerrors {history.errors}\nstats {history.stats}"
+
+
+def _now_ns() -> int:
+    import time
+
+    return time.monotonic_ns()

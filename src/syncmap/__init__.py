@@ -24,6 +24,7 @@ from ._errors import (
     TooLarge,
     UnsupportedKey,
 )
+from ._local import LocalStats, SafeHashMap
 from ._map import AsyncSyncMap, MapStats, SyncMap
 from ._node import AsyncNode, Node, connect, connect_async
 
@@ -40,6 +41,7 @@ __all__ = [
     "InvalidArgument",
     "InvalidURL",
     "JSONCodec",
+    "LocalStats",
     "LockError",
     "LockLost",
     "LockNotHeld",
@@ -48,6 +50,7 @@ __all__ = [
     "Node",
     "NotObtained",
     "PickleCodec",
+    "SafeHashMap",
     "SerializationError",
     "ServerError",
     "ServerUnavailable",

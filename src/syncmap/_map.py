@@ -80,6 +80,7 @@ from ._codec import Codec, get_codec
 from ._core.coherence import ABSENT, Coherence, Entry
 from ._core.keys import MapKeys
 from ._core.map_flows import Call, MapCore, MapFlow
+from ._driver import AsyncDriver, SyncDriver
 from ._errors import InvalidArgument, StaleRead
 from ._listener import AsyncListener, SyncListener
 from ._local import SafeHashMap
@@ -126,6 +127,25 @@ def _check_options(
             raise InvalidArgument(f"{name} must be a positive int, not {limit!r}")
     if maxsize is not None and (isinstance(maxsize, bool) or not isinstance(maxsize, int)):
         raise InvalidArgument(f"maxsize must be an int or None, not {maxsize!r}")
+
+
+class _Driver(SyncDriver):
+    """The node's driver, plus :class:`Call` (a loader or test hook, called in place)."""
+
+    def perform(self, op: Any) -> Any:
+        if isinstance(op, Call):
+            return op.fn(*op.args)
+        return super().perform(op)
+
+
+class _AsyncDriver(AsyncDriver):
+    """The asyncio driver, plus :class:`Call` (awaited if the call returns an awaitable)."""
+
+    async def perform(self, op: Any) -> Any:
+        if isinstance(op, Call):
+            result = op.fn(*op.args)
+            return await result if inspect.isawaitable(result) else result
+        return await super().perform(op)
 
 
 class _MapBase:
@@ -231,7 +251,7 @@ class SyncMap(_MapBase, MutableMapping[str, Any]):
 
     def __init__(self, node: Node, name: str, **options: Any) -> None:
         super().__init__(node, name, **options)
-        self._driver = node.driver
+        self._driver = _Driver(node.client, node.address)
         self._listener = SyncListener(
             self._state, self._core.keys, node.client, node.address, self._listener_timeout
         )
@@ -241,18 +261,7 @@ class SyncMap(_MapBase, MutableMapping[str, Any]):
             time.sleep(0.001)
 
     def _run(self, flow: MapFlow[T]) -> T:
-        perform = self._driver.perform
-        try:
-            op = next(flow)
-            while True:
-                try:
-                    result = op.fn(*op.args) if isinstance(op, Call) else perform(op)
-                except Exception as exc:
-                    op = flow.throw(exc)
-                else:
-                    op = flow.send(result)
-        except StopIteration as stop:
-            return stop.value  # type: ignore[no-any-return]
+        return self._driver.run(flow)  # type: ignore[arg-type]  # it performs Call too
 
     # ---- reads ----
 
@@ -367,7 +376,7 @@ class AsyncSyncMap(_MapBase):
 
     def __init__(self, node: AsyncNode, name: str, **options: Any) -> None:
         super().__init__(node, name, **options)
-        self._driver = node.driver
+        self._driver = _AsyncDriver(node.client, node.address)
         self._listener = AsyncListener(
             self._state, self._core.keys, node.client, node.address, self._listener_timeout
         )
@@ -382,23 +391,7 @@ class AsyncSyncMap(_MapBase):
         return self
 
     async def _run(self, flow: MapFlow[T]) -> T:
-        perform = self._driver.perform
-        try:
-            op = next(flow)
-            while True:
-                try:
-                    if isinstance(op, Call):
-                        result = op.fn(*op.args)
-                        if inspect.isawaitable(result):
-                            result = await result
-                    else:
-                        result = await perform(op)
-                except Exception as exc:
-                    op = flow.throw(exc)
-                else:
-                    op = flow.send(result)
-        except StopIteration as stop:
-            return stop.value  # type: ignore[no-any-return]
+        return await self._driver.run(flow)  # type: ignore[arg-type]  # it performs Call too
 
     async def get(self, key: Any, default: Any = None, fresh: bool = False) -> Any:
         if not fresh:

@@ -1,0 +1,237 @@
+"""The coherence state machine (``syncmap._core.coherence``) driven by scripted events: no
+server, an injected clock. Each test names the contract rule it pins down."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+
+from syncmap._core.coherence import ABSENT, Coherence, Entry, Placeholder, parse_change
+from syncmap._local import SafeHashMap
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class CountingStore(SafeHashMap):
+    """A SafeHashMap that counts every call the coherence state makes of it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def get(self, *a):
+        self.calls += 1
+        return super().get(*a)
+
+    def delete_if(self, *a):
+        self.calls += 1
+        return super().delete_if(*a)
+
+    def clear(self):
+        self.calls += 1
+        return super().clear()
+
+
+def msg(epoch: str, seq: int, key: str = "k", op: str = "S") -> bytes:
+    return f"SM1 {epoch} {seq} {op} {key}".encode()
+
+
+def synced(store=None, epoch="E", seq=10) -> tuple[Coherence, Clock]:
+    clock = Clock()
+    st = Coherence(store or SafeHashMap(), clock, contextlib.nullcontext(), 1.0, probe_timeout=3)
+    st.on_subscribed()
+    token = st.start_probe()
+    st.probe_read(token, epoch, seq)
+    st.on_pong(token)
+    assert st.synced and st.applied == seq and st.is_fresh()
+    return st, clock
+
+
+def fill(st: Coherence, key: str, value, version: int) -> bool:
+    ph = st.begin_fill(key)
+    return st.finish_fill(key, ph, value, version, st.epoch)
+
+
+def test_parse_change():
+    c = parse_change(b"SM1 abc 12 S some key with spaces")
+    assert (c.epoch, c.seq, c.op, c.key) == ("abc", 12, "S", "some key with spaces")
+    assert parse_change(b"hello") is None
+    for bad in (b"SM1 e x S k", b"SM1 e 1 Q k", b"SM1 e 1", b"SM1  1 S k", b"SM1 e 1 S \xff"):
+        with pytest.raises(ValueError):
+            parse_change(bad)
+
+
+def test_invalidation_drops_only_older_entries():
+    st, _ = synced()
+    assert fill(st, "k", "v", 10)
+    st.on_message(msg("E", 11, "other"))
+    assert st.store.get("k").value == "v"
+    st.on_message(msg("E", 12, "k"))
+    assert st.store.get("k") is None
+    assert fill(st, "k", "v2", 12)
+    st.on_message(msg("E", 13, "k"))
+    assert st.store.get("k") is None
+
+
+def test_own_write_newer_than_message_survives():
+    """Read-your-writes: an entry installed at the write's seq is not dropped by messages
+    for older seqs still in flight."""
+    st, _ = synced()
+    assert fill(st, "k", "mine", 12)  # our write got seq 12; messages 11 and 12 still coming
+    st.on_message(msg("E", 11, "k"))
+    st.on_message(msg("E", 12, "k"))
+    assert st.store.get("k").value == "mine"
+
+
+def test_placeholder_blocks_a_fill_older_than_a_seen_change():
+    """No fill race: the fetch read at seq 10; a change of k at seq 11 arrives before the
+    install: the value is not installed."""
+    st, _ = synced()
+    ph = st.begin_fill("k")
+    st.on_message(msg("E", 11, "k"))
+    assert not st.finish_fill("k", ph, "old", 10, "E")
+    assert st.store.get("k") is None
+    ph = st.begin_fill("k")
+    st.on_message(msg("E", 12, "k"))
+    assert st.finish_fill("k", ph, "newer", 12, "E")  # read after that change: fine
+    assert st.store.get("k").value == "newer"
+
+
+def test_fill_guard_off_installs_phantoms():
+    st, _ = synced()
+    st.fill_guard = False
+    ph = st.begin_fill("k")
+    st.on_message(msg("E", 11, "k"))
+    assert st.finish_fill("k", ph, "old", 10, "E")  # the race the placeholder prevents
+
+
+@pytest.mark.parametrize(
+    ("event", "cause"),
+    [
+        (msg("E", 12), "gap"),
+        (msg("E", 10), "seq_regress"),
+        (msg("F", 11), "epoch"),
+        (b"SM1 E eleven S k", "malformed"),
+    ],
+)
+def test_lost_or_odd_messages_drop_the_copy_before_the_next_read(event, cause):
+    st, _ = synced()
+    assert fill(st, "k", "v", 10)
+    st.on_message(event)
+    assert not st.is_fresh() and not st.synced  # no local read is served from here on
+    assert st.store.get("k") is None and st.resync_causes == {cause: 1}
+    assert st.begin_fill("k") is None  # and nothing is installed until a new base
+
+
+def test_garbage_is_skipped():
+    st, _ = synced()
+    assert fill(st, "k", "v", 10)
+    st.on_message(b"not ours")
+    assert st.synced and st.skipped == 1 and st.store.get("k").value == "v"
+
+
+def test_resubscribe_and_disconnect_drop_the_copy():
+    st, _ = synced()
+    fill(st, "k", "v", 10)
+    st.on_subscribed()
+    assert st.resync_causes == {"resubscribe": 1} and len(st.store) == 0
+    st, _ = synced()
+    fill(st, "k", "v", 10)
+    st.on_disconnect()
+    assert st.resync_causes == {"disconnect": 1} and len(st.store) == 0
+
+
+def test_probe_proves_freshness_and_catches_silent_loss():
+    st, clock = synced()
+    clock.now += 0.9
+    assert st.is_fresh()
+    clock.now += 0.2
+    assert not st.is_fresh()  # bounded staleness: no proof for > max_staleness
+    t0 = clock.now
+    token = st.start_probe()
+    st.probe_read(token, "E", 10)
+    clock.now += 0.05
+    st.on_pong(token)
+    assert st.verified_at == t0 and st.is_fresh()
+    # a change was made (seq 11) but its message never came: the probe's PONG shows it
+    token = st.start_probe()
+    st.probe_read(token, "E", 11)
+    st.on_pong(token)
+    assert st.resync_causes == {"gap": 1} and not st.is_fresh()
+
+
+def test_probe_sees_lost_data():
+    st, _ = synced()
+    token = st.start_probe()
+    st.probe_read(token, None, 0)  # meta gone: FLUSHALL or a restart without persistence
+    st.on_pong(token)
+    assert st.resync_causes == {"epoch": 1}
+
+
+def test_resync_base_accounts_for_changes_during_the_probe():
+    st, _ = synced()
+    st.on_subscribed()
+    token = st.start_probe()
+    st.on_message(msg("E", 5))  # before the read: ignored
+    st.probe_read(token, "E", 20)
+    st.on_message(msg("E", 19))  # published before the read, delivered after it
+    st.on_message(msg("E", 21))
+    st.on_message(msg("E", 22))
+    st.on_pong(token)
+    assert st.synced and st.applied == 22
+    st.on_message(msg("E", 23))
+    assert st.synced and st.applied == 23
+
+
+def test_resync_probe_with_a_hole_tries_again():
+    st, _ = synced()
+    st.on_subscribed()
+    token = st.start_probe()
+    st.probe_read(token, "E", 20)
+    st.on_message(msg("E", 22))  # 21 missing
+    st.on_pong(token)
+    assert not st.synced and st.probe_token is None
+
+
+def test_first_change_of_an_empty_map_is_adopted():
+    st, _ = synced(epoch=None, seq=0)
+    assert fill(st, "k", ABSENT, 0)
+    st.on_message(msg("NEW", 1))
+    assert st.synced and st.epoch == "NEW" and st.store.get("k") is None
+
+
+def test_epoch_in_a_reply_drops_the_copy():
+    st, _ = synced()
+    ph = st.begin_fill("k")
+    assert not st.finish_fill("k", ph, "v", 3, "OTHER")
+    assert st.resync_causes == {"epoch": 1}
+
+
+def test_invalidation_cost_does_not_depend_on_local_size():
+    small, large = CountingStore(), CountingStore()
+    for store, n in ((small, 10), (large, 50_000)):
+        st, _ = synced(store)
+        for i in range(n):
+            fill(st, f"k{i}", i, 10)
+        store.calls = 0
+        for seq in range(11, 111):
+            st.on_message(msg("E", seq, f"k{seq}"))
+        store.per_message = store.calls / 100
+    assert small.per_message == large.per_message <= 2
+
+
+def test_clear_message_empties_and_fails_fills_in_flight():
+    st, _ = synced()
+    fill(st, "a", 1, 10)
+    ph = st.begin_fill("b")
+    st.on_message(msg("E", 11, "", "C"))
+    assert len(st.store) == 0
+    assert not st.finish_fill("b", ph, 2, 11, "E")
+    assert isinstance(Placeholder(0), Placeholder) and Entry(1, 1).version == 1

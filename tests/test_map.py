@@ -347,3 +347,30 @@ def test_guarded_writes_with_a_real_lock(server, ns):
         m.set("k", "second", guard=second)
         assert m.get("k", fresh=True) == "second"
         second.release()
+
+
+def test_watch_yields_changes(server, ns):
+    import threading
+
+    with syncmap.connect(server.url) as node, node.map(ns) as a, node.map(ns) as b:
+        seen: list = []
+        started = threading.Event()
+
+        def watch():
+            started.set()
+            for change in b.watch(timeout=5):
+                seen.append((change.op, change.key, change.value))
+                if change.op == "clear":
+                    return
+
+        t = threading.Thread(target=watch)
+        t.start()
+        started.wait(5)
+        wait_until(lambda: b._state.watchers, 5, what="watcher registered")
+        a.set("k", 1)
+        a.delete("k")
+        a.clear()
+        t.join(10)
+        assert [op for op, _, _ in seen] == ["set", "del", "clear"]
+        assert seen[0][1] == "k" and seen[1][1] == "k"
+        assert not b._state.watchers

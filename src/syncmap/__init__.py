@@ -25,7 +25,7 @@ from ._errors import (
     UnsupportedKey,
 )
 from ._local import LocalStats, SafeHashMap
-from ._map import AsyncSyncMap, MapStats, SyncMap
+from ._map import AsyncSyncMap, MapChange, MapStats, SyncMap
 from ._node import AsyncNode, Node, connect, connect_async
 
 __version__ = "0.1.0"
@@ -45,6 +45,7 @@ __all__ = [
     "LockError",
     "LockLost",
     "LockNotHeld",
+    "MapChange",
     "MapStats",
     "MsgpackCodec",
     "Node",

@@ -69,6 +69,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import math
+import queue
 import secrets
 import threading
 import time
@@ -77,7 +78,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from ._codec import Codec, get_codec
-from ._core.coherence import ABSENT, Coherence, Entry
+from ._core.coherence import ABSENT, Change, Coherence, Entry
 from ._core.keys import MapKeys
 from ._core.map_flows import Call, MapCore, MapFlow
 from ._driver import AsyncDriver, SyncDriver
@@ -88,7 +89,7 @@ from ._local import SafeHashMap
 if TYPE_CHECKING:
     from ._node import AsyncNode, Node
 
-__all__ = ["AsyncSyncMap", "MapStats", "SyncMap"]
+__all__ = ["AsyncSyncMap", "MapChange", "MapStats", "SyncMap"]
 
 T = TypeVar("T")
 _MISSING: Any = object()
@@ -107,6 +108,18 @@ class MapStats:
     local_size: int  # entries in the local copy (placeholders included)
     skipped_messages: int  # foreign messages on the map's channel, logged and skipped
     verified_age: float  # seconds since the local copy was last proven current (inf: never)
+
+
+@dataclass(frozen=True, slots=True)
+class MapChange:
+    """One change seen by :meth:`SyncMap.watch`: ``op`` is "set", "del" or "clear"."""
+
+    op: str
+    key: str
+    value: Any = None
+
+
+_OPS: Final = {"S": "set", "D": "del", "C": "clear"}
 
 
 def _check_options(
@@ -356,6 +369,26 @@ class SyncMap(_MapBase, MutableMapping[str, Any]):
         if value is not _MISSING:
             return value
         return self._run(self._core.get_or_load(key, loader, ttl, timeout))
+
+    def watch(self, timeout: float | None = None) -> Iterator[MapChange]:
+        """Yield the map's changes as this node's listener receives them, for ``timeout``
+        seconds (``None``: until the caller stops). Best effort: a change lost on the way is
+        not replayed (the local copy is still dropped, see the contract); a "set" carries the
+        value read when the change is yielded."""
+        changes: queue.SimpleQueue[Change] = queue.SimpleQueue()
+        self._state.watchers.append(changes.put)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            while deadline is None or time.monotonic() < deadline:
+                wait = 0.1 if deadline is None else max(0.0, min(0.1, deadline - time.monotonic()))
+                try:
+                    change = changes.get(timeout=wait)
+                except queue.Empty:
+                    continue
+                value = self.get(change.key) if change.op == "S" else None
+                yield MapChange(_OPS[change.op], change.key, value)
+        finally:
+            self._state.watchers.remove(changes.put)
 
     def close(self) -> None:
         """Stop the listener; the local copy is no longer used (server calls still work)."""

@@ -161,6 +161,7 @@ class Coherence:
         self.probe_interval = max_staleness / 3
         self.probe_timeout = probe_timeout
         self.fill_guard = True  # tests turn it off to show the fill race it prevents
+        self.watchers: list[Callable[[Change], None]] = []  # told of every change message
         # coherence
         self.epoch: str | None = None
         self.applied = 0
@@ -283,6 +284,8 @@ class Coherence:
             log.warning("skipped a message that is not syncmap's: %r", data[:200])
             self.skipped += 1
             return
+        for watcher in self.watchers:
+            watcher(change)
         with self.mutex:
             self.invalidations += 1
             if not self.synced:

@@ -6,6 +6,7 @@ Layers (each usable alone): :class:`SafeHashMap` (thread-safe local map), ``Lock
 """
 
 from ._codec import BytesCodec, Codec, JSONCodec, MsgpackCodec, PickleCodec
+from ._core.retry import ExponentialBackoff, LimitRetry, LinearBackoff, NoRetry, RetryStrategy
 from ._errors import (
     CorruptData,
     EmbeddedServerError,
@@ -25,32 +26,40 @@ from ._errors import (
     UnsupportedKey,
 )
 from ._local import LocalStats, SafeHashMap
+from ._lock import AsyncLock, Lock
 from ._map import AsyncSyncMap, MapChange, MapStats, SyncMap
 from ._node import AsyncNode, Node, connect, connect_async
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AsyncLock",
     "AsyncNode",
     "AsyncSyncMap",
     "BytesCodec",
     "Codec",
     "CorruptData",
     "EmbeddedServerError",
+    "ExponentialBackoff",
     "GuardRejected",
     "InvalidArgument",
     "InvalidURL",
     "JSONCodec",
+    "LimitRetry",
+    "LinearBackoff",
     "LocalStats",
+    "Lock",
     "LockError",
     "LockLost",
     "LockNotHeld",
     "MapChange",
     "MapStats",
     "MsgpackCodec",
+    "NoRetry",
     "Node",
     "NotObtained",
     "PickleCodec",
+    "RetryStrategy",
     "SafeHashMap",
     "SerializationError",
     "ServerError",

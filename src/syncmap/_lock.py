@@ -1,0 +1,620 @@
+"""Distributed locks on Redis/Valkey: :class:`Lock` (blocking) and :class:`AsyncLock` (asyncio).
+
+Both are thin shells over the flows in :mod:`syncmap._core.lock` (wire format, fencing, fair
+hand-off and the waiter queue are documented there). What differs between the two shells is
+only how they wait: a blocked thread vs. an awaiting task, a watchdog thread vs. a task, and
+how an interrupted call (KeyboardInterrupt, task cancellation) cleans up.
+
+Lock commands run on connections kept aside from the node's pool (``_Connections``): each
+command borrows one and gives it back, skipping redis-py's per-command pool bookkeeping, which
+costs more than the round trip itself on loopback. A command that fails on a kept connection
+because it went stale (server restart, ``CLIENT KILL``) is retried once on a new one; every
+lock script is idempotent for a given value, so a retry cannot take or release twice.
+
+Semantics worth knowing:
+
+* ``release()`` forgets the token only after the server answered. A release interrupted by a
+  lost connection or by cancellation can be retried; if the first attempt did reach the
+  server, the retry sees the ``released`` marker of that token and succeeds.
+* ``acquire(blocking=True)`` queues: locks are handed over in arrival order, directly from
+  releaser to waiter. ``acquire(blocking=False)`` and ``obtain()`` without retries take a free
+  lock only if no live waiter is queued before them.
+* ``obtain()`` follows bsm/redislock: a :mod:`retry strategy <syncmap._core.retry>`, and by
+  default it gives up when the TTL has passed; it raises :class:`NotObtained`.
+* Auto-renew (``auto_renew=True``) renews every TTL/3, at most until ``max_hold`` seconds
+  after the acquisition; a lock found gone sets :attr:`Lock.lost` and calls ``on_lost(lock)``
+  (from the watchdog thread or task). Leaving a ``with`` block whose lock was lost or had
+  expired raises :class:`LockLost` (unless the block is already raising).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fnmatch
+import hashlib
+import math
+import os
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterator
+from itertools import repeat
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+import redis
+import redis.asyncio
+
+from ._core.keys import PREFIX, validate_name
+from ._core.lock import (
+    TOKEN_LENGTH,
+    LockKeys,
+    LockState,
+    acquire_flow,
+    check_metadata,
+    check_names,
+    check_timeout,
+    check_ttl,
+    leave_flow,
+    locked_flow,
+    new_token,
+    owned_flow,
+    pttl_flow,
+    refresh_flow,
+    release_flow,
+    watchdog_flow,
+)
+from ._core.ops import Command, Flow, Op, Script, Sleep
+from ._core.retry import NoRetry, RetryStrategy, check_backoff, check_strategy
+from ._driver import AsyncDriver, SyncDriver
+from ._errors import InvalidArgument, LockLost, LockNotHeld, NotObtained
+from ._scripts import script_source
+
+if TYPE_CHECKING:
+    from ._node import AsyncNode, Node
+
+__all__ = [
+    "AsyncLock",
+    "Lock",
+    "list_locks",
+    "obtain",
+    "obtain_async",
+    "obtain_multi",
+    "obtain_multi_async",
+]
+
+N = TypeVar("N")
+L = TypeVar("L", bound="_LockBase[Any]")
+
+DEFAULT_TTL = 30.0
+DEFAULT_POLL_INTERVAL = 0.25
+_KEEP_IDLE = 4
+
+
+def _script(name: str) -> tuple[str, str]:
+    source = script_source(name)
+    return hashlib.sha1(source.encode()).hexdigest(), source
+
+
+_SCRIPTS: dict[str, tuple[str, str]] = {}
+
+
+def _script_args(op: Script) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    """(EVALSHA args, EVAL args) of a script operation."""
+    entry = _SCRIPTS.get(op.name)
+    if entry is None:
+        entry = _SCRIPTS[op.name] = _script(op.name)
+    tail = (len(op.keys), *op.keys, *op.args)
+    return ("EVALSHA", entry[0], *tail), ("EVAL", entry[1], *tail)
+
+
+def _blocking_wait(conn: Any, args: tuple[Any, ...]) -> float | None:
+    """How long to wait for the answer of a blocking command (``None``: not one)."""
+    if args[0] != "BLPOP":
+        return None
+    return float(args[-1]) + (conn.socket_timeout or 5.0)
+
+
+class _Connections:
+    """Connections set aside from one client's pool for lock commands (per process)."""
+
+    def __init__(self, pool: Any) -> None:
+        self.pool = pool
+        self.pid = os.getpid()
+        self.idle: list[Any] = []
+
+
+_KEPT: weakref.WeakKeyDictionary[Any, _Connections] = weakref.WeakKeyDictionary()
+
+
+def _connections(client: Any) -> _Connections:
+    kept = _KEPT.get(client)
+    if kept is None or kept.pid != os.getpid():
+        kept = _KEPT[client] = _Connections(client.connection_pool)
+    return kept
+
+
+class _SyncRunner(SyncDriver):
+    """Runs lock flows (the inherited loop) with commands on kept connections.
+
+    ``sleep`` replaces ``Sleep``: a watchdog waits on an event that a release sets.
+    """
+
+    def __init__(self, node: Node, sleep: Callable[[float], object] | None = None) -> None:
+        super().__init__(node.client, node.address)
+        self.conns = _connections(node.client)
+        self.sleep = sleep
+
+    def perform(self, op: Op) -> Any:
+        try:
+            if isinstance(op, Command):
+                return self._call(op.args)
+            if isinstance(op, Script):
+                evalsha, eval_ = _script_args(op)
+                try:
+                    return self._call(evalsha)
+                except redis.exceptions.NoScriptError:
+                    return self._call(eval_)
+        except Exception as exc:
+            raise self._translate(exc) from exc
+        if isinstance(op, Sleep) and self.sleep is not None:
+            self.sleep(op.seconds)
+            return None
+        return super().perform(op)
+
+    def _call(self, args: tuple[Any, ...]) -> Any:
+        conns = self.conns
+        try:
+            conn, kept = conns.idle.pop(), True
+        except IndexError:
+            conn, kept = conns.pool.get_connection(), False
+        try:
+            try:
+                reply = self._roundtrip(conn, args)
+            except redis.ConnectionError:
+                if not kept:
+                    raise
+                conn.disconnect()
+                reply = self._roundtrip(conn, args)
+        except redis.ResponseError:
+            self._give_back(conn)
+            raise
+        except BaseException:
+            conn.disconnect()
+            self._give_back(conn)
+            raise
+        self._give_back(conn)
+        return reply
+
+    @staticmethod
+    def _roundtrip(conn: Any, args: tuple[Any, ...]) -> Any:
+        conn.send_command(*args)
+        wait = _blocking_wait(conn, args)
+        if wait is None:
+            return conn.read_response()
+        return conn.read_response(timeout=wait)
+
+    def _give_back(self, conn: Any) -> None:
+        conns = self.conns
+        if len(conns.idle) < _KEEP_IDLE and conns.pid == os.getpid():
+            conns.idle.append(conn)
+        else:
+            conns.pool.release(conn)
+
+
+class _AsyncRunner(AsyncDriver):
+    """The asyncio twin of :class:`_SyncRunner` (same connection handling, awaited)."""
+
+    def __init__(self, node: AsyncNode) -> None:
+        super().__init__(node.client, node.address)
+        self.conns = _connections(node.client)
+
+    async def perform(self, op: Op) -> Any:
+        try:
+            if isinstance(op, Command):
+                return await self._call(op.args)
+            if isinstance(op, Script):
+                evalsha, eval_ = _script_args(op)
+                try:
+                    return await self._call(evalsha)
+                except redis.exceptions.NoScriptError:
+                    return await self._call(eval_)
+        except Exception as exc:
+            raise self._translate(exc) from exc
+        return await super().perform(op)
+
+    async def _call(self, args: tuple[Any, ...]) -> Any:
+        conns = self.conns
+        try:
+            conn, kept = conns.idle.pop(), True
+        except IndexError:
+            conn, kept = await conns.pool.get_connection(), False
+        try:
+            try:
+                reply = await self._roundtrip(conn, args)
+            except redis.asyncio.ConnectionError:
+                if not kept:
+                    raise
+                await conn.disconnect(nowait=True)
+                reply = await self._roundtrip(conn, args)
+        except redis.asyncio.ResponseError:
+            conns.idle.append(conn)
+            raise
+        except BaseException:
+            # redis-py closes the connection on any error mid-command (cancellation too)
+            await conns.pool.release(conn)
+            raise
+        if len(conns.idle) < _KEEP_IDLE:
+            conns.idle.append(conn)
+        else:
+            await conns.pool.release(conn)
+        return reply
+
+    @staticmethod
+    async def _roundtrip(conn: Any, args: tuple[Any, ...]) -> Any:
+        await conn.send_command(*args)
+        wait = _blocking_wait(conn, args)
+        if wait is None:
+            return await conn.read_response()
+        try:
+            async with asyncio.timeout(wait):
+                return await conn.read_response(timeout=math.inf)
+        except TimeoutError:
+            message = f"no answer to {args[0]} within {wait:.1f} s"
+            raise redis.asyncio.TimeoutError(message) from None
+
+
+# -- the shared shell --------------------------------------------------------------------------
+
+
+def _check_bool(value: object, what: str) -> bool:
+    if not isinstance(value, bool):
+        raise InvalidArgument(f"{what} must be a bool, not {type(value).__name__}")
+    return value
+
+
+class _LockBase(Generic[N]):
+    """What :class:`Lock` and :class:`AsyncLock` share: options, checks, state and flows."""
+
+    def __init__(
+        self,
+        node: N,
+        name: str | tuple[str, ...],
+        ttl: float = DEFAULT_TTL,
+        *,
+        metadata: str = "",
+        poll_interval: float = DEFAULT_POLL_INTERVAL,
+        auto_renew: bool = False,
+        max_hold: float | None = None,
+        on_lost: Callable[[Any], object] | None = None,
+    ) -> None:
+        names = name if isinstance(name, tuple) else (validate_name(name, "lock name"),)
+        self._state = LockState(LockKeys(names), check_ttl(ttl), check_metadata(metadata))
+        self._poll = check_backoff(poll_interval, "poll_interval")
+        if self._poll <= 0:
+            raise InvalidArgument("poll_interval must be > 0")
+        self._auto_renew = _check_bool(auto_renew, "auto_renew")
+        if max_hold is not None:
+            check_ttl(max_hold, "max_hold")
+        if on_lost is not None and not callable(on_lost):
+            raise InvalidArgument(f"on_lost must be callable, not {type(on_lost).__name__}")
+        self._max_hold = max_hold
+        self._on_lost = on_lost
+        self._node = node
+        self._lost = False
+
+    # -- what a holder (and a guarded map write) reads --
+
+    @property
+    def key(self) -> str:
+        """The server key of the lock (the name as given; the first one of a multi-key lock)."""
+        return self._state.keys.names[0]
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return self._state.keys.names
+
+    @property
+    def token(self) -> str | None:
+        """The current acquisition's token (the value's prefix), ``None`` when not held."""
+        return self._state.token
+
+    @property
+    def metadata(self) -> str:
+        return self._state.metadata
+
+    @property
+    def fence(self) -> int | None:
+        """The current acquisition's fencing number: larger than every earlier one."""
+        return self._state.fence
+
+    @property
+    def fences(self) -> tuple[int, ...]:
+        """One fencing number per key (multi-key locks)."""
+        return self._state.fences
+
+    @property
+    def lost(self) -> bool:
+        """Whether the watchdog found the current acquisition lost (expired or taken)."""
+        return self._lost
+
+    def __repr__(self) -> str:
+        held = f"held, fence={self.fence}" if self.token else "not held"
+        return f"<{type(self).__name__} {self.key!r} {held}>"
+
+    # -- flows --
+
+    def _plan(
+        self, blocking: bool, timeout: float, retry: RetryStrategy | None = None
+    ) -> tuple[str, Iterator[float], float | None]:
+        wait = check_timeout(blocking, timeout)
+        if retry is not None:
+            backoffs: Iterator[float] = iter(retry)
+        else:
+            backoffs = repeat(self._poll) if blocking else iter(())
+        deadline = None if wait is None else time.monotonic() + wait
+        return new_token(), backoffs, deadline
+
+    def _acquire_flow(
+        self, token: str, backoffs: Iterator[float], deadline: float | None
+    ) -> Flow[bool]:
+        self._lost = False
+        return acquire_flow(self._state, token, backoffs, deadline, time.monotonic)
+
+    def _watchdog(self, token: str) -> Flow[bool]:
+        return watchdog_flow(self._state, token, time.monotonic, self._max_hold)
+
+    def _mark_lost(self, token: str) -> None:
+        if self._state.token != token:
+            return
+        self._lost = True
+        if self._on_lost is not None:
+            self._on_lost(self)
+
+    def _exit_error(self, exc: BaseException | None) -> LockLost | None:
+        """The :class:`LockLost` that leaving a ``with`` block should raise, if any."""
+        if exc is None and (self._lost or isinstance(exc, LockNotHeld)):
+            return LockLost(f"lock {self.key!r} was lost while the with block ran")
+        return None
+
+    def _lost_error(self) -> LockLost:
+        return LockLost(f"lock {self.key!r} expired or was taken while the with block ran")
+
+
+class Lock(_LockBase["Node"]):
+    """A distributed lock with ``threading.Lock``'s protocol (``acquire``/``release``/``with``).
+
+    Make one with ``node.lock(name, ttl=30.0, ...)``; ``node.obtain(name, ttl)`` returns one
+    already held. Options: ``metadata`` (stored after the token, as redislock does),
+    ``poll_interval`` (fallback poll while queued; wake-ups are pushed on release),
+    ``auto_renew``/``max_hold``/``on_lost`` (watchdog).
+    """
+
+    def __init__(
+        self, node: Node, name: str | tuple[str, ...], ttl: float = DEFAULT_TTL, **options: Any
+    ) -> None:
+        super().__init__(node, name, ttl, **options)
+        self._run = _SyncRunner(node).run
+        self._stop: threading.Event | None = None
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        """Take the lock; with ``blocking`` wait (in queue order) up to ``timeout`` seconds."""
+        return self._acquire(*self._plan(blocking, timeout))
+
+    def _acquire(self, token: str, backoffs: Iterator[float], deadline: float | None) -> bool:
+        try:
+            got = self._run(self._acquire_flow(token, backoffs, deadline))
+        except BaseException:
+            if len(self.keys) == 1:
+                with contextlib.suppress(Exception):
+                    self._run(leave_flow(self._state, token))
+            raise
+        if got and self._auto_renew:
+            self._start_watchdog(token)
+        return got
+
+    def release(self) -> None:
+        """Release; raises :class:`LockNotHeld` if it expired or was taken meanwhile."""
+        stop = self._stop
+        self._run(release_flow(self._state))
+        if stop is not None:
+            stop.set()
+
+    def refresh(self, ttl: float | None = None) -> None:
+        """Extend the lock to ``ttl`` seconds (default: its TTL) from now."""
+        self._run(refresh_flow(self._state, None if ttl is None else check_ttl(ttl)))
+
+    def ttl(self) -> float:
+        """Remaining seconds of the lock; 0.0 when it is not held (by this holder)."""
+        return max(0, self._run(pttl_flow(self._state))) / 1000
+
+    def owned(self) -> bool:
+        """Whether this holder holds it now (asks the server)."""
+        return self._run(owned_flow(self._state))
+
+    def locked(self) -> bool:
+        """Whether anyone holds it now (asks the server)."""
+        return self._run(locked_flow(self._state))
+
+    def _start_watchdog(self, token: str) -> None:
+        stop = self._stop = threading.Event()
+        run = _SyncRunner(self._node, stop.wait).run
+
+        def watch() -> None:
+            try:
+                lost = run(self._watchdog(token))
+            except Exception:  # renewals stopped: the lease will run out
+                lost = True
+            if lost:
+                self._mark_lost(token)
+
+        threading.Thread(
+            target=watch, name=f"syncmap-lock-watchdog:{self.key}", daemon=True
+        ).start()
+
+    def __enter__(self) -> Lock:
+        self.acquire()
+        return self
+
+    def __exit__(self, kind: object, exc: BaseException | None, tb: object) -> None:
+        try:
+            self.release()
+        except LockNotHeld:
+            if exc is None:
+                raise self._lost_error() from None
+            return
+        if exc is None and self._lost:
+            raise self._lost_error()
+
+
+class AsyncLock(_LockBase["AsyncNode"]):
+    """The asyncio form of :class:`Lock`: ``await lock.acquire()``, ``async with lock:``."""
+
+    def __init__(
+        self, node: AsyncNode, name: str | tuple[str, ...], ttl: float = DEFAULT_TTL, **options: Any
+    ) -> None:
+        super().__init__(node, name, ttl, **options)
+        self._run = _AsyncRunner(node).run
+        self._watch_task: asyncio.Task[None] | None = None
+
+    async def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        return await self._acquire(*self._plan(blocking, timeout))
+
+    async def _acquire(self, token: str, backoffs: Iterator[float], deadline: float | None) -> bool:
+        try:
+            got = await self._run(self._acquire_flow(token, backoffs, deadline))
+        except BaseException:
+            if len(self.keys) == 1:
+                cleanup = asyncio.ensure_future(self._run(leave_flow(self._state, token)))
+                with contextlib.suppress(BaseException):
+                    await asyncio.shield(cleanup)
+            raise
+        if got and self._auto_renew:
+            self._watch_task = asyncio.create_task(self._watch(token))
+        return got
+
+    async def _watch(self, token: str) -> None:
+        try:
+            lost = await self._run(self._watchdog(token))
+        except Exception:  # renewals stopped: the lease will run out
+            lost = True
+        if lost:
+            self._mark_lost(token)
+
+    async def release(self) -> None:
+        task = self._watch_task
+        await self._run(release_flow(self._state))
+        if task is not None:
+            task.cancel()
+
+    async def refresh(self, ttl: float | None = None) -> None:
+        await self._run(refresh_flow(self._state, None if ttl is None else check_ttl(ttl)))
+
+    async def ttl(self) -> float:
+        return max(0, await self._run(pttl_flow(self._state))) / 1000
+
+    async def owned(self) -> bool:
+        return await self._run(owned_flow(self._state))
+
+    async def locked(self) -> bool:
+        return await self._run(locked_flow(self._state))
+
+    async def __aenter__(self) -> AsyncLock:
+        await self.acquire()
+        return self
+
+    async def __aexit__(self, kind: object, exc: BaseException | None, tb: object) -> None:
+        try:
+            await self.release()
+        except LockNotHeld:
+            if exc is None:
+                raise self._lost_error() from None
+            return
+        if exc is None and self._lost:
+            raise self._lost_error()
+
+
+# -- redislock's Obtain ------------------------------------------------------------------------
+# obtain*(node, key(s), ttl, retry=NoRetry(), timeout=<ttl>, **lock options): a held lock, or
+# NotObtained. ``retry`` paces further attempts until ``timeout`` seconds have passed (by
+# default the TTL, as in redislock); a queued attempt is woken as soon as it is its turn.
+
+
+def _obtaining(
+    kind: type[L], node: Any, name: str | tuple[str, ...], ttl: float, options: dict[str, Any]
+) -> tuple[L, tuple[str, Iterator[float], float | None]]:
+    retry = check_strategy(options.pop("retry", None) or NoRetry())
+    timeout = options.pop("timeout", None)
+    lock = kind(node, name, ttl, **options)
+    wait = lock._state.ttl_ms / 1000 if timeout is None else timeout
+    return lock, lock._plan(True, wait, retry)
+
+
+def _obtained(lock: L, got: bool) -> L:
+    if not got:
+        raise NotObtained(f"lock {lock.key!r} is held by someone else")
+    return lock
+
+
+def obtain(node: Node, key: str, ttl: float, **options: Any) -> Lock:
+    """redislock's Obtain: a held :class:`Lock`, or :class:`NotObtained`."""
+    lock, plan = _obtaining(Lock, node, key, ttl, options)
+    return _obtained(lock, lock._acquire(*plan))
+
+
+def obtain_multi(node: Node, keys: list[str], ttl: float, **options: Any) -> Lock:
+    """Obtain every key or none (all in one hash slot, e.g. ``{order:42}:a``)."""
+    lock, plan = _obtaining(Lock, node, check_names(keys), ttl, options)
+    return _obtained(lock, lock._acquire(*plan))
+
+
+async def obtain_async(node: AsyncNode, key: str, ttl: float, **options: Any) -> AsyncLock:
+    """The asyncio form of :func:`obtain`."""
+    lock, plan = _obtaining(AsyncLock, node, key, ttl, options)
+    return _obtained(lock, await lock._acquire(*plan))
+
+
+async def obtain_multi_async(
+    node: AsyncNode, keys: list[str], ttl: float, **options: Any
+) -> AsyncLock:
+    """The asyncio form of :func:`obtain_multi`."""
+    lock, plan = _obtaining(AsyncLock, node, check_names(keys), ttl, options)
+    return _obtained(lock, await lock._acquire(*plan))
+
+
+# -- listing (the ``syncmap locks`` command) ---------------------------------------------------
+
+
+def list_locks(node: Node, pattern: str = "*") -> list[dict[str, Any]]:
+    """Locks taken through syncmap (they have a fence key) and held now, whose name matches
+    the glob ``pattern``: ``name``, ``ttl`` (seconds), ``fence``, ``token``, ``metadata``."""
+    prefix = f"{PREFIX}:fence:{{"
+    names: list[tuple[str, str]] = []
+    for raw in node.client.scan_iter(match=prefix + "*", count=1000):
+        fence_key = raw.decode() if isinstance(raw, bytes) else str(raw)
+        name = fence_key[fence_key.index("}", len(prefix)) + 2 :]
+        if fnmatch.fnmatchcase(name, pattern):
+            names.append((name, fence_key))
+    names.sort()
+    pipe = node.client.pipeline(transaction=False)
+    for name, fence_key in names:
+        pipe.get(name)
+        pipe.pttl(name)
+        pipe.hget(fence_key, "n")
+    replies = pipe.execute()
+    rows: list[dict[str, Any]] = []
+    for i, (name, _) in enumerate(names):
+        value, pttl, fence = replies[3 * i : 3 * i + 3]
+        if value is None:
+            continue
+        text = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+        rows.append(
+            {
+                "name": name,
+                "ttl": pttl / 1000 if pttl >= 0 else None,
+                "fence": int(fence) if fence is not None else None,
+                "token": text[:TOKEN_LENGTH],
+                "metadata": text[TOKEN_LENGTH:],
+            }
+        )
+    return rows

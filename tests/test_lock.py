@@ -1,0 +1,428 @@
+"""The distributed lock against a real server; every test runs on Lock and on AsyncLock."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import inspect
+import math
+import threading
+import time
+
+import pytest
+
+import syncmap
+from servers import wait_until
+from syncmap import InvalidArgument, LockLost, LockNotHeld, NotObtained, TooLarge
+
+
+class Api:
+    """One test body for both flavours: ``await api.do(lock.acquire())`` works for either."""
+
+    def __init__(self, node, is_async: bool) -> None:
+        self.node = node
+        self.is_async = is_async
+
+    @staticmethod
+    async def do(result):
+        return await result if inspect.isawaitable(result) else result
+
+    def lock(self, name, **options):
+        return self.node.lock(name, **options)
+
+    async def obtain(self, name, ttl, **options):
+        return await self.do(self.node.obtain(name, ttl, **options))
+
+    async def obtain_multi(self, names, ttl, **options):
+        return await self.do(self.node.obtain_multi(names, ttl, **options))
+
+
+@pytest.fixture(params=["sync", "async"])
+async def api(request, server):
+    if request.param == "sync":
+        node = syncmap.connect(server.url)
+        yield Api(node, False)
+        node.close()
+    else:
+        node = await syncmap.connect_async(server.url)
+        yield Api(node, True)
+        await node.close()
+
+
+def lock_keys(client, ns):
+    return sorted(k.decode() for k in client.scan_iter(match=f"*{ns}*"))
+
+
+async def test_acquire_release_roundtrip(api, client, ns):
+    lock = api.lock(ns, ttl=5, metadata="who=me")
+    assert lock.token is None and lock.fence is None
+    assert await api.do(lock.acquire()) is True
+    assert len(lock.token) == 22 and lock.key == ns and isinstance(lock.fence, int)
+    assert base64.urlsafe_b64decode(lock.token + "==")  # redislock's token alphabet
+    assert client.get(ns) == (lock.token + "who=me").encode()
+    assert 4.0 < await api.do(lock.ttl()) <= 5.0
+    assert await api.do(lock.owned()) and await api.do(lock.locked())
+    await api.do(lock.release())
+    assert client.get(ns) is None and lock.token is None
+    assert not await api.do(lock.owned()) and not await api.do(lock.locked())
+    with pytest.raises(LockNotHeld):
+        await api.do(lock.release())
+    with pytest.raises(LockNotHeld):
+        await api.do(lock.refresh())
+
+
+async def test_fences_grow_with_every_acquisition(api, ns):
+    lock = api.lock(ns, ttl=5)
+    fences = []
+    for _ in range(5):
+        await api.do(lock.acquire())
+        fences.append(lock.fence)
+        await api.do(lock.release())
+    other = await api.obtain(ns, 5)
+    assert fences == sorted(set(fences)) and other.fence > fences[-1]
+    await api.do(other.release())
+
+
+async def test_a_held_lock_excludes_others_and_waiters_leave_no_trace(api, client, ns):
+    holder = await api.obtain(ns, 5)
+    other = api.lock(ns, ttl=5)
+    assert await api.do(other.acquire(blocking=False)) is False
+    started = time.monotonic()
+    assert await api.do(other.acquire(timeout=0.2)) is False
+    assert 0.2 <= time.monotonic() - started < 2.0
+    with pytest.raises(NotObtained):
+        await api.obtain(ns, 5)
+    with pytest.raises(NotObtained):
+        await api.obtain(ns, 5, retry=syncmap.LinearBackoff(0.02), timeout=0.1)
+    assert lock_keys(client, ns) == sorted([ns, f"syncmap:fence:{{{ns}}}:{ns}"])
+    await api.do(holder.release())
+
+
+async def test_refresh_extends_and_ttl_reports(api, ns):
+    lock = await api.obtain(ns, 0.5)
+    await api.do(lock.refresh(10))
+    assert 9.0 < await api.do(lock.ttl()) <= 10.0
+    await api.do(lock.release())
+    assert await api.do(lock.ttl()) == 0.0
+
+
+async def test_release_of_an_expired_lock_raises_and_forgets(api, client, ns):
+    lock = await api.obtain(ns, 0.05)
+    wait_until(lambda: client.get(ns) is None, what="the lock to expire")
+    assert await api.do(lock.owned()) is False and await api.do(lock.ttl()) == 0.0
+    with pytest.raises(LockNotHeld):
+        await api.do(lock.refresh())
+    with pytest.raises(LockNotHeld):
+        await api.do(lock.release())
+    assert lock.token is None
+
+
+async def test_leaving_a_with_block_whose_lock_expired_raises_lock_lost(api, client, ns):
+    lock = api.lock(ns, ttl=0.05)
+    with pytest.raises(LockLost):
+        if api.is_async:
+            async with lock:
+                wait_until(lambda: client.get(ns) is None, what="expiry")
+        else:
+            with lock:
+                wait_until(lambda: client.get(ns) is None, what="expiry")
+
+
+async def test_another_holder_after_expiry_has_a_higher_fence(api, client, ns):
+    first = await api.obtain(ns, 0.05)
+    wait_until(lambda: client.get(ns) is None, what="expiry")
+    second = await api.obtain(ns, 5)
+    assert second.fence > first.fence
+    with pytest.raises(LockNotHeld):
+        await api.do(first.release())
+    assert client.get(ns) == second.token.encode()  # the late release did not touch it
+    await api.do(second.release())
+
+
+@pytest.mark.parametrize(
+    ("args", "options", "error"),
+    [
+        ((0,), {}, InvalidArgument),
+        ((-1,), {}, InvalidArgument),
+        ((math.nan,), {}, InvalidArgument),
+        ((math.inf,), {}, InvalidArgument),
+        ((True,), {}, InvalidArgument),
+        (("10",), {}, InvalidArgument),
+        ((10,), {"metadata": 5}, InvalidArgument),
+        ((10,), {"metadata": "x" * (64 * 1024 + 1)}, TooLarge),
+        ((10,), {"poll_interval": 0}, InvalidArgument),
+        ((10,), {"auto_renew": "yes"}, InvalidArgument),
+        ((10,), {"max_hold": -1}, InvalidArgument),
+        ((10,), {"on_lost": 3}, InvalidArgument),
+        ((10,), {"retry": 0.5}, InvalidArgument),
+        ((10,), {"retry": [-1.0]}, InvalidArgument),
+        ((10,), {"timeout": -2}, InvalidArgument),
+    ],
+)
+async def test_bad_obtain_arguments_write_nothing(api, client, ns, args, options, error):
+    with pytest.raises(error):
+        await api.obtain(ns, *args, **options)
+    assert lock_keys(client, ns) == []
+
+
+@pytest.mark.parametrize("name", ["", 5, None, b"bytes", "bad}brace", "nul\x00"])
+async def test_bad_lock_names_are_typed_errors(api, client, name):
+    with pytest.raises(InvalidArgument):
+        api.lock(name)
+    with pytest.raises(InvalidArgument):
+        await api.obtain(name, 5)
+
+
+async def test_bad_acquire_arguments_write_nothing(api, client, ns):
+    lock = api.lock(ns)
+    for kwargs in ({"blocking": False, "timeout": 1}, {"timeout": -5}, {"timeout": "1"}):
+        with pytest.raises(InvalidArgument):
+            await api.do(lock.acquire(**kwargs))
+    with pytest.raises(InvalidArgument):
+        await api.do((await api.obtain(ns, 5)).refresh(0))
+    assert lock_keys(client, ns) == sorted([ns, f"syncmap:fence:{{{ns}}}:{ns}"])
+
+
+async def test_obtain_multi_is_all_or_none(api, client, ns):
+    a, b = f"{{{ns}}}:a", f"{{{ns}}}:b"
+    client.set(b, "someone-else", px=10_000)
+    with pytest.raises(NotObtained):
+        await api.obtain_multi([a, b], 5)
+    assert client.get(a) is None
+    client.delete(b)
+    lock = await api.obtain_multi([a, b], 5, metadata="m")
+    assert client.mget(a, b) == [(lock.token + "m").encode()] * 2
+    assert lock.key == a and lock.keys == (a, b) and len(lock.fences) == 2
+    assert 4.0 < await api.do(lock.ttl()) <= 5.0
+    await api.do(lock.refresh(8))
+    await api.do(lock.release())
+    assert client.mget(a, b) == [None, None]
+
+
+@pytest.mark.parametrize("keys", [[], ["x", "x"], ["a", "b"], "ab", [1]])
+async def test_obtain_multi_bad_keys(api, client, ns, keys):
+    keys = (
+        [k if not isinstance(k, str) or k == "" else f"{ns}{k}" for k in keys]
+        if isinstance(keys, list)
+        else keys
+    )
+    with pytest.raises(InvalidArgument):
+        await api.obtain_multi(keys, 5)
+    assert lock_keys(client, ns) == []
+
+
+async def test_obtain_waits_for_a_release_with_its_retry_strategy(api, client, ns):
+    holder = await api.obtain(ns, 5)
+    releaser = threading.Timer(0.2, lambda: client.delete(ns))  # like a redislock peer
+    releaser.start()
+    lock = await api.obtain(ns, 5, retry=syncmap.LinearBackoff(0.02), timeout=3)
+    assert lock.fence > holder.fence
+    await api.do(lock.release())
+
+
+# -- wire compatibility with Go's bsm/redislock ---------------------------------------------------
+# The scripts below restate redislock's (v0.9) semantics for the test: release and TTL compare
+# the whole stored value (token + metadata) of every key.
+
+REDISLOCK_RELEASE = """
+local values = redis.call("mget", unpack(KEYS))
+for i, _ in ipairs(KEYS) do
+  if values[i] ~= ARGV[1] then return false end
+end
+redis.call("del", unpack(KEYS))
+return redis.status_reply("OK")
+"""
+REDISLOCK_PTTL = """
+local values = redis.call("mget", unpack(KEYS))
+for i, _ in ipairs(KEYS) do
+  if values[i] ~= ARGV[1] then return false end
+end
+return redis.call("pttl", KEYS[1])
+"""
+
+
+def redislock_obtain(client, key, ttl_ms, metadata=""):
+    """What redislock's Obtain writes: 16 random bytes base64url + metadata, NX, PX."""
+    import os
+
+    token = base64.urlsafe_b64encode(os.urandom(16)).rstrip(b"=").decode()
+    assert client.set(key, token + metadata, nx=True, px=ttl_ms)
+    return token + metadata
+
+
+async def test_a_redislock_holder_blocks_syncmap_until_it_releases(api, client, ns):
+    value = redislock_obtain(client, ns, 10_000, "go-service")
+    lock = api.lock(ns, ttl=5, poll_interval=0.05)
+    assert await api.do(lock.acquire(blocking=False)) is False
+    with pytest.raises(NotObtained):
+        await api.obtain(ns, 5)
+    assert client.eval(REDISLOCK_RELEASE, 1, ns, value) == b"OK"
+    assert await api.do(lock.acquire(timeout=5)) is True
+    await api.do(lock.release())
+
+
+async def test_redislock_reads_and_releases_a_syncmap_lock(api, client, ns):
+    lock = await api.obtain(ns, 5, metadata='{"pid": 1}')
+    value = client.get(ns).decode()
+    token, metadata = value[:22], value[22:]
+    assert token == lock.token and metadata == '{"pid": 1}'
+    assert 4000 < client.eval(REDISLOCK_PTTL, 1, ns, value) <= 5000
+    assert client.eval(REDISLOCK_RELEASE, 1, ns, value) == b"OK"
+    with pytest.raises(LockNotHeld):
+        await api.do(lock.release())
+
+
+# -- waiters: wake-up, order, cancellation ----------------------------------------------------
+
+
+def queued(client, ns):
+    return client.zcard(f"syncmap:lockq:{{{ns}}}:{ns}")
+
+
+def start_waiter(api, lock, result, **kwargs):
+    """Run ``lock.acquire(**kwargs)`` in a thread (sync) or on a private loop (async)."""
+
+    def body():
+        t = lock.acquire(**kwargs)
+        got = asyncio.run(t) if api.is_async else t
+        result.append((got, time.monotonic()))
+
+    thread = threading.Thread(target=body, daemon=True)
+    thread.start()
+    return thread
+
+
+async def test_a_waiter_is_woken_by_release_long_before_its_poll(api, server, client, ns):
+    holder = await api.obtain(ns, 30)
+    waiter_node = syncmap.connect(server.url)
+    waiter = waiter_node.lock(ns, ttl=5, poll_interval=10.0)
+    result: list = []
+    thread = start_waiter(Api(waiter_node, False), waiter, result)
+    wait_until(lambda: queued(client, ns) == 1, what="the waiter to queue")
+    fence = holder.fence
+    await api.do(holder.release())
+    released = time.monotonic()
+    thread.join(5)
+    assert result and result[0][0] is True
+    assert result[0][1] - released < 2.0  # the poll interval is 10 s
+    assert waiter.fence > fence and client.get(ns) == waiter.token.encode()
+    waiter.release()
+    waiter_node.close()
+
+
+async def test_async_waiter_is_woken_by_release(server, client, ns):
+    node = await syncmap.connect_async(server.url)
+    holder = await node.obtain(ns, 30)
+    waiter = node.lock(ns, ttl=5, poll_interval=10.0)
+    task = asyncio.create_task(waiter.acquire())
+    await asyncio.wait({task}, timeout=0.1)
+    assert not task.done()
+    started = time.monotonic()
+    await holder.release()
+    assert await asyncio.wait_for(task, 5) is True
+    assert time.monotonic() - started < 2.0
+    await waiter.release()
+    await node.close()
+
+
+def test_waiters_are_served_in_arrival_order_and_newcomers_cannot_barge(server, client, ns):
+    node = syncmap.connect(server.url)
+    holder = node.obtain(ns, 30)
+    order: list[int] = []
+    locks = [node.lock(ns, ttl=30, poll_interval=1.0) for _ in range(3)]
+    threads = []
+    for i, lock in enumerate(locks):
+
+        def body(i=i, lock=lock):
+            assert lock.acquire(timeout=20)
+            order.append(i)
+            lock.release()
+
+        threads.append(threading.Thread(target=body, daemon=True))
+        threads[-1].start()
+        wait_until(lambda i=i: queued(client, ns) == i + 1, what=f"waiter {i} to queue")
+    # the holder's lock expires instead of being released: a newcomer must not barge in
+    client.delete(ns)
+    assert node.lock(ns).acquire(blocking=False) is False
+    for t in threads:
+        t.join(15)
+    assert order == [0, 1, 2]
+    with pytest.raises(LockNotHeld):
+        holder.release()
+    node.close()
+
+
+async def test_a_cancelled_waiter_leaves_the_queue_and_is_not_handed_the_lock(server, client, ns):
+    node = await syncmap.connect_async(server.url)
+    holder = await node.obtain(ns, 30)
+    waiter = node.lock(ns, ttl=30, poll_interval=10.0)
+    task = asyncio.create_task(waiter.acquire())
+    await asyncio.to_thread(wait_until, lambda: queued(client, ns) == 1, 5, 0.005, "queue")
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert queued(client, ns) == 0
+    await holder.release()
+    assert client.get(ns) is None  # not handed to the waiter that gave up
+    await node.close()
+
+
+# -- auto-renew -------------------------------------------------------------------------------
+
+
+async def test_auto_renew_keeps_a_short_lock_alive(api, client, ns):
+    lock = api.lock(ns, ttl=0.3, auto_renew=True)
+    await api.do(lock.acquire())
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline:  # three TTLs, checked all along
+        assert client.get(ns) == lock.token.encode()
+        await asyncio.sleep(0.02)
+    assert not lock.lost
+    await api.do(lock.release())
+    assert client.get(ns) is None
+
+
+async def test_auto_renew_reports_a_lost_lock(api, client, ns):
+    lost: list = []
+    lock = api.lock(ns, ttl=0.3, auto_renew=True, on_lost=lost.append)
+    with pytest.raises(LockLost):
+        if api.is_async:
+            async with lock:
+                client.set(ns, "stolen")
+                while not lock.lost:
+                    await asyncio.sleep(0.01)
+        else:
+            with lock:
+                client.set(ns, "stolen")
+                wait_until(lambda: lock.lost, what="loss to be noticed")
+    assert lost == [lock]
+    assert client.get(ns) == b"stolen"
+
+
+async def test_auto_renew_stops_at_max_hold(api, client, ns):
+    lock = api.lock(ns, ttl=0.2, auto_renew=True, max_hold=0.5)
+    await api.do(lock.acquire())
+    started = time.monotonic()
+    while not lock.lost:
+        await asyncio.sleep(0.01)
+        assert time.monotonic() - started < 3
+    assert client.get(ns) is None
+    assert time.monotonic() - started > 0.4
+    with pytest.raises(LockNotHeld):
+        await api.do(lock.release())
+
+
+def test_list_locks_shows_held_syncmap_locks(server, ns):
+    from syncmap._lock import list_locks
+
+    with syncmap.connect(server.url) as node:
+        a = node.obtain(f"{ns}:a", 5, metadata="job-a")
+        b = node.obtain(f"{{{ns}}}:b", 5)
+        node.obtain(f"{ns}:gone", 5).release()
+        rows = list_locks(node, f"*{ns}*")
+        assert [r["name"] for r in rows] == sorted([f"{ns}:a", f"{{{ns}}}:b"])
+        row = next(r for r in rows if r["name"] == f"{ns}:a")
+        assert row["token"] == a.token and row["metadata"] == "job-a" and row["fence"] == a.fence
+        assert 4.0 < row["ttl"] <= 5.0
+        a.release()
+        b.release()

@@ -179,12 +179,17 @@ def _wait(start_ns: int) -> None:
 # ------------------------------------------------------------------ propagation reader
 
 
-def propagation_reader(kind: str, port: int, key: str, samples: int, conn: Any) -> None:
-    """Poll ``key`` until it shows 1, 2, ... ``samples``; send the time each one showed up."""
+def propagation_reader(
+    kind: str, port: int, key: str, samples: int, conn: Any, polite: bool = False
+) -> None:
+    """Poll ``key`` until it shows 1, 2, ... ``samples``; send the time each one showed up.
+
+    ``polite``: ``time.sleep(0)`` between polls (releases the GIL, as any I/O would)."""
     timeout_ns = 2_000_000_000
 
     def run_sync(client: Client) -> None:
         get = client.get
+        pause = time.sleep if polite else (lambda _: None)
         while decode(get(key)) != 0:  # the value 0 is cached before the first write
             time.sleep(0.001)
         conn.send("ready")
@@ -197,6 +202,7 @@ def propagation_reader(kind: str, port: int, key: str, samples: int, conn: Any) 
                 if time.monotonic_ns() > deadline:
                     conn.send(-1)
                     break
+                pause(0)
 
     async def run_async() -> None:
         client = await open_async(kind, port)
@@ -315,15 +321,18 @@ def reader(kind: str, port: int, nkeys: int, start_ns: int, duration_s: float, o
             await asyncio.sleep(0)  # a local hit never suspends: let the listener run
         await client.close()
 
+    stats = ""
     if kind in ASYNC_KINDS:
         asyncio.run(run_async())
     else:
         client = open_client(kind, port)
         run_sync(client)
+        if kind == "syncmap":
+            stats = repr(client.raw.stats)
         client.close()
     values = [decode(v) for v in got]
     with open(out, "wb") as fh:
-        pickle.dump((idx, values, stamps), fh)
+        pickle.dump((idx, values, stamps, stats), fh)
 
 
 @dataclass
@@ -336,7 +345,7 @@ class Staleness:
 def staleness(
     nkeys: int,
     writes: tuple[list[int], list[int], list[int]],
-    reads: tuple[list[int], list[int | None], list[int]],
+    reads: tuple[Any, ...],
     windows_ms: tuple[int, ...],
 ) -> Staleness:
     """A read of key k invoked at t returning value v is *stale beyond w* if a write of k with
@@ -347,7 +356,7 @@ def staleness(
     for k, v, t in zip(wk, wv, wt, strict=True):
         per_v[k].append(v)
         per_t[k].append(t)
-    idx, values, stamps = reads
+    idx, values, stamps = reads[:3]
     stale = dict.fromkeys(windows_ms, 0)
     max_lag = 0
     mask = len(idx) - 1

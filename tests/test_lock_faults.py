@@ -1,0 +1,225 @@
+"""The lock under faults, with real OS processes: killed and stopped holders, a paused server,
+dropped connections, cancelled releases, and exact mutual exclusion across processes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+import syncmap
+from servers import wait_until
+from syncmap import LockNotHeld, ServerUnavailable
+
+CHILD = textwrap.dedent(
+    """
+    import sys, syncmap
+    url, mode, name = sys.argv[1:4]
+    node = syncmap.connect(url)
+    if mode == "count":
+        loops, counter = int(sys.argv[4]), sys.argv[5]
+        lock = node.lock(name, ttl=10)
+        for _ in range(loops):
+            with lock:
+                value = int(node.client.get(counter) or 0)
+                node.client.set(counter, value + 1)
+        print("done", flush=True)
+    elif mode == "hold":
+        lock = node.obtain(name, float(sys.argv[4]))
+        print(lock.fence, flush=True)
+        sys.stdin.readline()
+        try:
+            lock.release()
+            print("released", flush=True)
+        except syncmap.LockNotHeld:
+            print("not-held", flush=True)
+    """
+)
+
+
+def spawn(server, *args: object) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-c", CHILD, server.url, *map(str, args)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+
+
+@pytest.mark.slow
+def test_four_processes_count_exactly_under_the_lock(server, client, ns):
+    loops = 150
+    children = [spawn(server, "count", ns, loops, f"{ns}:counter") for _ in range(4)]
+    for child in children:
+        out, _ = child.communicate(timeout=60)
+        assert child.returncode == 0 and out.strip() == "done"
+    assert int(client.get(f"{ns}:counter")) == 4 * loops
+
+
+@pytest.mark.slow
+def test_a_killed_holder_blocks_until_its_ttl_then_the_waiter_gets_it(server, client, ns):
+    holder = spawn(server, "hold", ns, 1.0)
+    fence = int(holder.stdout.readline())
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    with syncmap.connect(server.url) as node:
+        lock = node.lock(ns, ttl=5, poll_interval=0.05)
+        started = time.monotonic()
+        assert lock.acquire(timeout=5)
+        assert 0.3 < time.monotonic() - started < 2.5  # waited for the rest of the TTL
+        assert lock.fence > fence
+        lock.release()
+
+
+def test_a_waiter_with_a_timeout_gives_up_on_time_behind_a_long_ttl(server, ns):
+    holder = spawn(server, "hold", ns, 60)
+    holder.stdout.readline()
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    with syncmap.connect(server.url) as node:
+        started = time.monotonic()
+        assert node.lock(ns).acquire(timeout=0.5) is False
+        assert 0.5 <= time.monotonic() - started < 1.5
+
+
+def test_a_holder_stopped_past_its_ttl_is_fenced_off_and_cannot_release(server, client, ns):
+    holder = spawn(server, "hold", ns, 0.3)
+    old_fence = int(holder.stdout.readline())
+    holder.send_signal(signal.SIGSTOP)
+    try:
+        with syncmap.connect(server.url) as node:
+            lock = node.lock(ns, ttl=10, poll_interval=0.05)
+            assert lock.acquire(timeout=5)
+            assert lock.fence > old_fence
+            holder.send_signal(signal.SIGCONT)
+            out, _ = holder.communicate("go\n", timeout=20)
+            assert out.strip() == "not-held"
+            assert client.get(ns) == lock.token.encode()  # the late release changed nothing
+            lock.release()
+    finally:
+        holder.send_signal(signal.SIGCONT)
+        holder.kill()
+
+
+async def test_a_release_cancelled_mid_flight_keeps_the_token_and_can_be_retried(fresh_server):
+    node = await syncmap.connect_async(fresh_server.url)
+    lock = await node.obtain("job", 30)
+    token = lock.token
+    fresh_server.pause()
+    try:
+        task = asyncio.create_task(lock.release())
+        done, _ = await asyncio.wait({task}, timeout=0.3)
+        assert not done  # the server cannot answer: the release is in flight
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert lock.token == token  # not forgotten (redis-py #3847 forgets it here)
+    finally:
+        fresh_server.resume()
+    await lock.release()  # whether or not the first attempt reached the server
+    assert lock.token is None
+    with fresh_server.client() as c:
+        assert c.get("job") is None
+    await node.close()
+
+
+def test_a_release_that_timed_out_keeps_the_token_and_can_be_retried(fresh_server):
+    node = syncmap.connect(fresh_server.url, socket_timeout=0.3)
+    lock = node.obtain("job", 30)
+    fresh_server.pause()
+    try:
+        with pytest.raises(ServerUnavailable):
+            lock.release()
+        assert lock.token is not None
+    finally:
+        fresh_server.resume()
+    lock.release()
+    with fresh_server.client() as c:
+        assert c.get("job") is None
+    node.close()
+
+
+def test_lock_commands_survive_killed_connections(fresh_server):
+    node = syncmap.connect(fresh_server.url)
+    lock = node.obtain("job", 30)
+    assert fresh_server.drop_clients() >= 1
+    lock.refresh()
+    assert fresh_server.drop_clients() >= 1
+    lock.release()
+    with fresh_server.client() as c:
+        assert c.get("job") is None
+    node.close()
+
+
+def test_a_restart_that_lost_the_lock_makes_release_raise(fresh_server):
+    node = syncmap.connect(fresh_server.url)
+    lock = node.obtain("job", 30)
+    fresh_server.restart()
+    with pytest.raises(LockNotHeld):
+        lock.release()
+    assert node.obtain("job", 5).fence == 1  # a restart without persistence resets fences
+    node.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_does_not_share_the_parents_lock_connections(server, client, ns):
+    node = syncmap.connect(server.url)
+    lock = node.obtain(ns, 5)
+    lock.refresh()  # leaves a kept connection behind
+    pid = os.fork()
+    if pid == 0:  # child: its own connections, or the parent's replies would be mixed up
+        code = 0
+        try:
+            other = node.lock(f"{ns}:child", ttl=5)
+            for _ in range(50):
+                other.acquire()
+                other.release()
+        except BaseException:
+            code = 1
+        os._exit(code)
+    for _ in range(50):
+        lock.refresh()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    lock.release()
+    node.close()
+
+
+def waiter_token(client, ns) -> str:
+    return client.zrange(f"syncmap:lockq:{{{ns}}}:{ns}", 0, 0)[0].decode()
+
+
+@pytest.mark.slow
+def test_killed_waiter_costs_no_more_than_its_registration(server, client, ns):
+    """A waiter killed while queued stays registered for one poll + slack at most."""
+    node = syncmap.connect(server.url)
+    holder = node.obtain(ns, 30)
+    waiter = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, syncmap; syncmap.connect(sys.argv[1]).lock(sys.argv[2], "
+            "poll_interval=0.2).acquire()",
+            server.url,
+            ns,
+        ]
+    )
+    wait_until(lambda: client.zcard(f"syncmap:lockq:{{{ns}}}:{ns}") == 1, what="queued")
+    waiter.kill()
+    waiter.wait()
+    deadline = int(client.hget(f"syncmap:lockw:{{{ns}}}:{ns}", waiter_token(client, ns)).split()[0])
+
+    def server_ms() -> int:
+        sec, usec = client.time()
+        return sec * 1000 + usec // 1000
+
+    wait_until(lambda: server_ms() > deadline, what="the registration to run out")
+    holder.release()
+    assert client.get(ns) is None  # not handed to the dead waiter
+    node.close()

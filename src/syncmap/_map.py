@@ -183,6 +183,7 @@ class _MapBase:
         self.name = name
         self.node = node
         self._store: SafeHashMap[str, Any] = SafeHashMap(maxsize)
+        self._store_get = self._store.get
         self._clock = time.monotonic
         self._max_staleness = float(max_staleness)
         self._raise_stale = on_stale == "raise"
@@ -218,7 +219,7 @@ class _MapBase:
         except TypeError:  # unhashable: not cached; the server path names the error
             return _MISSING
         if entry.__class__ is Entry:
-            if self._clock() - self._state.verified_at <= self._max_staleness:
+            if self._clock() <= self._state.fresh_until:
                 self._hits += 1
                 return entry.value
             if self._raise_stale:
@@ -283,11 +284,11 @@ class SyncMap(_MapBase, MutableMapping[str, Any]):
         ``fresh=True``: linearizable, at the cost of one small round trip."""
         if not fresh:
             try:
-                entry = self._store.get(key)
+                entry = self._store_get(key)
             except TypeError:
                 entry = None
             if entry.__class__ is Entry:
-                if self._clock() - self._state.verified_at <= self._max_staleness:
+                if self._clock() <= self._state.fresh_until:
                     self._hits += 1
                     value = entry.value
                     return default if value is ABSENT else value

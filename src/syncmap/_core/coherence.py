@@ -167,7 +167,8 @@ class Coherence:
         self.applied = 0
         self.synced = False
         self.generation = 0
-        self.verified_at = -INF
+        self.fresh_until = -INF  # verified_at + max_staleness: the read path's one compare
+        self._verified_at = -INF
         self.subscribed_once = False
         # probe in flight: token, start time, server (epoch, seq) read at start
         self._token_counter = 0
@@ -184,8 +185,17 @@ class Coherence:
 
     # ---- reads -----------------------------------------------------------------------------
 
+    @property
+    def verified_at(self) -> float:
+        return self._verified_at
+
+    @verified_at.setter
+    def verified_at(self, when: float) -> None:
+        self._verified_at = when
+        self.fresh_until = when + self.max_staleness
+
     def is_fresh(self) -> bool:
-        return self.clock() - self.verified_at <= self.max_staleness
+        return self.clock() <= self.fresh_until
 
     # ---- fills -----------------------------------------------------------------------------
 

@@ -1,0 +1,226 @@
+"""Distributed locks side by side, on one private server, in one run.
+
+(1) Uncontended acquire+release pairs/s: the bare ``SET NX PX`` + ``DEL`` floor, redis-py's Lock,
+python-redis-lock, pottery's Redlock (one master: the same server) and syncmap's Lock and
+AsyncLock; ratio column vs redis-py's Lock.
+
+(2) Contended: 4 processes each do N read-modify-writes (GET, SET) of one counter under the
+lock. Reported: final count vs expected (mutual exclusion), acquisitions/s, owner switches/s
+(fair hand-off switches owner on nearly every acquisition), and the wait for the lock
+(p50/p99/max). Every loop is bounded (N iterations, and a wall-clock cap per peer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import multiprocessing as mp
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+from benchmarks._common import ServerProcess, percentile, print_table, quick
+
+FORK = mp.get_context("fork")
+PROCESSES = 4
+WALL_CAP = 30.0  # seconds per contended peer, whatever N says
+
+
+# ----------------------------------------------------------------------- the peers
+
+
+def make_lock(kind: str, port: int, name: str) -> tuple[Callable[[], object], Callable[[], object]]:
+    """(acquire, release) of a blocking lock of ``kind`` named ``name``."""
+    import redis
+
+    client = redis.Redis(host="127.0.0.1", port=port)
+    if kind == "SET NX PX + DEL (floor)":
+        return (lambda: client.set(name, "x", nx=True, px=10_000)), (lambda: client.delete(name))
+    if kind == "redis-py Lock":
+        lock = client.lock(name, timeout=10)
+        return lock.acquire, lock.release
+    if kind == "python-redis-lock":
+        import redis_lock
+
+        plock = redis_lock.Lock(client, name, expire=10)
+        return plock.acquire, plock.release
+    if kind == "pottery Redlock":
+        from pottery import Redlock
+
+        rlock = Redlock(key=name, masters={client}, auto_release_time=10)
+        return rlock.acquire, rlock.release
+    if kind == "syncmap Lock":
+        import syncmap
+
+        slock = syncmap.connect(f"redis://127.0.0.1:{port}/0").lock(name, ttl=10)
+        return slock.acquire, slock.release
+    raise ValueError(kind)
+
+
+UNCONTENDED = [
+    "SET NX PX + DEL (floor)",
+    "redis-py Lock",
+    "python-redis-lock",
+    "pottery Redlock",
+    "syncmap Lock",
+]
+ASYNC_UNCONTENDED = ["redis-py asyncio Lock", "syncmap AsyncLock"]
+CONTENDED = ["syncmap Lock", "redis-py Lock", "python-redis-lock", "pottery Redlock"]
+
+
+# ----------------------------------------------------------------------- (1) uncontended
+
+
+def _sync_timer(kind: str, port: int) -> Callable[[int], float]:
+    acquire, release = make_lock(kind, port, f"bench:u:{kind}")
+
+    def timed(n: int) -> float:
+        started = time.perf_counter()
+        for _ in range(n):
+            acquire()
+            release()
+        return time.perf_counter() - started
+
+    return timed
+
+
+def _async_timer(kind: str, port: int, loop: asyncio.AbstractEventLoop) -> Callable[[int], float]:
+    async def make() -> Any:
+        if kind == "syncmap AsyncLock":
+            import syncmap
+
+            node = await syncmap.connect_async(f"redis://127.0.0.1:{port}/0")
+            return node.lock("bench:u:async", ttl=10)
+        import redis.asyncio
+
+        return redis.asyncio.Redis(host="127.0.0.1", port=port).lock("bench:u:rasync", timeout=10)
+
+    lock = loop.run_until_complete(make())
+
+    async def pairs(n: int) -> float:
+        started = time.perf_counter()
+        for _ in range(n):
+            await lock.acquire()
+            await lock.release()
+        return time.perf_counter() - started
+
+    return lambda n: loop.run_until_complete(pairs(n))
+
+
+def bench_uncontended(port: int) -> None:
+    """Peers measured in interleaved rounds (the machine's load drifts); median per peer."""
+    loop = asyncio.new_event_loop()
+    timers = {kind: _sync_timer(kind, port) for kind in UNCONTENDED}
+    for kind in ASYNC_UNCONTENDED:
+        timers[kind] = _async_timer(kind, port, loop)
+    pairs = 50 if quick() else 500
+    rates: dict[str, list[float]] = {kind: [] for kind in timers}
+    for timed in timers.values():
+        timed(20)  # warm up: connections, script cache
+    for _ in range(3 if quick() else 7):
+        for kind, timed in timers.items():
+            n = max(1, pairs // 4) if kind == "pottery Redlock" else pairs
+            rates[kind].append(n / timed(n))
+    loop.close()
+    base = statistics.median(rates["redis-py Lock"])
+    rows = []
+    for kind, values in rates.items():
+        rate = statistics.median(values)
+        rows.append([kind, rate, rate / base])
+    print_table(
+        "Lock: uncontended acquire+release pairs/s (one process, loopback)",
+        ["lock", "pairs/s", "vs redis-py Lock"],
+        rows,
+    )
+
+
+# ----------------------------------------------------------------------- (2) contended
+
+
+def _worker(kind: str, port: int, name: str, loops: int, barrier: Any, out: Any, me: int) -> None:
+    import redis
+
+    acquire, release = make_lock(kind, port, name)
+    client = redis.Redis(host="127.0.0.1", port=port)
+    counter = f"{name}:counter"
+    records: list[tuple[float, float, int]] = []
+    barrier.wait()
+    stop_at = time.monotonic() + WALL_CAP
+    for _ in range(loops):
+        asked = time.monotonic()
+        acquire()
+        got = time.monotonic()
+        client.set(counter, int(client.get(counter) or 0) + 1)
+        release()
+        records.append((asked, got, me))
+        if got > stop_at:
+            break
+    out.put(records)
+
+
+def bench_contended(port: int) -> None:
+    loops = 50 if quick() else 500
+    rows = []
+    for kind in CONTENDED:
+        name = f"bench:c:{kind}"
+        barrier = FORK.Barrier(PROCESSES)
+        out = FORK.Queue()
+        procs = [
+            FORK.Process(target=_worker, args=(kind, port, name, loops, barrier, out, i))
+            for i in range(PROCESSES)
+        ]
+        for p in procs:
+            p.start()
+        records = [r for _ in procs for r in out.get(timeout=WALL_CAP + 60)]
+        for p in procs:
+            p.join(10)
+        import redis
+
+        with redis.Redis(host="127.0.0.1", port=port) as c:
+            final = int(c.get(f"{name}:counter") or 0)
+        records.sort(key=lambda r: r[1])
+        span = records[-1][1] - min(r[0] for r in records)
+        switches = sum(1 for a, b in itertools.pairwise(records) if a[2] != b[2])
+        waits = [(got - asked) * 1000 for asked, got, _ in records]
+        rows.append(
+            [
+                kind,
+                f"{final} / {len(records)}" + ("" if final == len(records) else " WRONG"),
+                len(records) / span,
+                switches / span,
+                percentile(waits, 50),
+                percentile(waits, 99),
+                max(waits),
+            ]
+        )
+    base = next(r[2] for r in rows if r[0] == "python-redis-lock")
+    for row in rows:
+        row.insert(3, row[2] / base)
+    print_table(
+        f"Lock: {PROCESSES} processes x {loops} locked read-modify-writes of one counter",
+        [
+            "lock",
+            "final count / expected",
+            "acquisitions/s",
+            "vs python-redis-lock",
+            "owner switches/s",
+            "wait p50 ms",
+            "wait p99 ms",
+            "wait max ms",
+        ],
+        rows,
+    )
+
+
+def main() -> None:
+    server = ServerProcess().start()
+    try:
+        bench_uncontended(server.port)
+        bench_contended(server.port)
+    finally:
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -174,12 +174,11 @@ def _pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    # a zombie child of ours still "exists"; reap it if it is ours
-    with contextlib.suppress(ChildProcessError):
-        done, _ = os.waitpid(pid, os.WNOHANG)
-        if done == pid:
-            return False
-    return True
+    try:  # a zombie (exited, not yet reaped by its parent) is not alive
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def _tail(path: Path, lines: int = 10) -> str:

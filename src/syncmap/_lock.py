@@ -108,6 +108,21 @@ def _script_args(op: Script) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
     return ("EVALSHA", entry[0], *tail), ("EVAL", entry[1], *tail)
 
 
+_hiredis_pack: Callable[[tuple[Any, ...]], bytes] | None
+try:
+    from hiredis import pack_command as _hiredis_pack
+except ImportError:  # pragma: no cover - redis[hiredis] is a dependency
+    _hiredis_pack = None
+
+
+def _pack(conn: Any, args: tuple[Any, ...]) -> Any:
+    """The command in RESP: hiredis packs lock commands (str and int arguments) a few times
+    faster than redis-py's encoder does."""
+    if _hiredis_pack is not None:
+        return [_hiredis_pack(args)]
+    return conn.pack_command(*args)
+
+
 def _blocking_wait(conn: Any, args: tuple[Any, ...]) -> float | None:
     """How long to wait for the answer of a blocking command (``None``: not one)."""
     if args[0] != "BLPOP":
@@ -188,7 +203,7 @@ class _SyncRunner(SyncDriver):
 
     @staticmethod
     def _roundtrip(conn: Any, args: tuple[Any, ...]) -> Any:
-        conn.send_command(*args)
+        conn.send_packed_command(_pack(conn, args), check_health=False)
         wait = _blocking_wait(conn, args)
         if wait is None:
             return conn.read_response()
@@ -252,7 +267,7 @@ class _AsyncRunner(AsyncDriver):
 
     @staticmethod
     async def _roundtrip(conn: Any, args: tuple[Any, ...]) -> Any:
-        await conn.send_command(*args)
+        await conn.send_packed_command(_pack(conn, args), check_health=False)
         wait = _blocking_wait(conn, args)
         if wait is None:
             return await conn.read_response()
@@ -371,14 +386,18 @@ class _LockBase(Generic[N]):
         if self._on_lost is not None:
             self._on_lost(self)
 
-    def _exit_error(self, exc: BaseException | None) -> LockLost | None:
-        """The :class:`LockLost` that leaving a ``with`` block should raise, if any."""
-        if exc is None and (self._lost or isinstance(exc, LockNotHeld)):
-            return LockLost(f"lock {self.key!r} was lost while the with block ran")
-        return None
-
-    def _lost_error(self) -> LockLost:
-        return LockLost(f"lock {self.key!r} expired or was taken while the with block ran")
+    @contextlib.contextmanager
+    def _leaving(self, exc: BaseException | None) -> Iterator[None]:
+        """Around the release that ends a ``with`` block: :class:`LockLost` if the lock was
+        lost meanwhile (only when the block itself is not raising)."""
+        try:
+            yield
+        except LockNotHeld:
+            if exc is None:
+                raise LockLost(f"lock {self.key!r} expired or was taken during the block") from None
+            return
+        if exc is None and self._lost:
+            raise LockLost(f"lock {self.key!r} was lost during the block")
 
 
 class Lock(_LockBase["Node"]):
@@ -457,14 +476,8 @@ class Lock(_LockBase["Node"]):
         return self
 
     def __exit__(self, kind: object, exc: BaseException | None, tb: object) -> None:
-        try:
+        with self._leaving(exc):
             self.release()
-        except LockNotHeld:
-            if exc is None:
-                raise self._lost_error() from None
-            return
-        if exc is None and self._lost:
-            raise self._lost_error()
 
 
 class AsyncLock(_LockBase["AsyncNode"]):
@@ -524,14 +537,8 @@ class AsyncLock(_LockBase["AsyncNode"]):
         return self
 
     async def __aexit__(self, kind: object, exc: BaseException | None, tb: object) -> None:
-        try:
+        with self._leaving(exc):
             await self.release()
-        except LockNotHeld:
-            if exc is None:
-                raise self._lost_error() from None
-            return
-        if exc is None and self._lost:
-            raise self._lost_error()
 
 
 # -- redislock's Obtain ------------------------------------------------------------------------

@@ -159,46 +159,61 @@ def _worker(kind: str, port: int, name: str, loops: int, barrier: Any, out: Any,
     out.put(records)
 
 
-def bench_contended(port: int) -> None:
-    loops = 50 if quick() else 500
-    rows = []
-    for kind in CONTENDED:
-        name = f"bench:c:{kind}"
-        barrier = FORK.Barrier(PROCESSES)
-        out = FORK.Queue()
-        procs = [
-            FORK.Process(target=_worker, args=(kind, port, name, loops, barrier, out, i))
-            for i in range(PROCESSES)
-        ]
-        for p in procs:
-            p.start()
-        records = [r for _ in procs for r in out.get(timeout=WALL_CAP + 60)]
-        for p in procs:
-            p.join(10)
-        import redis
+def _contend(kind: str, port: int, name: str, loops: int) -> list[tuple[float, float, int]]:
+    """One round: PROCESSES processes, ``loops`` locked increments each; their records."""
+    barrier = FORK.Barrier(PROCESSES)
+    out = FORK.Queue()
+    procs = [
+        FORK.Process(target=_worker, args=(kind, port, name, loops, barrier, out, i))
+        for i in range(PROCESSES)
+    ]
+    for p in procs:
+        p.start()
+    records = [r for _ in procs for r in out.get(timeout=WALL_CAP + 60)]
+    for p in procs:
+        p.join(10)
+    return sorted(records, key=lambda r: r[1])
 
-        with redis.Redis(host="127.0.0.1", port=port) as c:
-            final = int(c.get(f"{name}:counter") or 0)
-        records.sort(key=lambda r: r[1])
-        span = records[-1][1] - min(r[0] for r in records)
-        switches = sum(1 for a, b in itertools.pairwise(records) if a[2] != b[2])
-        waits = [(got - asked) * 1000 for asked, got, _ in records]
-        rows.append(
-            [
-                kind,
-                f"{final} / {len(records)}" + ("" if final == len(records) else " WRONG"),
-                len(records) / span,
-                switches / span,
-                percentile(waits, 50),
-                percentile(waits, 99),
-                max(waits),
-            ]
-        )
-    base = next(r[2] for r in rows if r[0] == "python-redis-lock")
-    for row in rows:
-        row.insert(3, row[2] / base)
+
+def bench_contended(port: int) -> None:
+    """Peers in interleaved rounds (load drifts); rates are medians over rounds, waits are
+    percentiles over every acquisition of every round."""
+    import redis
+
+    rounds, loops = (1, 50) if quick() else (3, 200)
+    rates: dict[str, list[float]] = {kind: [] for kind in CONTENDED}
+    switch_rates: dict[str, list[float]] = {kind: [] for kind in CONTENDED}
+    waits: dict[str, list[float]] = {kind: [] for kind in CONTENDED}
+    for _ in range(rounds):
+        for kind in CONTENDED:
+            records = _contend(kind, port, f"bench:c:{kind}", loops)
+            span = records[-1][1] - min(r[0] for r in records)
+            rates[kind].append(len(records) / span)
+            switches = sum(1 for a, b in itertools.pairwise(records) if a[2] != b[2])
+            switch_rates[kind].append(switches / span)
+            waits[kind] += [(got - asked) * 1000 for asked, got, _ in records]
+    base = statistics.median(rates["python-redis-lock"])
+    rows = []
+    with redis.Redis(host="127.0.0.1", port=port) as c:
+        for kind in CONTENDED:
+            final = int(c.get(f"bench:c:{kind}:counter") or 0)
+            expected = len(waits[kind])
+            rate = statistics.median(rates[kind])
+            rows.append(
+                [
+                    kind,
+                    f"{final} / {expected}" + ("" if final == expected else " WRONG"),
+                    rate,
+                    rate / base,
+                    statistics.median(switch_rates[kind]),
+                    percentile(waits[kind], 50),
+                    percentile(waits[kind], 99),
+                    max(waits[kind]),
+                ]
+            )
     print_table(
-        f"Lock: {PROCESSES} processes x {loops} locked read-modify-writes of one counter",
+        f"Lock: {PROCESSES} processes x {loops} locked read-modify-writes of one counter"
+        f" x {rounds} rounds",
         [
             "lock",
             "final count / expected",

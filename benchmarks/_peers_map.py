@@ -141,34 +141,26 @@ async def open_async(kind: str, port: int, *, cache_size: int = 20_000) -> Clien
 
 
 class SyncWriter:
-    """A blocking writer of any kind (async kinds run on a private event loop)."""
+    """A blocking writer for readers of ``kind``. cashews stores an int as its decimal text
+    under ``cashews:<key>``, so its readers are fed by a plain redis-py SET there (cashews' own
+    ``set`` is several times slower, and the writer is not what is measured)."""
 
     def __init__(self, kind: str, port: int) -> None:
-        self.loop: asyncio.AbstractEventLoop | None = None
+        self.prefix = ""
         if kind in ASYNC_KINDS:
-            self.loop = asyncio.new_event_loop()
-            self.client = self.loop.run_until_complete(open_async(kind, port))
-        else:
-            self.client = open_client(kind, port)
+            kind, self.prefix = "get", "cashews:"
+        self.client = open_client(kind, port)
 
     def set(self, key: str, value: int) -> None:
-        if self.loop is not None:
-            self.loop.run_until_complete(self.client.set(key, value))
-        else:
-            self.client.set(key, value)
+        self.client.set(self.prefix + key, value)
 
     def set_many(self, items: list[tuple[str, int]]) -> None:
         for k, v in items:
             self.set(k, v)
 
     def close(self) -> None:
-        if self.loop is not None:
-            with contextlib.suppress(Exception):
-                self.loop.run_until_complete(self.client.close())
-            self.loop.close()
-        else:
-            with contextlib.suppress(Exception):
-                self.client.close()
+        with contextlib.suppress(Exception):
+            self.client.close()
 
 
 def _wait(start_ns: int) -> None:

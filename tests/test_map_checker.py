@@ -325,3 +325,70 @@ def _now_ns() -> int:
     import time
 
     return time.monotonic_ns()
+
+
+def ignore_reconnects(m) -> None:
+    """The listener keeps the local copy across a lost subscriber connection and a resubscribe
+    (Redisson's default): only the periodic freshness probe notices the lost messages."""
+    coherence = _coherence_of(m)
+    first = coherence.on_subscribed
+    coherence.on_disconnect = lambda: None
+    coherence.on_subscribed = lambda: None if coherence.subscribed_once else first()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sabotage", [None, ignore_reconnects])
+def test_write_lost_during_resubscribe_is_not_served_stale(fresh_server, ns, sabotage):
+    """DESIGN §3.4 without traffic to reveal a gap: kill every subscriber connection, write at
+    once from this process (the readers' listeners are reconnecting: the message is lost to
+    them), then stay quiet. A reader must not serve the old value past the propagation window:
+    the (re)subscribe alone must drop its copy. Without that, only the freshness probe
+    (max_staleness / 3 later) would notice."""
+    import syncmap
+    from checker import NodeSpec, check, run_nodes, sleep_until
+
+    _require_syncmap()
+    quiet = ("q0", "q1")
+    node = syncmap.connect(fresh_server.url)
+    m = node.map(f"{ns}-m", max_staleness=1.5)
+    writes: list[Write] = []
+
+    def put(key: str, value: str, n: int) -> None:
+        t0 = _now_ns()
+        m[key] = value
+        writes.append(Write("p", key, value, (n,), t0, _now_ns()))
+
+    for key in quiet:
+        put(key, f"p:{key}:0", 1)
+
+    def during(t0: float) -> None:
+        for rnd in range(1, 4):
+            sleep_until(t0 + 0.35 * rnd)  # readers have cached the current values by now
+            fresh_server.drop_clients("pubsub")
+            for key in quiet:
+                put(key, f"p:{key}:{rnd}", rnd + 1)
+
+    specs = [
+        NodeSpec(
+            url=fresh_server.url,
+            map_name=f"{ns}-m",
+            node=name,
+            index=i,
+            keys=quiet,
+            duration_s=1.6,
+            read_rate=5000,
+            map_options={"max_staleness": 1.5},
+            setup=sabotage,
+        )
+        for i, name in enumerate("cd")
+    ]
+    history = run_nodes(specs, during=during)
+    m.close()
+    report = check(writes + history.writes, history.reads, WINDOW_REAL)
+    print(report.summary(), history.errors, history.stats, sep="\n")
+    assert len(writes) == 8
+    assert sum(1 for r in history.reads if r.value == "p:q0:3") > 100  # the last round was seen
+    if sabotage is None:
+        assert report.ok, report.summary() + f"\nerrors {history.errors}\nstats {history.stats}"
+    else:
+        assert report.kinds().get("stale", 0) > 0, report.summary()

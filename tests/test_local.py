@@ -199,6 +199,12 @@ def test_overwrite_resets_deadline(clock):
     m.set("a", 2, ttl=2)
     clock.advance(1.5)  # the first deadline has passed; the second has not
     assert m["a"] == 2 and len(m) == 1
+    clock.advance(0.5)  # the second has passed too
+    assert len(m) == 0 and list(m) == [] and m.stats.expirations == 1
+    m.set("a", 1, ttl=5)
+    m.set("a", 2, ttl=1)  # a shorter deadline than before is honoured
+    clock.advance(1)
+    assert len(m) == 0
     m["a"] = 3  # no TTL: never expires
     clock.advance(1e9)
     assert m["a"] == 3 and len(m) == 1

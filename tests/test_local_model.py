@@ -96,7 +96,8 @@ class SafeHashMapMachine(RuleBasedStateMachine):
 
     @rule(key=KEYS, dt=DT)
     def get(self, key, dt):
-        assert self.map.get(key) is self.step(dt).lookup(key)
+        expected = self.step(dt).lookup(key)
+        assert self.map.get(key) is expected
 
     @rule(key=KEYS, dt=DT)
     def contains(self, key, dt):

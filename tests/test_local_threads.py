@@ -247,3 +247,40 @@ def test_len_never_exceeds_maxsize_while_inserting():
         watcher.join(60)
     assert not over, f"len() saw {max(over)} > maxsize {maxsize}"
     assert m.stats.evictions == 3 * 20_000 - maxsize
+
+
+class PyKey:
+    """A key hashed and compared in Python: the GIL can switch inside a dict lookup."""
+
+    __slots__ = ("n",)
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __hash__(self) -> int:
+        return hash(self.n)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, PyKey) and other.n == self.n
+
+
+@pytest.mark.parametrize("make_key", [str, PyKey], ids=["str", "python-hash"])
+def test_iteration_while_readers_refresh_recency(make_key):
+    """Lock-free gets reorder a bounded map while other threads copy it."""
+    m = SafeHashMap(maxsize=64)
+    keys = [make_key(i) for i in range(64)]
+    for key in keys:
+        m[key] = key
+
+    def work(tid: int) -> None:
+        if tid % 2:
+            for i in range(20_000):
+                assert m.get(keys[i % 64]) is keys[i % 64]
+        else:
+            for _ in range(300):
+                assert len(list(m)) == 64
+                assert all(k is v for k, v in m.items())
+                assert len(list(m.values())) == 64
+                m._rebuild_expiry()
+
+    run_threads(work, 4)

@@ -14,9 +14,10 @@ Concurrency model (CPython 3.11, which has a GIL):
 * Entries are ``(value, deadline)`` tuples. ``deadline`` is ``inf`` without a TTL, so a
   hit on such an entry costs one float comparison and no clock call.
 * Expired entries are dropped lazily: by the read that finds one, and in bulk through a
-  min-heap of deadlines before ``len``, iteration and eviction. Heap records are not
-  removed when their entry is overwritten; a popped record whose entry's deadline has not
-  passed is simply stale. The heap is rebuilt when stale records outnumber live entries.
+  min-heap of deadlines before ``len``, iteration and eviction. Every entry with a deadline
+  has a heap record due no later than it; refreshing an entry to a later deadline (the
+  common case) pushes nothing, and the old record is re-filed when it comes due. Records
+  of deleted keys are skipped when popped; the heap is rebuilt if they pile up.
 * Hit and miss counters are bumped without the lock; they are exact in single-threaded use
   and may under-count by a little when many threads read at once. The other counters
   change only under the lock.
@@ -216,15 +217,36 @@ class SafeHashMap(MutableMapping[K, V], Generic[K, V]):
         return len(self._data)
 
     def __iter__(self) -> Iterator[K]:
-        with self._lock:
-            self._purge()
-            keys = list(self._data)
-        return iter(keys)
+        return iter([key for key, _ in self._snapshot()])
 
     def _snapshot(self) -> list[tuple[K, V]]:
         with self._lock:
             self._purge()
-            return [(key, entry[0]) for key, entry in self._data.items()]
+            entries = self._entries()
+        return [(key, entry[0]) for key, entry in entries]
+
+    def _entries(self) -> list[tuple[K, tuple[V, float]]]:
+        """A copy of the store, least recently used first when bounded (lock held).
+
+        Writers wait on the lock, but lock-free readers may ``move_to_end`` meanwhile. The
+        dict's own table is never reordered, so copying it is always complete. The
+        OrderedDict's order is read in one C-level pass, which no reader can interleave
+        with while keys hash in C; keys that hash in Python can let a move in, and the pass
+        then skips or repeats keys, or raises. So that order is used only if it is a
+        permutation of the table; after a few tries the table's order is used instead.
+        """
+        data = self._data
+        table = list(dict.items(data))
+        if self._touch is None:
+            return table
+        for _ in range(3):
+            try:
+                order = list(data)
+            except RuntimeError:  # "OrderedDict mutated during iteration"
+                continue
+            if len(order) == len(table) and len(set(order)) == len(table):
+                return [(key, data[key]) for key in order]
+        return table
 
     def items(self) -> _ItemsView[K, V]:
         return _ItemsView(self)
@@ -290,7 +312,7 @@ class SafeHashMap(MutableMapping[K, V], Generic[K, V]):
     def update(self, other: Any = (), /, **kwargs: V) -> None:
         """Like ``dict.update``, applied under one hold of the lock."""
         if isinstance(other, Mapping):
-            pairs = [(key, other[key]) for key in other]
+            pairs = list(other.items())
         elif hasattr(other, "keys"):
             pairs = [(key, other[key]) for key in other.keys()]  # noqa: SIM118
         else:
@@ -306,15 +328,13 @@ class SafeHashMap(MutableMapping[K, V], Generic[K, V]):
         old = data.get(key)
         if ttl is None:
             deadline = _NEVER
-            expired = old is not None and old[1] < _NEVER and old[1] <= self._timer()
+            if old is not None and old[1] < _NEVER and old[1] <= self._timer():
+                old = self._forget_expired(key)  # None
         else:
             now = self._timer()
             deadline = now + ttl
-            expired = old is not None and old[1] <= now
-        if expired:  # an expired key is absent: writing it inserts anew, at the end
-            del data[key]
-            self._expirations += 1
-            old = None
+            if old is not None and old[1] <= now:
+                old = self._forget_expired(key)  # None
         if old is None:
             maxsize = self._maxsize
             if maxsize is not None and len(data) >= maxsize:
@@ -324,10 +344,18 @@ class SafeHashMap(MutableMapping[K, V], Generic[K, V]):
             data[key] = (value, deadline)
             if self._touch is not None:
                 self._touch(key)
-        if deadline < _NEVER:
+        # An entry with a deadline needs a heap record due no later than it. A refresh to a
+        # later deadline keeps the old record, which _purge re-files when it comes due.
+        if deadline < (_NEVER if old is None else old[1]):
             heapq.heappush(self._expiry, (deadline, next(self._seq), key))
             if len(self._expiry) > 2 * len(data) + 32:
                 self._rebuild_expiry()
+
+    def _forget_expired(self, key: K) -> tuple[V, float] | None:
+        """An expired key is absent: a write to it inserts anew, at the end (lock held)."""
+        del self._data[key]
+        self._expirations += 1
+        return None
 
     def _make_room(self, maxsize: int) -> None:
         # Caller holds the lock; only bounded maps (OrderedDict) get here.
@@ -347,13 +375,17 @@ class SafeHashMap(MutableMapping[K, V], Generic[K, V]):
         while heap and heap[0][0] <= now:
             key = heapq.heappop(heap)[2]
             entry = data.get(key)
-            if entry is not None and entry[1] <= now:  # else a stale record: key was rewritten
+            if entry is None:  # deleted since
+                continue
+            if entry[1] <= now:
                 del data[key]
                 self._expirations += 1
+            elif entry[1] < _NEVER:  # refreshed to a later deadline: re-file it
+                heapq.heappush(heap, (entry[1], next(self._seq), key))
 
     def _rebuild_expiry(self) -> None:
         seq = self._seq
-        heap = [(e[1], next(seq), k) for k, e in self._data.items() if e[1] < _NEVER]
+        heap = [(e[1], next(seq), k) for k, e in self._entries() if e[1] < _NEVER]
         heapq.heapify(heap)
         self._expiry = heap
 
@@ -404,8 +436,12 @@ class SafeHashMap(MutableMapping[K, V], Generic[K, V]):
             data = self._data
             if not data:
                 raise KeyError("popitem(): map is empty")
-            key = next(iter(data))
-            return key, data.pop(key)[0]
+            if self._touch is not None:  # bounded: an OrderedDict
+                key, entry = data.popitem(last=False)  # type: ignore[call-arg]
+            else:
+                key = next(iter(data))
+                entry = data.pop(key)
+            return key, entry[0]
 
     def delete_if(self, key: K, predicate: Callable[[V], object]) -> bool:
         """Remove ``key`` if it is live and ``predicate(value)`` is true; True if removed.

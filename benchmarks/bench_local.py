@@ -104,11 +104,11 @@ def _cases() -> list[tuple[str, Callable[[], object]]]:
 
 def main() -> None:
     cases = _cases()
-    rounds = 1 if quick() else 3
+    rounds = 1 if quick() else 20
     best: dict[str, float] = {}
     for _ in range(rounds):
         for name, fn in cases:
-            ns = ns_per_call(fn, loops=100_000)
+            ns = ns_per_call(fn, loops=5_000)
             best[name] = min(best.get(name, ns), ns)
     empty = best.pop(cases[0][0])
     net = {name: max(ns - empty, 0.1) for name, ns in best.items()}

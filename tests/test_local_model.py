@@ -8,6 +8,7 @@ before the counters are compared).
 from __future__ import annotations
 
 import hypothesis.strategies as st
+import pytest
 from hypothesis import settings
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
@@ -191,6 +192,8 @@ class UnboundedMachine(SafeHashMapMachine):
 
 _settings = settings(max_examples=120, stateful_step_count=30, deadline=None)
 TestBounded = SafeHashMapMachine.TestCase
-TestBounded.settings = _settings
 TestUnbounded = UnboundedMachine.TestCase
-TestUnbounded.settings = _settings
+for _case in (TestBounded, TestUnbounded):
+    _case.settings = _settings
+    _case.pytestmark = [pytest.mark.slow]  # a few seconds each
+del _case  # else pytest collects it a third time

@@ -284,3 +284,21 @@ def test_iteration_while_readers_refresh_recency(make_key):
                 m._rebuild_expiry()
 
     run_threads(work, 4)
+
+
+@pytest.mark.skipif(
+    sys.implementation.name != "cpython" or sys.version_info[:2] != (3, 11),
+    reason="exactness of lock-free counters is a CPython 3.11 property",
+)
+def test_hit_and_miss_counters_exact_under_threads():
+    m: SafeHashMap[str, int] = SafeHashMap(maxsize=10)
+    m["a"] = 1
+
+    def work(tid: int) -> None:
+        for _ in range(5000):
+            m.get("a")
+            m.get("b")
+
+    run_threads(work)
+    s = m.stats
+    assert (s.hits, s.misses) == (5000 * THREADS, 5000 * THREADS)

@@ -18,13 +18,15 @@ Concurrency model (CPython 3.11, which has a GIL):
   has a heap record due no later than it; refreshing an entry to a later deadline (the
   common case) pushes nothing, and the old record is re-filed when it comes due. Records
   of deleted keys are skipped when popped; the heap is rebuilt if they pile up.
-* Hit and miss counters are bumped without the lock; they are exact in single-threaded use
-  and may under-count by a little when many threads read at once. The other counters
-  change only under the lock.
+* Hit and miss counters are bumped without the lock. CPython 3.11 checks for a thread
+  switch only at calls and backward jumps, never between the load and the store of
+  ``self._hits += 1``, so they come out exact; on other interpreters they may under-count
+  a little under concurrent reads. The other counters change only under the lock.
 
-Keys should hash and compare in C (``str``, ``bytes``, ``int``, tuples of them) for the
-lock-free reads to be single atomic steps; other keys work, with the usual caveats of
-Python code running inside a dict lookup.
+Keys that hash and compare in C (``str``, ``bytes``, ``int``, tuples of them) make each
+lock-free step atomic. Keys that hash in Python let the GIL switch inside a lookup; reads
+stay correct, and a bounded map's snapshot may then fall back to an order other than LRU
+(see ``_entries``).
 """
 
 from __future__ import annotations

@@ -398,6 +398,27 @@ def test_delete_if_rejudges_an_entry_replaced_while_judging():
     assert m["k"] == 2  # the new value was judged and kept
 
 
+def test_delete_if_predicate_error_changes_nothing():
+    m = SafeHashMap()
+    m["a"] = 1
+
+    def boom(value):
+        raise ZeroDivisionError
+
+    with pytest.raises(ZeroDivisionError):
+        m.delete_if("a", boom)
+    assert m["a"] == 1
+
+
+def test_update_from_another_map_reads_a_snapshot():
+    source = SafeHashMap()
+    source.update(a=1, b=2)
+    m = SafeHashMap()
+    m.update(source)
+    assert dict(m) == {"a": 1, "b": 2}
+    assert source.stats.hits == 0  # copying is not a lookup
+
+
 def test_add(clock):
     m = SafeHashMap(timer=clock)
     assert m.add("a", 1) is True

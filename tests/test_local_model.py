@@ -95,6 +95,14 @@ class SafeHashMapMachine(RuleBasedStateMachine):
         self.step(dt).store(key, value, None, self.clock.now)
         self.map[key] = value
 
+    @rule(pairs=st.lists(st.tuples(KEYS, NUMS), max_size=4), dt=DT)
+    def update(self, pairs, dt):
+        model = self.step(dt)
+        values = [(key, [n]) for key, n in pairs]
+        for key, value in values:
+            model.store(key, value, None, self.clock.now)
+        self.map.update(values)
+
     @rule(key=KEYS, dt=DT)
     def get(self, key, dt):
         expected = self.step(dt).lookup(key)

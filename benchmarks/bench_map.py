@@ -23,6 +23,13 @@ from benchmarks._common import ServerProcess, ns_per_call, percentile, print_tab
 
 SPAWN = mp.get_context("spawn")
 
+# goal -> (measured, met?), filled by the sections, printed last
+GOALS: dict[str, tuple[str, str]] = {}
+
+
+def _goal(name: str, measured: str, met: bool) -> None:
+    GOALS[name] = (measured, "yes" if met else "**no**")
+
 
 def syncmap_available() -> str | None:
     """``None`` if SyncMap can be used, else why not."""
@@ -103,6 +110,8 @@ def bench_hits(port: int) -> None:
         t = ns_per_call(lambda: m.raw["k0"], loops=300_000)
         rows.append(["SyncMap m[k], local hit", t, t / base, "-"])
         m.close()
+        ratio = float(rows[-2][2])  # type: ignore[arg-type]
+        _goal("local hit within 10x dict.get", f"{ratio:.1f}x (m.get)", ratio <= 10)
     else:
         rows.append(["SyncMap", why, "", ""])
     print_table(
@@ -134,6 +143,7 @@ def bench_writes(port: int) -> None:
         t = ns_per_call(put, loops=5_000)
         rows.append(["SyncMap m[k] = v", t / 1000, t / base])
         m.close()
+        _goal("write latency <= 1.3x redis-py SET", f"{t / base:.2f}x", t / base <= 1.3)
     else:
         rows.append(["SyncMap", why, ""])
     print_table(
@@ -200,6 +210,10 @@ def bench_propagation(port: int) -> None:
         results[label] = (inv, ack, lost)
         if kind == "valkey-csc":
             base_p99 = percentile(inv, 99)
+    for label, (inv, _, _) in results.items():
+        if label.startswith("syncmap") and base_p99:
+            r = percentile(inv, 99) / base_p99
+            _goal(f"propagation p99 <= valkey-py CSC: {label}", f"{r:.2f}x", r <= 1.0)
     for kind, (inv, ack, lost) in results.items():
         p99 = percentile(inv, 99)
         rows.append(
@@ -275,6 +289,16 @@ def bench_throughput(port: int) -> None:
         kinds.append("syncmap")
     results = {kind: throughput(kind, port, nkeys, rate, duration) for kind in kinds}
     base = results["valkey-csc"][0]
+    if "syncmap" in results:
+        sm = results["syncmap"]
+        r = float(sm[0]) / float(base)  # type: ignore[arg-type]
+        stale10 = int(sm[2 + WINDOWS_MS.index(10)])  # type: ignore[call-overload]
+        _goal(
+            "reads/s >= 10x valkey-py CSC at 2,000 writes/s",
+            f"{r:.1f}x",
+            r >= 10,
+        )
+        _goal("zero stale reads beyond 10 ms in (d)", f"{stale10} stale > 10 ms", stale10 == 0)
     rows = [
         [kind, res[0], float(res[0]) / float(base), *res[1:]]  # type: ignore[arg-type]
         for kind, res in results.items()
@@ -385,6 +409,8 @@ def bench_invalidation(port: int) -> None:
         sm = [syncmap_invalidation(port, s, n) for s in sizes]
         for s, (ms, tail) in zip(sizes, sm, strict=True):
             rows.append(["SyncMap", f"{s:,}", n, ms, ms / sm[0][0], tail])
+        r = sm[-1][0] / sm[0][0]
+        _goal(f"invalidation cost flat ({sizes[-1]:,} vs {sizes[0]:,})", f"{r:.2f}x", r <= 1.5)
     else:
         rows.append(["SyncMap", syncmap_available(), "", "", "", ""])
     print_table(
@@ -418,6 +444,12 @@ def main() -> None:
                 continue
             srv.client().flushall()
             fn(srv.port)
+        if GOALS:
+            print_table(
+                "bench_map goals (this run)",
+                ["goal", "measured", "met"],
+                [[k, *v] for k, v in GOALS.items()],
+            )
     finally:
         srv.stop()
 

@@ -278,6 +278,7 @@ def reader(kind: str, port: int, nkeys: int, start_ns: int, duration_s: float, o
     stamps: list[int] = []
     end = start_ns + int(duration_s * 1e9)
 
+    # The sync and async loops are twins on purpose: the timed loop takes no indirection.
     def run_sync(client: Client) -> None:
         get = client.get
         for k in keys:  # warm the local copy

@@ -81,6 +81,12 @@ def test_crc16_and_slot_known_values():
     assert key_slot("foo{bar}{zap}") == crc16(b"bar") % 16384
 
 
+def cluster_node(bus_port: int) -> ServerProcess:
+    """A server in cluster mode whose bus port is given (port + 10000 may be past 65535)."""
+    args = ("--cluster-enabled", "yes", "--cluster-port", str(bus_port))
+    return ServerProcess(extra_args=(*args, "--cluster-node-timeout", "2000"))
+
+
 def _random_keys(n: int, seed: int = 7) -> list[bytes]:
     rnd = random.Random(seed)
     alphabet = b"abcxyz019:-_{}{}\x00\xff "
@@ -98,7 +104,7 @@ def test_slot_function_matches_the_server(server):
         try:
             c.execute_command("CLUSTER", "KEYSLOT", "foo")
         except redis.ResponseError:
-            own = ServerProcess(extra_args=("--cluster-enabled", "yes")).start()
+            own = cluster_node(free_port()).start()
             c.close()
             c = own.client()
         pipe = c.pipeline(transaction=False)
@@ -528,9 +534,8 @@ def _start_cluster(masters: int = 3) -> list[ServerProcess]:
     bus_ports: list[int] = []
     try:
         for _ in range(masters):
-            bus_ports.append(free_port())  # not port + 10000 (which may be past 65535)
-            args = ("--cluster-enabled", "yes", "--cluster-port", str(bus_ports[-1]))
-            servers.append(ServerProcess(extra_args=(*args, "--cluster-node-timeout", "2000")))
+            bus_ports.append(free_port())
+            servers.append(cluster_node(bus_ports[-1]))
             servers[-1].start()
         per = 16384 // masters
         for i, srv in enumerate(servers):

@@ -5,6 +5,8 @@ Layers (each usable alone): :class:`SafeHashMap` (thread-safe local map), ``Lock
 (distributed lock), ``SyncMap`` (coherent near-cache map). Start with :func:`connect`.
 """
 
+import logging as _logging
+
 from ._codec import BytesCodec, Codec, JSONCodec, MsgpackCodec, PickleCodec
 from ._core.retry import ExponentialBackoff, LimitRetry, LinearBackoff, NoRetry, RetryStrategy
 from ._errors import (
@@ -31,6 +33,9 @@ from ._map import AsyncSyncMap, MapChange, MapStats, SyncMap
 from ._node import AsyncNode, Node, connect, connect_async
 
 __version__ = "0.1.0"
+
+# A library logs; the application decides where to (the listener's warnings go to "syncmap.*").
+_logging.getLogger("syncmap").addHandler(_logging.NullHandler())
 
 __all__ = [
     "AsyncLock",

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import signal
 import socket
@@ -384,6 +385,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         if command:
             args.cmd = command
+        if args.command != "demo":  # the demo reports faults itself; elsewhere show warnings
+            logging.basicConfig(level=logging.WARNING, format="%(message)s")
         return int(args.func(args))
     except _Fail as exc:
         print(f"syncmap: {exc}", file=sys.stderr)

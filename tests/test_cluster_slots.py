@@ -375,7 +375,9 @@ def map_scenario(node: syncmap.Node, other: syncmap.Node, name: str) -> None:
         m.set("a", 1)
         assert m.get("a") == 1
         assert peer.get("a") == 1  # fetch (map_get) on the peer, cached there
-        assert m.get("a", fresh=True) == 1  # map_version
+        # cached and proven fresh, so a fresh read asks only for the version (map_version)
+        wait_until(lambda: m.get("a") == 1 and m.get_local("a") == 1, 5, what="a cached")
+        assert m.get("a", fresh=True) == 1
         m["b"] = {"x": 1, "y": [1, 2]}
         m.set("ttl", "v", ttl=30)
         m.set("}{odd}", "braces in an entry key")

@@ -86,6 +86,33 @@ def test_propagation(maps, server, ns):
     assert b.stats.invalidations >= 12 and b.stats.resyncs == 0
 
 
+def test_pushed_values_update_the_local_copy(maps, server, ns):
+    """A write of a small value with no TTL carries it in the change message: another node
+    that had the key cached takes it without asking the server. Large values, TTL writes and
+    ``push_values=0`` only invalidate; a key that was not cached is not added."""
+    a = maps(server.url, ns, max_staleness=LONG, push_values=64)
+    b = maps(server.url, ns, max_staleness=LONG)
+    a.set("k", 0)
+    a.set("other", 0)
+    wait_until(lambda: b.get("k") == 0 and b.stats.hits > 0, 5, what="b caches k")
+    misses = b.stats.misses
+    for value in range(1, 6):
+        a.set("k", {"n": value})
+        wait_until(lambda v=value: b.get("k") == {"n": v}, 5, what=f"b sees {value}")
+    a.incr("other")  # "other" is not in b's copy: it stays out of it
+    wait_until(lambda: b.stats.invalidations >= 7, 5, what="b's listener saw the changes")
+    assert b.stats.misses == misses and b.stats.local_size == 1
+    assert b.get("other") == 1 and b.stats.misses == misses + 1
+    for value, options in (("x" * 65, {}), ("ttl", {"ttl": 60})):
+        a.set("k", value, **options)  # too large / with a TTL: an invalidation only
+        wait_until(lambda v=value: b.get("k") == v, 5, what="b fetches k")
+    assert b.stats.misses == misses + 3
+    c = maps(server.url, ns, max_staleness=LONG, push_values=0)
+    c.set("k", "plain")
+    wait_until(lambda: b.get("k") == "plain", 5, what="b fetches k")
+    assert b.stats.misses == misses + 4
+
+
 def test_fresh_read_is_linearizable_and_small(maps, server, ns):
     a = maps(server.url, ns, max_staleness=LONG)
     b = maps(server.url, ns, max_staleness=LONG)
@@ -212,6 +239,8 @@ def test_bad_values_and_sizes(maps, server, ns, client):
         {"ttl": -1},
         {"codec": "yaml"},
         {"max_value_bytes": 0},
+        {"push_values": -1},
+        {"push_values": True},
     ],
     ids=repr,
 )

@@ -235,3 +235,45 @@ def test_clear_message_empties_and_fails_fills_in_flight():
     assert len(st.store) == 0
     assert not st.finish_fill("b", ph, 2, 11, "E")
     assert isinstance(Placeholder(0), Placeholder) and Entry(1, 1).version == 1
+
+
+def vmsg(epoch: str, seq: int, key: str, payload: bytes) -> bytes:
+    k = key.encode()
+    return f"SM1 {epoch} {seq} V {len(k)} ".encode() + k + payload
+
+
+def test_parse_change_with_a_value():
+    c = parse_change(vmsg("e", 7, "a key", b'{"x": 1} tail'))
+    assert (c.epoch, c.seq, c.op, c.key, c.value) == ("e", 7, "S", "a key", b'{"x": 1} tail')
+    assert parse_change(vmsg("e", 7, "k", b"")).value == b""
+    assert parse_change(msg("e", 7)).value is None
+    for bad in (b"SM1 e 1 V x k", b"SM1 e 1 V 9 k", b"SM1 e 1 V k"):
+        with pytest.raises(ValueError):
+            parse_change(bad)
+
+
+def test_carried_values_update_only_entries_already_there():
+    """Push values: an older entry takes the carried value (no fetch on the next read); a key
+    that is not cached stays out; own newer entries and placeholders keep their rules."""
+    import json
+
+    st, _ = synced()
+    st.decode = json.loads
+    assert fill(st, "k", "v", 10)
+    st.on_message(vmsg("E", 11, "k", b'"v11"'))
+    assert st.store.get("k").value == "v11" and st.store.get("k").version == 11
+    st.on_message(vmsg("E", 12, "absent", b'"x"'))
+    assert st.store.get("absent") is None  # never adds a key
+    assert fill(st, "mine", "own", 14)  # own write at seq 14; an older message arrives
+    st.on_message(vmsg("E", 13, "mine", b'"older"'))
+    st.on_message(vmsg("E", 14, "mine", b'"own"'))
+    assert st.store.get("mine").value == "own" and st.store.get("mine").version == 14
+    ph = st.begin_fill("p")  # fill race: the carried value only marks the placeholder
+    st.on_message(vmsg("E", 15, "p", b'"new"'))
+    assert not st.finish_fill("p", ph, "old", 14, "E") and st.store.get("p") is None
+    st.on_message(msg("E", 16, "k", "D"))  # a delete: the entry becomes a cached miss
+    assert st.store.get("k").value is ABSENT and st.store.get("k").version == 16
+    st.on_message(vmsg("E", 17, "k", b"not json"))  # undecodable: dropped, not kept stale
+    assert st.store.get("k") is None and st.synced
+    st.on_message(vmsg("E", 19, "k", b'"gap"'))  # the gap rule holds for carried values too
+    assert not st.synced and st.resync_causes == {"gap": 1} and len(st.store) == 0

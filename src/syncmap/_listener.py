@@ -3,6 +3,14 @@
 flow's operations on a dedicated connection (a subscriber connection plus a client for the
 freshness probe, both with a socket timeout) and restart the flow if it ever fails: the
 listener never dies from bad data or a lost server.
+
+Why a reading thread applies change messages too (blocking map): a thread spinning on
+``m.get`` holds the GIL, and the listener thread, woken by a message, waits up to the switch
+interval (5 ms) for it, every time. So the map's read path calls :meth:`SyncListener.poll`
+about once a millisecond: it applies, in the reading thread, every event already waiting on
+the subscriber connection. One lock orders the two: whoever holds it reads *and* applies a
+whole batch, in the connection's order. The listener thread waits for data without the lock
+(``poll(2)`` on the socket), then takes it; a reading thread never waits for it.
 """
 
 from __future__ import annotations
@@ -10,7 +18,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import select
 import threading
+import time
 from typing import Any
 
 import redis
@@ -28,6 +38,7 @@ from ._core.map_listen import (
     Receive,
     Subscribe,
     Unsubscribe,
+    apply_event,
     listen,
 )
 from ._core.ops import Command, Sleep
@@ -91,8 +102,14 @@ class _ListenerBase:
         return min(0.02 * 2.0 ** min(self.restarts, 7), 2.0)
 
 
+DRAIN_LIMIT = 10_000  # events applied in one go at most (the rest: next time)
+READERS_ACTIVE = 0.002  # s: a reading thread polled this recently: it applies the events
+
+
 class SyncListener(_ListenerBase):
-    """The listener of a blocking map: one daemon thread."""
+    """The listener of a blocking map: one daemon thread, helped by reading threads
+    (:meth:`poll`). ``lock`` guards the subscriber connection: held to read and apply events,
+    to send on it, and to replace it; never while waiting for data."""
 
     def __init__(
         self, state: Coherence, keys: MapKeys, client: redis.Redis, address: str, timeout: float
@@ -105,6 +122,10 @@ class SyncListener(_ListenerBase):
             )
         )
         self.pubsub: Any = None
+        self.lock = threading.Lock()
+        self.failure: Exception | None = None  # a reading thread's drain failed: reconnect
+        self.last_poll = -1.0  # when a reading thread last called poll()
+        self._poller: tuple[Any, Any, Any] | None = None
         self.closing = threading.Event()
         self.running = threading.Event()  # cleared by tests to stall the listener
         self.running.set()
@@ -149,31 +170,131 @@ class SyncListener(_ListenerBase):
 
     def _perform(self, op: ListenOp) -> Any:
         if isinstance(op, Receive):
-            return _event(self.pubsub.get_message(timeout=op.timeout), self.channel)
+            return self._receive(op.timeout)
         if isinstance(op, Command):
             return self.client.execute_command(*op.args)  # type: ignore[no-untyped-call]
         if isinstance(op, PubsubPing):
-            return self.pubsub.ping(op.token)
+            # sent without the lock (a send may wait for the GIL: readers would be locked out);
+            # sending while another thread reads the same socket is fine
+            return self.pubsub.connection.send_command("PING", op.token, check_health=False)
         if isinstance(op, Sleep):
             self.closing.wait(op.seconds)
             return None
         if isinstance(op, Subscribe):
-            self._unsubscribe()
-            self.pubsub = self.client.pubsub()  # type: ignore[no-untyped-call]
-            self.pubsub.subscribe(op.channel)
+            with self.lock:
+                self._unsubscribe_locked()
+                self.pubsub = self.client.pubsub()  # type: ignore[no-untyped-call]
+                self.pubsub.subscribe(op.channel)
+                self._poller = _poller_of(self.pubsub)
             return None
         if isinstance(op, Unsubscribe):
             self._unsubscribe()
             return None
         raise TypeError(f"unknown listener operation {op!r}")
 
+    def _receive(self, timeout: float) -> int:
+        """Wait (without the lock) up to ``timeout`` for data, then apply all there is.
+
+        While reading threads poll, they apply what arrives (within ``POLL_INTERVAL``), and
+        this thread leaves it to them: if it took the lock, every system call of its drain
+        would hand the GIL to a spinning reader and wait up to a switch interval to get it
+        back, with the lock held and the readers locked out."""
+        end = time.monotonic() + timeout
+        while self.failure is None:
+            poller = self._poller
+            if poller is not None and poller[1] is not getattr(self.pubsub.connection, "_sock", 0):
+                poller = self._poller = _poller_of(self.pubsub)  # redis-py reconnected it
+            if poller is None:  # no poll(2) (or no socket: the drain below raises)
+                self.closing.wait(min(timeout, 0.001))
+                break
+            try:
+                ready = poller[0].poll(max(0.0, end - time.monotonic()) * 1000)
+            except (OSError, ValueError):  # closed: the drain below says so
+                break
+            now = time.monotonic()
+            if not ready or now >= end or now - self.last_poll >= READERS_ACTIVE:
+                break
+            self.closing.wait(READERS_ACTIVE / 2)  # readers are polling: give them the data
+        with self.lock:
+            failure, self.failure = self.failure, None
+            if failure is not None:
+                raise failure
+            return self._drain()
+
+    def poll(self, now: float) -> None:
+        """Apply the events already waiting on the subscriber connection, in the calling
+        (reading) thread; ``now``: ``time.monotonic()``. Never waits: skipped while another
+        thread holds the lock."""
+        self.last_poll = now
+        if not self.running.is_set() or not self.lock.acquire(blocking=False):
+            return
+        try:
+            poller = self._poller
+            if poller is None:
+                waiting = self.failure is None and self.pubsub is not None
+            else:
+                waiting = not self._nothing_waiting(poller[2])
+            if waiting:
+                self._drain()
+        except Exception as exc:
+            error = _error(exc, self.address)
+            self.failure = error  # the listener thread reconnects
+            if isinstance(error, SyncMapError):
+                self.state.on_disconnect()
+            else:
+                log.error("syncmap: applying change messages failed", exc_info=error)
+                self.state.resync("listener_error")
+        finally:
+            self.lock.release()
+
+    def _nothing_waiting(self, poller: Any) -> bool:
+        """True if the socket has no data (lock held; a drain leaves nothing buffered in
+        redis-py, so the socket says it all). Cheaper than redis-py's ``can_read``."""
+        if self.failure is not None:
+            return True
+        try:
+            return not poller.poll(0)
+        except (OSError, ValueError):
+            return False  # closed: the drain says so
+
+    def _drain(self) -> int:
+        """Read and apply every event already on the connection (lock held)."""
+        pubsub = self.pubsub
+        conn = pubsub.connection
+        if conn is None or getattr(conn, "_sock", True) is None:
+            raise redis.ConnectionError("the subscriber connection is closed")
+        state, channel, handle = self.state, self.channel, pubsub.handle_message
+        count = 0
+        while count < DRAIN_LIMIT and conn.can_read(timeout=0):
+            response = conn.read_response(disconnect_on_error=False, push_request=True)
+            apply_event(state, _event(handle(response), channel))
+            count += 1
+        return count
+
     def _unsubscribe(self) -> None:
-        pubsub, self.pubsub = self.pubsub, None
+        with self.lock:
+            self._unsubscribe_locked()
+
+    def _unsubscribe_locked(self) -> None:
+        pubsub, self.pubsub, self._poller = self.pubsub, None, None
         if pubsub is not None:
             try:
                 pubsub.close()
             except Exception:  # closing a dead connection: nothing to do
                 log.debug("syncmap: closing a subscriber connection failed", exc_info=True)
+
+
+def _poller_of(pubsub: Any) -> tuple[Any, Any, Any] | None:
+    """``(poll object for the listener thread, socket, poll object for the lock holder)`` for
+    the subscriber socket (a poll object must not be used by two threads at once); ``None``
+    if there is no socket to poll (or no poll(2))."""
+    sock = getattr(pubsub.connection, "_sock", None)
+    if sock is None or not hasattr(select, "poll"):
+        return None
+    pollers = select.poll(), select.poll()
+    for poller in pollers:
+        poller.register(sock, select.POLLIN)
+    return pollers[0], sock, pollers[1]
 
 
 class AsyncListener(_ListenerBase):
@@ -240,7 +361,12 @@ class AsyncListener(_ListenerBase):
     async def _perform(self, op: ListenOp) -> Any:
         if isinstance(op, Receive):
             message = await self.pubsub.get_message(timeout=op.timeout)
-            return _event(message, self.channel)
+            count = 0
+            while message is not None and count < DRAIN_LIMIT:  # the whole batch at once
+                apply_event(self.state, _event(message, self.channel))
+                count += 1
+                message = await self.pubsub.get_message(timeout=0)
+            return count
         if isinstance(op, Command):
             return await self.client.execute_command(*op.args)  # type: ignore[no-untyped-call]
         if isinstance(op, PubsubPing):

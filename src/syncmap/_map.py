@@ -5,22 +5,29 @@ Consistency contract (what holds, and how)
 
 The server holds the truth. Every write is one Lua script that bumps the map's sequence
 number (``seq``), writes the entry and publishes ``epoch seq op key`` on the map's channel,
-atomically. The ``epoch`` is a random id created with the map's server-side metadata: a
-server restart without persistence, or FLUSHALL, yields a new one. Each node keeps a local
-copy and one listener (a thread, or a task under asyncio) on a dedicated subscriber
-connection. Call the moment a write's call returns "acknowledged".
+atomically; a write of a value with no TTL whose encoding is at most ``push_values`` bytes
+(default 4096; 0: never) carries that payload in the message too. The ``epoch`` is a random
+id created with the map's server-side metadata: a server restart without persistence, or
+FLUSHALL, yields a new one. Each node keeps a local copy and one listener (a thread, or a
+task under asyncio) on a dedicated subscriber connection. Call the moment a write's call
+returns "acknowledged".
 
 1. **Read-your-writes.** A node's own acknowledged write is installed in its local copy with
    that write's ``seq`` (or, if a newer change of that key was seen meanwhile, not at all and
    the next read goes to the server). It never reads an older value after that.
-2. **Propagation.** Every other node's listener drops its copy of the key as soon as the
-   change message arrives (a change with seq ``s`` drops an entry only if the entry is older
-   than ``s``). Cost per message: O(1), never a scan of the local copy.
+2. **Propagation.** Every other node applies the change message as soon as it arrives: an
+   entry older than the message's seq ``s`` takes the new state if the message says what it
+   is (the value it carries, decoded, at version ``s``; absent after a delete), else it is
+   dropped. A key that is not in the local copy is never added, and entries at ``s`` or newer
+   are left alone. Cost per message: O(1), never a scan of the local copy. The listener
+   thread applies messages, and so does a reading thread (blocking map): a local hit applies
+   whatever is waiting on the subscriber connection at most every 0.5 ms, so a thread
+   spinning on ``get`` does not wait for the listener thread to get the GIL.
 3. **No fill race.** A fetch (or write) first reserves the key with a placeholder; a change
-   message marks the placeholder; the fetched value is installed only if its placeholder is
-   still there, nothing newer than the read was marked on it, and the copy was not reset
-   meanwhile. A value read before a concurrent write is never installed after that write's
-   invalidation was processed.
+   message only marks the placeholder (a carried value is not installed in it); the fetched
+   value is installed only if its placeholder is still there, nothing newer than the read was
+   marked on it, and the copy was not reset meanwhile. A value read before a concurrent write
+   is never installed after that write's invalidation was processed.
 4. **Lost invalidations: zero tolerance.** Messages must arrive as ``applied + 1``. A gap, a
    seq going backwards, another epoch, a malformed message of ours, a (re)subscription, a lost
    subscriber connection, or a reply carrying another epoch drops the whole local copy *before
@@ -94,6 +101,8 @@ __all__ = ["AsyncSyncMap", "MapChange", "MapStats", "SyncMap"]
 T = TypeVar("T")
 _MISSING: Any = object()
 DEFAULT_MAXSIZE: Final = 100_000
+DEFAULT_PUSH_VALUES: Final = 4096  # bytes: writes of values up to this size carry them
+POLL_INTERVAL: Final = 0.0005  # s: how often a local hit applies waiting change messages
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +137,7 @@ def _check_options(
     on_stale: object,
     max_key_bytes: object,
     max_value_bytes: object,
+    push_values: object,
 ) -> None:
     if isinstance(max_staleness, bool) or not isinstance(max_staleness, int | float):
         raise InvalidArgument(f"max_staleness must be a number of seconds, not {max_staleness!r}")
@@ -140,6 +150,8 @@ def _check_options(
             raise InvalidArgument(f"{name} must be a positive int, not {limit!r}")
     if maxsize is not None and (isinstance(maxsize, bool) or not isinstance(maxsize, int)):
         raise InvalidArgument(f"maxsize must be an int or None, not {maxsize!r}")
+    if isinstance(push_values, bool) or not isinstance(push_values, int) or push_values < 0:
+        raise InvalidArgument(f"push_values must be an int >= 0 (bytes), not {push_values!r}")
 
 
 class _Driver(SyncDriver):
@@ -176,10 +188,13 @@ class _MapBase:
         on_stale: str = "server",
         max_key_bytes: int = 1024,
         max_value_bytes: int = 1 << 20,
+        push_values: int = DEFAULT_PUSH_VALUES,
         _fill_guard: bool = True,
     ) -> None:
         keys = MapKeys(name)
-        _check_options(maxsize, max_staleness, on_stale, max_key_bytes, max_value_bytes)
+        _check_options(
+            maxsize, max_staleness, on_stale, max_key_bytes, max_value_bytes, push_values
+        )
         self.name = name
         self.node = node
         self._store: SafeHashMap[str, Any] = SafeHashMap(maxsize)
@@ -203,7 +218,9 @@ class _MapBase:
             default_ttl=ttl,
             max_key_bytes=max_key_bytes,
             max_value_bytes=max_value_bytes,
+            push_values=push_values,
         )
+        self._state.decode = self._core.codec.decode
         self._listener_timeout = min(max(self._max_staleness, 0.25), 2.0)
         self._hits = 0
         self._misses = 0
@@ -269,6 +286,7 @@ class SyncMap(_MapBase, MutableMapping[str, Any]):
         self._listener = SyncListener(
             self._state, self._core.keys, node.client, node.address, self._listener_timeout
         )
+        self._next_poll = 0.0  # the read path applies waiting change messages from then on
         self._listener.start()
         deadline = time.monotonic() + 2.0  # usually ms: ready to cache right away
         while not self._state.synced and time.monotonic() < deadline:
@@ -288,11 +306,21 @@ class SyncMap(_MapBase, MutableMapping[str, Any]):
             except TypeError:
                 entry = None
             if entry.__class__ is Entry:
-                if self._clock() <= self._state.fresh_until:
-                    self._hits += 1
-                    value = entry.value
-                    return default if value is ABSENT else value
-                if self._raise_stale:
+                now = self._clock()
+                if now <= self._state.fresh_until:
+                    if now < self._next_poll:
+                        self._hits += 1
+                        value = entry.value
+                        return default if value is ABSENT else value
+                    # due: apply waiting change messages here (see _listener), then read again
+                    self._next_poll = now + POLL_INTERVAL
+                    self._listener.poll(now)
+                    entry = self._store_get(key)
+                    if entry.__class__ is Entry and self._clock() <= self._state.fresh_until:
+                        self._hits += 1
+                        value = entry.value
+                        return default if value is ABSENT else value
+                elif self._raise_stale:
                     raise StaleRead(self._stale_message())
         self._misses += 1
         return self._run(self._core.get(key, default, fresh))

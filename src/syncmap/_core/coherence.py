@@ -105,15 +105,17 @@ class LocalStore(Protocol):
 
 class Change:
     """One decoded change message: ``SM1 <epoch> <seq> <op> <key>``; op S (set), D (delete),
-    C (clear: key is empty)."""
+    C (clear: key is empty); or ``SM1 <epoch> <seq> V <len(key)> <key><payload>``: a set that
+    carries the new value's payload (``op`` "S", ``value`` the payload; else ``value`` None)."""
 
-    __slots__ = ("epoch", "key", "op", "seq")
+    __slots__ = ("epoch", "key", "op", "seq", "value")
 
-    def __init__(self, epoch: str, seq: int, op: str, key: str) -> None:
+    def __init__(self, epoch: str, seq: int, op: str, key: str, value: bytes | None = None) -> None:
         self.epoch = epoch
         self.seq = seq
         self.op = op
         self.key = key
+        self.value = value
 
 
 MAGIC: Final = b"SM1 "
@@ -132,10 +134,19 @@ def parse_change(data: bytes) -> Change | None:
     if len(parts) != 5:
         raise MalformedChange(f"change message with {len(parts)} fields")
     _, epoch, seq, op, key = parts
-    if not seq.isdigit() or op not in (b"S", b"D", b"C") or not epoch:
+    if not seq.isdigit() or op not in (b"S", b"D", b"C", b"V") or not epoch:
         raise MalformedChange("bad seq, op or epoch in change message")
+    value = None
+    if op == b"V":
+        size, _, body = key.partition(b" ")
+        if not size.isdigit() or len(body) < int(size):
+            raise MalformedChange("bad key length in a change message with a value")
+        n = int(size)
+        key, value, op = body[:n], body[n:], b"S"
     try:
-        return Change(epoch.decode("ascii"), int(seq), op.decode("ascii"), key.decode("utf-8"))
+        return Change(
+            epoch.decode("ascii"), int(seq), op.decode("ascii"), key.decode("utf-8"), value
+        )
     except UnicodeDecodeError as exc:
         raise MalformedChange(f"undecodable change message: {exc}") from None
 
@@ -161,6 +172,8 @@ class Coherence:
         self.probe_interval = max_staleness / 3
         self.probe_timeout = probe_timeout
         self.fill_guard = True  # tests turn it off to show the fill race it prevents
+        # decodes a value carried by a change message; None: such values only invalidate
+        self.decode: Callable[[bytes], Any] | None = None
         self.watchers: list[Callable[[Change], None]] = []  # told of every change message
         # coherence
         self.epoch: str | None = None
@@ -176,7 +189,7 @@ class Coherence:
         self.probe_t0 = 0.0
         self.probe_meta: tuple[str | None, int] | None = None
         self.last_probe = -INF
-        self._seen: list[tuple[str, int]] = []  # unsynced: changes seen since the probe's read
+        self._seen: list[tuple[str, int]] = []  # unsynced: changes seen since the probe began
         # stats
         self.invalidations = 0
         self.skipped = 0
@@ -299,7 +312,7 @@ class Coherence:
         with self.mutex:
             self.invalidations += 1
             if not self.synced:
-                if self.probe_meta is not None:
+                if self.probe_token is not None:  # on_pong sorts out what the probe's read saw
                     if len(self._seen) >= self.SEEN_LIMIT:
                         self._resync(None)
                     else:
@@ -319,17 +332,35 @@ class Coherence:
                 self.generation += 1
                 self.store.clear()
                 return
-            self._invalidate(change.key, change.seq)
+            self._apply(change)
 
-    def _invalidate(self, key: str, seq: int) -> None:
+    def _apply(self, change: Change) -> None:
+        """A change of one key at seq ``s``: an entry older than ``s`` takes the new state if
+        the message says what it is (a value it carries, or absent after a delete), else it is
+        dropped; a placeholder is only marked (its fill will not install); a key that is not
+        in the local copy stays out of it. O(1)."""
+        key, seq = change.key, change.seq
         current = self.store.get(key)
         if current is None:
             return
         if type(current) is Placeholder:
             if seq > current.max_seq:
                 current.max_seq = seq
-        elif current.version < seq:
-            self.store.delete_if(key, lambda e: e is current)
+            return
+        if current.version >= seq:
+            return
+        if change.op == "D":
+            self.store.replace(key, current, Entry(ABSENT, seq))
+            return
+        if change.value is not None and self.decode is not None:
+            try:
+                value = self.decode(change.value)
+            except Exception as exc:  # another codec wrote it? then only invalidate
+                log.warning("undecodable value in a change of %r: %s", key, exc)
+            else:
+                self.store.replace(key, current, Entry(value, seq))
+                return
+        self.store.delete_if(key, lambda e: e is current)
 
     # ---- probes: proving freshness ---------------------------------------------------------
 
@@ -348,6 +379,7 @@ class Coherence:
             self.probe_token = f"syncmap-probe-{self._token_counter}"
             self.probe_t0 = self.last_probe = self.clock()
             self.probe_meta = None
+            self._seen = []
             return self.probe_token
 
     def cancel_probe(self) -> None:
@@ -360,8 +392,9 @@ class Coherence:
         with self.mutex:
             if token != self.probe_token:
                 return
+            # Changes seen since start_probe stay in _seen: another thread may apply events
+            # while this one waits for the read; on_pong skips those the read includes.
             self.probe_meta = (epoch, seq)
-            self._seen = []
 
     def on_pong(self, token: str) -> None:
         """Every message published before the probe's read has now arrived."""

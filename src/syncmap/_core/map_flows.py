@@ -90,6 +90,7 @@ class MapCore:
         default_ttl: float | None,
         max_key_bytes: int,
         max_value_bytes: int,
+        push_values: int = 0,
     ) -> None:
         self.keys = keys
         self.state = state
@@ -98,6 +99,7 @@ class MapCore:
         self.default_ttl = None if default_ttl is None else _check_ttl(default_ttl)
         self.max_key_bytes = max_key_bytes
         self.max_value_bytes = max_value_bytes
+        self.push_values = push_values  # payloads up to this size ride in change messages
         self.fill_hook: Callable[[str], Any] | None = None  # tests: runs between fetch and install
         self._copy_scalars = codec.name in ("json", "msgpack")
         self.incr_codec = codec.name if codec.name in ("json", "msgpack") else None
@@ -250,7 +252,7 @@ class MapCore:
                 "map_write",
                 (keys.meta, keys.record(k), keys.idx, keys.fences, keys.load(k), *guard_keys),
                 (op, k, self.new_token(), keys.channel, payload, px, expected, token, fence,
-                 load_token),
+                 load_token, self.push_values),
             )  # fmt: skip
             epoch, seq, status, record = _text(reply[0]), int(reply[1]), int(reply[2]), reply[3]
             if status == -1:

@@ -24,6 +24,7 @@ __all__ = [
     "Receive",
     "Subscribe",
     "Unsubscribe",
+    "apply_event",
     "listen",
 ]
 
@@ -45,8 +46,10 @@ class Unsubscribe:
 
 @dataclass(frozen=True, slots=True)
 class Receive:
-    """Wait up to ``timeout`` seconds for one event of the subscriber connection:
-    an :data:`Event`, or ``None``."""
+    """Wait up to ``timeout`` seconds for the subscriber connection to have data, then apply
+    every event already there, in order, with :func:`apply_event`; returns how many. (The
+    runner applies them itself, in one go, so that a reading thread may apply them too: see
+    ``syncmap._listener``.)"""
 
     timeout: float
 
@@ -60,6 +63,20 @@ class PubsubPing:
 
 Event = tuple[str, bytes]
 """("message", data) | ("subscribe", b"") | ("pong", token) — anything else is dropped."""
+
+
+def apply_event(state: Coherence, event: Event | None) -> None:
+    """One event of the subscriber connection, applied to the coherence state."""
+    if event is None:
+        return
+    kind, data = event
+    if kind == "message":
+        state.on_message(data)
+    elif kind == "pong":
+        state.on_pong(data.decode("utf-8", "replace"))
+    elif kind == "subscribe":
+        state.on_subscribed()
+
 
 ListenOp = Op | Subscribe | Unsubscribe | Receive | PubsubPing
 ListenFlow = Generator[ListenOp, Any, T]
@@ -84,17 +101,9 @@ def listen(state: Coherence, keys: MapKeys, *, max_backoff: float = 2.0) -> List
                         yield Sleep(min(0.05, state.probe_interval))
                         continue
                 wait = state.probe_interval - (state.clock() - state.last_probe)
-                event = yield Receive(max(0.001, min(MAX_WAIT, wait)))
-                if event is None:
-                    continue
-                kind, data = event
-                if kind == "message":
-                    state.on_message(data)
-                elif kind == "pong":
-                    state.on_pong(data.decode("utf-8", "replace"))
-                elif kind == "subscribe":
-                    state.on_subscribed()
-                    backoff = 0.02
+                got = yield Receive(max(0.001, min(MAX_WAIT, wait)))
+                if got or state.synced:
+                    backoff = 0.02  # the subscription works (events may be applied elsewhere)
         except SyncMapError as exc:
             log.warning("syncmap: subscriber connection for map %r lost: %s", keys.name, exc)
             state.on_disconnect()

@@ -1,6 +1,8 @@
 -- map_write: one change of one SyncMap entry, atomically: guard check, epoch, seq, record, index,
 -- change message. Record = "SM\1" .. epoch .. " " .. seq .. "\n" .. payload.
--- Change message (on the channel) = "SM1 " .. epoch .. " " .. seq .. " " .. op .. " " .. key.
+-- Change message (on the channel) = "SM1 " .. epoch .. " " .. seq .. " " .. op .. " " .. key, op S or D;
+-- or, for a write with no expiry whose payload is at most ARGV[11] bytes, the value too:
+-- "SM1 " .. epoch .. " " .. seq .. " V " .. #key .. " " .. key .. payload.
 --
 -- KEYS[1] meta hash {epoch, seq}     KEYS[2] the entry's record     KEYS[3] idx zset
 -- KEYS[4] fences hash                KEYS[5] the entry's load lock  KEYS[6] guard lock (if guarded)
@@ -14,6 +16,7 @@
 --         incr: codec name (json | msgpack)
 -- ARGV[8] guard token ("" = unguarded)   ARGV[9] guard fence ("" = none)
 -- ARGV[10] load token: release the entry's load lock if it holds this token ("" = none)
+-- ARGV[11] push limit: carry payloads up to this many bytes in the change message (0 = never)
 -- Returns {epoch or false, seq, status, record or false, pttl}
 --   seq: the write's seq when written, else the map's current seq (version of what was read)
 --   status: 1 written; 0 condition false (nothing written); -1 guard rejected;
@@ -56,26 +59,29 @@ local function parse(r)
   return {r, string.sub(r, 4, nl - 1), string.sub(r, nl + 1)}
 end
 
-local old = false
-local t = redis.call('TYPE', rec)['ok']
-if t == 'string' then
-  old = parse(redis.call('GET', rec))
-elseif t ~= 'none' then
-  old = nil
-end
-if old == nil and op ~= 'set' and op ~= 'del' then
-  return answer(-3, false)
+-- (a plain set needs neither the old record nor its type: it overwrites whatever is there)
+local old, t = false, 'none'
+if op ~= 'set' then
+  t = redis.call('TYPE', rec)['ok']
+  if t == 'string' then
+    old = parse(redis.call('GET', rec))
+  elseif t ~= 'none' then
+    old = nil
+  end
+  if old == nil and op ~= 'del' then
+    return answer(-3, false)
+  end
 end
 
--- bump the map's seq (creating the epoch if the map's meta is gone), publish, bookkeeping
-local function commit(code)
+-- bump the map's seq (creating the epoch if the map's meta is gone), bookkeeping; returns
+-- epoch, seq and seq as text. The caller publishes the change message.
+local function commit()
   local epoch = redis.call('HGET', meta, 'epoch')
   if not epoch then
     epoch = ARGV[3]
     redis.call('HSET', meta, 'epoch', epoch, 'seq', 0)
   end
   local seq = redis.call('HINCRBY', meta, 'seq', 1)
-  redis.call('PUBLISH', channel, 'SM1 ' .. epoch .. ' ' .. string.format('%d', seq) .. ' ' .. code .. ' ' .. key)
   if guard ~= '' and ARGV[9] ~= '' then
     local seen = redis.call('HGET', fences, KEYS[6])
     if not seen or tonumber(ARGV[9]) > tonumber(seen) then
@@ -85,25 +91,35 @@ local function commit(code)
   if ARGV[10] ~= '' and redis.call('GET', loadkey) == ARGV[10] then
     redis.call('DEL', loadkey)
   end
-  return epoch, seq
+  return epoch, seq, string.format('%d', seq)
 end
 
+local push = tonumber(ARGV[11] or '0') or 0
+
 local function write(payload, px, keepttl)
-  local epoch, seq = commit('S')
-  local record = 'SM\1' .. epoch .. ' ' .. string.format('%d', seq) .. '\n' .. payload
+  local epoch, seq, seqs = commit()
+  local head = 'SM1 ' .. epoch .. ' ' .. seqs
+  local record = 'SM\1' .. epoch .. ' ' .. seqs .. '\n' .. payload
+  local pttl = -1
   if keepttl then
     redis.call('SET', rec, record, 'KEEPTTL')
+    pttl = redis.call('PTTL', rec)
   elseif px > 0 then
     redis.call('SET', rec, record, 'PX', px)
+    pttl = px  -- time stands still inside a script
   else
     redis.call('SET', rec, record)
   end
-  local pttl = redis.call('PTTL', rec)
   if pttl > 0 then
     local now = redis.call('TIME')
     redis.call('ZADD', idx, tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) + pttl, key)
   else
     redis.call('ZADD', idx, '+inf', key)
+  end
+  if pttl < 0 and #payload <= push then
+    redis.call('PUBLISH', channel, head .. ' V ' .. #key .. ' ' .. key .. payload)
+  else
+    redis.call('PUBLISH', channel, head .. ' S ' .. key)
   end
   return {epoch, seq, 1, record, pttl}
 end
@@ -153,7 +169,8 @@ elseif op == 'del' then
   if t == 'none' then return answer(0, false) end
   redis.call('DEL', rec)
   redis.call('ZREM', idx, key)
-  local epoch, seq = commit('D')
+  local epoch, seq, seqs = commit()
+  redis.call('PUBLISH', channel, 'SM1 ' .. epoch .. ' ' .. seqs .. ' D ' .. key)
   return {epoch, seq, 1, before, -2}
 end
 return redis.error_reply('map_write: unknown op ' .. tostring(op))

@@ -371,10 +371,10 @@ async def test_a_cancelled_waiter_leaves_the_queue_and_is_not_handed_the_lock(se
 
 
 async def test_auto_renew_keeps_a_short_lock_alive(api, client, ns):
-    lock = api.lock(ns, ttl=0.3, auto_renew=True)
+    lock = api.lock(ns, ttl=0.6, auto_renew=True)
     await api.do(lock.acquire())
-    deadline = time.monotonic() + 1.0
-    while time.monotonic() < deadline:  # three TTLs, checked all along
+    deadline = time.monotonic() + 1.5
+    while time.monotonic() < deadline:  # 2.5 TTLs, checked all along
         assert client.get(ns) == lock.token.encode()
         await asyncio.sleep(0.02)
     assert not lock.lost
@@ -406,7 +406,8 @@ async def test_auto_renew_stops_at_max_hold(api, client, ns):
     while not lock.lost:
         await asyncio.sleep(0.01)
         assert time.monotonic() - started < 3
-    assert client.get(ns) is None
+    # lost is reported on the holder's clock, never later than the server lets the key go
+    wait_until(lambda: client.get(ns) is None, 1.0, what="the key to expire")
     assert time.monotonic() - started > 0.4
     with pytest.raises(LockNotHeld):
         await api.do(lock.release())

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import fnmatch
 import hashlib
 import math
@@ -83,6 +84,7 @@ __all__ = [
     "obtain_multi_async",
 ]
 
+T = TypeVar("T")
 N = TypeVar("N")
 L = TypeVar("L", bound="_LockBase[Any]")
 
@@ -217,12 +219,37 @@ class _SyncRunner(SyncDriver):
             conns.pool.release(conn)
 
 
+_CANCELS: contextvars.ContextVar[int] = contextvars.ContextVar("syncmap_lock_cancels", default=0)
+
+
+def _raise_swallowed_cancel() -> None:
+    """Re-raise a cancellation that redis-py swallowed.
+
+    On Python 3.11, ``asyncio.wait_for`` (which redis-py wraps around every send) returns the
+    result instead of raising when the task is cancelled just as the send completes; the
+    cancel request stays pending (``Task.cancelling()``) but nothing raises it, and a
+    cancelled acquire would go on waiting. Compared with the count when the flow started,
+    so a release run while a cancellation is already propagating (``async with``) proceeds.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling() > _CANCELS.get():
+        raise asyncio.CancelledError
+
+
 class _AsyncRunner(AsyncDriver):
     """The asyncio twin of :class:`_SyncRunner` (same connection handling, awaited)."""
 
     def __init__(self, node: AsyncNode) -> None:
         super().__init__(node.client, node.address)
         self.conns = _connections(node.client)
+
+    async def run(self, flow: Flow[T]) -> T:
+        task = asyncio.current_task()
+        baseline = _CANCELS.set(task.cancelling() if task is not None else 0)
+        try:
+            return await super().run(flow)
+        finally:
+            _CANCELS.reset(baseline)
 
     async def perform(self, op: Op) -> Any:
         try:
@@ -263,6 +290,7 @@ class _AsyncRunner(AsyncDriver):
             conns.idle.append(conn)
         else:
             await conns.pool.release(conn)
+        _raise_swallowed_cancel()
         return reply
 
     @staticmethod

@@ -331,7 +331,9 @@ class _LockBase(Generic[N]):
         max_hold: float | None = None,
         on_lost: Callable[[Any], object] | None = None,
     ) -> None:
-        names = name if isinstance(name, tuple) else (validate_name(name, "lock name"),)
+        names = (
+            check_names(name) if isinstance(name, tuple) else (validate_name(name, "lock name"),)
+        )
         self._state = LockState(LockKeys(names), check_ttl(ttl), check_metadata(metadata))
         self._poll = check_backoff(poll_interval, "poll_interval")
         if self._poll <= 0:
@@ -585,6 +587,12 @@ def _obtaining(
     return lock, lock._plan(True, wait, retry)
 
 
+def _multi(keys: object) -> tuple[str, ...]:
+    if isinstance(keys, str | bytes) or not isinstance(keys, list | tuple):
+        raise InvalidArgument(f"keys must be a list of str, not {type(keys).__name__}")
+    return tuple(keys)
+
+
 def _obtained(lock: L, got: bool) -> L:
     if not got:
         raise NotObtained(f"lock {lock.key!r} is held by someone else")
@@ -599,7 +607,7 @@ def obtain(node: Node, key: str, ttl: float, **options: Any) -> Lock:
 
 def obtain_multi(node: Node, keys: list[str], ttl: float, **options: Any) -> Lock:
     """Obtain every key or none (all in one hash slot, e.g. ``{order:42}:a``)."""
-    lock, plan = _obtaining(Lock, node, check_names(keys), ttl, options)
+    lock, plan = _obtaining(Lock, node, _multi(keys), ttl, options)
     return _obtained(lock, lock._acquire(*plan))
 
 
@@ -613,7 +621,7 @@ async def obtain_multi_async(
     node: AsyncNode, keys: list[str], ttl: float, **options: Any
 ) -> AsyncLock:
     """The asyncio form of :func:`obtain_multi`."""
-    lock, plan = _obtaining(AsyncLock, node, check_names(keys), ttl, options)
+    lock, plan = _obtaining(AsyncLock, node, _multi(keys), ttl, options)
     return _obtained(lock, await lock._acquire(*plan))
 
 

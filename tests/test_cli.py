@@ -214,7 +214,23 @@ def test_map_set_bad_json_value(server, ns):
     assert r.returncode == 2
     one_clean_line(r.stderr)
     r = run("ls", f"{ns}-m", "--json", url=server.url)
-    assert json.loads(r.stdout)["items"] == {}  # nothing written
+    assert r.returncode == 1  # nothing was written: the map does not even exist
+    one_clean_line(r.stderr)
+
+
+def test_missing_map_one_line(server, ns):
+    for cmd in ("ls", "get"):
+        r = run(cmd, f"{ns}-nothing", *(["k"] if cmd == "get" else []), url=server.url)
+        assert r.returncode == 1
+        one_clean_line(r.stderr)
+        assert "no map" in r.stderr
+
+
+def test_bench_prints_ratio_table():
+    r = run("bench", "local", "--quick", timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "| hit: SafeHashMap.get |" in r.stdout
+    assert "x dict.get" in r.stdout
 
 
 def test_watch_prints_changes_live(server, ns):

@@ -109,9 +109,19 @@ def _parse_value(raw: str, as_json: bool) -> Any:
         raise _Fail(f"value is not valid JSON: {exc}") from None
 
 
+def _require_map(node: Any, name: str) -> None:
+    """A map exists on the server once it has been written to (it has its metadata)."""
+    from ._core.keys import MapKeys
+
+    if not node.client.exists(MapKeys(name).meta):
+        raise _Fail(f"no map {name!r} on the server at {node.address}", 1)
+
+
 def _cmd_get(args: argparse.Namespace) -> int:
     from ._node import connect
 
+    with connect(args.url) as node:
+        _require_map(node, args.map)
     with connect(args.url) as node, node.map(args.map) as m:
         missing = object()
         value = m.get(args.key, missing, fresh=True)
@@ -147,6 +157,8 @@ def _cmd_del(args: argparse.Namespace) -> int:
 def _cmd_ls(args: argparse.Namespace) -> int:
     from ._node import connect
 
+    with connect(args.url) as node:
+        _require_map(node, args.map)
     with connect(args.url) as node, node.map(args.map) as m:
         items = {k: m.get(k, fresh=True) for k in sorted(m.keys())}
     if args.json:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from servers import ServerProcess  # noqa: E402
+from servers import ServerProcess
 
 __all__ = ["ServerProcess", "ns_per_call", "percentile", "print_table", "quick"]
 

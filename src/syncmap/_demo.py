@@ -60,6 +60,23 @@ def node_main(argv: list[str]) -> int:
     watcher.start()
     writes_seq = 0
     last_report = time.monotonic()
+    def report(**extra: Any) -> None:
+        stats = m.stats
+        counts = {
+            "pid": os.getpid(),
+            "ops": ops,
+            "reads": reads,
+            "writes": writes,
+            "locked": locked,
+            "atomic": atomic,
+            "switches": switches,
+            "hits": stats.hits,
+            "misses": stats.misses,
+            "ryw_violations": ryw_violations,
+            "latencies_us": [x / 1000 for x in latencies[-2000:]],
+        }
+        node.client.hset(progress_key, node_id, json.dumps({**counts, **extra}))
+
     try:
         while time.monotonic() < deadline:
             roll = rng.random()
@@ -98,27 +115,7 @@ def node_main(argv: list[str]) -> int:
                 m[slot] = {"w": node_id, "t": _now_ns()}
             now = time.monotonic()
             if now - last_report >= 0.25:
-                stats = m.stats
-                node.client.hset(
-                    progress_key,
-                    node_id,
-                    json.dumps(
-                        {
-                            "pid": os.getpid(),
-                            "ops": ops,
-                            "reads": reads,
-                            "writes": writes,
-                            "locked": locked,
-                            "atomic": atomic,
-                            "switches": switches,
-                            "hits": stats.hits,
-                            "misses": stats.misses,
-                            "ryw_violations": ryw_violations,
-                            "latencies_us": [x / 1000 for x in latencies[-2000:]],
-                            "t": now,
-                        }
-                    ),
-                )
+                report()
                 last_report = now
         # Barrier: wait until every node stopped writing; then, by the contract, once
         # max_staleness has passed every local read reflects every acknowledged write.
@@ -131,28 +128,7 @@ def node_main(argv: list[str]) -> int:
             time.sleep(0.02)
         time.sleep(MAX_STALENESS * 1.2)
         view = {k: m.get(k) for k in sorted(m.keys())}
-        stats = m.stats
-        node.client.hset(
-            progress_key,
-            node_id,
-            json.dumps(
-                {
-                    "pid": os.getpid(),
-                    "ops": ops,
-                    "reads": reads,
-                    "writes": writes,
-                    "locked": locked,
-                    "atomic": atomic,
-                    "switches": switches,
-                    "hits": stats.hits,
-                    "misses": stats.misses,
-                    "ryw_violations": ryw_violations,
-                    "latencies_us": [x / 1000 for x in latencies[-2000:]],
-                    "done": True,
-                    "view": view,
-                }
-            ),
-        )
+        report(done=True, view=view)
     finally:
         with contextlib.suppress(Exception):
             m.close()

@@ -11,6 +11,12 @@ about once a millisecond: it applies, in the reading thread, every event already
 the subscriber connection. One lock orders the two: whoever holds it reads *and* applies a
 whole batch, in the connection's order. The listener thread waits for data without the lock
 (``poll(2)`` on the socket), then takes it; a reading thread never waits for it.
+
+Applying a batch must be cheap, since a reading or writing thread pays for it: on a plain
+TCP or Unix socket the subscriber connection is read by :class:`_RawSubscriber` (one
+non-blocking ``recv`` into a hiredis reader per batch) rather than through redis-py's
+layers (several ``poll`` calls and dict-building per message). TLS connections use
+redis-py's reader.
 """
 
 from __future__ import annotations
@@ -19,10 +25,12 @@ import asyncio
 import contextlib
 import logging
 import select
+import socket
 import threading
 import time
 from typing import Any
 
+import hiredis
 import redis
 import redis.asyncio
 from redis.backoff import NoBackoff
@@ -103,7 +111,7 @@ class _ListenerBase:
 
 
 DRAIN_LIMIT = 10_000  # events applied in one go at most (the rest: next time)
-READERS_ACTIVE = 0.002  # s: a reading thread polled this recently: it applies the events
+READERS_ACTIVE = 0.002  # s: a map thread polled this recently: it applies the events
 
 
 class SyncListener(_ListenerBase):
@@ -126,6 +134,7 @@ class SyncListener(_ListenerBase):
         self.failure: Exception | None = None  # a reading thread's drain failed: reconnect
         self.last_poll = -1.0  # when a reading thread last called poll()
         self._poller: tuple[Any, Any, Any] | None = None
+        self._raw: _RawSubscriber | None = None
         self.closing = threading.Event()
         self.running = threading.Event()  # cleared by tests to stall the listener
         self.running.set()
@@ -186,6 +195,7 @@ class SyncListener(_ListenerBase):
                 self.pubsub = self.client.pubsub()  # type: ignore[no-untyped-call]
                 self.pubsub.subscribe(op.channel)
                 self._poller = _poller_of(self.pubsub)
+                self._raw = _RawSubscriber.of(self._poller)
             return None
         if isinstance(op, Unsubscribe):
             self._unsubscribe()
@@ -195,12 +205,18 @@ class SyncListener(_ListenerBase):
     def _receive(self, timeout: float) -> int:
         """Wait (without the lock) up to ``timeout`` for data, then apply all there is.
 
-        While reading threads poll, they apply what arrives (within ``POLL_INTERVAL``), and
-        this thread leaves it to them: if it took the lock, every system call of its drain
-        would hand the GIL to a spinning reader and wait up to a switch interval to get it
-        back, with the lock held and the readers locked out."""
+        While other threads of the map are busy (reads, writes: they call :meth:`poll`), they
+        apply what arrives, and this thread stays out of their way: it does not even watch the
+        socket (waking up per message costs the busy thread a GIL hand-off), and it never
+        takes the lock from them (every system call of its drain would hand the GIL to a busy
+        thread and wait up to a switch interval to get it back, the lock held all along)."""
         end = time.monotonic() + timeout
         while self.failure is None:
+            now = time.monotonic()
+            if now - self.last_poll < READERS_ACTIVE:  # busy threads apply the events
+                if now >= end or self.closing.wait(min(READERS_ACTIVE, end - now)):
+                    return 0
+                continue
             poller = self._poller
             if poller is not None and poller[1] is not getattr(self.pubsub.connection, "_sock", 0):
                 poller = self._poller = _poller_of(self.pubsub)  # redis-py reconnected it
@@ -208,13 +224,11 @@ class SyncListener(_ListenerBase):
                 self.closing.wait(min(timeout, 0.001))
                 break
             try:
-                ready = poller[0].poll(max(0.0, end - time.monotonic()) * 1000)
+                ready = poller[0].poll(max(0.0, end - now) * 1000)
             except (OSError, ValueError):  # closed: the drain below says so
                 break
-            now = time.monotonic()
-            if not ready or now >= end or now - self.last_poll >= READERS_ACTIVE:
+            if not ready or time.monotonic() - self.last_poll >= READERS_ACTIVE:
                 break
-            self.closing.wait(READERS_ACTIVE / 2)  # readers are polling: give them the data
         with self.lock:
             failure, self.failure = self.failure, None
             if failure is not None:
@@ -232,8 +246,8 @@ class SyncListener(_ListenerBase):
             poller = self._poller
             if poller is None:
                 waiting = self.failure is None and self.pubsub is not None
-            else:
-                waiting = not self._nothing_waiting(poller[2])
+            else:  # (the raw reader's recv says it as cheaply as a poll)
+                waiting = self._raw is not None or not self._nothing_waiting(poller[2])
             if waiting:
                 self._drain()
         except Exception as exc:
@@ -259,6 +273,8 @@ class SyncListener(_ListenerBase):
 
     def _drain(self) -> int:
         """Read and apply every event already on the connection (lock held)."""
+        if self._raw is not None:
+            return self._raw.drain(self.state, self.channel)
         pubsub = self.pubsub
         conn = pubsub.connection
         if conn is None or getattr(conn, "_sock", True) is None:
@@ -277,11 +293,71 @@ class SyncListener(_ListenerBase):
 
     def _unsubscribe_locked(self) -> None:
         pubsub, self.pubsub, self._poller = self.pubsub, None, None
+        raw, self._raw = self._raw, None
+        if raw is not None:
+            raw.sock.close()
         if pubsub is not None:
             try:
                 pubsub.close()
             except Exception:  # closing a dead connection: nothing to do
                 log.debug("syncmap: closing a subscriber connection failed", exc_info=True)
+
+
+class _RawSubscriber:
+    """Reads a subscriber connection's socket directly: a non-blocking duplicate of it feeds
+    a hiredis reader. redis-py only connects, subscribes and sends; it never reads this
+    socket again (every read is under the listener's lock, by this object)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock.dup()  # same connection; timeout 0: recv never waits
+        self.sock.settimeout(0.0)
+        self.reader = hiredis.Reader()
+        self.buffer = bytearray(1 << 16)
+
+    @classmethod
+    def of(cls, poller: tuple[Any, Any, Any] | None) -> _RawSubscriber | None:
+        """For the polled socket if it is a plain one (TLS keeps redis-py's reader)."""
+        sock = None if poller is None else poller[1]
+        if type(sock) is not socket.socket:
+            return None
+        return cls(sock)
+
+    def drain(self, state: Coherence, channel: bytes) -> int:
+        """Apply every complete event already received (RESP2 or RESP3); returns how many."""
+        reader, sock, buffer = self.reader, self.sock, self.buffer
+        count = 0
+        more = True  # the socket may hold more (else: what we read emptied it, no new recv)
+        while count < DRAIN_LIMIT:
+            reply = reader.gets()
+            if reply is False:  # nothing complete buffered: read what the socket has
+                if not more:
+                    return count
+                try:
+                    size = sock.recv_into(buffer)
+                except (BlockingIOError, InterruptedError):
+                    return count
+                except OSError as exc:
+                    raise redis.ConnectionError(f"subscriber connection: {exc}") from exc
+                if not size:
+                    raise redis.ConnectionError("the server closed the subscriber connection")
+                reader.feed(buffer, 0, size)  # type: ignore[arg-type]  # (accepts buffers)
+                more = size == len(buffer)
+                continue
+            count += 1
+            if isinstance(reply, list) and len(reply) >= 2:
+                kind = reply[0]
+                if kind == b"message" and len(reply) == 3:
+                    if reply[1] == channel and isinstance(reply[2], bytes):
+                        state.on_message(reply[2])
+                elif kind == b"pong":
+                    state.on_pong(bytes(reply[1]).decode("utf-8", "replace"))
+                elif kind == b"subscribe" and reply[1] == channel:
+                    state.on_subscribed()
+            elif isinstance(reply, bytes):  # RESP3: PING's answer is its argument
+                state.on_pong(reply.decode("utf-8", "replace"))
+            elif isinstance(reply, hiredis.ReplyError):
+                raise redis.ResponseError(f"subscriber connection: {reply}")
+        return count
 
 
 def _poller_of(pubsub: Any) -> tuple[Any, Any, Any] | None:

@@ -75,6 +75,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import itertools
 import math
 import queue
 import secrets
@@ -84,10 +85,13 @@ from collections.abc import Callable, Iterator, MutableMapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
+from redis.exceptions import NoScriptError
+
 from ._codec import Codec, get_codec
 from ._core.coherence import ABSENT, Change, Coherence, Entry
 from ._core.keys import MapKeys
 from ._core.map_flows import Call, MapCore, MapFlow
+from ._core.ops import Script
 from ._driver import AsyncDriver, SyncDriver
 from ._errors import InvalidArgument, StaleRead
 from ._listener import AsyncListener, SyncListener
@@ -154,13 +158,45 @@ def _check_options(
         raise InvalidArgument(f"push_values must be an int >= 0 (bytes), not {push_values!r}")
 
 
+class _Tokens:
+    """Unique tokens (epoch candidates, load tokens): a random prefix per map and a counter,
+    no system call per write."""
+
+    def __init__(self) -> None:
+        self._prefix = secrets.token_hex(8)
+        self._count = itertools.count(1)
+
+    def __call__(self) -> str:
+        return f"{self._prefix}{next(self._count):x}"
+
+
 class _Driver(SyncDriver):
-    """The node's driver, plus :class:`Call` (a loader or test hook, called in place)."""
+    """The node's driver, plus :class:`Call` (a loader or test hook, called in place); map
+    scripts go straight to ``EVALSHA`` (redis-py's ``Script`` wrapper costs a few µs a call)."""
 
     def perform(self, op: Any) -> Any:
+        if op.__class__ is Script:
+            shas = self._shas
+            sha = shas.get(op.name)
+            if sha is not None:
+                try:
+                    return self.client.execute_command(  # type: ignore[no-untyped-call]
+                        "EVALSHA", sha, len(op.keys), *op.keys, *op.args
+                    )
+                except NoScriptError:
+                    pass  # a restarted server: load it again (below)
+                except Exception as exc:
+                    raise self._translate(exc) from exc
+            result = super().perform(op)  # registers the script, loads it if need be
+            shas[op.name] = self._scripts[op.name].sha
+            return result
         if isinstance(op, Call):
             return op.fn(*op.args)
         return super().perform(op)
+
+    def __init__(self, client: Any, address: str) -> None:
+        super().__init__(client, address)
+        self._shas: dict[str, str] = {}
 
 
 class _AsyncDriver(AsyncDriver):
@@ -214,7 +250,7 @@ class _MapBase:
             keys,
             self._state,
             get_codec(codec),
-            new_token=lambda: secrets.token_hex(8),
+            new_token=_Tokens(),
             default_ttl=ttl,
             max_key_bytes=max_key_bytes,
             max_value_bytes=max_value_bytes,
@@ -293,6 +329,12 @@ class SyncMap(_MapBase, MutableMapping[str, Any]):
             time.sleep(0.001)
 
     def _run(self, flow: MapFlow[T]) -> T:
+        now = self._clock()
+        if now >= self._next_poll:  # waiting change messages (e.g. of our own writes): here
+            self._next_poll = now + POLL_INTERVAL
+            self._listener.poll(now)
+        else:
+            self._listener.last_poll = now  # busy: the listener thread keeps out of the way
         return self._driver.run(flow)  # type: ignore[arg-type]  # it performs Call too
 
     # ---- reads ----

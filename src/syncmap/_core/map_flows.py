@@ -78,7 +78,8 @@ def _check_ttl(ttl: object) -> float:
 
 class MapCore:
     """The decisions of one map's server operations. ``state`` is its local copy's coherence;
-    ``new_token()`` returns a fresh random hex string (epoch candidates, load tokens)."""
+    ``new_token()`` returns a hex string never returned before by any node (epoch candidates,
+    load tokens)."""
 
     def __init__(
         self,

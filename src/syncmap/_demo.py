@@ -60,6 +60,7 @@ def node_main(argv: list[str]) -> int:
     watcher.start()
     writes_seq = 0
     last_report = time.monotonic()
+
     def report(**extra: Any) -> None:
         stats = m.stats
         counts = {

@@ -86,6 +86,60 @@ def test_propagation(maps, server, ns):
     assert b.stats.invalidations >= 12 and b.stats.resyncs == 0
 
 
+def test_first_write_of_a_map_reaches_a_cached_miss(server, ns):
+    """A node caches a miss before the map has any server-side data (no epoch yet); another
+    node's first write creates the epoch: the cached miss must go at once, whatever key the
+    first write touched and whether the value rides in the message or not."""
+    with syncmap.connect(server.url) as na, syncmap.connect(server.url) as nb:
+        for i in range(12):
+            name = f"{ns}-{i}"
+            a = na.map(name, max_staleness=LONG, push_values=4096 if i % 2 else 0)
+            b = nb.map(name, max_staleness=LONG)
+            assert b.get("k") is None and b.get("k") is None and b.stats.hits == 1
+            if i % 4 >= 2:
+                a.set("other", 0)  # the map's first write is of another key
+            t0 = time.monotonic()
+            a.set("k", i)
+            wait_until(lambda b=b, i=i: b.get("k") == i, 5, what="b sees the first write")
+            assert time.monotonic() - t0 < 0.1, f"round {i}: b served its cached miss too long"
+            a.close()
+            b.close()
+
+
+def test_propagation_does_not_wait_for_a_busy_listener_thread(server, ns):
+    """The listener thread is stuck in slow freshness probes (each server read takes 0.3 s);
+    a reading thread still applies change messages itself: every write is seen in well under
+    the probe's delay, from the local copy (no server round trip)."""
+    with syncmap.connect(server.url) as na, syncmap.connect(server.url) as nb:
+        a = na.map(ns, max_staleness=1.5)
+        b = nb.map(ns, max_staleness=1.5)
+        a.set("k", 0)
+        wait_until(lambda: b.get("k") == 0 and b.stats.hits > 0, 5, what="b caches k")
+        slow_client = b._listener.client
+        real = slow_client.execute_command
+
+        def slow(*args, **kwargs):
+            if args and args[0] == "HMGET":
+                time.sleep(0.3)
+            return real(*args, **kwargs)
+
+        slow_client.execute_command = slow
+        time.sleep(0.6)  # a probe is under way now
+        misses, lags = b.stats.misses, []
+        for value in range(1, 21):
+            a.set("k", value)
+            t0 = time.monotonic()
+            while b.get("k") != value and time.monotonic() - t0 < 2:
+                pass
+            lags.append(time.monotonic() - t0)
+            time.sleep(0.02)
+        assert max(lags) < 0.05, lags
+        assert b.stats.misses == misses  # carried values, applied by the reading thread
+        slow_client.execute_command = real
+        a.close()
+        b.close()
+
+
 def test_pushed_values_update_the_local_copy(maps, server, ns):
     """A write of a small value with no TTL carries it in the change message: another node
     that had the key cached takes it without asking the server. Large values, TTL writes and

@@ -10,7 +10,7 @@ interval (5 ms) for it, every time. So the map's read path calls :meth:`SyncList
 about once a millisecond: it applies, in the reading thread, every event already waiting on
 the subscriber connection. One lock orders the two: whoever holds it reads *and* applies a
 whole batch, in the connection's order. The listener thread waits for data without the lock
-(``poll(2)`` on the socket), then takes it; a reading thread never waits for it.
+(``poll(2)`` on the socket), then takes it; a reading thread waits for it at most 2 ms.
 
 Applying a batch must be cheap, since a reading or writing thread pays for it: on a plain
 TCP or Unix socket the subscriber connection is read by :class:`_RawSubscriber` (one
@@ -112,6 +112,7 @@ class _ListenerBase:
 
 DRAIN_LIMIT = 10_000  # events applied in one go at most (the rest: next time)
 READERS_ACTIVE = 0.002  # s: a map thread polled this recently: it applies the events
+LOCK_WAIT = 0.002  # s: how long poll() waits for the lock
 
 
 class SyncListener(_ListenerBase):
@@ -214,9 +215,9 @@ class SyncListener(_ListenerBase):
         while self.failure is None:
             now = time.monotonic()
             if now - self.last_poll < READERS_ACTIVE:  # busy threads apply the events
-                if now >= end or self.closing.wait(min(READERS_ACTIVE, end - now)):
-                    return 0
-                continue
+                # (and need the GIL: waking up often here would compete with them for it)
+                self.closing.wait(max(0.0, end - now))
+                return 0
             poller = self._poller
             if poller is not None and poller[1] is not getattr(self.pubsub.connection, "_sock", 0):
                 poller = self._poller = _poller_of(self.pubsub)  # redis-py reconnected it
@@ -237,17 +238,19 @@ class SyncListener(_ListenerBase):
 
     def poll(self, now: float) -> None:
         """Apply the events already waiting on the subscriber connection, in the calling
-        (reading) thread; ``now``: ``time.monotonic()``. Never waits: skipped while another
-        thread holds the lock."""
+        (reading) thread; ``now``: ``time.monotonic()``. Waits at most ``LOCK_WAIT`` for the
+        lock (skipped if another thread holds it longer: it reconnects)."""
         self.last_poll = now
-        if not self.running.is_set() or not self.lock.acquire(blocking=False):
+        # A short wait, not none: if the listener thread holds the lock, it is in a drain and
+        # may be waiting for the GIL; waiting here hands it over, so it finishes at once.
+        if not self.running.is_set() or not self.lock.acquire(timeout=LOCK_WAIT):
             return
         try:
             poller = self._poller
             if poller is None:
                 waiting = self.failure is None and self.pubsub is not None
-            else:  # (the raw reader's recv says it as cheaply as a poll)
-                waiting = self._raw is not None or not self._nothing_waiting(poller[2])
+            else:
+                waiting = not self._nothing_waiting(poller[2])
             if waiting:
                 self._drain()
         except Exception as exc:

@@ -21,7 +21,7 @@ returns "acknowledged".
    dropped. A key that is not in the local copy is never added, and entries at ``s`` or newer
    are left alone. Cost per message: O(1), never a scan of the local copy. The listener
    thread applies messages, and so does a reading thread (blocking map): a local hit applies
-   whatever is waiting on the subscriber connection at most every 0.5 ms, so a thread
+   whatever is waiting on the subscriber connection every 0.25 ms, so a thread
    spinning on ``get`` does not wait for the listener thread to get the GIL.
 3. **No fill race.** A fetch (or write) first reserves the key with a placeholder; a change
    message only marks the placeholder (a carried value is not installed in it); the fetched
@@ -106,7 +106,7 @@ T = TypeVar("T")
 _MISSING: Any = object()
 DEFAULT_MAXSIZE: Final = 100_000
 DEFAULT_PUSH_VALUES: Final = 4096  # bytes: writes of values up to this size carry them
-POLL_INTERVAL: Final = 0.0005  # s: how often a local hit applies waiting change messages
+POLL_INTERVAL: Final = 0.00025  # s: how often a local hit applies waiting change messages
 
 
 @dataclass(frozen=True, slots=True)

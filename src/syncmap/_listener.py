@@ -113,6 +113,7 @@ class _ListenerBase:
 DRAIN_LIMIT = 10_000  # events applied in one go at most (the rest: next time)
 READERS_ACTIVE = 0.002  # s: a map thread polled this recently: it applies the events
 LOCK_WAIT = 0.002  # s: how long poll() waits for the lock
+BUSY_NAP = 0.01  # s: the listener thread's naps while map threads apply the events
 
 
 class SyncListener(_ListenerBase):
@@ -216,8 +217,9 @@ class SyncListener(_ListenerBase):
             now = time.monotonic()
             if now - self.last_poll < READERS_ACTIVE:  # busy threads apply the events
                 # (and need the GIL: waking up often here would compete with them for it)
-                self.closing.wait(max(0.0, end - now))
-                return 0
+                if now >= end or self.closing.wait(min(end - now, BUSY_NAP)):
+                    return 0
+                continue
             poller = self._poller
             if poller is not None and poller[1] is not getattr(self.pubsub.connection, "_sock", 0):
                 poller = self._poller = _poller_of(self.pubsub)  # redis-py reconnected it

@@ -457,3 +457,47 @@ def test_watch_yields_changes(server, ns):
         assert [op for op, _, _ in seen] == ["set", "del", "clear"]
         assert seen[0][1] == "k" and seen[1][1] == "k"
         assert not b._state.watchers
+
+
+def test_raw_subscriber_drains_in_order_and_keeps_a_backlog(monkeypatch):
+    """The subscriber socket's own reader: events applied in the connection's order, a
+    drain stopped by its limit leaves a backlog that is applied next time (not stranded)."""
+    import socket
+
+    from syncmap import _listener
+
+    class State:
+        def __init__(self) -> None:
+            self.seen: list[object] = []
+
+        def on_message(self, data: bytes) -> None:
+            self.seen.append(data)
+
+        def on_pong(self, token: str) -> None:
+            self.seen.append(("pong", token))
+
+        def on_subscribed(self) -> None:
+            self.seen.append("subscribed")
+
+    ours, server_end = socket.socketpair()
+    ours.settimeout(1.0)
+    raw = _listener._RawSubscriber(ours)
+    state = State()
+    assert raw.drain(state, b"ch") == 0 and not raw.backlog  # nothing there: no wait
+    wire = b"*3\r\n$9\r\nsubscribe\r\n$2\r\nch\r\n:1\r\n"
+    for i in range(5):
+        wire += b"*3\r\n$7\r\nmessage\r\n$2\r\nch\r\n$2\r\nm%d\r\n" % i
+    wire += b"*3\r\n$7\r\nmessage\r\n$5\r\nother\r\n$1\r\nx\r\n*2\r\n$4\r\npong\r\n$1\r\nt\r\n"
+    server_end.sendall(wire[:-7])  # the last event arrives in two pieces
+    monkeypatch.setattr(_listener, "DRAIN_LIMIT", 3)
+    assert raw.drain(state, b"ch") == 3 and raw.backlog
+    assert raw.drain(state, b"ch") == 3 and raw.backlog
+    assert raw.drain(state, b"ch") == 1 and not raw.backlog  # half an event: wait for it
+    server_end.sendall(wire[-7:])
+    assert raw.drain(state, b"ch") == 1
+    assert state.seen == ["subscribed", b"m0", b"m1", b"m2", b"m3", b"m4", ("pong", "t")]
+    server_end.close()
+    with pytest.raises(redis.ConnectionError):
+        raw.drain(state, b"ch")
+    raw.sock.close()
+    ours.close()

@@ -226,6 +226,8 @@ class SyncListener(_ListenerBase):
             if poller is None:  # no poll(2) (or no socket: the drain below raises)
                 self.closing.wait(min(timeout, 0.001))
                 break
+            if self._raw is not None and self._raw.backlog:
+                break  # events left over by a drain that hit DRAIN_LIMIT
             try:
                 ready = poller[0].poll(max(0.0, end - now) * 1000)
             except (OSError, ValueError):  # closed: the drain below says so
@@ -271,6 +273,8 @@ class SyncListener(_ListenerBase):
         redis-py, so the socket says it all). Cheaper than redis-py's ``can_read``."""
         if self.failure is not None:
             return True
+        if self._raw is not None and self._raw.backlog:
+            return False  # left over by a drain that hit DRAIN_LIMIT
         try:
             return not poller.poll(0)
         except (OSError, ValueError):
@@ -318,6 +322,7 @@ class _RawSubscriber:
         self.sock.settimeout(0.0)
         self.reader = hiredis.Reader()
         self.buffer = bytearray(1 << 16)
+        self.backlog = False  # the last drain stopped at DRAIN_LIMIT: events may be buffered
 
     @classmethod
     def of(cls, poller: tuple[Any, Any, Any] | None) -> _RawSubscriber | None:
@@ -331,15 +336,18 @@ class _RawSubscriber:
         """Apply every complete event already received (RESP2 or RESP3); returns how many."""
         reader, sock, buffer = self.reader, self.sock, self.buffer
         count = 0
+        self.backlog = True  # until this drain ends before its limit
         more = True  # the socket may hold more (else: what we read emptied it, no new recv)
         while count < DRAIN_LIMIT:
             reply = reader.gets()
             if reply is False:  # nothing complete buffered: read what the socket has
                 if not more:
+                    self.backlog = False
                     return count
                 try:
                     size = sock.recv_into(buffer)
                 except (BlockingIOError, InterruptedError):
+                    self.backlog = False
                     return count
                 except OSError as exc:
                     raise redis.ConnectionError(f"subscriber connection: {exc}") from exc

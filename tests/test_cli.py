@@ -279,3 +279,4 @@ def test_demo_passes_its_checks(server):
     assert report["killed"] is not None
     assert report["counters"]["atomic"]["value"] > 0
     assert report["lock"]["acquisitions"] > 0
+    assert report["staleness_checks"] > 0

@@ -53,6 +53,9 @@ def node_main(argv: list[str]) -> int:
     rng = random.Random(f"{node_id}-{os.getpid()}")
     own_last: dict[str, int] = {}
     ops = reads = writes = locked = atomic = switches = ryw_violations = 0
+    stale_checks = stale_reads = 0
+    my_slot = f"probe:{int(node_id.split('-')[0]) % 8}"
+    acks_key = f"syncmap-demo:{{{map_name}}}:acks:"
     latencies: list[int] = []
     watcher = threading.Thread(
         target=_watch_probes, args=(m, node_id, float(seconds) + 1, latencies), daemon=True
@@ -74,6 +77,8 @@ def node_main(argv: list[str]) -> int:
             "hits": stats.hits,
             "misses": stats.misses,
             "ryw_violations": ryw_violations,
+            "stale_checks": stale_checks,
+            "stale_reads": stale_reads,
             "latencies_us": [x / 1000 for x in latencies[-2000:]],
         }
         node.client.hset(progress_key, node_id, json.dumps({**counts, **extra}))
@@ -112,8 +117,27 @@ def node_main(argv: list[str]) -> int:
                 node.client.hincrby(progress_key, f"{node_id}:atomic_acks", 1)
             ops += 1
             if rng.random() < 0.02:
-                slot = f"probe:{int(node_id.split('-')[0]) % 8}"
-                m[slot] = {"w": node_id, "t": _now_ns()}
+                # probe: its value is the writer's clock before the write; the ack time goes
+                # to a side list, so readers can check the staleness bound (below)
+                t = _now_ns()
+                m[my_slot] = {"w": node_id, "t": t}
+                node.client.lpush(acks_key + my_slot, f"{t} {_now_ns()}")
+                node.client.ltrim(acks_key + my_slot, 0, 199)
+            if roll < 0.80 and rng.random() < 0.05:
+                # bounded staleness: a local read must reflect every write acknowledged more
+                # than max_staleness before the read began
+                slot = f"probe:{rng.randrange(8)}"
+                if slot != my_slot:
+                    began = _now_ns()
+                    seen = m.get(slot)
+                    seen_t = int(seen["t"]) if isinstance(seen, dict) else -1
+                    limit = began - int(MAX_STALENESS * 1e9)
+                    for raw in node.client.lrange(acks_key + slot, 0, 199):
+                        t_w, t_ack = (int(x) for x in raw.split())
+                        if t_ack < limit and t_w > seen_t:
+                            stale_reads += 1
+                            break
+                    stale_checks += 1
             now = time.monotonic()
             if now - last_report >= 0.25:
                 report()
@@ -240,7 +264,11 @@ def run_demo(url: str | None, nodes: int = 4, seconds: float = 10.0, as_json: bo
                 c.proc.kill()
                 c.proc.wait()
     report = _report(node, map_name, progress_key, children, killed_id, time.monotonic() - started)
-    node.client.delete(progress_key, f"syncmap-demo:{{{map_name}}}:done")
+    node.client.delete(
+        progress_key,
+        f"syncmap-demo:{{{map_name}}}:done",
+        *(f"syncmap-demo:{{{map_name}}}:acks:probe:{i}" for i in range(8)),
+    )
     node.close()
     if as_json:
         print(json.dumps(report, indent=2))
@@ -306,6 +334,8 @@ def _report(
             d.get("ryw_violations", 0) for d in per_node.values()
         )
         == 0,
+        "no read staler than max_staleness": sum(d.get("stale_reads", 0) for d in per_node.values())
+        == 0,
         "all nodes end with identical maps": views_equal and len(finished) >= 1,
         "every surviving node exited cleanly": exits_ok,
     }
@@ -321,6 +351,7 @@ def _report(
             "p50": round(_pct(latencies, 50), 1) if latencies else None,
             "p99": round(_pct(latencies, 99), 1) if latencies else None,
         },
+        "staleness_checks": sum(d.get("stale_checks", 0) for d in per_node.values()),
         "lock": {
             "acquisitions": sum(d.get("locked", 0) for d in per_node.values()),
             "owner_switches": sum(d.get("switches", 0) for d in per_node.values()),
@@ -345,6 +376,10 @@ def _print_report(r: dict[str, Any], out: Any) -> None:
         print(f"  local hit ratio    {r['hit_ratio']:.1%}", file=out)
     print(
         f"  propagation        p50 {p['p50']} us, p99 {p['p99']} us ({p['samples']} samples)",
+        file=out,
+    )
+    print(
+        f"  staleness checks   {r['staleness_checks']:,} reads checked against max_staleness",
         file=out,
     )
     print(

@@ -12,10 +12,11 @@ from typing import Any, TypeVar
 
 import redis
 import redis.asyncio
+from redis.exceptions import NoScriptError
 
 from ._core.ops import Command, Flow, Op, Script, Sleep
 from ._errors import SyncMapError, translate_redis_error
-from ._scripts import script_source
+from ._scripts import script_commands
 
 __all__ = ["AsyncDriver", "SyncDriver"]
 
@@ -25,7 +26,6 @@ T = TypeVar("T")
 class _DriverBase:
     def __init__(self, address: str) -> None:
         self.address = address
-        self._scripts: dict[str, Any] = {}
 
     def _translate(self, exc: Exception) -> Exception:
         if isinstance(exc, SyncMapError):
@@ -43,12 +43,11 @@ class SyncDriver(_DriverBase):
             if isinstance(op, Command):
                 return self.client.execute_command(*op.args)  # type: ignore[no-untyped-call]
             if isinstance(op, Script):
-                script = self._scripts.get(op.name)
-                if script is None:
-                    script = self._scripts[op.name] = self.client.register_script(
-                        script_source(op.name)
-                    )
-                return script(keys=list(op.keys), args=list(op.args))
+                evalsha, eval_ = script_commands(op)
+                try:
+                    return self.client.execute_command(*evalsha)  # type: ignore[no-untyped-call]
+                except NoScriptError:
+                    return self.client.execute_command(*eval_)  # type: ignore[no-untyped-call]
             if isinstance(op, Sleep):
                 time.sleep(max(0.0, op.seconds))
                 return None
@@ -80,12 +79,11 @@ class AsyncDriver(_DriverBase):
             if isinstance(op, Command):
                 return await self.client.execute_command(*op.args)  # type: ignore[no-untyped-call]
             if isinstance(op, Script):
-                script = self._scripts.get(op.name)
-                if script is None:
-                    script = self._scripts[op.name] = self.client.register_script(
-                        script_source(op.name)
-                    )
-                return await script(keys=list(op.keys), args=list(op.args))
+                evalsha, eval_ = script_commands(op)
+                try:
+                    return await self.client.execute_command(*evalsha)  # type: ignore[no-untyped-call]
+                except NoScriptError:
+                    return await self.client.execute_command(*eval_)  # type: ignore[no-untyped-call]
             if isinstance(op, Sleep):
                 await asyncio.sleep(max(0.0, op.seconds))
                 return None

@@ -33,7 +33,6 @@ import asyncio
 import contextlib
 import contextvars
 import fnmatch
-import hashlib
 import math
 import os
 import threading
@@ -69,7 +68,7 @@ from ._core.ops import Command, Flow, Op, Script, Sleep
 from ._core.retry import NoRetry, RetryStrategy, check_backoff, check_strategy
 from ._driver import AsyncDriver, SyncDriver
 from ._errors import InvalidArgument, LockLost, LockNotHeld, NotObtained
-from ._scripts import script_source
+from ._scripts import script_commands
 
 if TYPE_CHECKING:
     from ._node import AsyncNode, Node
@@ -91,23 +90,6 @@ L = TypeVar("L", bound="_LockBase[Any]")
 DEFAULT_TTL = 30.0
 DEFAULT_POLL_INTERVAL = 0.25
 _KEEP_IDLE = 4
-
-
-def _script(name: str) -> tuple[str, str]:
-    source = script_source(name)
-    return hashlib.sha1(source.encode()).hexdigest(), source
-
-
-_SCRIPTS: dict[str, tuple[str, str]] = {}
-
-
-def _script_args(op: Script) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
-    """(EVALSHA args, EVAL args) of a script operation."""
-    entry = _SCRIPTS.get(op.name)
-    if entry is None:
-        entry = _SCRIPTS[op.name] = _script(op.name)
-    tail = (len(op.keys), *op.keys, *op.args)
-    return ("EVALSHA", entry[0], *tail), ("EVAL", entry[1], *tail)
 
 
 _hiredis_pack: Callable[[tuple[Any, ...]], bytes] | None
@@ -167,7 +149,7 @@ class _SyncRunner(SyncDriver):
             if isinstance(op, Command):
                 return self._call(op.args)
             if isinstance(op, Script):
-                evalsha, eval_ = _script_args(op)
+                evalsha, eval_ = script_commands(op)
                 try:
                     return self._call(evalsha)
                 except redis.exceptions.NoScriptError:
@@ -256,7 +238,7 @@ class _AsyncRunner(AsyncDriver):
             if isinstance(op, Command):
                 return await self._call(op.args)
             if isinstance(op, Script):
-                evalsha, eval_ = _script_args(op)
+                evalsha, eval_ = script_commands(op)
                 try:
                     return await self._call(evalsha)
                 except redis.exceptions.NoScriptError:

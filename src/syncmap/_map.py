@@ -85,13 +85,10 @@ from collections.abc import Callable, Iterator, MutableMapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
-from redis.exceptions import NoScriptError
-
 from ._codec import Codec, get_codec
 from ._core.coherence import ABSENT, Change, Coherence, Entry
 from ._core.keys import MapKeys
 from ._core.map_flows import Call, MapCore, MapFlow
-from ._core.ops import Script
 from ._driver import AsyncDriver, SyncDriver
 from ._errors import InvalidArgument, StaleRead
 from ._listener import AsyncListener, SyncListener
@@ -171,32 +168,12 @@ class _Tokens:
 
 
 class _Driver(SyncDriver):
-    """The node's driver, plus :class:`Call` (a loader or test hook, called in place); map
-    scripts go straight to ``EVALSHA`` (redis-py's ``Script`` wrapper costs a few µs a call)."""
+    """The node's driver, plus :class:`Call` (a loader or test hook, called in place)."""
 
     def perform(self, op: Any) -> Any:
-        if op.__class__ is Script:
-            shas = self._shas
-            sha = shas.get(op.name)
-            if sha is not None:
-                try:
-                    return self.client.execute_command(  # type: ignore[no-untyped-call]
-                        "EVALSHA", sha, len(op.keys), *op.keys, *op.args
-                    )
-                except NoScriptError:
-                    pass  # a restarted server: load it again (below)
-                except Exception as exc:
-                    raise self._translate(exc) from exc
-            result = super().perform(op)  # registers the script, loads it if need be
-            shas[op.name] = self._scripts[op.name].sha
-            return result
         if isinstance(op, Call):
             return op.fn(*op.args)
         return super().perform(op)
-
-    def __init__(self, client: Any, address: str) -> None:
-        super().__init__(client, address)
-        self._shas: dict[str, str] = {}
 
 
 class _AsyncDriver(AsyncDriver):

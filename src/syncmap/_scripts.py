@@ -1,13 +1,30 @@
-"""Lua scripts, one file each under ``lua/``, loaded once per process."""
+"""Lua scripts, one file each under ``lua/``: the one place that loads them and spells how
+they are called (``EVALSHA``, falling back to ``EVAL`` on a server that does not know the
+script yet, e.g. after a restart)."""
 
 from __future__ import annotations
 
+import hashlib
 from functools import cache
 from importlib.resources import files
+from typing import Any
 
-__all__ = ["script_source"]
+from ._core.ops import Script
+
+__all__ = ["script_commands", "script_source"]
 
 
 @cache
 def script_source(name: str) -> str:
     return (files("syncmap") / "lua" / f"{name}.lua").read_text(encoding="utf-8")
+
+
+@cache
+def _sha(name: str) -> str:
+    return hashlib.sha1(script_source(name).encode()).hexdigest()
+
+
+def script_commands(op: Script) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    """(EVALSHA command, EVAL command) of a script operation."""
+    tail = (len(op.keys), *op.keys, *op.args)
+    return ("EVALSHA", _sha(op.name), *tail), ("EVAL", script_source(op.name), *tail)

@@ -10,7 +10,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -18,13 +17,11 @@ from pathlib import Path
 
 import redis
 
-from syncmap._embedded import server_binary
+from syncmap._embedded import _free_port, server_binary
 
 
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return _free_port()
 
 
 def wait_until(predicate, timeout: float = 10.0, interval: float = 0.005, what: str = "condition"):

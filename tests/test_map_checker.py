@@ -282,10 +282,16 @@ def test_real_syncmap_read_modify_write_no_violations(server, ns):
 @pytest.mark.slow
 @pytest.mark.parametrize("sabotage", [no_fill_guard, deaf_listener, lossy_listener])
 def test_broken_syncmap_is_caught(server, ns, sabotage):
+    """A race shows in most runs, not in every one (a fill must overlap an invalidation; one
+    CI run in a dozen had none): up to three runs, and the checker must catch the broken map
+    in one of them."""
     _require_syncmap()
-    history, report = _run(_specs(server.url, ns, setup=sabotage), WINDOW_REAL)
-    print(report.summary(limit=2))
-    _assert_busy(history)
+    for attempt in range(3):
+        history, report = _run(_specs(server.url, f"{ns}-{attempt}", setup=sabotage), WINDOW_REAL)
+        print(report.summary(limit=2))
+        _assert_busy(history)
+        if report.kinds().get("stale", 0) > 0:
+            break
     assert report.kinds().get("stale", 0) > 0, report.summary()
 
 

@@ -36,7 +36,7 @@ import redis.cluster
 
 import syncmap
 from servers import ServerProcess, free_port, wait_until
-from syncmap import _lock, _map
+from syncmap import _driver
 from syncmap._core.keys import MapKeys, hash_tag
 from syncmap._core.lock import LockKeys
 from syncmap._core.ops import Script
@@ -349,10 +349,8 @@ def declared(monkeypatch) -> list[Script]:
 
         monkeypatch.setattr(cls, "perform", perform)
 
-    wrap(_map._Driver, False)
-    wrap(_map._AsyncDriver, True)
-    wrap(_lock._SyncRunner, False)
-    wrap(_lock._AsyncRunner, True)
+    wrap(_driver.SyncDriver, False)  # maps and locks both run their scripts through these
+    wrap(_driver.AsyncDriver, True)
     return seen
 
 

@@ -187,3 +187,84 @@ def test_stalled_listener_bounded_staleness(maps, server, ns):
     b.resume_listener()
     wait_until(lambda: b.stats.verified_age < 0.3, 5, what="b proven fresh again")
     assert b.get("k") == "new"
+
+
+def _retrying_client(kind, server):
+    """A client as a user builds one: redis-py's default Retry resends a command whose answer
+    timed out (the hazard this test is about)."""
+    import redis
+    import redis.asyncio
+
+    cls = redis.Redis if kind == "sync" else redis.asyncio.Redis
+    client = cls(host="127.0.0.1", port=server.port, socket_timeout=0.3)
+    assert client.get_retry().get_retries() > 0
+    return client
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_write_cut_off_mid_flight_is_not_resent(fresh_server, ns, kind):
+    """The server stops (SIGSTOP) after an increment was sent: the answer never comes in time.
+    The increment must not be resent (it would count twice when the server resumes and runs
+    both): the caller gets OutcomeUnknown, the server applies it exactly once, and the local
+    copy does not keep serving the old value."""
+    import asyncio
+
+    async def scenario():
+        if kind == "sync":
+            node = syncmap.connect(_retrying_client(kind, fresh_server))
+            m = node.map(ns, max_staleness=LONG)
+
+            async def call(fn, *args):
+                return await asyncio.to_thread(fn, *args)
+        else:
+            node = await syncmap.connect_async(_retrying_client(kind, fresh_server))
+            m = await node.map(ns, max_staleness=LONG)
+
+            async def call(fn, *args):
+                return await fn(*args)
+
+        try:
+            assert await call(m.incr, "n", 1) == 1
+            assert await call(m.get, "n") == 1
+            fresh_server.pause()
+            try:
+                with pytest.raises(syncmap.OutcomeUnknown) as caught:
+                    await asyncio.wait_for(call(m.incr, "n", 1), 10)
+                assert isinstance(caught.value, syncmap.ServerUnavailable)
+            finally:
+                fresh_server.resume()
+            deadline = time.monotonic() + 10
+            while True:  # the server runs the increment it had received, once
+                try:
+                    if await call(m.get, "n", None, True) == 2:
+                        break
+                except syncmap.ServerUnavailable:
+                    pass
+                assert time.monotonic() < deadline, "the increment never landed"
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.5)  # (a resent increment would land within its timeouts)
+            assert await call(m.get, "n", None, True) == 2
+            assert await call(m.get, "n") == 2
+            assert await call(m.incr, "n", 1) == 3
+        finally:
+            if kind == "sync":
+                m.close()
+                node.close()
+            else:
+                await m.close()
+                await node.close()
+
+    asyncio.run(scenario())
+
+
+def test_write_after_connections_killed_is_not_unknown(maps, fresh_server, ns):
+    """A kept connection the server closed between two writes is noticed before sending: the
+    next write just works (no OutcomeUnknown)."""
+    m = maps(fresh_server.url, ns, max_staleness=LONG)
+    m.set("k", 1)
+    assert fresh_server.drop_clients("normal") >= 1
+    for i in range(5):
+        m.incr("n", 1)
+        m.set("k", i)
+    assert m.get("k", fresh=True) == 4
+    assert m.get("n", fresh=True) == 5

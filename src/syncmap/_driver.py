@@ -1,13 +1,29 @@
 """The two drivers that run core flows: one blocking, one asyncio. Everything else is shared.
 
-Each turns an :mod:`~syncmap._core.ops` operation into a redis-py call and feeds the result
-(or the translated error) back into the flow. redis-py errors become syncmap errors here.
+Each turns an :mod:`~syncmap._core.ops` operation into a server round trip and feeds the
+result (or the translated error) back into the flow. redis-py errors become syncmap errors here.
+
+Commands run on connections kept aside from the client's pool (:class:`_Connections`): each
+command borrows one and gives it back, skipping redis-py's per-command pool bookkeeping, which
+costs more than the round trip itself on loopback. No redis-py ``Retry`` is involved (a user's
+client may come with one that resends any command). Instead:
+
+* a kept connection is checked before use (a closed or dirty socket is reconnected first), so a
+  server restart or ``CLIENT KILL`` costs nothing visible;
+* when a connection fails after the request was sent, an *idempotent* operation is resent once
+  on a new connection, and any other one raises :class:`~syncmap.OutcomeUnknown`: it may or may
+  not have been applied, and resending it could apply it twice (an increment counted twice).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import math
+import os
 import time
+import weakref
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import redis
@@ -15,17 +31,77 @@ import redis.asyncio
 from redis.exceptions import NoScriptError
 
 from ._core.ops import Command, Flow, Op, Script, Sleep
-from ._errors import SyncMapError, translate_redis_error
+from ._errors import OutcomeUnknown, SyncMapError, translate_redis_error
 from ._scripts import script_commands
 
 __all__ = ["AsyncDriver", "SyncDriver"]
 
 T = TypeVar("T")
 
+_KEEP_IDLE = 4
+
+_hiredis_pack: Callable[[tuple[Any, ...]], bytes] | None
+try:
+    from hiredis import pack_command as _hiredis_pack
+except ImportError:  # pragma: no cover - redis[hiredis] is a dependency
+    _hiredis_pack = None
+
+
+def _pack(conn: Any, args: tuple[Any, ...]) -> Any:
+    """The command in RESP: hiredis packs str/int/bytes arguments a few times faster than
+    redis-py's encoder does."""
+    if _hiredis_pack is not None:
+        return [_hiredis_pack(args)]
+    return conn.pack_command(*args)
+
+
+def _blocking_wait(conn: Any, args: tuple[Any, ...]) -> float | None:
+    """How long to wait for the answer of a blocking command (``None``: not one)."""
+    if args[0] != "BLPOP":
+        return None
+    return float(args[-1]) + (conn.socket_timeout or 5.0)
+
+
+class _Connections:
+    """Connections set aside from one client's pool (per process)."""
+
+    def __init__(self, pool: Any) -> None:
+        self.pool = pool
+        self.pid = os.getpid()
+        self.idle: list[Any] = []
+
+
+_KEPT: weakref.WeakKeyDictionary[Any, _Connections] = weakref.WeakKeyDictionary()
+
+
+def _connections(client: Any) -> _Connections:
+    kept = _KEPT.get(client)
+    if kept is None or kept.pid != os.getpid():
+        kept = _KEPT[client] = _Connections(client.connection_pool)
+    return kept
+
+
+def _calls(op: Command | Script) -> tuple[tuple[Any, ...], tuple[Any, ...] | None]:
+    """(the command to send, the one to send instead if the server answers NOSCRIPT)."""
+    if isinstance(op, Command):
+        return op.args, None
+    return script_commands(op)
+
+
+def _unknown(op: Command | Script, exc: Exception, address: str) -> OutcomeUnknown:
+    what = op.name if isinstance(op, Script) else str(op.args[0])
+    return OutcomeUnknown(
+        f"lost the connection to {address} after sending {what}; it may or may not have "
+        f"been applied ({exc})",
+        address,
+    )
+
 
 class _DriverBase:
-    def __init__(self, address: str) -> None:
+    def __init__(self, client: Any, address: str) -> None:
+        self.client = client
         self.address = address
+        self.conns = _connections(client)
 
     def _translate(self, exc: Exception) -> Exception:
         if isinstance(exc, SyncMapError):
@@ -34,26 +110,93 @@ class _DriverBase:
 
 
 class SyncDriver(_DriverBase):
-    def __init__(self, client: redis.Redis, address: str) -> None:
-        super().__init__(address)
-        self.client = client
+    """Runs flows in the calling thread. ``sleep`` replaces ``Sleep`` (e.g. a watchdog waits
+    on an event that a release sets)."""
+
+    def __init__(
+        self, client: redis.Redis, address: str, sleep: Callable[[float], object] | None = None
+    ) -> None:
+        super().__init__(client, address)
+        self.sleep = sleep
 
     def perform(self, op: Op) -> Any:
-        try:
-            if isinstance(op, Command):
-                return self.client.execute_command(*op.args)  # type: ignore[no-untyped-call]
-            if isinstance(op, Script):
-                evalsha, eval_ = script_commands(op)
-                try:
-                    return self.client.execute_command(*evalsha)  # type: ignore[no-untyped-call]
-                except NoScriptError:
-                    return self.client.execute_command(*eval_)  # type: ignore[no-untyped-call]
-            if isinstance(op, Sleep):
+        if isinstance(op, Sleep):
+            if self.sleep is not None:
+                self.sleep(op.seconds)
+            else:
                 time.sleep(max(0.0, op.seconds))
-                return None
+            return None
+        if not isinstance(op, Command | Script):
+            raise TypeError(f"unknown operation {op!r}")
+        first, instead = _calls(op)
+        try:
+            try:
+                return self._call(op, first)
+            except NoScriptError:
+                if instead is None:
+                    raise
+                return self._call(op, instead)
         except Exception as exc:
             raise self._translate(exc) from exc
-        raise TypeError(f"unknown operation {op!r}")
+
+    def _call(self, op: Command | Script, args: tuple[Any, ...]) -> Any:
+        conn = self._borrow()
+        try:
+            try:
+                reply = self._roundtrip(conn, args)
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                conn.disconnect()
+                if not op.idempotent:
+                    raise _unknown(op, exc, self.address) from exc
+                if isinstance(exc, redis.TimeoutError):
+                    raise
+                reply = self._roundtrip(conn, args)
+        except redis.ResponseError:
+            self._give_back(conn)
+            raise
+        except BaseException:
+            conn.disconnect()
+            self._give_back(conn)
+            raise
+        self._give_back(conn)
+        return reply
+
+    def _borrow(self) -> Any:
+        """A connected connection: a kept one (reconnected if the server closed it or it holds
+        unread data), else one from the pool. Connecting sends nothing of the command, so its
+        errors are plain :class:`ServerUnavailable`."""
+        conns = self.conns
+        try:
+            conn = conns.idle.pop()
+        except IndexError:
+            return conns.pool.get_connection()
+        try:
+            dirty = conn.can_read(0)
+        except (redis.ConnectionError, OSError):
+            dirty = True
+        if dirty:
+            conn.disconnect()
+        try:
+            conn.connect()
+        except BaseException:
+            self._give_back(conn)
+            raise
+        return conn
+
+    @staticmethod
+    def _roundtrip(conn: Any, args: tuple[Any, ...]) -> Any:
+        conn.send_packed_command(_pack(conn, args), check_health=False)
+        wait = _blocking_wait(conn, args)
+        if wait is None:
+            return conn.read_response()
+        return conn.read_response(timeout=wait)
+
+    def _give_back(self, conn: Any) -> None:
+        conns = self.conns
+        if len(conns.idle) < _KEEP_IDLE and conns.pid == os.getpid():
+            conns.idle.append(conn)
+        else:
+            conns.pool.release(conn)
 
     def run(self, flow: Flow[T]) -> T:
         try:
@@ -69,29 +212,107 @@ class SyncDriver(_DriverBase):
             return stop.value  # type: ignore[no-any-return]
 
 
+_CANCELS: contextvars.ContextVar[int] = contextvars.ContextVar("syncmap_cancels", default=0)
+
+
+def _raise_swallowed_cancel() -> None:
+    """Re-raise a cancellation that redis-py swallowed.
+
+    On Python 3.11, ``asyncio.wait_for`` (which redis-py wraps around every send) returns the
+    result instead of raising when the task is cancelled just as the send completes; the
+    cancel request stays pending (``Task.cancelling()``) but nothing raises it, and a
+    cancelled call would go on. Compared with the count when the flow started, so a flow run
+    while a cancellation is already propagating (a release in ``async with``) proceeds.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling() > _CANCELS.get():
+        raise asyncio.CancelledError
+
+
 class AsyncDriver(_DriverBase):
+    """The asyncio twin of :class:`SyncDriver` (same connection handling, awaited)."""
+
     def __init__(self, client: redis.asyncio.Redis, address: str) -> None:
-        super().__init__(address)
-        self.client = client
+        super().__init__(client, address)
 
     async def perform(self, op: Op) -> Any:
+        if isinstance(op, Sleep):
+            await asyncio.sleep(max(0.0, op.seconds))
+            return None
+        if not isinstance(op, Command | Script):
+            raise TypeError(f"unknown operation {op!r}")
+        first, instead = _calls(op)
         try:
-            if isinstance(op, Command):
-                return await self.client.execute_command(*op.args)  # type: ignore[no-untyped-call]
-            if isinstance(op, Script):
-                evalsha, eval_ = script_commands(op)
-                try:
-                    return await self.client.execute_command(*evalsha)  # type: ignore[no-untyped-call]
-                except NoScriptError:
-                    return await self.client.execute_command(*eval_)  # type: ignore[no-untyped-call]
-            if isinstance(op, Sleep):
-                await asyncio.sleep(max(0.0, op.seconds))
-                return None
+            try:
+                return await self._call(op, first)
+            except NoScriptError:
+                if instead is None:
+                    raise
+                return await self._call(op, instead)
         except Exception as exc:
             raise self._translate(exc) from exc
-        raise TypeError(f"unknown operation {op!r}")
+
+    async def _call(self, op: Command | Script, args: tuple[Any, ...]) -> Any:
+        conn = await self._borrow()
+        try:
+            try:
+                reply = await self._roundtrip(conn, args)
+            except (redis.asyncio.ConnectionError, redis.asyncio.TimeoutError) as exc:
+                await conn.disconnect(nowait=True)
+                if not op.idempotent:
+                    raise _unknown(op, exc, self.address) from exc
+                if isinstance(exc, redis.asyncio.TimeoutError):
+                    raise
+                reply = await self._roundtrip(conn, args)
+        except redis.asyncio.ResponseError:
+            self.conns.idle.append(conn)
+            raise
+        except BaseException:
+            # redis-py closes the connection on any error mid-command (cancellation too)
+            await self.conns.pool.release(conn)
+            raise
+        if len(self.conns.idle) < _KEEP_IDLE:
+            self.conns.idle.append(conn)
+        else:
+            await self.conns.pool.release(conn)
+        _raise_swallowed_cancel()
+        return reply
+
+    async def _borrow(self) -> Any:
+        conns = self.conns
+        try:
+            conn = conns.idle.pop()
+        except IndexError:
+            return await conns.pool.get_connection()
+        try:
+            dirty = conn.is_connected and await conn.can_read()
+        except (redis.asyncio.ConnectionError, OSError):
+            dirty = True
+        if dirty:
+            await conn.disconnect(nowait=True)
+        try:
+            await conn.connect()
+        except BaseException:
+            await conns.pool.release(conn)
+            raise
+        return conn
+
+    @staticmethod
+    async def _roundtrip(conn: Any, args: tuple[Any, ...]) -> Any:
+        await conn.send_packed_command(_pack(conn, args), check_health=False)
+        wait = _blocking_wait(conn, args)
+        if wait is None:
+            return await conn.read_response()
+        try:
+            async with asyncio.timeout(wait):
+                return await conn.read_response(timeout=math.inf)
+        except TimeoutError:
+            message = f"no answer to {args[0]} within {wait:.1f} s"
+            raise redis.asyncio.TimeoutError(message) from None
 
     async def run(self, flow: Flow[T]) -> T:
+        task = asyncio.current_task()
+        baseline = _CANCELS.set(task.cancelling() if task is not None else 0)
         try:
             op = next(flow)
             while True:
@@ -103,3 +324,5 @@ class AsyncDriver(_DriverBase):
                     op = flow.send(result)
         except StopIteration as stop:
             return stop.value  # type: ignore[no-any-return]
+        finally:
+            _CANCELS.reset(baseline)

@@ -9,6 +9,7 @@
      │    ├── SerializationError (TypeError) a value the codec cannot encode
      │    └── TooLarge                       key, value or metadata over its size limit
      ├── ServerUnavailable                   cannot reach / lost the server (names the address)
+     │    └── OutcomeUnknown                 lost mid-write: the write may or may not have happened
      ├── ServerError                         the server answered with an error we did not expect
      ├── CorruptData                         foreign or malformed data found under our keys
      ├── EmbeddedServerError                 the embedded Valkey could not be started or found
@@ -39,6 +40,7 @@ __all__ = [
     "LockLost",
     "LockNotHeld",
     "NotObtained",
+    "OutcomeUnknown",
     "SerializationError",
     "ServerError",
     "ServerUnavailable",
@@ -79,6 +81,12 @@ class ServerUnavailable(SyncMapError):
     def __init__(self, message: str, address: str | None = None) -> None:
         super().__init__(message)
         self.address = address
+
+
+class OutcomeUnknown(ServerUnavailable):
+    """The connection failed after a non-idempotent request (a map write) was sent and before
+    its answer came: it may or may not have been applied, so it is not retried automatically.
+    Read the key (``fresh=True``) to find out; other nodes see whichever happened."""
 
 
 class ServerError(SyncMapError):

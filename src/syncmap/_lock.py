@@ -5,11 +5,9 @@ hand-off and the waiter queue are documented there). What differs between the tw
 only how they wait: a blocked thread vs. an awaiting task, a watchdog thread vs. a task, and
 how an interrupted call (KeyboardInterrupt, task cancellation) cleans up.
 
-Lock commands run on connections kept aside from the node's pool (``_Connections``): each
-command borrows one and gives it back, skipping redis-py's per-command pool bookkeeping, which
-costs more than the round trip itself on loopback. A command that fails on a kept connection
-because it went stale (server restart, ``CLIENT KILL``) is retried once on a new one; every
-lock script is idempotent for a given value, so a retry cannot take or release twice.
+Lock commands run through :mod:`syncmap._driver` (kept connections, no redis-py pool per
+command). Every lock script is idempotent for a given value, so the driver may resend one
+whose connection failed before the answer: a retry cannot take or release twice.
 
 Semantics worth knowing:
 
@@ -31,19 +29,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import fnmatch
-import math
-import os
 import threading
 import time
-import weakref
 from collections.abc import Callable, Iterator
 from itertools import repeat
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
-
-import redis
-import redis.asyncio
 
 from ._core.keys import PREFIX, validate_name
 from ._core.lock import (
@@ -64,11 +55,10 @@ from ._core.lock import (
     release_flow,
     watchdog_flow,
 )
-from ._core.ops import Command, Flow, Op, Script, Sleep
+from ._core.ops import Flow
 from ._core.retry import NoRetry, RetryStrategy, check_backoff, check_strategy
 from ._driver import AsyncDriver, SyncDriver
 from ._errors import InvalidArgument, LockLost, LockNotHeld, NotObtained
-from ._scripts import script_commands
 
 if TYPE_CHECKING:
     from ._node import AsyncNode, Node
@@ -89,204 +79,6 @@ L = TypeVar("L", bound="_LockBase[Any]")
 
 DEFAULT_TTL = 30.0
 DEFAULT_POLL_INTERVAL = 0.25
-_KEEP_IDLE = 4
-
-
-_hiredis_pack: Callable[[tuple[Any, ...]], bytes] | None
-try:
-    from hiredis import pack_command as _hiredis_pack
-except ImportError:  # pragma: no cover - redis[hiredis] is a dependency
-    _hiredis_pack = None
-
-
-def _pack(conn: Any, args: tuple[Any, ...]) -> Any:
-    """The command in RESP: hiredis packs lock commands (str and int arguments) a few times
-    faster than redis-py's encoder does."""
-    if _hiredis_pack is not None:
-        return [_hiredis_pack(args)]
-    return conn.pack_command(*args)
-
-
-def _blocking_wait(conn: Any, args: tuple[Any, ...]) -> float | None:
-    """How long to wait for the answer of a blocking command (``None``: not one)."""
-    if args[0] != "BLPOP":
-        return None
-    return float(args[-1]) + (conn.socket_timeout or 5.0)
-
-
-class _Connections:
-    """Connections set aside from one client's pool for lock commands (per process)."""
-
-    def __init__(self, pool: Any) -> None:
-        self.pool = pool
-        self.pid = os.getpid()
-        self.idle: list[Any] = []
-
-
-_KEPT: weakref.WeakKeyDictionary[Any, _Connections] = weakref.WeakKeyDictionary()
-
-
-def _connections(client: Any) -> _Connections:
-    kept = _KEPT.get(client)
-    if kept is None or kept.pid != os.getpid():
-        kept = _KEPT[client] = _Connections(client.connection_pool)
-    return kept
-
-
-class _SyncRunner(SyncDriver):
-    """Runs lock flows (the inherited loop) with commands on kept connections.
-
-    ``sleep`` replaces ``Sleep``: a watchdog waits on an event that a release sets.
-    """
-
-    def __init__(self, node: Node, sleep: Callable[[float], object] | None = None) -> None:
-        super().__init__(node.client, node.address)
-        self.conns = _connections(node.client)
-        self.sleep = sleep
-
-    def perform(self, op: Op) -> Any:
-        try:
-            if isinstance(op, Command):
-                return self._call(op.args)
-            if isinstance(op, Script):
-                evalsha, eval_ = script_commands(op)
-                try:
-                    return self._call(evalsha)
-                except redis.exceptions.NoScriptError:
-                    return self._call(eval_)
-        except Exception as exc:
-            raise self._translate(exc) from exc
-        if isinstance(op, Sleep) and self.sleep is not None:
-            self.sleep(op.seconds)
-            return None
-        return super().perform(op)
-
-    def _call(self, args: tuple[Any, ...]) -> Any:
-        conns = self.conns
-        try:
-            conn, kept = conns.idle.pop(), True
-        except IndexError:
-            conn, kept = conns.pool.get_connection(), False
-        try:
-            try:
-                reply = self._roundtrip(conn, args)
-            except redis.ConnectionError:
-                if not kept:
-                    raise
-                conn.disconnect()
-                reply = self._roundtrip(conn, args)
-        except redis.ResponseError:
-            self._give_back(conn)
-            raise
-        except BaseException:
-            conn.disconnect()
-            self._give_back(conn)
-            raise
-        self._give_back(conn)
-        return reply
-
-    @staticmethod
-    def _roundtrip(conn: Any, args: tuple[Any, ...]) -> Any:
-        conn.send_packed_command(_pack(conn, args), check_health=False)
-        wait = _blocking_wait(conn, args)
-        if wait is None:
-            return conn.read_response()
-        return conn.read_response(timeout=wait)
-
-    def _give_back(self, conn: Any) -> None:
-        conns = self.conns
-        if len(conns.idle) < _KEEP_IDLE and conns.pid == os.getpid():
-            conns.idle.append(conn)
-        else:
-            conns.pool.release(conn)
-
-
-_CANCELS: contextvars.ContextVar[int] = contextvars.ContextVar("syncmap_lock_cancels", default=0)
-
-
-def _raise_swallowed_cancel() -> None:
-    """Re-raise a cancellation that redis-py swallowed.
-
-    On Python 3.11, ``asyncio.wait_for`` (which redis-py wraps around every send) returns the
-    result instead of raising when the task is cancelled just as the send completes; the
-    cancel request stays pending (``Task.cancelling()``) but nothing raises it, and a
-    cancelled acquire would go on waiting. Compared with the count when the flow started,
-    so a release run while a cancellation is already propagating (``async with``) proceeds.
-    """
-    task = asyncio.current_task()
-    if task is not None and task.cancelling() > _CANCELS.get():
-        raise asyncio.CancelledError
-
-
-class _AsyncRunner(AsyncDriver):
-    """The asyncio twin of :class:`_SyncRunner` (same connection handling, awaited)."""
-
-    def __init__(self, node: AsyncNode) -> None:
-        super().__init__(node.client, node.address)
-        self.conns = _connections(node.client)
-
-    async def run(self, flow: Flow[T]) -> T:
-        task = asyncio.current_task()
-        baseline = _CANCELS.set(task.cancelling() if task is not None else 0)
-        try:
-            return await super().run(flow)
-        finally:
-            _CANCELS.reset(baseline)
-
-    async def perform(self, op: Op) -> Any:
-        try:
-            if isinstance(op, Command):
-                return await self._call(op.args)
-            if isinstance(op, Script):
-                evalsha, eval_ = script_commands(op)
-                try:
-                    return await self._call(evalsha)
-                except redis.exceptions.NoScriptError:
-                    return await self._call(eval_)
-        except Exception as exc:
-            raise self._translate(exc) from exc
-        return await super().perform(op)
-
-    async def _call(self, args: tuple[Any, ...]) -> Any:
-        conns = self.conns
-        try:
-            conn, kept = conns.idle.pop(), True
-        except IndexError:
-            conn, kept = await conns.pool.get_connection(), False
-        try:
-            try:
-                reply = await self._roundtrip(conn, args)
-            except redis.asyncio.ConnectionError:
-                if not kept:
-                    raise
-                await conn.disconnect(nowait=True)
-                reply = await self._roundtrip(conn, args)
-        except redis.asyncio.ResponseError:
-            conns.idle.append(conn)
-            raise
-        except BaseException:
-            # redis-py closes the connection on any error mid-command (cancellation too)
-            await conns.pool.release(conn)
-            raise
-        if len(conns.idle) < _KEEP_IDLE:
-            conns.idle.append(conn)
-        else:
-            await conns.pool.release(conn)
-        _raise_swallowed_cancel()
-        return reply
-
-    @staticmethod
-    async def _roundtrip(conn: Any, args: tuple[Any, ...]) -> Any:
-        await conn.send_packed_command(_pack(conn, args), check_health=False)
-        wait = _blocking_wait(conn, args)
-        if wait is None:
-            return await conn.read_response()
-        try:
-            async with asyncio.timeout(wait):
-                return await conn.read_response(timeout=math.inf)
-        except TimeoutError:
-            message = f"no answer to {args[0]} within {wait:.1f} s"
-            raise redis.asyncio.TimeoutError(message) from None
 
 
 # -- the shared shell --------------------------------------------------------------------------
@@ -425,7 +217,7 @@ class Lock(_LockBase["Node"]):
         self, node: Node, name: str | tuple[str, ...], ttl: float = DEFAULT_TTL, **options: Any
     ) -> None:
         super().__init__(node, name, ttl, **options)
-        self._run = _SyncRunner(node).run
+        self._run = SyncDriver(node.client, node.address).run
         self._stop: threading.Event | None = None
 
     def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
@@ -469,7 +261,7 @@ class Lock(_LockBase["Node"]):
 
     def _start_watchdog(self, token: str) -> None:
         stop = self._stop = threading.Event()
-        run = _SyncRunner(self._node, stop.wait).run
+        run = SyncDriver(self._node.client, self._node.address, stop.wait).run
 
         def watch() -> None:
             try:
@@ -499,7 +291,7 @@ class AsyncLock(_LockBase["AsyncNode"]):
         self, node: AsyncNode, name: str | tuple[str, ...], ttl: float = DEFAULT_TTL, **options: Any
     ) -> None:
         super().__init__(node, name, ttl, **options)
-        self._run = _AsyncRunner(node).run
+        self._run = AsyncDriver(node.client, node.address).run
         self._watch_task: asyncio.Task[None] | None = None
 
     async def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:

@@ -254,6 +254,7 @@ class MapCore:
                 (keys.meta, keys.record(k), keys.idx, keys.fences, keys.load(k), *guard_keys),
                 (op, k, self.new_token(), keys.channel, payload, px, expected, token, fence,
                  load_token, self.push_values),
+                idempotent=False,  # an incr sent twice counts twice: never resent blindly
             )  # fmt: skip
             epoch, seq, status, record = _text(reply[0]), int(reply[1]), int(reply[2]), reply[3]
             if status == -1:

@@ -18,18 +18,25 @@ T = TypeVar("T")
 
 @dataclass(frozen=True, slots=True)
 class Command:
-    """Run one server command, e.g. ``Command(("GET", key))``."""
+    """Run one server command, e.g. ``Command(("GET", key))``.
+
+    ``idempotent``: running it twice has the effect of running it once, so a driver may resend
+    it when the connection fails before the answer. Otherwise the driver raises
+    :class:`~syncmap.OutcomeUnknown` instead of guessing."""
 
     args: tuple[Any, ...]
+    idempotent: bool = True
 
 
 @dataclass(frozen=True, slots=True)
 class Script:
-    """Run the Lua script ``lua/<name>.lua`` with ``keys`` and ``args`` (EVALSHA, loaded once)."""
+    """Run the Lua script ``lua/<name>.lua`` with ``keys`` and ``args`` (EVALSHA, loaded once).
+    ``idempotent`` as for :class:`Command`."""
 
     name: str
     keys: tuple[Any, ...]
     args: tuple[Any, ...]
+    idempotent: bool = True
 
 
 @dataclass(frozen=True, slots=True)

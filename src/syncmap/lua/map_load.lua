@@ -13,7 +13,8 @@ if t == 'string' then
 elseif t ~= 'none' then
   return {1, m[1], seq, false, -2, 1}
 end
-if redis.call('SET', KEYS[3], ARGV[1], 'NX', 'PX', ARGV[2]) then
+-- (ours already: a resent call whose first answer was lost; idempotent)
+if redis.call('SET', KEYS[3], ARGV[1], 'NX', 'PX', ARGV[2]) or redis.call('GET', KEYS[3]) == ARGV[1] then
   return {2, m[1], seq, false, -2, 0}
 end
 return {0, m[1], seq, false, redis.call('PTTL', KEYS[3]), 0}

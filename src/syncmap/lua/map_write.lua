@@ -23,154 +23,132 @@
 --           -2 incr on a value that is not an integer; -3 foreign data under the record key
 --   record: del/setnx/cas/casv: the record before the call; incr: the new record
 --   pttl: the record's remaining life in ms after the call (-1: none, -2: absent)
-local meta, rec, idx, fences, loadkey = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local op, key, channel = ARGV[1], ARGV[2], ARGV[4]
+local meta, rec, idx = KEYS[1], KEYS[2], KEYS[3]
+local op, key, channel, guard = ARGV[1], ARGV[2], ARGV[4], ARGV[8]
+-- Straight-line code, no helper closures on the way of a write: this script runs on every
+-- write, and each closure, call and table costs server time.
 
-local function current()
+local function answer(status, record)  -- a refusal: nothing written
   local m = redis.call('HMGET', meta, 'epoch', 'seq')
-  return m[1], tonumber(m[2] or '0')
-end
-
-local function answer(status, record)
-  local e, s = current()
-  return {e, s, status, record, redis.call('PTTL', rec)}
+  return {m[1], tonumber(m[2] or '0'), status, record, redis.call('PTTL', rec)}
 end
 
 -- guard: the lock key must hold our token, and our fence must not be older than one seen
-local guard = ARGV[8]
 if guard ~= '' then
   local holder = redis.call('GET', KEYS[6])
   if not holder or string.sub(holder, 1, #guard) ~= guard then
     return answer(-1, false)
   end
   if ARGV[9] ~= '' then
-    local seen = redis.call('HGET', fences, KEYS[6])
+    local seen = redis.call('HGET', KEYS[4], KEYS[6])
     if seen and tonumber(ARGV[9]) < tonumber(seen) then
       return answer(-1, false)
     end
   end
 end
 
--- the current record: false (absent), or {record, "epoch seq", payload}; foreign data -> nil
-local function parse(r)
-  if string.sub(r, 1, 3) ~= 'SM\1' then return nil end
-  local nl = string.find(r, '\n', 4, true)
-  if not nl then return nil end
-  return {r, string.sub(r, 4, nl - 1), string.sub(r, nl + 1)}
-end
-
--- (a plain set needs neither the old record nor its type: it overwrites whatever is there)
-local old, t = false, 'none'
+-- the current record (a plain set needs neither it nor its type: it overwrites whatever is
+-- there): before = the record or false; old_version = "epoch seq"; old_payload
+local before, old_version, old_payload = false, '', nil
+local existed = false
 if op ~= 'set' then
-  t = redis.call('TYPE', rec)['ok']
+  local t = redis.call('TYPE', rec)['ok']
   if t == 'string' then
-    old = parse(redis.call('GET', rec))
-  elseif t ~= 'none' then
-    old = nil
-  end
-  if old == nil and op ~= 'del' then
-    return answer(-3, false)
-  end
-end
-
--- bump the map's seq (creating the epoch if the map's meta is gone), bookkeeping; returns
--- epoch, seq and seq as text. The caller publishes the change message.
-local function commit()
-  local epoch = redis.call('HGET', meta, 'epoch')
-  if not epoch then
-    epoch = ARGV[3]
-    redis.call('HSET', meta, 'epoch', epoch, 'seq', 0)
-  end
-  local seq = redis.call('HINCRBY', meta, 'seq', 1)
-  if guard ~= '' and ARGV[9] ~= '' then
-    local seen = redis.call('HGET', fences, KEYS[6])
-    if not seen or tonumber(ARGV[9]) > tonumber(seen) then
-      redis.call('HSET', fences, KEYS[6], ARGV[9])
+    before = redis.call('GET', rec)
+    local nl = string.find(before, '\n', 4, true)
+    if string.sub(before, 1, 3) ~= 'SM\1' or not nl then  -- foreign data: only del goes on
+      if op ~= 'del' then return answer(-3, false) end
+      before = false
+    else
+      old_version = string.sub(before, 4, nl - 1)
+      old_payload = string.sub(before, nl + 1)
     end
+    existed = true
+  elseif t ~= 'none' then
+    if op ~= 'del' then return answer(-3, false) end
+    existed = true
   end
-  if ARGV[10] ~= '' and redis.call('GET', loadkey) == ARGV[10] then
-    redis.call('DEL', loadkey)
-  end
-  return epoch, seq, string.format('%d', seq)
 end
 
-local push = tonumber(ARGV[11] or '0') or 0
-
-local function write(payload, px, keepttl)
-  local epoch, seq, seqs = commit()
-  local head = 'SM1 ' .. epoch .. ' ' .. seqs
-  local record = 'SM\1' .. epoch .. ' ' .. seqs .. '\n' .. payload
-  local pttl = -1
-  if keepttl then
-    redis.call('SET', rec, record, 'KEEPTTL')
-    pttl = redis.call('PTTL', rec)
-  elseif px > 0 then
-    redis.call('SET', rec, record, 'PX', px)
-    pttl = px  -- time stands still inside a script
-  else
-    redis.call('SET', rec, record)
-  end
-  if pttl > 0 then
-    local now = redis.call('TIME')
-    redis.call('ZADD', idx, tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) + pttl, key)
-  else
-    redis.call('ZADD', idx, '+inf', key)
-  end
-  if pttl < 0 and #payload <= push then
-    redis.call('PUBLISH', channel, head .. ' V ' .. #key .. ' ' .. key .. payload)
-  else
-    redis.call('PUBLISH', channel, head .. ' S ' .. key)
-  end
-  return {epoch, seq, 1, record, pttl}
-end
-
-local px = tonumber(ARGV[6])
-local before = old and old[1] or false
-
-if op == 'set' then
-  local r = write(ARGV[5], px, false)
-  r[4] = false
-  return r
-elseif op == 'setnx' then
-  if old then return answer(0, before) end
-  local r = write(ARGV[5], px, false)
-  r[4] = false
-  return r
+-- the decision: what to write (payload), or a refusal
+local payload, keepttl = ARGV[5], false
+if op == 'setnx' then
+  if existed then return answer(0, before) end
 elseif op == 'cas' then
-  if not old or old[3] ~= ARGV[7] then return answer(0, before) end
-  local r = write(ARGV[5], px, false)
-  r[4] = before
-  return r
+  if old_payload ~= ARGV[7] then return answer(0, before) end
 elseif op == 'casv' then
-  local version = old and old[2] or ''
-  if version ~= ARGV[7] then return answer(0, before) end
-  local r = write(ARGV[5], px, false)
-  r[4] = before
-  return r
+  if old_version ~= ARGV[7] then return answer(0, before) end
 elseif op == 'incr' then
   local n = 0
-  if old then
-    local p = old[3]
+  if old_payload then
     if ARGV[7] == 'msgpack' then
-      local ok, v = pcall(cmsgpack.unpack, p)
+      local ok, v = pcall(cmsgpack.unpack, old_payload)
       if not ok or type(v) ~= 'number' or v ~= math.floor(v) then return answer(-2, before) end
       n = v
     else
-      if not string.match(p, '^%-?%d+$') then return answer(-2, before) end
-      n = tonumber(p)
+      if not string.match(old_payload, '^%-?%d+$') then return answer(-2, before) end
+      n = tonumber(old_payload)
     end
   end
   n = n + tonumber(ARGV[5])
   if math.abs(n) > 9007199254740991 then return answer(-2, before) end
-  local payload
   if ARGV[7] == 'msgpack' then payload = cmsgpack.pack(n) else payload = string.format('%d', n) end
-  return write(payload, px, old and true or false)
+  keepttl = existed
 elseif op == 'del' then
-  if t == 'none' then return answer(0, false) end
+  if not existed then return answer(0, false) end
+elseif op ~= 'set' then
+  return redis.error_reply('map_write: unknown op ' .. tostring(op))
+end
+
+-- commit: bump the map's seq (creating the epoch if the map's meta is gone), bookkeeping
+local epoch = redis.call('HGET', meta, 'epoch')
+if not epoch then
+  epoch = ARGV[3]
+  redis.call('HSET', meta, 'epoch', epoch, 'seq', 0)
+end
+local seq = redis.call('HINCRBY', meta, 'seq', 1)
+local seqs = string.format('%d', seq)
+if guard ~= '' and ARGV[9] ~= '' then
+  local seen = redis.call('HGET', KEYS[4], KEYS[6])
+  if not seen or tonumber(ARGV[9]) > tonumber(seen) then
+    redis.call('HSET', KEYS[4], KEYS[6], ARGV[9])
+  end
+end
+if ARGV[10] ~= '' and redis.call('GET', KEYS[5]) == ARGV[10] then
+  redis.call('DEL', KEYS[5])
+end
+local head = 'SM1 ' .. epoch .. ' ' .. seqs
+
+if op == 'del' then
   redis.call('DEL', rec)
   redis.call('ZREM', idx, key)
-  local epoch, seq, seqs = commit()
-  redis.call('PUBLISH', channel, 'SM1 ' .. epoch .. ' ' .. seqs .. ' D ' .. key)
+  redis.call('PUBLISH', channel, head .. ' D ' .. key)
   return {epoch, seq, 1, before, -2}
 end
-return redis.error_reply('map_write: unknown op ' .. tostring(op))
+
+local record = 'SM\1' .. epoch .. ' ' .. seqs .. '\n' .. payload
+local px, pttl = tonumber(ARGV[6]), -1
+if keepttl then
+  redis.call('SET', rec, record, 'KEEPTTL')
+  pttl = redis.call('PTTL', rec)
+elseif px > 0 then
+  redis.call('SET', rec, record, 'PX', px)
+  pttl = px  -- time stands still inside a script
+else
+  redis.call('SET', rec, record)
+end
+if pttl > 0 then
+  local now = redis.call('TIME')
+  redis.call('ZADD', idx, tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) + pttl, key)
+else
+  redis.call('ZADD', idx, '+inf', key)
+end
+if pttl < 0 and #payload <= (tonumber(ARGV[11]) or 0) then
+  redis.call('PUBLISH', channel, head .. ' V ' .. #key .. ' ' .. key .. payload)
+else
+  redis.call('PUBLISH', channel, head .. ' S ' .. key)
+end
+-- record: the one before for cas/casv, the new one for incr, else false
+if op == 'incr' then return {epoch, seq, 1, record, pttl} end
+if op == 'cas' or op == 'casv' then return {epoch, seq, 1, before, pttl} end
+return {epoch, seq, 1, false, pttl}

@@ -21,6 +21,7 @@ import asyncio
 import contextvars
 import math
 import os
+import select
 import time
 import weakref
 from collections.abc import Callable
@@ -79,6 +80,24 @@ def _connections(client: Any) -> _Connections:
     if kept is None or kept.pid != os.getpid():
         kept = _KEPT[client] = _Connections(client.connection_pool)
     return kept
+
+
+def _unusable(conn: Any) -> bool:
+    """Whether a kept (idle, connected) connection is readable: the server closed it (EOF) or
+    sent something unasked. One ``poll(0)`` on a poll object kept with the socket: a few times
+    cheaper than redis-py's ``can_read``, and this runs before every command."""
+    sock = conn._sock
+    if sock is None:
+        return False
+    watch = conn.__dict__.get("_syncmap_watch")
+    if watch is None or watch[0] is not sock:
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        watch = conn._syncmap_watch = (sock, poller)
+    try:
+        return bool(watch[1].poll(0))
+    except (OSError, ValueError):
+        return True
 
 
 def _calls(op: Command | Script) -> tuple[tuple[Any, ...], tuple[Any, ...] | None]:
@@ -170,17 +189,14 @@ class SyncDriver(_DriverBase):
             conn = conns.idle.pop()
         except IndexError:
             return conns.pool.get_connection()
-        try:
-            dirty = conn.can_read(0)
-        except (redis.ConnectionError, OSError):
-            dirty = True
-        if dirty:
+        if _unusable(conn):
             conn.disconnect()
-        try:
-            conn.connect()
-        except BaseException:
-            self._give_back(conn)
-            raise
+        if conn._sock is None:
+            try:
+                conn.connect()
+            except BaseException:
+                self._give_back(conn)
+                raise
         return conn
 
     @staticmethod

@@ -104,6 +104,8 @@ _MISSING: Any = object()
 DEFAULT_MAXSIZE: Final = 100_000
 DEFAULT_PUSH_VALUES: Final = 4096  # bytes: writes of values up to this size carry them
 POLL_INTERVAL: Final = 0.00025  # s: how often a local hit applies waiting change messages
+OP_POLL_INTERVAL: Final = 0.001  # s: the same before server operations (a write's own change
+# message is applied with the next few writes' in one drain; within READERS_ACTIVE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -300,6 +302,7 @@ class SyncMap(_MapBase, MutableMapping[str, Any]):
             self._state, self._core.keys, node.client, node.address, self._listener_timeout
         )
         self._next_poll = 0.0  # the read path applies waiting change messages from then on
+        self._next_op_poll = 0.0  # the same before a server operation (less often: batches)
         self._listener.start()
         deadline = time.monotonic() + 2.0  # usually ms: ready to cache right away
         while not self._state.synced and time.monotonic() < deadline:
@@ -307,7 +310,8 @@ class SyncMap(_MapBase, MutableMapping[str, Any]):
 
     def _run(self, flow: MapFlow[T]) -> T:
         now = self._clock()
-        if now >= self._next_poll:  # waiting change messages (e.g. of our own writes): here
+        if now >= self._next_op_poll:  # waiting change messages (e.g. of our own writes): here
+            self._next_op_poll = now + OP_POLL_INTERVAL
             self._next_poll = now + POLL_INTERVAL
             self._listener.poll(now)
         else:

@@ -61,6 +61,10 @@ returns "acknowledged".
 10. **Bounded memory.** The local copy holds at most ``maxsize`` entries (LRU); an entry's
     TTL is honoured on the server (PX) and locally (its deadline never later than the
     server's).
+11. **At most once.** A write whose connection fails after it was sent is never resent (the
+    drivers, not redis-py's ``Retry``, decide): it raises :class:`~syncmap.OutcomeUnknown`
+    and its placeholder is dropped, so the key's next read goes to the server (or takes the
+    write's change message, if it was applied).
 
 Server layout (all keys share the hash tag ``{<map name>}``; see ``_core/keys.py``): ``meta``
 hash (epoch, seq), one string per entry (``"SM\\x01" epoch " " seq "\\n"`` + codec payload:

@@ -137,6 +137,9 @@ class SyncDriver(_DriverBase):
     ) -> None:
         super().__init__(client, address)
         self.sleep = sleep
+        # called between sending a command and reading its answer: work that can overlap the
+        # server's (a map applies its waiting change messages there). Must not raise.
+        self.while_waiting: Callable[[], object] | None = None
 
     def perform(self, op: Op) -> Any:
         if isinstance(op, Sleep):
@@ -199,11 +202,12 @@ class SyncDriver(_DriverBase):
                 raise
         return conn
 
-    @staticmethod
-    def _roundtrip(conn: Any, args: tuple[Any, ...]) -> Any:
+    def _roundtrip(self, conn: Any, args: tuple[Any, ...]) -> Any:
         conn.send_packed_command(_pack(conn, args), check_health=False)
         wait = _blocking_wait(conn, args)
         if wait is None:
+            if self.while_waiting is not None:
+                self.while_waiting()
             return conn.read_response()
         return conn.read_response(timeout=wait)
 

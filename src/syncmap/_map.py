@@ -302,6 +302,7 @@ class SyncMap(_MapBase, MutableMapping[str, Any]):
     def __init__(self, node: Node, name: str, **options: Any) -> None:
         super().__init__(node, name, **options)
         self._driver = _Driver(node.client, node.address)
+        self._driver.while_waiting = self._poll_while_waiting
         self._listener = SyncListener(
             self._state, self._core.keys, node.client, node.address, self._listener_timeout
         )
@@ -313,14 +314,19 @@ class SyncMap(_MapBase, MutableMapping[str, Any]):
             time.sleep(0.001)
 
     def _run(self, flow: MapFlow[T]) -> T:
+        self._listener.last_poll = self._clock()  # busy: the listener thread keeps out of the way
+        return self._driver.run(flow)  # type: ignore[arg-type]  # it performs Call too
+
+    def _poll_while_waiting(self) -> None:
+        """Apply waiting change messages (e.g. of our own writes) while the server works on
+        our command: the driver calls this between sending and reading."""
         now = self._clock()
-        if now >= self._next_op_poll:  # waiting change messages (e.g. of our own writes): here
+        if now >= self._next_op_poll:
             self._next_op_poll = now + OP_POLL_INTERVAL
             self._next_poll = now + POLL_INTERVAL
             self._listener.poll(now)
         else:
-            self._listener.last_poll = now  # busy: the listener thread keeps out of the way
-        return self._driver.run(flow)  # type: ignore[arg-type]  # it performs Call too
+            self._listener.last_poll = now
 
     # ---- reads ----
 

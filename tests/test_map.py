@@ -339,11 +339,11 @@ def test_garbage_on_the_channel(maps, server, ns, client):
     a.set("k", 1)
     wait_until(lambda: b.get("k") == 1 and b.stats.hits > 0, 5, what="b caches k")
     for junk in (b"hello", b"", b"\xff\xfe", b"SM2 x 1 S k"):
-        client.publish(channel, junk)
+        client.spublish(channel, junk)  # the map listens with SSUBSCRIBE
     wait_until(lambda: b.stats.skipped_messages == 4, 5, what="garbage skipped")
     assert b.stats.resyncs == 0
     # one of ours but malformed: the copy is dropped (it may have hidden a change)
-    client.publish(channel, b"SM1 e notanumber S k")
+    client.spublish(channel, b"SM1 e notanumber S k")
     wait_until(lambda: b.stats.resync_causes.get("malformed") == 1, 5, what="resync")
     # the listener lives on: changes still propagate
     wait_until(lambda: b.get("k") == 1 and b.stats.verified_age < 1, 5, what="resynced")
@@ -484,10 +484,10 @@ def test_raw_subscriber_drains_in_order_and_keeps_a_backlog(monkeypatch):
     raw = _listener._RawSubscriber(ours)
     state = State()
     assert raw.drain(state, b"ch") == 0 and not raw.backlog  # nothing there: no wait
-    wire = b"*3\r\n$9\r\nsubscribe\r\n$2\r\nch\r\n:1\r\n"
+    wire = b"*3\r\n$10\r\nssubscribe\r\n$2\r\nch\r\n:1\r\n"  # sharded pub/sub
     for i in range(5):
-        wire += b"*3\r\n$7\r\nmessage\r\n$2\r\nch\r\n$2\r\nm%d\r\n" % i
-    wire += b"*3\r\n$7\r\nmessage\r\n$5\r\nother\r\n$1\r\nx\r\n*2\r\n$4\r\npong\r\n$1\r\nt\r\n"
+        wire += b"*3\r\n$8\r\nsmessage\r\n$2\r\nch\r\n$2\r\nm%d\r\n" % i
+    wire += b"*3\r\n$8\r\nsmessage\r\n$5\r\nother\r\n$1\r\nx\r\n*2\r\n$4\r\npong\r\n$1\r\nt\r\n"
     server_end.sendall(wire[:-7])  # the last event arrives in two pieces
     monkeypatch.setattr(_listener, "DRAIN_LIMIT", 3)
     assert raw.drain(state, b"ch") == 3 and raw.backlog

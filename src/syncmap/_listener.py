@@ -34,6 +34,7 @@ import hiredis
 import redis
 import redis.asyncio
 from redis.backoff import NoBackoff
+from redis.exceptions import MovedError
 from redis.retry import Retry
 
 from ._core.coherence import Coherence
@@ -75,13 +76,30 @@ def _event(message: dict[str, Any] | None, channel: bytes) -> Event | None:
     if isinstance(kind, bytes):
         kind = kind.decode()
     data = message.get("data")
-    if kind == "message" and message.get("channel") == channel and isinstance(data, bytes):
+    if kind == "smessage" and message.get("channel") == channel and isinstance(data, bytes):
         return ("message", data)
-    if kind == "subscribe" and message.get("channel") == channel:
+    if kind == "ssubscribe" and message.get("channel") == channel:
         return ("subscribe", b"")
+    if kind == "sunsubscribe" and message.get("channel") == channel:
+        raise _lost_subscription()
     if kind == "pong":
         return ("pong", data if isinstance(data, bytes) else str(data).encode())
     return None
+
+
+def _lost_subscription() -> redis.ConnectionError:
+    """The server dropped our shard channel (on a Cluster: the map's slot moved to another
+    master): the flow reconnects, and the connection finds the slot's new owner."""
+    return redis.ConnectionError("the server unsubscribed the map's channel (slot moved?)")
+
+
+def _learn(client: Any, exc: BaseException) -> None:
+    """On a Cluster, a subscription answered with MOVED names the slot's owner: tell the slot
+    table, so that the next subscriber connection goes there (``syncmap._cluster``)."""
+    if isinstance(exc, MovedError):
+        router = client.connection_pool.connection_kwargs.get("syncmap_router")
+        if router is not None:
+            router.table.moved(exc.slot_id, (exc.host, int(exc.port)))
 
 
 def _error(exc: Exception, address: str) -> Exception:
@@ -173,6 +191,7 @@ class SyncListener(_ListenerBase):
                 try:
                     result = self._perform(op)
                 except Exception as exc:
+                    _learn(self.client, exc)
                     op = flow.throw(_error(exc, self.address))
                 else:
                     op = flow.send(result)
@@ -195,7 +214,7 @@ class SyncListener(_ListenerBase):
             with self.lock:
                 self._unsubscribe_locked()
                 self.pubsub = self.client.pubsub()  # type: ignore[no-untyped-call]
-                self.pubsub.subscribe(op.channel)
+                self.pubsub.ssubscribe(op.channel)
                 self._poller = _poller_of(self.pubsub)
                 self._raw = _RawSubscriber.of(self._poller)
             return None
@@ -258,6 +277,7 @@ class SyncListener(_ListenerBase):
             if waiting:
                 self._drain()
         except Exception as exc:
+            _learn(self.client, exc)
             error = _error(exc, self.address)
             self.failure = error  # the listener thread reconnects
             if isinstance(error, SyncMapError):
@@ -359,17 +379,22 @@ class _RawSubscriber:
             count += 1
             if isinstance(reply, list) and len(reply) >= 2:
                 kind = reply[0]
-                if kind == b"message" and len(reply) == 3:
+                if kind == b"smessage" and len(reply) == 3:
                     if reply[1] == channel and isinstance(reply[2], bytes):
                         state.on_message(reply[2])
                 elif kind == b"pong":
                     state.on_pong(bytes(reply[1]).decode("utf-8", "replace"))
-                elif kind == b"subscribe" and reply[1] == channel:
+                elif kind == b"ssubscribe" and reply[1] == channel:
                     state.on_subscribed()
+                elif kind == b"sunsubscribe" and reply[1] == channel:
+                    raise _lost_subscription()
             elif isinstance(reply, bytes):  # RESP3: PING's answer is its argument
                 state.on_pong(reply.decode("utf-8", "replace"))
             elif isinstance(reply, hiredis.ReplyError):
-                raise redis.ResponseError(f"subscriber connection: {reply}")
+                text = str(reply)
+                if text.startswith("MOVED "):  # a Cluster: the slot's owner is another master
+                    raise MovedError(text[len("MOVED ") :])
+                raise redis.ResponseError(f"subscriber connection: {text}")
         return count
 
 
@@ -441,6 +466,7 @@ class AsyncListener(_ListenerBase):
                 try:
                     result = await self._perform(op)
                 except Exception as exc:
+                    _learn(self.client, exc)
                     op = flow.throw(_error(exc, self.address))
                 else:
                     op = flow.send(result)
@@ -466,7 +492,7 @@ class AsyncListener(_ListenerBase):
         if isinstance(op, Subscribe):
             await self._unsubscribe()
             self.pubsub = self.client.pubsub()
-            await self.pubsub.subscribe(op.channel)
+            await self.pubsub.ssubscribe(op.channel)
             return None
         if isinstance(op, Unsubscribe):
             await self._unsubscribe()

@@ -14,10 +14,21 @@ from urllib.parse import unquote, urlsplit
 
 import redis
 import redis.asyncio
+import redis.asyncio.cluster
+import redis.cluster
+from redis.exceptions import RedisClusterException
 
+from ._cluster import ClusterRouter, key_slot
+from ._core.keys import MapKeys, hash_tag
 from ._core.ops import Flow
 from ._driver import AsyncDriver, SyncDriver
-from ._errors import InvalidURL, ServerUnavailable, SyncMapError, translate_redis_error
+from ._errors import (
+    InvalidArgument,
+    InvalidURL,
+    ServerUnavailable,
+    SyncMapError,
+    translate_redis_error,
+)
 
 if TYPE_CHECKING:
     from ._lock import AsyncLock, Lock
@@ -27,7 +38,14 @@ __all__ = ["AsyncNode", "Node", "connect", "connect_async", "describe_url", "res
 
 T = TypeVar("T")
 
-_SCHEMES = {"redis", "rediss", "unix", "valkey", "valkeys"}
+_PLAIN_SCHEMES = {"redis", "rediss", "unix", "valkey", "valkeys"}
+_CLUSTER_SUFFIX = "+cluster"
+_SCHEMES = _PLAIN_SCHEMES | {s + _CLUSTER_SUFFIX for s in ("redis", "rediss", "valkey", "valkeys")}
+
+
+def is_cluster_url(url: str) -> bool:
+    """``redis+cluster://host:port`` (or rediss+, valkey+, valkeys+): a Cluster seed node."""
+    return url.split("://", 1)[0].lower().endswith(_CLUSTER_SUFFIX)
 
 
 def describe_url(url: str) -> str:
@@ -42,7 +60,8 @@ def describe_url(url: str) -> str:
     if scheme not in _SCHEMES:
         raise InvalidURL(
             f"unsupported URL scheme {parts.scheme!r} in {_redact(url)!r}; "
-            "use redis://, rediss://, valkey://, valkeys:// or unix://"
+            "use redis://, rediss://, valkey://, valkeys:// or unix:// (a Cluster: "
+            "redis+cluster://host:port, also rediss+, valkey+, valkeys+)"
         )
     if scheme == "unix":
         if not parts.path:
@@ -58,6 +77,8 @@ def describe_url(url: str) -> str:
     db = parts.path.lstrip("/")
     if db and not db.isdigit():
         raise InvalidURL(f"database in server URL {_redact(url)!r} must be a number")
+    if scheme.endswith(_CLUSTER_SUFFIX) and db not in ("", "0"):
+        raise InvalidURL(f"a Cluster has only database 0, not {db} ({_redact(url)!r})")
     shown = f"[{host}]" if ":" in host else host
     return f"{scheme}://{shown}:{port}" + (f"/{db}" if db else "")
 
@@ -76,6 +97,9 @@ def _redact(url: str) -> str:
 
 def _redis_url(url: str) -> str:
     """redis-py speaks redis://; valkey:// is the same protocol."""
+    if is_cluster_url(url):
+        scheme, rest = url.split("://", 1)
+        url = f"{scheme[: -len(_CLUSTER_SUFFIX)]}://{rest}"
     low = url.lower()
     if low.startswith("valkeys://"):
         return "rediss://" + url[len("valkeys://") :]
@@ -97,26 +121,61 @@ def resolve_url(url: str | None) -> str:
 
 
 class _NodeBase:
-    """What a sync and an async node share: where the server is, and option checking."""
+    """What a sync and an async node share: where the server is, and, on a Cluster, which
+    master runs a map or a lock (``router``; ``None`` for a single server)."""
 
     url: str | None
     address: str
+    router: ClusterRouter | None
+    _shards: dict[int, Any]
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.address}>"
+
+    def _shard(self, key: str, is_map: bool) -> tuple[Any, str] | None:
+        """(client, address) for a map's or lock's slot on a Cluster; ``None`` otherwise."""
+        if self.router is None:
+            return None
+        slot = key_slot(key)
+        return self.router.for_map(slot) if is_map else self.router.for_lock(slot)
+
+    def _no_driver(self) -> SyncMapError:
+        return InvalidArgument(
+            f"{self.address} is a Cluster: flows run on a map's or lock's own master"
+        )
 
 
 class Node(_NodeBase):
     """A blocking connection to the server. Make one with :func:`connect`."""
 
-    def __init__(self, client: redis.Redis, address: str, url: str | None = None) -> None:
-        self.client = client
+    def __init__(
+        self,
+        client: redis.Redis | redis.cluster.RedisCluster,
+        address: str,
+        url: str | None = None,
+        router: ClusterRouter | None = None,
+    ) -> None:
+        self.client: Any = client
         self.address = address
         self.url = url
-        self.driver = SyncDriver(client, address)
+        self.router = router
+        self._shards = {}
+        self.driver = None if router is not None else SyncDriver(client, address)  # type: ignore[arg-type]
 
     def run(self, flow: Flow[T]) -> T:
+        if self.driver is None:
+            raise self._no_driver()
         return self.driver.run(flow)
+
+    def _on(self, key: str, is_map: bool) -> Node:
+        """The node a map or lock runs on: this one, or on a Cluster, one of its master."""
+        shard = self._shard(key, is_map)
+        if shard is None:
+            return self
+        node = self._shards.get(id(shard[0]))
+        if node is None:
+            node = self._shards[id(shard[0])] = Node(shard[0], shard[1], self.url)
+        return node
 
     def ping(self) -> bool:
         try:
@@ -128,27 +187,31 @@ class Node(_NodeBase):
         """A distributed lock named ``name`` (see :class:`syncmap.Lock`); not yet acquired."""
         from ._lock import Lock
 
-        return Lock(self, name, **options)
+        return Lock(self._on(_lock_key(name), False), name, **options)
 
     def obtain(self, key: str, ttl: float, **options: Any) -> Lock:
         """redislock's Obtain: a held :class:`Lock`, or :class:`NotObtained`."""
         from ._lock import obtain
 
-        return obtain(self, key, ttl, **options)
+        return obtain(self._on(_lock_key(key), False), key, ttl, **options)
 
     def obtain_multi(self, keys: list[str], ttl: float, **options: Any) -> Lock:
         """Obtain several keys atomically (all or none)."""
         from ._lock import obtain_multi
 
-        return obtain_multi(self, keys, ttl, **options)
+        return obtain_multi(self._on(_lock_key(keys), False), keys, ttl, **options)
 
     def map(self, name: str, **options: Any) -> SyncMap:
         """The shared map ``name``, with a local copy in this process (see :class:`SyncMap`)."""
         from ._map import SyncMap
 
-        return SyncMap(self, name, **options)
+        return SyncMap(self._on(MapKeys(name).meta, True), name, **options)
 
     def close(self) -> None:
+        self._shards.clear()
+        if self.router is not None:
+            for client in self.router.clients():
+                client.close()
         self.client.close()
 
     def __enter__(self) -> Node:
@@ -161,14 +224,33 @@ class Node(_NodeBase):
 class AsyncNode(_NodeBase):
     """An asyncio connection to the server. Make one with :func:`connect_async`."""
 
-    def __init__(self, client: redis.asyncio.Redis, address: str, url: str | None = None) -> None:
-        self.client = client
+    def __init__(
+        self,
+        client: redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster,
+        address: str,
+        url: str | None = None,
+        router: ClusterRouter | None = None,
+    ) -> None:
+        self.client: Any = client
         self.address = address
         self.url = url
-        self.driver = AsyncDriver(client, address)
+        self.router = router
+        self._shards = {}
+        self.driver = None if router is not None else AsyncDriver(client, address)  # type: ignore[arg-type]
 
     async def run(self, flow: Flow[T]) -> T:
+        if self.driver is None:
+            raise self._no_driver()
         return await self.driver.run(flow)
+
+    def _on(self, key: str, is_map: bool) -> AsyncNode:
+        shard = self._shard(key, is_map)
+        if shard is None:
+            return self
+        node = self._shards.get(id(shard[0]))
+        if node is None:
+            node = self._shards[id(shard[0])] = AsyncNode(shard[0], shard[1], self.url)
+        return node
 
     async def ping(self) -> bool:
         try:
@@ -180,25 +262,29 @@ class AsyncNode(_NodeBase):
         """A distributed lock named ``name`` for asyncio; not yet acquired."""
         from ._lock import AsyncLock
 
-        return AsyncLock(self, name, **options)
+        return AsyncLock(self._on(_lock_key(name), False), name, **options)
 
     async def obtain(self, key: str, ttl: float, **options: Any) -> AsyncLock:
         from ._lock import obtain_async
 
-        return await obtain_async(self, key, ttl, **options)
+        return await obtain_async(self._on(_lock_key(key), False), key, ttl, **options)
 
     async def obtain_multi(self, keys: list[str], ttl: float, **options: Any) -> AsyncLock:
         from ._lock import obtain_multi_async
 
-        return await obtain_multi_async(self, keys, ttl, **options)
+        return await obtain_multi_async(self._on(_lock_key(keys), False), keys, ttl, **options)
 
     async def map(self, name: str, **options: Any) -> AsyncSyncMap:
         """The shared map ``name`` for asyncio, started (subscribed) before it is returned."""
         from ._map import AsyncSyncMap
 
-        return await AsyncSyncMap.open(self, name, **options)
+        return await AsyncSyncMap.open(self._on(MapKeys(name).meta, True), name, **options)
 
     async def close(self) -> None:
+        self._shards.clear()
+        if self.router is not None:
+            for client in self.router.clients():
+                await client.aclose()
         await self.client.aclose()
 
     async def __aenter__(self) -> AsyncNode:
@@ -206,6 +292,20 @@ class AsyncNode(_NodeBase):
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+def _lock_key(name: Any) -> str:
+    """The key whose slot a lock (or a multi-key lock: its keys share one slot) lives in; a
+    bad name is left for the lock itself to refuse."""
+    if isinstance(name, list | tuple) and name:
+        name = name[0]
+    if not isinstance(name, str) or not name:
+        return "-"
+    try:
+        hash_tag(name)
+    except SyncMapError:
+        return "-"
+    return name
 
 
 def _translated(exc: Exception, address: str) -> Exception:
@@ -237,13 +337,77 @@ def _prepare(
     return client, address, resolved
 
 
-def connect(url: str | redis.Redis | None = None, **client_options: Any) -> Node:
+def _cluster_router(client: Any, is_async: bool) -> ClusterRouter:
+    """A router for a ready ``RedisCluster`` (sync or asyncio; initialized): its primaries are
+    the seeds, and their connection options (password, TLS, timeouts) are every master's."""
+    primaries = client.get_primaries()
+    if not primaries:
+        raise ServerUnavailable("the cluster client knows no primary node")
+    first = primaries[0]
+    redis_client = getattr(first, "redis_connection", None)
+    if redis_client is not None:  # sync: each node has a redis.Redis
+        pool = redis_client.connection_pool
+        kwargs, conn_class = dict(pool.connection_kwargs), pool.connection_class
+    else:  # asyncio: each node keeps its connection class and options
+        kwargs, conn_class = dict(first.connection_kwargs), first.connection_class
+    options = {k: v for k, v in kwargs.items() if k not in ("host", "port")}
+    options["connection_class"] = conn_class
+    options.setdefault("socket_connect_timeout", 5.0)
+    options["health_check_interval"] = 0
+    seeds = [(str(n.host), int(n.port)) for n in primaries]
+    return ClusterRouter(seeds, options, is_async)
+
+
+def _prepare_cluster(url: Any, options: dict[str, Any], is_async: bool) -> tuple[Any, str, Any]:
+    """(RedisCluster, address, URL or None) for a ``+cluster`` URL or a ready RedisCluster;
+    the router is made by the caller (the asyncio client must be initialized first)."""
+    kind: Any = redis.asyncio.cluster.RedisCluster if is_async else redis.cluster.RedisCluster
+    if isinstance(url, kind):
+        first = url.get_default_node() if not is_async else None
+        where = f"{first.host}:{first.port}" if first is not None else "a ready client"
+        return url, f"cluster via {where}", None
+    address = describe_url(url)
+    opts = {"socket_connect_timeout": 5.0, **options}
+    try:
+        client = kind.from_url(_redis_url(url), **opts)
+    except (ValueError, TypeError) as exc:
+        raise InvalidURL(f"bad server URL {address!r}: {exc}") from None
+    except (redis.RedisError, RedisClusterException) as exc:  # the sync client discovers
+        raise _unreachable(exc, address) from exc  # the cluster at once
+    return client, address, url
+
+
+def _unreachable(exc: Exception, address: str) -> Exception:
+    if isinstance(exc, RedisClusterException):  # (not a RedisError)
+        return ServerUnavailable(f"cannot reach the cluster at {address}: {exc}", address)
+    return _translated(exc, address)
+
+
+def connect(
+    url: str | redis.Redis | redis.cluster.RedisCluster | None = None, **client_options: Any
+) -> Node:
     """Connect to the server at ``url`` (or ``$SYNCMAP_URL``, or the embedded Valkey).
 
     ``url`` may also be a ready ``redis.Redis``; ``client_options`` go to redis-py. Raises
     :class:`InvalidURL` for a malformed URL and :class:`ServerUnavailable` (naming the
     address) when the server does not answer.
+
+    A Redis/Valkey Cluster: ``redis+cluster://host:port`` (any node; also ``rediss+cluster``,
+    ``valkey+cluster``, ``valkeys+cluster``) or a ready ``redis.cluster.RedisCluster``. Each
+    map and lock then runs on the master owning its slot (see ``syncmap._cluster``).
     """
+    if isinstance(url, redis.cluster.RedisCluster) or (
+        isinstance(url, str) and is_cluster_url(url)
+    ):
+        client, address, resolved = _prepare_cluster(url, client_options, False)
+        try:
+            router = _cluster_router(client, False)
+            router.refresh()
+        except BaseException:
+            if resolved is not None:
+                client.close()
+            raise
+        return Node(client, address, resolved, router)
     node = Node(*_prepare(url, redis.Redis, redis.Redis.from_url, client_options))
     try:
         node.ping()
@@ -254,9 +418,26 @@ def connect(url: str | redis.Redis | None = None, **client_options: Any) -> Node
 
 
 async def connect_async(
-    url: str | redis.asyncio.Redis | None = None, **client_options: Any
+    url: str | redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster | None = None,
+    **client_options: Any,
 ) -> AsyncNode:
-    """The asyncio form of :func:`connect` (finding the embedded server runs in a thread)."""
+    """The asyncio form of :func:`connect` (finding the embedded server runs in a thread).
+    A Cluster: a ``+cluster`` URL or a ready ``redis.asyncio.cluster.RedisCluster``."""
+    if isinstance(url, redis.asyncio.cluster.RedisCluster) or (
+        isinstance(url, str) and is_cluster_url(url)
+    ):
+        client, address, resolved = _prepare_cluster(url, client_options, True)
+        try:
+            await client.initialize()
+            router = _cluster_router(client, True)
+            await asyncio.to_thread(router.refresh)
+        except BaseException as exc:
+            if resolved is not None:
+                await client.aclose()
+            if isinstance(exc, redis.RedisError | RedisClusterException):
+                raise _unreachable(exc, address) from exc
+            raise
+        return AsyncNode(client, address, resolved, router)
     client, address, resolved = await asyncio.to_thread(
         _prepare, url, redis.asyncio.Redis, redis.asyncio.Redis.from_url, client_options
     )

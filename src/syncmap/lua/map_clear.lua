@@ -20,5 +20,5 @@ if not epoch then
   redis.call('HSET', KEYS[1], 'epoch', epoch, 'seq', 0)
 end
 local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
-redis.call('PUBLISH', ARGV[2], 'SM1 ' .. epoch .. ' ' .. string.format('%d', seq) .. ' C ')
+redis.call('SPUBLISH', ARGV[2], 'SM1 ' .. epoch .. ' ' .. string.format('%d', seq) .. ' C ')
 return {epoch, seq, #names}

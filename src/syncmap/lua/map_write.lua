@@ -122,7 +122,7 @@ local head = 'SM1 ' .. epoch .. ' ' .. seqs
 if op == 'del' then
   redis.call('DEL', rec)
   redis.call('ZREM', idx, key)
-  redis.call('PUBLISH', channel, head .. ' D ' .. key)
+  redis.call('SPUBLISH', channel, head .. ' D ' .. key)
   return {epoch, seq, 1, before, -2}
 end
 
@@ -144,9 +144,9 @@ else
   redis.call('ZADD', idx, '+inf', key)
 end
 if pttl < 0 and #payload <= (tonumber(ARGV[11]) or 0) then
-  redis.call('PUBLISH', channel, head .. ' V ' .. #key .. ' ' .. key .. payload)
+  redis.call('SPUBLISH', channel, head .. ' V ' .. #key .. ' ' .. key .. payload)
 else
-  redis.call('PUBLISH', channel, head .. ' S ' .. key)
+  redis.call('SPUBLISH', channel, head .. ' S ' .. key)
 end
 -- record: the one before for cas/casv, the new one for incr, else false
 if op == 'incr' then return {epoch, seq, 1, record, pttl} end

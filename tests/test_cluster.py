@@ -1,0 +1,270 @@
+"""syncmap through a Cluster client: ``redis+cluster://`` URLs and ready ``RedisCluster``
+clients, on a real 3-master Cluster on loopback (started once per module, plus one of its own
+for the resharding test, which moves slots).
+
+What is checked: each map and lock runs on the master owning its slot (its keys land there,
+its listener is a sharded subscriber there and nowhere else); two nodes connected through
+different seeds see each other's writes and exclude each other's locks; after a resharding
+(MIGRATE + ``CLUSTER SETSLOT``), ASK and MOVED answers are followed (the command is resent
+where the server says), the slot table learns the new owner, and a map's listener
+re-subscribes on the new owner.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+import redis
+import redis.asyncio.cluster
+import redis.cluster
+
+import syncmap
+from servers import ServerProcess, wait_until
+from syncmap import _cluster
+from syncmap._cluster import key_slot as our_key_slot
+from syncmap._core.keys import MapKeys
+from test_cluster_slots import _names_on_distinct_masters, _owner, _start_cluster, key_slot
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[list[ServerProcess]]:
+    servers = _start_cluster()
+    try:
+        yield servers
+    finally:
+        for srv in servers:
+            srv.stop()
+
+
+def cluster_url(srv: ServerProcess) -> str:
+    return f"redis+cluster://127.0.0.1:{srv.port}"
+
+
+def shard_subscribers(srv: ServerProcess, channel: str) -> int:
+    with srv.client() as c:
+        reply = c.execute_command("PUBSUB", "SHARDNUMSUB", channel)
+    return int(reply[1]) if isinstance(reply, list) else int(reply[channel.encode()])
+
+
+def test_slot_function_matches_the_spec_copy():
+    rnd = random.Random(3)
+    keys = ["", "{", "}", "{}", "a{b}c", "{{x}}", "ünï{ö}"]
+    keys += [str(rnd.random()) for _ in range(300)]
+    assert [our_key_slot(k) for k in keys] == [key_slot(k) for k in keys]
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["redis+cluster://127.0.0.1:1/2", "redis+clusterx://127.0.0.1:1", "redis+cluster://:5"],
+)
+def test_bad_cluster_urls(url):
+    with pytest.raises(syncmap.InvalidURL):
+        syncmap.connect(url)
+
+
+def test_cluster_url_with_no_server_is_unavailable():
+    from servers import free_port
+
+    with pytest.raises(syncmap.ServerUnavailable):
+        syncmap.connect(f"redis+cluster://127.0.0.1:{free_port()}", socket_connect_timeout=1)
+
+
+def test_maps_and_locks_on_every_master(cluster, ns):
+    """A URL node and a node made from a ready RedisCluster (another seed), on names whose
+    slots live on the three masters."""
+    a = syncmap.connect(cluster_url(cluster[0]))
+    rc = redis.cluster.RedisCluster(host="127.0.0.1", port=cluster[2].port)
+    b = syncmap.connect(rc)
+    try:
+        names = _names_on_distinct_masters(cluster, ns.replace("_", "-")[:40])
+        assert len({_owner(cluster, key_slot(n)).port for n in names}) == 3
+        for name in names:
+            owner = _owner(cluster, key_slot(name))
+            ma, mb = a.map(name, max_staleness=0.5), b.map(name, max_staleness=0.5)
+            try:
+                _two_maps(cluster, owner, name, ma, mb)
+            finally:
+                ma.close()
+                mb.close()
+            lock_name = f"{{{name}}}:writer"
+            with a.lock(lock_name, ttl=5.0) as held:
+                with pytest.raises(syncmap.NotObtained):
+                    b.obtain(lock_name, 5.0)
+                with owner.client() as c:
+                    assert c.exists(lock_name) == 1
+                held.refresh(5.0)
+            lock = b.obtain(lock_name, 5.0)  # released: free again
+            lock.release()
+            multi = a.obtain_multi([f"{{{name}}}:x", f"{{{name}}}:y"], 5.0)
+            with pytest.raises(syncmap.NotObtained):
+                b.obtain(f"{{{name}}}:y", 5.0)
+            multi.release()
+    finally:
+        a.close()
+        b.close()
+        rc.close()
+
+
+def _two_maps(cluster, owner, name, ma, mb) -> None:
+    assert f":{owner.port} " in repr(ma)
+    ma.set("k", 1)
+    wait_until(lambda: mb.get("k") == 1 and mb.stats.hits > 0, 5, what="b caches")
+    mb.incr("n", 5)
+    wait_until(lambda: ma.get("n") == 5 and ma.stats.hits > 0, 5, what="a caches")
+    ma["k"] = 2
+    wait_until(lambda: mb.get("k") == 2, 5, what="b sees the change")
+    with owner.client() as c:  # the keys are on the slot's owner
+        assert c.exists(MapKeys(name).meta) == 1
+    channel = MapKeys(name).channel
+    assert shard_subscribers(owner, channel) == 2  # sharded, on the owner only
+    for srv in cluster:
+        if srv is not owner:
+            assert shard_subscribers(srv, channel) == 0
+    ma.clear()
+    wait_until(lambda: len(mb) == 0 and mb.get("k") is None, 5, what="clear seen")
+
+
+async def test_async_maps_and_locks_on_every_master(cluster, ns):
+    a = await syncmap.connect_async(cluster_url(cluster[1]))
+    rc = redis.asyncio.cluster.RedisCluster(host="127.0.0.1", port=cluster[0].port)
+    b = await syncmap.connect_async(rc)
+    try:
+        for name in _names_on_distinct_masters(cluster, "as-" + ns.replace("_", "-")[:40]):
+            owner = _owner(cluster, key_slot(name))
+            ma = await a.map(name, max_staleness=0.5)
+            mb = await b.map(name, max_staleness=0.5)
+            try:
+                await ma.set("k", "v")
+                deadline = time.monotonic() + 5
+                while await mb.get("k") != "v" or mb.stats.hits == 0:
+                    assert time.monotonic() < deadline, "b never cached k"
+                    await asyncio.sleep(0.01)
+                with owner.client() as c:
+                    assert c.exists(MapKeys(name).meta) == 1
+                assert shard_subscribers(owner, MapKeys(name).channel) == 2
+            finally:
+                await ma.close()
+                await mb.close()
+            lock = await a.obtain(f"{{{name}}}:w", 5.0)
+            with pytest.raises(syncmap.NotObtained):
+                await b.obtain(f"{{{name}}}:w", 5.0)
+            await lock.release()
+    finally:
+        await a.close()
+        await b.close()
+        await rc.aclose()
+
+
+# ---- resharding: a slot moves to another master while maps and a lock use it ----------------
+
+
+def _ids(servers: list[ServerProcess]) -> list[str]:
+    out = []
+    for srv in servers:
+        with srv.client() as c:
+            raw = c.execute_command("CLUSTER", "MYID")
+        out.append(raw.decode() if isinstance(raw, bytes) else str(raw))
+    return out
+
+
+def _move_keys(src: ServerProcess, dst: ServerProcess, slot: int) -> int:
+    moved = 0
+    with src.client() as c:
+        while True:
+            keys = c.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100)
+            if not keys:
+                return moved
+            c.execute_command("MIGRATE", "127.0.0.1", dst.port, "", 0, 5000, "KEYS", *keys)
+            moved += len(keys)
+
+
+def _assign(servers: list[ServerProcess], slot: int, owner_id: str) -> None:
+    for srv in servers:
+        with srv.client() as c:
+            c.execute_command("CLUSTER", "SETSLOT", slot, "NODE", owner_id)
+
+
+def test_resharding_ask_tryagain_then_moved(ns, monkeypatch):
+    servers = _start_cluster()
+    a = b = None
+    try:
+        ids = _ids(servers)
+        name = ns.replace("_", "-")[:40]
+        slot = key_slot(name)
+        src = _owner(servers, slot)
+        dst = next(s for s in servers if s is not src)
+        dst_id = ids[servers.index(dst)]
+        src_id = ids[servers.index(src)]
+        a = syncmap.connect(cluster_url(servers[0]))
+        b = syncmap.connect(cluster_url(servers[1]))
+        ma, mb = a.map(name, max_staleness=0.5), b.map(name, max_staleness=0.5)
+        old_lock = a.obtain(f"{{{name}}}:held", 30.0)  # made before: bound to the old master
+        ma.set("k", 1)
+        ma.incr("n", 1)
+        wait_until(lambda: mb.get("k") == 1 and mb.stats.hits > 0, 5, what="b caches k")
+
+        # 1. migrating, every key already at dst: reads follow ASK; a write (several keys,
+        # some missing) gets TRYAGAIN until the move completes: it waits, and is applied once
+        with dst.client() as c:
+            c.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
+        with src.client() as c:
+            c.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
+        assert _move_keys(src, dst, slot) >= 4
+        with src.client() as c, pytest.raises(redis.exceptions.AskError) as asked:
+            c.get(MapKeys(name).meta)  # (what a plain client sees)
+        assert not isinstance(asked.value, redis.exceptions.MovedError)
+        assert ma.get("k", fresh=True) == 1  # followed ASK
+        assert a.router is not None and a.router.table.owner(slot)[1] == src.port  # ASK: no
+        # change; a migration stuck beyond TRYAGAIN_WAIT: a clear error, nothing written
+        monkeypatch.setattr(_cluster, "TRYAGAIN_WAIT", 0.2)
+        with pytest.raises(syncmap.ServerError, match=r"being migrated.*TRYAGAIN"):
+            ma.incr("n", 1)
+        assert ma.get("n", fresh=True) == 1
+        monkeypatch.setattr(_cluster, "TRYAGAIN_WAIT", 5.0)
+        done: list[object] = []
+        writer = threading.Thread(target=lambda: done.append(ma.incr("n", 1)))
+        writer.start()
+        time.sleep(0.2)  # (the writer is held off by TRYAGAIN meanwhile: not a wait-and-hope)
+        assert not done
+
+        # 2. the slot belongs to dst: MOVED; the table learns; listeners re-subscribe at dst
+        _assign(servers, slot, dst_id)
+        writer.join(10)
+        assert done == [2]  # TRYAGAIN, then MOVED: applied once
+        assert ma.incr("n", 1) == 3
+        assert a.router.table.owner(slot)[1] == dst.port
+        ma.set("after", "moved")
+        wait_until(lambda: mb.get("after") == "moved", 5, what="b sees a write after the move")
+        channel = MapKeys(name).channel
+        wait_until(lambda: shard_subscribers(dst, channel) == 2, 10, what="re-subscribed at dst")
+        assert shard_subscribers(src, channel) == 0
+        ma.set("k", 2)
+        wait_until(lambda: mb.get("k") == 2 and mb.stats.hits > 0, 5, what="b caches k=2")
+        with dst.client() as c:
+            assert c.hget(MapKeys(name).meta, "seq") is not None
+        with src.client() as c:
+            assert c.execute_command("CLUSTER", "COUNTKEYSINSLOT", slot) == 0
+
+        # a lock made before the move still works (redirected), and still excludes others
+        old_lock.refresh(30.0)
+        with pytest.raises(syncmap.NotObtained):
+            b.obtain(f"{{{name}}}:held", 5.0)
+        old_lock.release()
+        fresh = b.obtain(f"{{{name}}}:held", 5.0)  # made after: straight to dst
+        fresh.release()
+        assert mb.get("n", fresh=True) == 3
+        ma.close()
+        mb.close()
+    finally:
+        for node in (a, b):
+            if node is not None:
+                node.close()
+        for srv in servers:
+            srv.stop()

@@ -325,9 +325,26 @@ def test_waiters_are_served_in_arrival_order_and_newcomers_cannot_barge(server, 
     node.close()
 
 
-def test_a_short_polling_waiter_does_not_shorten_the_queue_a_long_one_relies_on(
-    server, client, ns
-):
+def test_release_skips_a_queued_waiter_whose_registration_ran_out(server, client, ns):
+    node = syncmap.connect(server.url)
+    holder = node.obtain(ns, 30)
+    queue = f"syncmap:lockq:{{{ns}}}:{ns}"
+    client.zadd(queue, {"D" * 22: 1})  # queued first, but no registration: a dead waiter
+    waiter = node.lock(ns, ttl=30, poll_interval=10.0)
+    got: list[bool] = []
+    thread = threading.Thread(target=lambda: got.append(waiter.acquire(timeout=20)), daemon=True)
+    thread.start()
+    wait_until(lambda: queued(client, ns) == 2, what="the live waiter to queue behind")
+    started = time.monotonic()
+    holder.release()
+    thread.join(15)
+    assert got == [True] and time.monotonic() - started < 5.0  # woken, not polled (10 s)
+    assert client.get(ns) == waiter.token.encode() and queued(client, ns) == 0
+    waiter.release()
+    node.close()
+
+
+def test_a_short_polling_waiter_does_not_shorten_the_queue_a_long_one_relies_on(server, client, ns):
     node = syncmap.connect(server.url)
     holder = node.obtain(ns, 30)
     queue = f"syncmap:lockq:{{{ns}}}:{ns}"

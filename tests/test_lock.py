@@ -320,6 +320,46 @@ def test_waiters_are_served_in_arrival_order_and_newcomers_cannot_barge(server, 
     assert order == [0, 1, 2]
     with pytest.raises(LockNotHeld):
         holder.release()
+    # hand-offs leave nothing behind: no queue, registration or wake list, only the fence
+    assert lock_keys(client, ns) == [f"syncmap:fence:{{{ns}}}:{ns}"]
+    node.close()
+
+
+def test_release_skips_a_queued_waiter_whose_registration_ran_out(server, client, ns):
+    node = syncmap.connect(server.url)
+    holder = node.obtain(ns, 30)
+    queue = f"syncmap:lockq:{{{ns}}}:{ns}"
+    client.zadd(queue, {"D" * 22: 1})  # queued first, but no registration: a dead waiter
+    waiter = node.lock(ns, ttl=30, poll_interval=10.0)
+    got: list[bool] = []
+    thread = threading.Thread(target=lambda: got.append(waiter.acquire(timeout=20)), daemon=True)
+    thread.start()
+    wait_until(lambda: queued(client, ns) == 2, what="the live waiter to queue behind")
+    started = time.monotonic()
+    holder.release()
+    thread.join(15)
+    assert got == [True] and time.monotonic() - started < 5.0  # woken, not polled (10 s)
+    assert client.get(ns) == waiter.token.encode() and queued(client, ns) == 0
+    waiter.release()
+    node.close()
+
+
+def test_a_short_polling_waiter_does_not_shorten_the_queue_a_long_one_relies_on(server, client, ns):
+    node = syncmap.connect(server.url)
+    holder = node.obtain(ns, 30)
+    queue = f"syncmap:lockq:{{{ns}}}:{ns}"
+    patient, hasty = node.lock(ns, poll_interval=100.0), node.lock(ns, poll_interval=0.05)
+    threads = [threading.Thread(target=lock.acquire, daemon=True) for lock in (patient, hasty)]
+    threads[0].start()
+    wait_until(lambda: queued(client, ns) == 1, what="the patient waiter to queue")
+    threads[1].start()
+    wait_until(lambda: queued(client, ns) == 2, what="the hasty waiter to queue")
+    assert client.pttl(queue) > 100_000  # outlives the patient waiter's registration
+    holder.release()
+    for lock, thread in zip((patient, hasty), threads, strict=True):
+        thread.join(10)
+        assert lock.token is not None
+        lock.release()
     node.close()
 
 

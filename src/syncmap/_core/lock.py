@@ -14,8 +14,9 @@ Companion keys, all in the lock key's hash slot (``{tag}`` = the key's hash tag)
   acquisition (so every holder's :attr:`fence` is larger than all earlier ones; the key has no
   TTL, because a counter that expired would restart), ``released`` = the last released token
   (makes a retried release idempotent when its first answer was lost);
-* ``syncmap:lockq:{tag}:<name>`` ZSET and ``syncmap:lockw:{tag}:<name>`` HASH: the waiter
-  queue (arrival order) and each waiter's registration (``deadline ttl value``);
+* ``syncmap:lockq:{tag}:<name>`` ZSET: the waiter queue (token -> arrival order);
+* ``syncmap:lockw:{tag}:<name>:<token>`` string: one waiter's registration (``ttl value``),
+  expiring with the waiter's lifetime (``PX``): a queued token without one is a dead waiter;
 * ``syncmap:lockwake:{tag}:<name>:<token>`` LIST: one waiter's wake-up list.
 
 Fairness and wake-up: a waiter registers in the queue (with a short lifetime it renews every
@@ -141,26 +142,41 @@ def check_names(names: object) -> tuple[str, ...]:
 class LockKeys:
     """Every server key of one lock (one or several names sharing a hash slot)."""
 
-    __slots__ = ("multi_keys", "names", "script_keys", "wake_prefixes")
+    __slots__ = (
+        "multi_keys",
+        "names",
+        "registration_prefixes",
+        "release_prefixes",
+        "script_keys",
+        "wake_prefixes",
+    )
 
     def __init__(self, names: tuple[str, ...]) -> None:
         self.names = names
         script: list[str] = []
         multi: list[str] = []
         wakes: list[str] = []
+        registrations: list[str] = []
+        release: list[str] = []  # lock_release.lua's per-lock ARGV: wake, registration prefix
         for name in names:
             tag = hash_tag(name)
             fence = f"{PREFIX}:fence:{{{tag}}}:{name}"
             script += [name, fence, f"{PREFIX}:lockq:{{{tag}}}:{name}"]
-            script.append(f"{PREFIX}:lockw:{{{tag}}}:{name}")
             multi += [name, fence]
             wakes.append(f"{PREFIX}:lockwake:{{{tag}}}:{name}:")
+            registrations.append(f"{PREFIX}:lockw:{{{tag}}}:{name}:")
+            release += wakes[-1:] + registrations[-1:]
         self.script_keys = tuple(script)
         self.multi_keys = tuple(multi)
         self.wake_prefixes = tuple(wakes)
+        self.registration_prefixes = tuple(registrations)
+        self.release_prefixes = tuple(release)
 
     def wake(self, token: str) -> str:
         return self.wake_prefixes[0] + token
+
+    def registration(self, token: str) -> str:
+        return self.registration_prefixes[0] + token
 
 
 def lock_keys(names: tuple[str, ...]) -> LockKeys:
@@ -243,13 +259,14 @@ def acquire_flow(
     value = token + state.metadata
     keys = state.keys.script_keys
     wake = state.keys.wake(token)
+    registrations = state.keys.registration_prefixes[0]
     pause = _next_pause(backoffs, deadline, clock)
     while True:
         if pause is None:
-            args: tuple[Any, ...] = (value, token, state.ttl_ms, "try", 0)
+            args: tuple[Any, ...] = (value, token, state.ttl_ms, "try", 0, registrations)
         else:
             lifetime = math.ceil(pause * 1000) + REGISTRATION_SLACK_MS
-            args = (value, token, state.ttl_ms, "wait", lifetime)
+            args = (value, token, state.ttl_ms, "wait", lifetime, registrations)
         got, fence = yield Script("lock_acquire", keys, args)
         if got:
             state.took(token, (fence,))
@@ -282,13 +299,14 @@ def leave_flow(state: LockState, token: str) -> Flow[None]:
     """Clean up after an interrupted acquire: leave the queue, and if the lock was handed to
     ``token`` meanwhile (its caller never learnt so), release it to the next waiter."""
     value = token + state.metadata
-    got, _ = yield Script("lock_acquire", state.keys.script_keys, (value, token, 0, "leave", 0))
+    args = (value, token, 0, "leave", 0, state.keys.registration_prefixes[0])
+    got, _ = yield Script("lock_acquire", state.keys.script_keys, args)
     if got:
         yield Script("lock_release", state.keys.script_keys, _release_args(state, token, value))
 
 
 def _release_args(state: LockState, token: str, value: str) -> tuple[str, ...]:
-    return (value, token, *state.keys.wake_prefixes)
+    return (value, token, *state.keys.release_prefixes)
 
 
 def release_flow(state: LockState) -> Flow[None]:

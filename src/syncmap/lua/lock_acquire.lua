@@ -2,41 +2,34 @@
 -- KEYS[1] lock key (the user's name; value = token .. metadata, as bsm/redislock writes it)
 -- KEYS[2] fence hash: field "n" = last fencing number, field "released" = last released token
 -- KEYS[3] waiter queue (ZSET: token -> arrival order)
--- KEYS[4] waiter registrations (HASH: token -> "<deadline ms> <ttl ms> <value>")
 -- ARGV[1] value (token .. metadata)   ARGV[2] token   ARGV[3] ttl in ms
 -- ARGV[4] mode: "try"  take it if free and nobody live is queued first; drop my registration
 --               "wait" the same, but stay registered as a waiter for ARGV[5] ms if not taken
 --               "leave" never take it; drop my registration (report if it was handed to me)
 -- ARGV[5] registration lifetime in ms (mode "wait")
+-- ARGV[6] registration key prefix: a waiter's registration is the string key
+--         ARGV[6] .. token = "<ttl ms> <value>", which expires with PX <lifetime>: a waiter
+--         whose registration is gone is taken for dead.
 -- Returns {1, fence} when this value holds the lock (taken now, or handed over by a
 -- release), else {0, 0}.
-local lock, fence, queue, waiters = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local value, token, mode = ARGV[1], ARGV[2], ARGV[4]
+local lock, fence, queue = KEYS[1], KEYS[2], KEYS[3]
+local value, token, mode, regs = ARGV[1], ARGV[2], ARGV[4], ARGV[6]
+local mine = regs .. token
 
 local function unregister()
   if redis.call("ZREM", queue, token) == 1 then
-    redis.call("HDEL", waiters, token)
+    redis.call("DEL", mine)
   end
 end
 
-local function now_ms()
-  local t = redis.call("TIME")
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
-
--- the first waiter whose registration is still alive (expired ones are dropped)
-local function first_live(now)
+-- the first waiter whose registration is still alive (dead ones are dropped); I count as live
+local function first_live()
   while true do
     local head = redis.call("ZRANGE", queue, 0, 0)[1]
-    if not head then
-      return nil
-    end
-    local info = redis.call("HGET", waiters, head)
-    if info and tonumber(string.match(info, "^(%d+) ")) >= now then
+    if not head or head == token or redis.call("EXISTS", regs .. head) == 1 then
       return head
     end
     redis.call("ZREM", queue, head)
-    redis.call("HDEL", waiters, head)
   end
 end
 
@@ -50,13 +43,8 @@ if mode == "leave" then
   return {0, 0}
 end
 
-local now = nil
 if not current then
-  local head = nil
-  if redis.call("EXISTS", queue) == 1 then
-    now = now_ms()
-    head = first_live(now)
-  end
+  local head = first_live()
   if head == nil or head == token then
     redis.call("SET", lock, value, "PX", ARGV[3])
     if head then
@@ -67,18 +55,15 @@ if not current then
 end
 
 if mode == "wait" then
-  now = now or now_ms()
   local lifetime = tonumber(ARGV[5])
-  if not redis.call("ZSCORE", queue, token) then
-    local last = redis.call("ZRANGE", queue, -1, -1, "WITHSCORES")[2]
-    redis.call("ZADD", queue, (tonumber(last) or 0) + 1, token)
-  end
-  redis.call("HSET", waiters, token, (now + lifetime) .. " " .. ARGV[3] .. " " .. value)
-  local keep = lifetime + 60000
-  for _, key in ipairs({queue, waiters}) do
-    if redis.call("PTTL", key) < keep then
-      redis.call("PEXPIRE", key, keep)
-    end
+  local last = redis.call("ZRANGE", queue, -1, -1, "WITHSCORES")
+  redis.call("ZADD", queue, "NX", (tonumber(last[2]) or 0) + 1, token)
+  redis.call("SET", mine, ARGV[3] .. " " .. value, "PX", lifetime)
+  -- the queue outlives every registration in it (GT: never shorten a longer waiter's)
+  if last[1] then
+    redis.call("PEXPIRE", queue, lifetime + 60000, "GT")
+  else
+    redis.call("PEXPIRE", queue, lifetime + 60000)
   end
 else
   unregister()

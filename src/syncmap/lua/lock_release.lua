@@ -1,46 +1,46 @@
 -- lock_release.lua: release one or more locks held with one value, and hand each over to its
 -- first live waiter (the waiter is woken through its own list, with its fencing number).
--- KEYS: for each lock i, four keys: lock, fence hash, waiter queue, waiter registrations
---       (see lock_acquire.lua); all share one hash slot.
+-- KEYS: for each lock i, three keys: lock, fence hash, waiter queue (see lock_acquire.lua);
+--       all share one hash slot.
 -- ARGV[1] value (token .. metadata)   ARGV[2] token
--- ARGV[2 + i] wake-list prefix of lock i (the waiter's token is appended)
+-- ARGV[2 + 2i + 1] wake-list prefix of lock i, ARGV[2 + 2i + 2] its registration key prefix
+--       (the waiter's token is appended to each)
 -- Returns 1 released; 2 not held now, but this token's release already happened (a retried
 -- release whose first answer was lost); 0 not held (expired, or taken by another holder).
 local value, token = ARGV[1], ARGV[2]
-local n = #KEYS / 4
+local n = #KEYS / 3
 
 for i = 0, n - 1 do
-  if redis.call("GET", KEYS[4 * i + 1]) ~= value then
-    if redis.call("HGET", KEYS[4 * i + 2], "released") == token then
+  if redis.call("GET", KEYS[3 * i + 1]) ~= value then
+    if redis.call("HGET", KEYS[3 * i + 2], "released") == token then
       return 2
     end
     return 0
   end
 end
 
-local now = nil
 for i = 0, n - 1 do
-  local lock, fence, queue, waiters = KEYS[4 * i + 1], KEYS[4 * i + 2], KEYS[4 * i + 3], KEYS[4 * i + 4]
-  redis.call("DEL", lock)
+  local lock, fence, queue = KEYS[3 * i + 1], KEYS[3 * i + 2], KEYS[3 * i + 3]
   redis.call("HSET", fence, "released", token)
-  while redis.call("EXISTS", queue) == 1 do
-    if not now then
-      local t = redis.call("TIME")
-      now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-    end
-    local head = redis.call("ZRANGE", queue, 0, 0)[1]
-    local info = redis.call("HGET", waiters, head) or ""
-    redis.call("ZREM", queue, head)
-    redis.call("HDEL", waiters, head)
-    local deadline, ttl, next_value = string.match(info, "^(%d+) (%d+) (.*)$")
-    if deadline and tonumber(deadline) >= now then
-      redis.call("SET", lock, next_value, "PX", ttl)
-      local next_fence = redis.call("HINCRBY", fence, "n", 1)
-      local wake = ARGV[2 + i + 1] .. head
-      redis.call("RPUSH", wake, next_fence)
-      redis.call("PEXPIRE", wake, 60000)
+  local handed = false
+  while not handed do
+    local head = redis.call("ZPOPMIN", queue)[1]
+    if not head then
       break
     end
+    -- a registration that ran out is a dead waiter: skip it
+    local info = redis.call("GETDEL", ARGV[2 + 2 * i + 2] .. head)
+    if info then
+      local ttl, next_value = string.match(info, "^(%d+) (.*)$")
+      redis.call("SET", lock, next_value, "PX", ttl)
+      local wake = ARGV[2 + 2 * i + 1] .. head
+      redis.call("RPUSH", wake, redis.call("HINCRBY", fence, "n", 1))
+      redis.call("PEXPIRE", wake, 60000)
+      handed = true
+    end
+  end
+  if not handed then
+    redis.call("DEL", lock)
   end
 end
 return 1

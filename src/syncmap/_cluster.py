@@ -165,8 +165,9 @@ def _same_slot(exc: Exception, slot: int | None) -> bool:
     return slot is not None and getattr(exc, "slot_id", None) == slot
 
 
-class _SyncRedirecting:
-    """Mixin for a redis-py ``Connection`` class (see the module docstring)."""
+class _Redirecting:
+    """What both mixins keep: the router, the slot the connection is bound to (if any), and the
+    command being sent (to resend it after a redirect)."""
 
     host: str
     port: int
@@ -178,6 +179,10 @@ class _SyncRedirecting:
         self.syncmap_slot = syncmap_slot
         self.syncmap_sent: Any = None
         super().__init__(**kw)
+
+
+class _SyncRedirecting(_Redirecting):
+    """Mixin for a redis-py ``Connection`` class (see the module docstring)."""
 
     def _connect(self) -> Any:
         if self.syncmap_slot is not None:  # bound to a slot: connect to its current owner
@@ -227,19 +232,8 @@ class _SyncRedirecting:
                     pool.release(conn)
 
 
-class _AsyncRedirecting:
+class _AsyncRedirecting(_Redirecting):
     """The asyncio twin of :class:`_SyncRedirecting` (same plan, awaited)."""
-
-    host: str
-    port: int
-
-    def __init__(
-        self, *, syncmap_router: ClusterRouter, syncmap_slot: int | None = None, **kw: Any
-    ) -> None:
-        self.syncmap_router = syncmap_router
-        self.syncmap_slot = syncmap_slot
-        self.syncmap_sent: Any = None
-        super().__init__(**kw)
 
     async def _connect(self) -> Any:
         if self.syncmap_slot is not None:

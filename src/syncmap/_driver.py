@@ -100,11 +100,13 @@ def _unusable(conn: Any) -> bool:
         return True
 
 
-def _calls(op: Command | Script) -> tuple[tuple[Any, ...], tuple[Any, ...] | None]:
+def _calls(op: Op) -> tuple[tuple[Any, ...], tuple[Any, ...] | None]:
     """(the command to send, the one to send instead if the server answers NOSCRIPT)."""
     if isinstance(op, Command):
         return op.args, None
-    return script_commands(op)
+    if isinstance(op, Script):
+        return script_commands(op)
+    raise TypeError(f"unknown operation {op!r}")
 
 
 def _unknown(op: Command | Script, exc: Exception, address: str) -> OutcomeUnknown:
@@ -148,8 +150,6 @@ class SyncDriver(_DriverBase):
             else:
                 time.sleep(max(0.0, op.seconds))
             return None
-        if not isinstance(op, Command | Script):
-            raise TypeError(f"unknown operation {op!r}")
         first, instead = _calls(op)
         try:
             try:
@@ -259,8 +259,6 @@ class AsyncDriver(_DriverBase):
         if isinstance(op, Sleep):
             await asyncio.sleep(max(0.0, op.seconds))
             return None
-        if not isinstance(op, Command | Script):
-            raise TypeError(f"unknown operation {op!r}")
         first, instead = _calls(op)
         try:
             try:

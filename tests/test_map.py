@@ -5,6 +5,7 @@ Most tests run twice (``maps`` fixture): blocking map and asyncio map."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
@@ -138,6 +139,36 @@ def test_propagation_does_not_wait_for_a_busy_listener_thread(server, ns):
         slow_client.execute_command = real
         a.close()
         b.close()
+
+
+async def test_async_reader_spinning_on_local_hits_sees_changes(server, ns):
+    """A task that only awaits local hits (they never suspend) must not starve its map's
+    listener task: another node's writes reach it in well under max_staleness, from the local
+    copy (no server round trip)."""
+    na = await syncmap.connect_async(server.url)
+    nb = await syncmap.connect_async(server.url)
+    try:
+        a = await na.map(ns, max_staleness=60.0)
+        b = await nb.map(ns, max_staleness=60.0)
+        await a.set("k", 0)
+        deadline = time.monotonic() + 5
+        while await b.get("k") != 0 or b.stats.hits == 0:  # cached
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.001)
+        misses, lags = b.stats.misses, []
+        for value in range(1, 11):
+            await a.set("k", value)
+            t0 = time.monotonic()
+            while await b.get("k") != value and time.monotonic() - t0 < 3:
+                pass  # no await that suspends: only the map's own yielding lets the listener run
+            lags.append(time.monotonic() - t0)
+        assert max(lags) < 0.1, lags
+        assert b.stats.misses == misses
+        await a.close()
+        await b.close()
+    finally:
+        await na.close()
+        await nb.close()
 
 
 def test_pushed_values_update_the_local_copy(maps, server, ns):

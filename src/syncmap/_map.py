@@ -22,7 +22,9 @@ returns "acknowledged".
    are left alone. Cost per message: O(1), never a scan of the local copy. The listener
    thread applies messages, and so does a reading thread (blocking map): a local hit applies
    whatever is waiting on the subscriber connection every 0.25 ms, so a thread
-   spinning on ``get`` does not wait for the listener thread to get the GIL.
+   spinning on ``get`` does not wait for the listener thread to get the GIL. Under asyncio a
+   local hit yields to the event loop every 0.25 ms, so a task spinning on ``get`` does not
+   starve the listener task.
 3. **No fill race.** A fetch (or write) first reserves the key with a placeholder; a change
    message only marks the placeholder (a carried value is not installed in it); the fetched
    value is installed only if its placeholder is still there, nothing newer than the read was
@@ -475,6 +477,7 @@ class AsyncSyncMap(_MapBase):
         self._listener = AsyncListener(
             self._state, self._core.keys, node.client, node.address, self._listener_timeout
         )
+        self._next_yield = 0.0  # a local hit yields to the event loop from then on
 
     @classmethod
     async def open(cls, node: AsyncNode, name: str, **options: Any) -> AsyncSyncMap:
@@ -490,6 +493,12 @@ class AsyncSyncMap(_MapBase):
 
     async def get(self, key: Any, default: Any = None, fresh: bool = False) -> Any:
         if not fresh:
+            now = self._clock()
+            if now >= self._next_yield:
+                # a local hit does not suspend: a task spinning on get() would starve the
+                # listener task (until max_staleness). Every POLL_INTERVAL it lets it run.
+                self._next_yield = now + POLL_INTERVAL
+                await asyncio.sleep(0)
             value = self._local(key)
             if value is not _MISSING:
                 return default if value is ABSENT else value

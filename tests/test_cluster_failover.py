@@ -139,6 +139,7 @@ def test_failover_of_a_maps_master(replicated_cluster, ns):
         wait_until(lambda: mb.get("k") == 1 and mb.stats.hits > 0, 5, what="b caches k=1")
         held = a.obtain(f"{{{name}}}:held", 30.0)  # bound to the master that will die
         _replicate_now(dead)
+        resyncs = mb.stats.resyncs
 
         # a write in flight when the master dies: OutcomeUnknown, never resent
         sent, outcome = threading.Event(), []
@@ -163,13 +164,16 @@ def test_failover_of_a_maps_master(replicated_cluster, ns):
         assert ma.get("n", fresh=True) == 1  # the cut-off increment was not resent
         assert a.router is not None and a.router.table.owner(slot) == ("127.0.0.1", heir.port)
         ma.set("k", 2)
-        assert mb.get("k") == 2  # b's copy (k=1, from before the kill) is not served
+        stats = mb.stats  # b dropped its copy (k=1, from before the kill) when its listener
+        assert stats.resyncs > resyncs and stats.local_size == 0, stats  # lost the master
+        assert mb.get("k") == 2  # ... so it is not served
         assert ma.incr("n", 1) == 2
         hits = mb.stats.hits
         ma.set("k", 3)  # propagation: b's listener subscribed again, on the new master
         wait_until(lambda: mb.get("k") == 3 and mb.stats.hits > hits, 5, what="b caches k=3")
         channel = MapKeys(name).channel
         wait_until(lambda: _shard_subscribers(heir, channel) == 2, 5, what="both subscribed")
+        assert mb.stats.resync_causes.get("resubscribe", 0) >= 1
 
         # locks: one made before the kill (bound to the dead master), and new ones
         held.refresh(30.0)
@@ -224,6 +228,7 @@ async def test_async_failover_of_a_maps_master(replicated_cluster, ns):
             await asyncio.sleep(0.01)
         held = await a.obtain(f"{{{name}}}:held", 30.0)
         _replicate_now(dead)
+        resyncs = mb.stats.resyncs
         _sigkill(dead)
         survivors = [*others, heir]
         deadline = time.monotonic() + 15
@@ -233,6 +238,8 @@ async def test_async_failover_of_a_maps_master(replicated_cluster, ns):
 
         assert await ma.get("k", fresh=True) == 1
         await ma.set("k", 2)
+        stats = mb.stats
+        assert stats.resyncs > resyncs and stats.local_size == 0, stats
         assert await mb.get("k") == 2  # not b's copy from before the kill
         hits = mb.stats.hits
         await ma.set("k", 3)
@@ -257,3 +264,50 @@ async def test_async_failover_of_a_maps_master(replicated_cluster, ns):
     finally:
         await a.close()
         await b.close()
+
+
+def test_failover_of_a_frozen_master(replicated_cluster, ns):
+    """SIGSTOP: the master's connections stay open and silent (as in a partition), so it is
+    noticed through timeouts (``socket_timeout=1``): after the promotion a command may still
+    time out once (a read raises ServerUnavailable) before the slot table is re-read; then
+    the other connections, kept or not, go to the new master before sending."""
+    masters, replicas = replicated_cluster
+    name = "st-" + ns.replace("_", "-")[:40]
+    slot = key_slot(name)
+    frozen = _owner(masters, slot)
+    heir = replicas[masters.index(frozen)]
+    others = [m for m in masters if m is not frozen]
+    a = syncmap.connect(f"redis+cluster://127.0.0.1:{others[0].port}", socket_timeout=1.0)
+    b = syncmap.connect(f"redis+cluster://127.0.0.1:{others[1].port}", socket_timeout=1.0)
+    try:
+        ma, mb = a.map(name, max_staleness=0.5), b.map(name, max_staleness=0.5)
+        ma.set("k", 1)
+        wait_until(lambda: mb.get("k") == 1 and mb.stats.hits > 0, 5, what="b caches k=1")
+        held = a.obtain(f"{{{name}}}:held", 30.0)
+        _replicate_now(frozen)
+        frozen.pause()
+        wait_until(lambda: _promoted([*others, heir], heir, slot), 15, interval=0.05,
+                   what="the replica promoted")  # fmt: skip
+        assert _at_most_one_timeout(lambda: ma.get("k", fresh=True)) == 1
+        ma.set("k", 2)
+        assert _at_most_one_timeout(lambda: mb.get("k")) == 2  # not b's old copy
+        ma.set("k", 3)
+        wait_until(lambda: mb.get("k") == 3, 5, what="b reads k=3")
+        held.refresh(30.0)
+        held.release()
+        ma.close()
+        mb.close()
+    finally:
+        frozen.kill()
+        a.close()
+        b.close()
+
+
+def _at_most_one_timeout(read: Any) -> Any:
+    """``read()``, called again if it raised ServerUnavailable once (a timeout on a connection
+    to the frozen master, made before the node re-read the slot table)."""
+    try:
+        return read()
+    except syncmap.ServerUnavailable as exc:
+        assert "Timeout" in str(exc), exc
+    return read()

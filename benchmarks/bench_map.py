@@ -12,6 +12,7 @@ import contextlib
 import multiprocessing as mp
 import os
 import random
+import statistics
 import tempfile
 import threading
 import time
@@ -144,6 +145,9 @@ def bench_writes(port: int) -> None:
         rows.append(["SyncMap m[k] = v", t / 1000, t / base])
         m.close()
         _goal("write latency <= 1.3x redis-py SET", f"{t / base:.2f}x", t / base <= 1.3)
+        abase, at = asyncio.run(_async_writes(port, 5_000 if not quick() else 200))
+        rows.append(["redis-py asyncio SET", abase / 1000, abase / base])
+        rows.append(["AsyncSyncMap await m.set(k, v)", at / 1000, at / base])
     else:
         rows.append(["SyncMap", why, ""])
     print_table(
@@ -151,6 +155,33 @@ def bench_writes(port: int) -> None:
         ["writer", "µs/write", "x redis-py SET"],
         rows,
     )
+
+
+async def _async_writes(port: int, loops: int) -> tuple[float, float]:
+    """ns per write: redis-py's asyncio SET, then AsyncSyncMap's set (median of 5 rounds)."""
+    import redis.asyncio
+
+    import syncmap
+
+    r = redis.asyncio.Redis(host="127.0.0.1", port=port)
+    node = await syncmap.connect_async(f"redis://127.0.0.1:{port}")
+    m = await node.map("bench-async-writes")
+    try:
+        results: dict[str, list[float]] = {"set": [], "map": []}
+        for _ in range(5):
+            t0 = time.perf_counter_ns()
+            for i in range(loops):
+                await r.set("bench:aw", i)
+            results["set"].append((time.perf_counter_ns() - t0) / loops)
+            t0 = time.perf_counter_ns()
+            for i in range(loops):
+                await m.set("w", i)
+            results["map"].append((time.perf_counter_ns() - t0) / loops)
+        return statistics.median(results["set"]), statistics.median(results["map"])
+    finally:
+        await m.close()
+        await node.close()
+        await r.aclose()
 
 
 # ------------------------------------------------------------------------- (c) propagation

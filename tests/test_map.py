@@ -69,6 +69,21 @@ def test_read_your_writes_is_local(maps, server, ns):
     m.resume_listener()
 
 
+def test_first_write_of_a_new_map_is_served_locally(maps, server, ns):
+    """A brand-new map (no data on the server yet): its first write creates the map's epoch,
+    and the writer's own copy takes it at once, as for any later write (its listener is
+    stalled: the change message plays no part)."""
+    m = maps(server.url, ns, max_staleness=LONG)
+    m.stall_listener()
+    m.set("k", "first")
+    hits = m.stats.hits
+    assert m.get("k") == "first"
+    assert m.stats.hits == hits + 1  # served locally, not fetched
+    m.resume_listener()
+    m.set("k", "second")
+    assert m.get("k") == "second" and m.stats.hits == hits + 2
+
+
 def test_propagation(maps, server, ns):
     a = maps(server.url, ns, max_staleness=LONG)
     b = maps(server.url, ns, max_staleness=LONG)

@@ -184,12 +184,23 @@ def no_fill_guard(m) -> None:
     and TTL writes still only invalidate); and a reading thread applies waiting change
     messages itself (``SyncMap.get`` -> ``listener.poll``) between its own fetches, so with one
     reading thread per node a fill and an invalidation rarely overlap (messages go through the
-    listener thread here, as they do while another thread of the node is reading)."""
+    listener thread here, as they do while another thread of the node is reading; and that
+    thread does not step aside for busy map threads, which it does when they apply messages
+    themselves)."""
     coherence = _coherence_of(m)
     assert coherence.fill_guard is True
     coherence.fill_guard = False
+    fills_race_listener(m)
+
+
+def fills_race_listener(m) -> None:
+    """``no_fill_guard`` without its sabotage: the same workload with the guard kept (the
+    control: it must show no violation)."""
+    import syncmap._listener
+
     m._core.push_values = 0
     m._listener.poll = lambda now: None
+    syncmap._listener.READERS_ACTIVE = 0.0  # (this node's process only)
 
 
 def deaf_listener(m) -> None:
@@ -277,6 +288,15 @@ def test_real_syncmap_read_modify_write_no_violations(server, ns):
         by_key.setdefault(x.key, []).append(x.order[0])
     for key, chain in by_key.items():  # every update built on the one before: 1, 2, ..., n
         assert sorted(chain) == list(range(1, len(chain) + 1)), key
+
+
+@pytest.mark.slow
+def test_fill_race_workload_with_the_guard_has_no_violations(server, ns):
+    """The control of ``no_fill_guard``: what it catches is the missing guard."""
+    _require_syncmap()
+    history, report = _run(_specs(server.url, ns, setup=fills_race_listener), WINDOW_REAL)
+    _assert_busy(history)
+    assert report.ok, report.summary() + f"\nerrors {history.errors}\nstats {history.stats}"
 
 
 @pytest.mark.slow

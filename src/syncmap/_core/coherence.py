@@ -240,6 +240,16 @@ class Coherence:
         if ph is None:
             return False
         with self.mutex:
+            if (
+                epoch != self.epoch
+                and self.epoch is None
+                and self.applied == 0
+                and version == 1
+                and self.synced
+                and epoch is not None
+            ):
+                # the map's very first change (as the listener adopts it): the epoch it made
+                self.epoch = epoch
             if epoch != self.epoch:
                 if self.epoch is not None and self.synced:
                     # the server's data was lost/reset and the listener has not said so yet

@@ -126,10 +126,7 @@ def _shard_subscribers(srv: ServerProcess, channel: str) -> int:
 def test_failover_of_a_maps_master(replicated_cluster, ns):
     masters, replicas = replicated_cluster
     name = ns.replace("_", "-")[:40]
-    slot = key_slot(name)
-    dead = _owner(masters, slot)
-    heir = replicas[masters.index(dead)]
-    others = [m for m in masters if m is not dead]
+    slot, dead, heir, others = _roles(masters, replicas, name)
     a = syncmap.connect(f"redis+cluster://127.0.0.1:{others[0].port}")
     b = syncmap.connect(f"redis+cluster://127.0.0.1:{others[1].port}")
     try:
@@ -202,6 +199,13 @@ def _sigkill(srv: ServerProcess) -> None:
     srv.proc.wait()
 
 
+def _roles(masters, replicas, name: str):
+    """(slot of ``name``, its master, the replica that will take over, the other masters)."""
+    slot = key_slot(name)
+    owner = _owner(masters, slot)
+    return slot, owner, replicas[masters.index(owner)], [m for m in masters if m is not owner]
+
+
 def _attempt(fn: Any, *args: Any) -> Any:
     try:
         return fn(*args)
@@ -212,10 +216,7 @@ def _attempt(fn: Any, *args: Any) -> Any:
 async def test_async_failover_of_a_maps_master(replicated_cluster, ns):
     masters, replicas = replicated_cluster
     name = "as-" + ns.replace("_", "-")[:40]
-    slot = key_slot(name)
-    dead = _owner(masters, slot)
-    heir = replicas[masters.index(dead)]
-    others = [m for m in masters if m is not dead]
+    slot, dead, heir, others = _roles(masters, replicas, name)
     a = await syncmap.connect_async(f"redis+cluster://127.0.0.1:{others[0].port}")
     b = await syncmap.connect_async(f"redis+cluster://127.0.0.1:{others[1].port}")
     try:
@@ -273,10 +274,7 @@ def test_failover_of_a_frozen_master(replicated_cluster, ns):
     the other connections, kept or not, go to the new master before sending."""
     masters, replicas = replicated_cluster
     name = "st-" + ns.replace("_", "-")[:40]
-    slot = key_slot(name)
-    frozen = _owner(masters, slot)
-    heir = replicas[masters.index(frozen)]
-    others = [m for m in masters if m is not frozen]
+    slot, frozen, heir, others = _roles(masters, replicas, name)
     a = syncmap.connect(f"redis+cluster://127.0.0.1:{others[0].port}", socket_timeout=1.0)
     b = syncmap.connect(f"redis+cluster://127.0.0.1:{others[1].port}", socket_timeout=1.0)
     try:

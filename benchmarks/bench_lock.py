@@ -138,7 +138,9 @@ def bench_uncontended(port: int) -> None:
 # ----------------------------------------------------------------------- (2) contended
 
 
-def _worker(kind: str, port: int, name: str, loops: int, barrier: Any, out: Any, me: int) -> None:
+def _worker(
+    kind: str, port: int, name: str, loops: int, barrier: Any, out: Any, me: int, work: bool
+) -> None:
     import redis
 
     acquire, release = make_lock(kind, port, name)
@@ -151,7 +153,8 @@ def _worker(kind: str, port: int, name: str, loops: int, barrier: Any, out: Any,
         asked = time.monotonic()
         acquire()
         got = time.monotonic()
-        client.set(counter, int(client.get(counter) or 0) + 1)
+        if work:
+            client.set(counter, int(client.get(counter) or 0) + 1)
         release()
         records.append((asked, got, me))
         if got > stop_at:
@@ -159,12 +162,15 @@ def _worker(kind: str, port: int, name: str, loops: int, barrier: Any, out: Any,
     out.put(records)
 
 
-def _contend(kind: str, port: int, name: str, loops: int) -> list[tuple[float, float, int]]:
-    """One round: PROCESSES processes, ``loops`` locked increments each; their records."""
+def _contend(
+    kind: str, port: int, name: str, loops: int, work: bool
+) -> list[tuple[float, float, int]]:
+    """One round: PROCESSES processes, ``loops`` locked increments each (``work``; else an
+    empty critical section); their records."""
     barrier = FORK.Barrier(PROCESSES)
     out = FORK.Queue()
     procs = [
-        FORK.Process(target=_worker, args=(kind, port, name, loops, barrier, out, i))
+        FORK.Process(target=_worker, args=(kind, port, name, loops, barrier, out, i, work))
         for i in range(PROCESSES)
     ]
     for p in procs:
@@ -175,9 +181,10 @@ def _contend(kind: str, port: int, name: str, loops: int) -> list[tuple[float, f
     return sorted(records, key=lambda r: r[1])
 
 
-def bench_contended(port: int) -> None:
+def bench_contended(port: int, work: bool = True) -> None:
     """Peers in interleaved rounds (load drifts); rates are medians over rounds, waits are
-    percentiles over every acquisition of every round."""
+    percentiles over every acquisition of every round. ``work=False``: an empty critical
+    section, so the lock's own hand-off is all that is measured (no count to check)."""
     import redis
 
     rounds, loops = (1, 50) if quick() else (3, 200)
@@ -186,7 +193,7 @@ def bench_contended(port: int) -> None:
     waits: dict[str, list[float]] = {kind: [] for kind in CONTENDED}
     for _ in range(rounds):
         for kind in CONTENDED:
-            records = _contend(kind, port, f"bench:c:{kind}", loops)
+            records = _contend(kind, port, f"bench:c{int(work)}:{kind}", loops, work)
             span = records[-1][1] - min(r[0] for r in records)
             rates[kind].append(len(records) / span)
             switches = sum(1 for a, b in itertools.pairwise(records) if a[2] != b[2])
@@ -196,13 +203,14 @@ def bench_contended(port: int) -> None:
     rows = []
     with redis.Redis(host="127.0.0.1", port=port) as c:
         for kind in CONTENDED:
-            final = int(c.get(f"bench:c:{kind}:counter") or 0)
+            final = int(c.get(f"bench:c1:{kind}:counter") or 0)
             expected = len(waits[kind])
+            count = f"{final} / {expected}" + ("" if final == expected else " WRONG")
             rate = statistics.median(rates[kind])
             rows.append(
                 [
                     kind,
-                    f"{final} / {expected}" + ("" if final == expected else " WRONG"),
+                    count if work else "-",
                     rate,
                     rate / base,
                     statistics.median(switch_rates[kind]),
@@ -211,9 +219,9 @@ def bench_contended(port: int) -> None:
                     max(waits[kind]),
                 ]
             )
+    what = "locked read-modify-writes of one counter" if work else "empty critical sections"
     print_table(
-        f"Lock: {PROCESSES} processes x {loops} locked read-modify-writes of one counter"
-        f" x {rounds} rounds",
+        f"Lock: {PROCESSES} processes x {loops} {what} x {rounds} rounds",
         [
             "lock",
             "final count / expected",
@@ -233,6 +241,7 @@ def main() -> None:
     try:
         bench_uncontended(server.port)
         bench_contended(server.port)
+        bench_contended(server.port, work=False)  # the hand-off alone
     finally:
         server.stop()
 

@@ -33,7 +33,7 @@ from redis.exceptions import NoScriptError
 
 from ._core.ops import Command, Flow, Op, Script, Sleep
 from ._errors import OutcomeUnknown, SyncMapError, translate_redis_error
-from ._scripts import script_commands
+from ._scripts import eval_instead, script_command
 
 __all__ = ["AsyncDriver", "SyncDriver"]
 
@@ -100,12 +100,12 @@ def _unusable(conn: Any) -> bool:
         return True
 
 
-def _calls(op: Op) -> tuple[tuple[Any, ...], tuple[Any, ...] | None]:
-    """(the command to send, the one to send instead if the server answers NOSCRIPT)."""
+def _command(op: Op) -> tuple[Any, ...]:
+    """The command to send for a server operation."""
     if isinstance(op, Command):
-        return op.args, None
+        return op.args
     if isinstance(op, Script):
-        return script_commands(op)
+        return script_command(op)
     raise TypeError(f"unknown operation {op!r}")
 
 
@@ -150,14 +150,14 @@ class SyncDriver(_DriverBase):
             else:
                 time.sleep(max(0.0, op.seconds))
             return None
-        first, instead = _calls(op)
+        first = _command(op)
         try:
             try:
                 return self._call(op, first)
             except NoScriptError:
-                if instead is None:
+                if not isinstance(op, Script):
                     raise
-                return self._call(op, instead)
+                return self._call(op, eval_instead(op, first))
         except Exception as exc:
             raise self._translate(exc) from exc
 
@@ -252,21 +252,18 @@ def _raise_swallowed_cancel() -> None:
 class AsyncDriver(_DriverBase):
     """The asyncio twin of :class:`SyncDriver` (same connection handling, awaited)."""
 
-    def __init__(self, client: redis.asyncio.Redis, address: str) -> None:
-        super().__init__(client, address)
-
     async def perform(self, op: Op) -> Any:
         if isinstance(op, Sleep):
             await asyncio.sleep(max(0.0, op.seconds))
             return None
-        first, instead = _calls(op)
+        first = _command(op)
         try:
             try:
                 return await self._call(op, first)
             except NoScriptError:
-                if instead is None:
+                if not isinstance(op, Script):
                     raise
-                return await self._call(op, instead)
+                return await self._call(op, eval_instead(op, first))
         except Exception as exc:
             raise self._translate(exc) from exc
 

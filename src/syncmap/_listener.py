@@ -109,6 +109,8 @@ def _error(exc: Exception, address: str) -> Exception:
 
 
 class _ListenerBase:
+    client: Any  # the subscriber's redis-py client (set by each listener)
+
     def __init__(self, state: Coherence, keys: MapKeys, address: str) -> None:
         self.state = state
         self.keys = keys
@@ -119,6 +121,13 @@ class _ListenerBase:
 
     def _flow(self) -> ListenFlow[None]:
         return listen(self.state, self.keys)
+
+    def _resume(self, flow: ListenFlow[None], result: Any, exc: Exception | None) -> ListenOp:
+        """Feed the flow its operation's result, or the (translated) error; its next one."""
+        if exc is None:
+            return flow.send(result)
+        _learn(self.client, exc)
+        return flow.throw(_error(exc, self.address))
 
     def _failed(self, exc: BaseException) -> float:
         """The flow itself raised (a bug or unexpected data): log, drop the copy, restart."""
@@ -189,12 +198,10 @@ class SyncListener(_ListenerBase):
                     self.running.wait()
                     self.parked.clear()
                 try:
-                    result = self._perform(op)
+                    result, error = self._perform(op), None
                 except Exception as exc:
-                    _learn(self.client, exc)
-                    op = flow.throw(_error(exc, self.address))
-                else:
-                    op = flow.send(result)
+                    result, error = None, exc
+                op = self._resume(flow, result, error)
         finally:
             flow.close()
 
@@ -202,7 +209,7 @@ class SyncListener(_ListenerBase):
         if isinstance(op, Receive):
             return self._receive(op.timeout)
         if isinstance(op, Command):
-            return self.client.execute_command(*op.args)  # type: ignore[no-untyped-call]
+            return self.client.execute_command(*op.args)
         if isinstance(op, PubsubPing):
             # sent without the lock (a send may wait for the GIL: readers would be locked out);
             # sending while another thread reads the same socket is fine
@@ -213,7 +220,7 @@ class SyncListener(_ListenerBase):
         if isinstance(op, Subscribe):
             with self.lock:
                 self._unsubscribe_locked()
-                self.pubsub = self.client.pubsub()  # type: ignore[no-untyped-call]
+                self.pubsub = self.client.pubsub()
                 self.pubsub.ssubscribe(op.channel)
                 self._poller = _poller_of(self.pubsub)
                 self._raw = _RawSubscriber.of(self._poller)
@@ -464,12 +471,10 @@ class AsyncListener(_ListenerBase):
                     await self.running.wait()
                     self.parked.clear()
                 try:
-                    result = await self._perform(op)
+                    result, error = await self._perform(op), None
                 except Exception as exc:
-                    _learn(self.client, exc)
-                    op = flow.throw(_error(exc, self.address))
-                else:
-                    op = flow.send(result)
+                    result, error = None, exc
+                op = self._resume(flow, result, error)
         finally:
             flow.close()
 
@@ -483,7 +488,7 @@ class AsyncListener(_ListenerBase):
                 message = await self.pubsub.get_message(timeout=0)
             return count
         if isinstance(op, Command):
-            return await self.client.execute_command(*op.args)  # type: ignore[no-untyped-call]
+            return await self.client.execute_command(*op.args)
         if isinstance(op, PubsubPing):
             return await self.pubsub.ping(op.token)
         if isinstance(op, Sleep):

@@ -236,7 +236,7 @@ class AsyncNode(_NodeBase):
         self.url = url
         self.router = router
         self._shards = {}
-        self.driver = None if router is not None else AsyncDriver(client, address)  # type: ignore[arg-type]
+        self.driver = None if router is not None else AsyncDriver(client, address)
 
     async def run(self, flow: Flow[T]) -> T:
         if self.driver is None:

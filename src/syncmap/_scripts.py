@@ -11,7 +11,7 @@ from typing import Any
 
 from ._core.ops import Script
 
-__all__ = ["script_commands", "script_source"]
+__all__ = ["eval_instead", "script_command", "script_source"]
 
 
 @cache
@@ -24,7 +24,12 @@ def _sha(name: str) -> str:
     return hashlib.sha1(script_source(name).encode()).hexdigest()
 
 
-def script_commands(op: Script) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
-    """(EVALSHA command, EVAL command) of a script operation."""
-    tail = (len(op.keys), *op.keys, *op.args)
-    return ("EVALSHA", _sha(op.name), *tail), ("EVAL", script_source(op.name), *tail)
+def script_command(op: Script) -> tuple[Any, ...]:
+    """The ``EVALSHA`` command of a script operation."""
+    return ("EVALSHA", _sha(op.name), len(op.keys), *op.keys, *op.args)
+
+
+def eval_instead(op: Script, evalsha: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The ``EVAL`` command to send when the server answered ``evalsha`` with NOSCRIPT (built
+    only then: most commands never need it)."""
+    return ("EVAL", script_source(op.name), *evalsha[2:])

@@ -240,16 +240,8 @@ class Coherence:
         if ph is None:
             return False
         with self.mutex:
-            if (
-                epoch != self.epoch
-                and self.epoch is None
-                and self.applied == 0
-                and version == 1
-                and self.synced
-                and epoch is not None
-            ):
-                # the map's very first change (as the listener adopts it): the epoch it made
-                self.epoch = epoch
+            if self.synced:
+                self._adopt_first_epoch(epoch, version)
             if epoch != self.epoch:
                 if self.epoch is not None and self.synced:
                     # the server's data was lost/reset and the listener has not said so yet
@@ -269,6 +261,14 @@ class Coherence:
                 self._drop(key, ph)
                 return False
             return self.store.replace(key, ph, Entry(value, version), ttl)
+
+    def _adopt_first_epoch(self, epoch: str | None, seq: int) -> bool:
+        """(mutex held, synced) A map with no data when the copy was based (no epoch) got its
+        very first change, seq 1, which created ``epoch``: adopt it. Whether it was adopted."""
+        if self.epoch is None and self.applied == 0 and seq == 1 and epoch is not None:
+            self.epoch = epoch
+            return True
+        return False
 
     def local_clear(self) -> None:
         """Empty the local copy (after this node cleared the map); fills in flight fail."""
@@ -328,12 +328,9 @@ class Coherence:
                     else:
                         self._seen.append((change.epoch, change.seq))
                 return
-            if change.epoch != self.epoch:
-                if self.epoch is None and self.applied == 0 and change.seq == 1:
-                    self.epoch = change.epoch  # the first write of a map that had no data
-                else:
-                    self._resync("epoch")
-                    return
+            if change.epoch != self.epoch and not self._adopt_first_epoch(change.epoch, change.seq):
+                self._resync("epoch")
+                return
             if change.seq != self.applied + 1:
                 self._resync("gap" if change.seq > self.applied else "seq_regress")
                 return

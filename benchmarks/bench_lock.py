@@ -187,7 +187,7 @@ def bench_contended(port: int, work: bool = True) -> None:
     section, so the lock's own hand-off is all that is measured (no count to check)."""
     import redis
 
-    rounds, loops = (1, 50) if quick() else (3, 200)
+    rounds, loops = (1, 50) if quick() else (5, 200)
     rates: dict[str, list[float]] = {kind: [] for kind in CONTENDED}
     switch_rates: dict[str, list[float]] = {kind: [] for kind in CONTENDED}
     waits: dict[str, list[float]] = {kind: [] for kind in CONTENDED}

@@ -7,7 +7,10 @@ AsyncLock; ratio column vs redis-py's Lock.
 (2) Contended: 4 processes each do N read-modify-writes (GET, SET) of one counter under the
 lock. Reported: final count vs expected (mutual exclusion), acquisitions/s, owner switches/s
 (fair hand-off switches owner on nearly every acquisition), and the wait for the lock
-(p50/p99/max). Every loop is bounded (N iterations, and a wall-clock cap per peer).
+(p50/p99/max), and the lock's own client CPU per acquisition (time spent in acquire and
+release, summed over the processes): on 2 vCPUs the contended run is CPU-bound, so this says
+how much of the machine each lock leaves to the critical sections. Every loop is bounded (N
+iterations, and a wall-clock cap per peer).
 """
 
 from __future__ import annotations
@@ -147,26 +150,32 @@ def _worker(
     client = redis.Redis(host="127.0.0.1", port=port)
     counter = f"{name}:counter"
     records: list[tuple[float, float, int]] = []
+    lock_cpu = 0.0  # this thread's CPU time inside acquire() and release()
     barrier.wait()
     stop_at = time.monotonic() + WALL_CAP
     for _ in range(loops):
         asked = time.monotonic()
+        cpu0 = time.thread_time()
         acquire()
         got = time.monotonic()
+        lock_cpu += time.thread_time() - cpu0
         if work:
             client.set(counter, int(client.get(counter) or 0) + 1)
+        cpu0 = time.thread_time()
         release()
+        lock_cpu += time.thread_time() - cpu0
         records.append((asked, got, me))
         if got > stop_at:
             break
-    out.put(records)
+    out.put((records, lock_cpu))
 
 
 def _contend(
     kind: str, port: int, name: str, loops: int, work: bool
-) -> list[tuple[float, float, int]]:
+) -> tuple[list[tuple[float, float, int]], float]:
     """One round: PROCESSES processes, ``loops`` locked increments each (``work``; else an
-    empty critical section); their records."""
+    empty critical section); their records, and the CPU seconds they spent in the lock's
+    acquire and release calls."""
     barrier = FORK.Barrier(PROCESSES)
     out = FORK.Queue()
     procs = [
@@ -175,10 +184,15 @@ def _contend(
     ]
     for p in procs:
         p.start()
-    records = [r for _ in procs for r in out.get(timeout=WALL_CAP + 60)]
+    records: list[tuple[float, float, int]] = []
+    lock_cpu = 0.0
+    for _ in procs:
+        mine, cpu = out.get(timeout=WALL_CAP + 60)
+        records += mine
+        lock_cpu += cpu
     for p in procs:
         p.join(10)
-    return sorted(records, key=lambda r: r[1])
+    return sorted(records, key=lambda r: r[1]), lock_cpu
 
 
 def bench_contended(port: int, work: bool = True) -> None:
@@ -191,9 +205,11 @@ def bench_contended(port: int, work: bool = True) -> None:
     rates: dict[str, list[float]] = {kind: [] for kind in CONTENDED}
     switch_rates: dict[str, list[float]] = {kind: [] for kind in CONTENDED}
     waits: dict[str, list[float]] = {kind: [] for kind in CONTENDED}
+    cpu: dict[str, float] = dict.fromkeys(CONTENDED, 0.0)
     for _ in range(rounds):
         for kind in CONTENDED:
-            records = _contend(kind, port, f"bench:c{int(work)}:{kind}", loops, work)
+            records, lock_cpu = _contend(kind, port, f"bench:c{int(work)}:{kind}", loops, work)
+            cpu[kind] += lock_cpu
             span = records[-1][1] - min(r[0] for r in records)
             rates[kind].append(len(records) / span)
             switches = sum(1 for a, b in itertools.pairwise(records) if a[2] != b[2])
@@ -217,6 +233,7 @@ def bench_contended(port: int, work: bool = True) -> None:
                     percentile(waits[kind], 50),
                     percentile(waits[kind], 99),
                     max(waits[kind]),
+                    cpu[kind] / expected * 1e6,
                 ]
             )
     what = "locked read-modify-writes of one counter" if work else "empty critical sections"
@@ -231,6 +248,7 @@ def bench_contended(port: int, work: bool = True) -> None:
             "wait p50 ms",
             "wait p99 ms",
             "wait max ms",
+            "lock CPU µs/acq",
         ],
         rows,
     )

@@ -468,6 +468,7 @@ class AsyncListener(_ListenerBase):
         self._raw_writer: Any = None  # the redis-py stream whose socket _raw reads
         self._watching = False  # _raw's socket is watched by the loop (add_reader)
         self._waiter: asyncio.Future[None] | None = None  # set while _receive_raw waits
+        self._applied = 0  # events applied for the current _receive_raw
         self.closing = False
         self.running = asyncio.Event()  # cleared by tests to stall the listener
         self.running.set()
@@ -549,37 +550,47 @@ class AsyncListener(_ListenerBase):
         raise TypeError(f"unknown listener operation {op!r}")
 
     async def _receive_raw(self, raw: _RawSubscriber, timeout: float) -> int:
-        """Wait up to ``timeout`` for data on the subscriber socket, then apply every event
-        already received (as :meth:`SyncListener._drain`). The socket stays watched between
-        two waits (no add/remove per message), unless data comes while none waits."""
-        if raw.backlog:  # events left over by a drain that hit DRAIN_LIMIT: no wait, but
-            await asyncio.sleep(0)  # let the loop's other tasks run between two batches
-        else:
-            loop = asyncio.get_running_loop()
-            if not self._watching:
-                loop.add_reader(raw.sock.fileno(), self._readable)
-                self._watching = True
-            waiter = self._waiter = loop.create_future()
-            timer = loop.call_later(timeout, _wake, waiter)
-            try:
-                await waiter
-            finally:
-                timer.cancel()
-                self._waiter = None
+        """Wait ``timeout``, applying the events as they arrive; returns how many.
+
+        The events are applied by the loop's reader callback (:meth:`_readable`), while this
+        Receive waits: a message costs the loop one callback (a ``recv`` and a hiredis
+        parse), not a wake-up of the listener task and a step of its flow. (As a reading
+        thread does for the blocking map, during its listener thread's wait.)"""
         conn = self.pubsub.connection
         if conn is None or conn._writer is not self._raw_writer:  # redis-py dropped it
             raise redis.ConnectionError("the subscriber connection was closed")
-        return raw.drain(self.state, self.channel)
+        loop = asyncio.get_running_loop()
+        waiter = self._waiter = loop.create_future()
+        self._applied = 0
+        if not self._watching:
+            loop.add_reader(raw.sock.fileno(), self._readable)
+            self._watching = True
+        if raw.backlog:  # events left over by a drain that hit DRAIN_LIMIT
+            loop.call_soon(self._readable)
+        timer = loop.call_later(timeout, _wake, waiter)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            self._waiter = None
+        return self._applied
 
     def _readable(self) -> None:
-        """The subscriber socket has data: wake the waiting listener. With none waiting (it
-        is busy, sleeping or stalled), stop watching: the loop would spin on the unread data
-        (it is level-triggered) until the next :meth:`_receive_raw` watches again."""
-        waiter = self._waiter
-        if waiter is None:
+        """The subscriber socket has data: apply what is there, for the waiting Receive (a
+        failure is its to raise). With none waiting (the task is busy, sleeping or
+        stalled), stop watching: the loop would spin on the unread data (level-triggered)
+        until the next Receive watches again, and applies it."""
+        waiter, raw = self._waiter, self._raw
+        if waiter is None or waiter.done() or raw is None:
             self._unwatch()
-        elif not waiter.done():
-            waiter.set_result(None)
+            return
+        try:
+            self._applied += raw.drain(self.state, self.channel)
+        except Exception as exc:
+            waiter.set_exception(exc)
+            return
+        if raw.backlog:  # the rest after the loop's other callbacks
+            asyncio.get_running_loop().call_soon(self._readable)
 
     def _unwatch(self) -> None:
         if self._watching and self._raw is not None:

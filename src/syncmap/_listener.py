@@ -16,7 +16,10 @@ Applying a batch must be cheap, since a reading or writing thread pays for it: o
 TCP or Unix socket the subscriber connection is read by :class:`_RawSubscriber` (one
 non-blocking ``recv`` into a hiredis reader per batch) rather than through redis-py's
 layers (several ``poll`` calls and dict-building per message). TLS connections use
-redis-py's reader.
+redis-py's reader. The asyncio listener reads the same way (its task shares the loop with
+the map's writers, and receives their own change messages): redis-py's transport is paused
+and the loop watches the socket for it (``add_reader``) instead of several timed
+``get_message`` awaits per message.
 """
 
 from __future__ import annotations
@@ -363,6 +366,26 @@ class _RawSubscriber:
             return None
         return cls(sock)
 
+    @classmethod
+    def of_stream(cls, writer: Any) -> _RawSubscriber | None:
+        """For an asyncio connection (redis-py's ``StreamWriter``) on a plain TCP or Unix
+        socket, with nothing received yet: pauses its transport (which would otherwise read
+        the socket), so that only this object reads it. ``None`` for TLS (or any transport
+        without such a socket, or a loop without ``add_reader``): redis-py reads it."""
+        transport = getattr(writer, "transport", None)
+        if transport is None or transport.get_extra_info("ssl_object") is not None:
+            return None
+        sock = transport.get_extra_info("socket")
+        families = (socket.AF_INET, socket.AF_INET6, getattr(socket, "AF_UNIX", None))
+        if sock is None or sock.family not in families or sock.type != socket.SOCK_STREAM:
+            return None
+        if not isinstance(asyncio.get_running_loop(), asyncio.SelectorEventLoop):
+            return None  # (add_reader: selector loops only)
+        if getattr(getattr(writer, "_reader", None), "_buffer", None):
+            return None  # (data before the subscription: none expected; redis-py reads it)
+        transport.pause_reading()
+        return cls(sock)
+
     def drain(self, state: Coherence, channel: bytes) -> int:
         """Apply every complete event already received (RESP2 or RESP3); returns how many."""
         reader, sock, buffer = self.reader, self.sock, self.buffer
@@ -423,7 +446,11 @@ def _poller_of(pubsub: Any) -> tuple[Any, Any, Any] | None:
 
 
 class AsyncListener(_ListenerBase):
-    """The listener of an asyncio map: one task on the map's event loop."""
+    """The listener of an asyncio map: one task on the map's event loop. On a plain TCP or
+    Unix socket it reads the subscriber connection itself (:class:`_RawSubscriber`, waiting
+    for data with ``loop.add_reader``): redis-py's transport is paused before the
+    subscription is sent and only sends from then on. Other connections (TLS) are read
+    through redis-py's ``PubSub.get_message``."""
 
     def __init__(
         self,
@@ -441,10 +468,22 @@ class AsyncListener(_ListenerBase):
             )
         )
         self.pubsub: Any = None
+        self._raw: _RawSubscriber | None = None
+        self._raw_writer: Any = None  # the redis-py stream whose socket _raw reads
+        self._watching = False  # _raw's socket is watched by the loop (add_reader)
+        self._waiter: asyncio.Future[None] | None = None  # set while _receive_raw waits
+        self._applied = 0  # events applied for the current _receive_raw
         self.closing = False
         self.running = asyncio.Event()  # cleared by tests to stall the listener
         self.running.set()
         self.task: asyncio.Task[None] | None = None
+
+    @property
+    def reader(self) -> str:
+        """Which reader serves the subscriber connection: "raw", "redis-py" or "none"."""
+        if self._raw is not None:
+            return "raw"
+        return "none" if self.pubsub is None else "redis-py"
 
     def start(self) -> None:
         self.task = asyncio.get_running_loop().create_task(self._main())
@@ -457,7 +496,7 @@ class AsyncListener(_ListenerBase):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self.task
         await self._unsubscribe()
-        await self.client.aclose()
+        await self.client.aclose(close_connection_pool=True)  # (its own pool: the probe's)
 
     async def _main(self) -> None:
         while not self.closing:
@@ -484,6 +523,8 @@ class AsyncListener(_ListenerBase):
 
     async def _perform(self, op: ListenOp) -> Any:
         if isinstance(op, Receive):
+            if self._raw is not None:
+                return await self._receive_raw(self._raw, op.timeout)
             message = await self.pubsub.get_message(timeout=op.timeout)
             count = 0
             while message is not None and count < DRAIN_LIMIT:  # the whole batch at once
@@ -501,6 +542,10 @@ class AsyncListener(_ListenerBase):
         if isinstance(op, Subscribe):
             await self._unsubscribe()
             self.pubsub = self.client.pubsub()
+            await self.pubsub.connect()
+            # before the subscription is sent: from here on, every reply is _raw's to read
+            self._raw_writer = self.pubsub.connection._writer
+            self._raw = _RawSubscriber.of_stream(self._raw_writer)
             await self.pubsub.ssubscribe(op.channel)
             return None
         if isinstance(op, Unsubscribe):
@@ -508,10 +553,67 @@ class AsyncListener(_ListenerBase):
             return None
         raise TypeError(f"unknown listener operation {op!r}")
 
+    async def _receive_raw(self, raw: _RawSubscriber, timeout: float) -> int:
+        """Wait ``timeout``, applying the events as they arrive; returns how many.
+
+        The events are applied by the loop's reader callback (:meth:`_readable`), while this
+        Receive waits: a message costs the loop one callback (a ``recv`` and a hiredis
+        parse), not a wake-up of the listener task and a step of its flow. (As a reading
+        thread does for the blocking map, during its listener thread's wait.)"""
+        conn = self.pubsub.connection
+        if conn is None or conn._writer is not self._raw_writer:  # redis-py dropped it
+            raise redis.ConnectionError("the subscriber connection was closed")
+        loop = asyncio.get_running_loop()
+        waiter = self._waiter = loop.create_future()
+        self._applied = 0
+        if not self._watching:
+            loop.add_reader(raw.sock.fileno(), self._readable)
+            self._watching = True
+        if raw.backlog:  # events left over by a drain that hit DRAIN_LIMIT
+            loop.call_soon(self._readable)
+        timer = loop.call_later(timeout, _wake, waiter)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            self._waiter = None
+        return self._applied
+
+    def _readable(self) -> None:
+        """The subscriber socket has data: apply what is there, for the waiting Receive (a
+        failure is its to raise). With none waiting (the task is busy, sleeping or
+        stalled), stop watching: the loop would spin on the unread data (level-triggered)
+        until the next Receive watches again, and applies it."""
+        waiter, raw = self._waiter, self._raw
+        if waiter is None or waiter.done() or raw is None:
+            self._unwatch()
+            return
+        try:
+            self._applied += raw.drain(self.state, self.channel)
+        except Exception as exc:
+            waiter.set_exception(exc)
+            return
+        if raw.backlog:  # the rest after the loop's other callbacks
+            asyncio.get_running_loop().call_soon(self._readable)
+
+    def _unwatch(self) -> None:
+        if self._watching and self._raw is not None:
+            asyncio.get_running_loop().remove_reader(self._raw.sock.fileno())
+        self._watching = False
+
     async def _unsubscribe(self) -> None:
         pubsub, self.pubsub = self.pubsub, None
+        self._unwatch()
+        raw, self._raw, self._raw_writer = self._raw, None, None
+        if raw is not None:
+            raw.sock.close()
         if pubsub is not None:
             try:
                 await pubsub.aclose()
             except Exception:  # closing a dead connection: nothing to do
                 log.debug("syncmap: closing a subscriber connection failed", exc_info=True)
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)

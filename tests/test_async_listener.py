@@ -1,0 +1,144 @@
+"""AsyncSyncMap's listener against a real Valkey: on a plain TCP connection it reads the
+subscriber socket itself (``_RawSubscriber`` fed through ``loop.add_reader``), and that
+reader survives a killed subscriber connection without a stale read and without leaking
+sockets, readers or tasks. The redis-py reader (what TLS connections use) is run by the same
+test, with the raw reader turned off."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+import pytest
+
+import syncmap
+from syncmap import _listener
+
+LONG = 60.0  # only change messages (or a resync) can make a node fresh
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def registered(loop: asyncio.AbstractEventLoop) -> int:
+    """How many file descriptors the loop watches (test-only: a selector loop's private)."""
+    return len(loop._selector.get_map())  # type: ignore[attr-defined]
+
+
+async def until(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not await predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.005)
+
+
+async def cached(m: syncmap.AsyncSyncMap, key: str, value: object) -> None:
+    async def hit() -> bool:
+        hits = m.stats.hits
+        return await m.get(key) == value and await m.get(key) == value and m.stats.hits > hits
+
+    await until(hit, 5, f"{key!r} == {value!r} cached")
+
+
+@pytest.mark.parametrize("reader", ["raw", "redis-py"])
+async def test_async_listener_reader_survives_a_killed_subscriber(
+    fresh_server, ns, reader, monkeypatch
+):
+    if reader == "redis-py":
+        monkeypatch.setattr(_listener._RawSubscriber, "of_stream", classmethod(lambda cls, w: None))
+    loop = asyncio.get_running_loop()
+    fds, watched = open_fds(), registered(loop)
+    na = await syncmap.connect_async(fresh_server.url)
+    nb = await syncmap.connect_async(fresh_server.url)
+    a = await na.map(ns, max_staleness=LONG)
+    b = await nb.map(ns, max_staleness=LONG)
+    listener = b._listener
+    assert listener.reader == reader
+    first = listener._raw
+    if reader == "raw":
+        assert not listener._raw_writer.transport.is_reading()  # redis-py reads nothing
+    await a.set("k", 1)
+    await cached(b, "k", 1)
+
+    resyncs = b.stats.resyncs
+    assert fresh_server.drop_clients("pubsub") >= 2
+    await a.set("k", 2)  # its message may be lost with b's subscriber connection
+
+    async def not_stale() -> bool:
+        value = await b.get("k")
+        assert value in (1, 2)
+        return value == 2
+
+    await until(not_stale, 10, "b no longer serves the old value")
+    assert b.stats.resyncs > resyncs
+
+    async def resynced() -> bool:
+        return b.stats.verified_age < 1
+
+    await until(resynced, 10, "b resynced")
+    assert listener.reader == reader
+    if reader == "raw":
+        assert listener._raw is not first and first.sock.fileno() == -1  # the old one closed
+    resyncs = b.stats.resyncs
+    for value in range(3, 8):  # propagation after the reconnect: b's listener applies it
+        seen = b.stats.invalidations
+        await a.set("k", value)
+
+        async def applied() -> bool:
+            return b.stats.invalidations > seen  # noqa: B023 (awaited in this iteration)
+
+        await until(applied, 5, f"b applied the change message of {value}")
+        await cached(b, "k", value)
+    assert b.stats.resyncs == resyncs  # no further reconnect or resync
+
+    await a.close()
+    await b.close()
+    assert listener.reader == "none" and listener.task is not None and listener.task.done()
+    await na.close()
+    await nb.close()
+    assert registered(loop) == watched  # no reader left on the loop
+    assert open_fds() == fds  # no socket left open
+
+
+async def test_async_raw_listener_applies_a_backlog_after_a_stall(server, ns, monkeypatch):
+    """Change messages pile up while the listener is stalled (the loop stops watching the
+    socket rather than spin on it); resumed, it applies them all, in batches cut by
+    DRAIN_LIMIT, in order."""
+    monkeypatch.setattr(_listener, "DRAIN_LIMIT", 3)
+    na = await syncmap.connect_async(server.url)
+    nb = await syncmap.connect_async(server.url)
+    try:
+        a = await na.map(ns, max_staleness=LONG)
+        b = await nb.map(ns, max_staleness=LONG)
+        assert b._listener.reader == "raw"
+        await a.set("k", 0)
+        await cached(b, "k", 0)
+        b._listener.running.clear()
+
+        async def parked() -> bool:
+            return b._listener.parked.is_set()
+
+        await until(parked, 5, "b's listener parked")
+        seen = b.stats.invalidations
+        for value in range(1, 21):
+            await a.set("k", value)
+
+        async def unwatched() -> bool:  # the messages reached b's socket; nothing reads them
+            return not b._listener._watching
+
+        await until(unwatched, 5, "the loop stopped watching b's subscriber socket")
+        assert b.stats.invalidations == seen
+        b._listener.running.set()
+
+        async def applied() -> bool:
+            return b.stats.invalidations >= seen + 20
+
+        await until(applied, 5, "b applied the 20 change messages")
+        await cached(b, "k", 20)
+        await a.close()
+        await b.close()
+    finally:
+        await na.close()
+        await nb.close()

@@ -547,3 +547,25 @@ def test_raw_subscriber_drains_in_order_and_keeps_a_backlog(monkeypatch):
         raw.drain(state, b"ch")
     raw.sock.close()
     ours.close()
+
+
+def test_closing_a_map_closes_its_connections(server, ns):
+    """A closed blocking map leaves no socket open (its listener's subscriber and its
+    freshness-probe connections included)."""
+    import os
+
+    def open_fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    with syncmap.connect(server.url) as node:
+        m = node.map(ns)
+        m["k"] = 1  # the node's own command connection is kept: open it before counting
+        wait_until(lambda: m.stats.verified_age < 1.0, 5)
+        m.close()
+        before = open_fds()
+        for i in range(5):
+            other = node.map(f"{ns}-{i}", max_staleness=0.3)
+            other["k"] = i
+            wait_until(lambda other=other: other._state.last_probe > 0, 5)  # probe connection
+            other.close()
+        assert open_fds() == before

@@ -184,6 +184,7 @@ class SyncListener(_ListenerBase):
             self.thread.join(timeout)
         self._unsubscribe()
         self.client.close()
+        self.client.connection_pool.disconnect()  # its own pool (the freshness probe's)
 
     def _main(self) -> None:
         while not self.closing.is_set():

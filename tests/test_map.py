@@ -552,9 +552,11 @@ def test_raw_subscriber_drains_in_order_and_keeps_a_backlog(monkeypatch):
 def test_closing_a_map_closes_its_connections(server, ns):
     """A closed blocking map leaves no socket open (its listener's subscriber and its
     freshness-probe connections included)."""
+    import gc
     import os
 
     def open_fds() -> int:
+        gc.collect()  # sockets of earlier tests' garbage close now, not mid-count
         return len(os.listdir("/proc/self/fd"))
 
     with syncmap.connect(server.url) as node:
@@ -568,4 +570,4 @@ def test_closing_a_map_closes_its_connections(server, ns):
             other["k"] = i
             wait_until(lambda other=other: other._state.last_probe > 0, 5)  # probe connection
             other.close()
-        assert open_fds() == before
+        assert open_fds() <= before  # a leak: one or more sockets per closed map

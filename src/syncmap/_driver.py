@@ -89,13 +89,27 @@ def _unusable(conn: Any) -> bool:
     sock = conn._sock
     if sock is None:
         return False
+    try:
+        return bool(_watch(conn, sock).poll(0))
+    except (OSError, ValueError):
+        return True
+
+
+def _watch(conn: Any, sock: Any) -> Any:
+    """A poll object for the connection's socket, kept with the connection."""
     watch = conn.__dict__.get("_syncmap_watch")
     if watch is None or watch[0] is not sock:
         poller = select.poll()
         poller.register(sock, select.POLLIN)
         watch = conn._syncmap_watch = (sock, poller)
+    return watch[1]
+
+
+def _answered(conn: Any) -> bool:
+    """Whether the answer to what was just sent is already readable."""
+    sock = conn._sock
     try:
-        return bool(watch[1].poll(0))
+        return sock is not None and bool(_watch(conn, sock).poll(0))
     except (OSError, ValueError):
         return True
 
@@ -139,8 +153,9 @@ class SyncDriver(_DriverBase):
     ) -> None:
         super().__init__(client, address)
         self.sleep = sleep
-        # called between sending a command and reading its answer: work that can overlap the
-        # server's (a map applies its waiting change messages there). Must not raise.
+        # called between sending a command and reading its answer, unless the answer is
+        # there already: work that can overlap the server's (a map applies its waiting change
+        # messages there). Must not raise.
         self.while_waiting: Callable[[], object] | None = None
 
     def perform(self, op: Op) -> Any:
@@ -206,7 +221,9 @@ class SyncDriver(_DriverBase):
         conn.send_packed_command(_pack(conn, args), check_health=False)
         wait = _blocking_wait(conn, args)
         if wait is None:
-            if self.while_waiting is not None:
+            # overlap the server's work, not delay its answer: when the server ran at once
+            # (on this CPU, say, while the send woke it) the answer is here already
+            if self.while_waiting is not None and not _answered(conn):
                 self.while_waiting()
             return conn.read_response()
         return conn.read_response(timeout=wait)

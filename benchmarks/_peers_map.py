@@ -16,6 +16,9 @@ A *kind* names one reader/writer pair:
                per batch of 16 reads (``await asyncio.sleep(0)``).
 ``cashews-r3`` cashews 7.6 as configured by default on redis-py 8 (RESP3): never invalidates.
 ``syncmap``    SyncMap: ``m.get(k)`` from the local copy, ``m[k] = v`` to write.
+``syncmap-async`` AsyncSyncMap reading (``await m.get(k)``; a local hit yields to the loop
+               every 0.25 ms by itself, the reader also once per poll); a blocking SyncMap
+               of the same map writes.
 ============== ==========================================================================
 
 Values are integers; ``decode`` turns whatever the client returns into ``int | None``.
@@ -35,13 +38,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-KINDS = ("get", "redis-csc", "valkey-csc", "cashews", "cashews-r3", "syncmap")
-ASYNC_KINDS = ("cashews", "cashews-r3")
+KINDS = ("get", "redis-csc", "valkey-csc", "cashews", "cashews-r3", "syncmap", "syncmap-async")
+ASYNC_KINDS = ("cashews", "cashews-r3", "syncmap-async")
 MAP_NAME = "benchmap"
 
 
 def key_of(kind: str, i: int) -> str:
-    return f"k{i}" if kind in (*ASYNC_KINDS, "syncmap") else f"bench:k{i}"
+    return f"k{i}" if kind in (*ASYNC_KINDS, "syncmap") else f"bench:k{i}"  # (a map's keys)
 
 
 def decode(value: Any) -> int | None:
@@ -122,6 +125,18 @@ def open_client(kind: str, port: int, *, cache_size: int = 20_000) -> Client:
 
 
 async def open_async(kind: str, port: int, *, cache_size: int = 20_000) -> Client:
+    if kind == "syncmap-async":
+        import syncmap
+
+        node = await syncmap.connect_async(f"redis://127.0.0.1:{port}/0")
+        m = await node.map(MAP_NAME, maxsize=cache_size)
+
+        async def close() -> None:
+            await m.close()
+            await node.close()
+
+        return Client(kind, m.get, m.set, close, m)
+
     from cashews import Cache
     from cashews.backends.memory import Memory
 
@@ -147,7 +162,9 @@ class SyncWriter:
 
     def __init__(self, kind: str, port: int) -> None:
         self.prefix = ""
-        if kind in ASYNC_KINDS:
+        if kind == "syncmap-async":
+            kind = "syncmap"  # the same map, written by a blocking SyncMap
+        elif kind in ASYNC_KINDS:
             kind, self.prefix = "get", "cashews:"
         self.client = open_client(kind, port)
 

@@ -249,7 +249,7 @@ def bench_propagation(port: int) -> None:
     samples = rounds * per_round
     kinds = [("get", False), ("redis-csc", False), ("valkey-csc", False), ("cashews", False)]
     if syncmap_available() is None:
-        kinds += [("syncmap", False), ("syncmap", True)]
+        kinds += [("syncmap", False), ("syncmap", True), ("syncmap-async", False)]
     rows: list[list[object]] = []
     base_p99 = None
     results: dict[str, tuple[list[float], list[float], int]] = {}

@@ -49,17 +49,18 @@ def ns_per_call(fn: Callable[[], object], loops: int = 200_000, repeat: int = 5)
 
 def paired_ns_per_call(
     fn: Callable[[], object], base: Callable[[], object], loops: int, base_loops: int
-) -> tuple[float, float]:
-    """``fn``'s ns per call and its ratio to ``base``'s, each repeat timing ``base`` right
-    before ``fn`` (the machine's speed drifts between runs seconds apart): the medians of
-    ``fn``'s times and of the per-repeat ratios."""
-    times, ratios = [], []
+) -> tuple[float, float, float]:
+    """ns per call of ``fn`` and of ``base``, and ``fn``'s ratio to ``base``: each repeat
+    times ``base`` right before ``fn`` (the machine's speed drifts between runs seconds
+    apart); the medians of each one's times and of the per-repeat ratios."""
+    times, bases, ratios = [], [], []
     for _ in range(3 if QUICK else 7):
         b = ns_per_call(base, loops=base_loops, repeat=1)
         t = ns_per_call(fn, loops=loops, repeat=1)
         times.append(t)
+        bases.append(b)
         ratios.append(t / b)
-    return statistics.median(times), statistics.median(ratios)
+    return statistics.median(times), statistics.median(bases), statistics.median(ratios)
 
 
 def percentile(values: Sequence[float], pct: float) -> float:

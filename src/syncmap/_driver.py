@@ -153,10 +153,10 @@ class SyncDriver(_DriverBase):
     ) -> None:
         super().__init__(client, address)
         self.sleep = sleep
-        # called between sending a command and reading its answer, unless the answer is
-        # there already: work that can overlap the server's (a map applies its waiting change
-        # messages there). Must not raise.
-        self.while_waiting: Callable[[], object] | None = None
+        # called between sending a command and reading its answer, with a check of whether
+        # the answer is there already: work that can overlap the server's (a map applies its
+        # waiting change messages there, unless the answer is in). Must not raise.
+        self.while_waiting: Callable[[Callable[[], bool]], object] | None = None
 
     def perform(self, op: Op) -> Any:
         if isinstance(op, Sleep):
@@ -221,10 +221,8 @@ class SyncDriver(_DriverBase):
         conn.send_packed_command(_pack(conn, args), check_health=False)
         wait = _blocking_wait(conn, args)
         if wait is None:
-            # overlap the server's work, not delay its answer: when the server ran at once
-            # (on this CPU, say, while the send woke it) the answer is here already
-            if self.while_waiting is not None and not _answered(conn):
-                self.while_waiting()
+            if self.while_waiting is not None:
+                self.while_waiting(lambda: _answered(conn))
             return conn.read_response()
         return conn.read_response(timeout=wait)
 

@@ -321,11 +321,13 @@ class SyncMap(_MapBase, MutableMapping[str, Any]):
         self._listener.last_poll = self._clock()  # busy: the listener thread keeps out of the way
         return self._driver.run(flow)  # type: ignore[arg-type]  # it performs Call too
 
-    def _poll_while_waiting(self) -> None:
+    def _poll_while_waiting(self, answered: Callable[[], bool]) -> None:
         """Apply waiting change messages (e.g. of our own writes) while the server works on
-        our command: the driver calls this between sending and reading."""
+        our command: the driver calls this between sending and reading. Not when the answer
+        is already in (the server ran at once, on this CPU say, as the send woke it): that
+        would only delay the caller; the messages wait for the next time."""
         now = self._clock()
-        if now >= self._next_op_poll:
+        if now >= self._next_op_poll and not answered():
             self._next_op_poll = now + OP_POLL_INTERVAL
             self._next_poll = now + POLL_INTERVAL
             self._listener.poll(now)

@@ -60,3 +60,13 @@ def test_error_tree_does_not_shadow_builtins():
 
 def test_all_is_sorted():
     assert list(syncmap.__all__) == sorted(syncmap.__all__)
+
+
+@pytest.mark.parametrize("value", [0, -1, 7, 10**30, -(10**30), True, False, 1.5, "12"])
+def test_json_encodes_numbers_exactly_as_json_does(value):
+    import json
+
+    codec = get_codec("json")
+    assert codec.encode(value) == json.dumps(value).encode()
+    assert codec.decode(codec.encode(value)) == value
+    assert type(codec.decode(codec.encode(value))) is type(value)

@@ -40,6 +40,8 @@ class JSONCodec:
         )
 
     def encode(self, value: Any) -> bytes:
+        if value.__class__ is int:  # (the common counter: what json writes, ~10x cheaper)
+            return b"%d" % value
         try:
             return self._encoder.encode(value).encode("utf-8")
         except (TypeError, ValueError, RecursionError) as exc:

@@ -142,7 +142,7 @@ def test_failover_of_a_maps_master(replicated_cluster, ns):
         sent, outcome = threading.Event(), []
         driver = ma._driver  # (its hook between sending a command and reading the answer)
         hook = driver.while_waiting
-        driver.while_waiting = lambda: (sent.set(), hook() if hook else None)
+        driver.while_waiting = lambda answered: (sent.set(), hook(answered) if hook else None)
         dead.pause()  # SIGSTOP: the write is sent, and waits for an answer
         writer = threading.Thread(target=lambda: outcome.append(_attempt(ma.incr, "n", 1)))
         writer.start()

@@ -114,6 +114,7 @@ POLL_INTERVAL: Final = 0.0001  # s: how often a local hit applies waiting change
 YIELD_INTERVAL: Final = 0.00025  # s: how often an asyncio local hit lets other tasks run
 OP_POLL_INTERVAL: Final = 0.001  # s: the same before server operations (a write's own change
 # message is applied with the next few writes' in one drain; within READERS_ACTIVE)
+OP_POLL_MAX_SKIP: Final = 0.01  # s: skipped when the answer is in, but not for longer than this
 
 
 @dataclass(frozen=True, slots=True)
@@ -312,6 +313,7 @@ class SyncMap(_MapBase, MutableMapping[str, Any]):
         )
         self._next_poll = 0.0  # the read path applies waiting change messages from then on
         self._next_op_poll = 0.0  # the same before a server operation (less often: batches)
+        self._op_poll_by = 0.0  # ... and not skipped past this time
         self._listener.start()
         deadline = time.monotonic() + 2.0  # usually ms: ready to cache right away
         while not self._state.synced and time.monotonic() < deadline:
@@ -325,10 +327,12 @@ class SyncMap(_MapBase, MutableMapping[str, Any]):
         """Apply waiting change messages (e.g. of our own writes) while the server works on
         our command: the driver calls this between sending and reading. Not when the answer
         is already in (the server ran at once, on this CPU say, as the send woke it): that
-        would only delay the caller; the messages wait for the next time."""
+        would only delay the caller; the messages wait for the next time, but no longer than
+        OP_POLL_MAX_SKIP (a busy writer keeps the listener thread away: see _listener)."""
         now = self._clock()
-        if now >= self._next_op_poll and not answered():
+        if now >= self._next_op_poll and (now >= self._op_poll_by or not answered()):
             self._next_op_poll = now + OP_POLL_INTERVAL
+            self._op_poll_by = now + OP_POLL_MAX_SKIP
             self._next_poll = now + POLL_INTERVAL
             self._listener.poll(now)
         else:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Self, TypeVar
 from urllib.parse import unquote, urlsplit
 
 import redis
@@ -139,6 +139,17 @@ class _NodeBase:
         slot = key_slot(key)
         return self.router.for_map(slot) if is_map else self.router.for_lock(slot)
 
+    def _on(self, key: str, is_map: bool) -> Self:
+        """The node a map or lock runs on: this one, or on a Cluster, one of its masters
+        (made once per master, of this node's kind)."""
+        shard = self._shard(key, is_map)
+        if shard is None:
+            return self
+        node = self._shards.get(id(shard[0]))
+        if node is None:
+            node = self._shards[id(shard[0])] = type(self)(shard[0], shard[1], self.url)  # type: ignore[call-arg]
+        return node
+
     def _no_driver(self) -> SyncMapError:
         return InvalidArgument(
             f"{self.address} is a Cluster: flows run on a map's or lock's own master"
@@ -166,16 +177,6 @@ class Node(_NodeBase):
         if self.driver is None:
             raise self._no_driver()
         return self.driver.run(flow)
-
-    def _on(self, key: str, is_map: bool) -> Node:
-        """The node a map or lock runs on: this one, or on a Cluster, one of its master."""
-        shard = self._shard(key, is_map)
-        if shard is None:
-            return self
-        node = self._shards.get(id(shard[0]))
-        if node is None:
-            node = self._shards[id(shard[0])] = Node(shard[0], shard[1], self.url)
-        return node
 
     def ping(self) -> bool:
         try:
@@ -242,15 +243,6 @@ class AsyncNode(_NodeBase):
         if self.driver is None:
             raise self._no_driver()
         return await self.driver.run(flow)
-
-    def _on(self, key: str, is_map: bool) -> AsyncNode:
-        shard = self._shard(key, is_map)
-        if shard is None:
-            return self
-        node = self._shards.get(id(shard[0]))
-        if node is None:
-            node = self._shards[id(shard[0])] = AsyncNode(shard[0], shard[1], self.url)
-        return node
 
     async def ping(self) -> bool:
         try:

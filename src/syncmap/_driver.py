@@ -82,36 +82,27 @@ def _connections(client: Any) -> _Connections:
     return kept
 
 
-def _unusable(conn: Any) -> bool:
-    """Whether a kept (idle, connected) connection is readable: the server closed it (EOF) or
-    sent something unasked. One ``poll(0)`` on a poll object kept with the socket: a few times
-    cheaper than redis-py's ``can_read``, and this runs before every command."""
+def _readable(conn: Any) -> bool:
+    """Whether the connection's socket has something to read (or is closed): one ``poll(0)``
+    on a poll object kept with the socket, a few times cheaper than redis-py's ``can_read``.
+    ``False`` without a socket."""
     sock = conn._sock
     if sock is None:
         return False
-    try:
-        return bool(_watch(conn, sock).poll(0))
-    except (OSError, ValueError):
-        return True
-
-
-def _watch(conn: Any, sock: Any) -> Any:
-    """A poll object for the connection's socket, kept with the connection."""
     watch = conn.__dict__.get("_syncmap_watch")
     if watch is None or watch[0] is not sock:
         poller = select.poll()
         poller.register(sock, select.POLLIN)
         watch = conn._syncmap_watch = (sock, poller)
-    return watch[1]
+    try:
+        return bool(watch[1].poll(0))
+    except (OSError, ValueError):
+        return True
 
 
 def _answered(conn: Any) -> bool:
-    """Whether the answer to what was just sent is already readable."""
-    sock = conn._sock
-    try:
-        return sock is not None and bool(_watch(conn, sock).poll(0))
-    except (OSError, ValueError):
-        return True
+    """Whether the answer to what was just sent is in already (the while-waiting check)."""
+    return _readable(conn)
 
 
 def _command(op: Op) -> tuple[Any, ...]:
@@ -207,7 +198,7 @@ class SyncDriver(_DriverBase):
             conn = conns.idle.pop()
         except IndexError:
             return conns.pool.get_connection()
-        if _unusable(conn):
+        if _readable(conn):  # idle, yet readable: the server closed it or sent something unasked
             conn.disconnect()
         if conn._sock is None:
             try:

@@ -149,7 +149,7 @@ def _worker(
     acquire, release = make_lock(kind, port, name)
     client = redis.Redis(host="127.0.0.1", port=port)
     counter = f"{name}:counter"
-    records: list[tuple[float, float, int]] = []
+    records: list[tuple[float, float, int, float]] = []
     lock_cpu = 0.0  # this thread's CPU time inside acquire() and release()
     barrier.wait()
     stop_at = time.monotonic() + WALL_CAP
@@ -161,10 +161,11 @@ def _worker(
         lock_cpu += time.thread_time() - cpu0
         if work:
             client.set(counter, int(client.get(counter) or 0) + 1)
+        releasing = time.monotonic()
         cpu0 = time.thread_time()
         release()
         lock_cpu += time.thread_time() - cpu0
-        records.append((asked, got, me))
+        records.append((asked, got, me, releasing))
         if got > stop_at:
             break
     out.put((records, lock_cpu))
@@ -172,10 +173,10 @@ def _worker(
 
 def _contend(
     kind: str, port: int, name: str, loops: int, work: bool
-) -> tuple[list[tuple[float, float, int]], float]:
+) -> tuple[list[tuple[float, float, int, float]], float]:
     """One round: PROCESSES processes, ``loops`` locked increments each (``work``; else an
-    empty critical section); their records, and the CPU seconds they spent in the lock's
-    acquire and release calls."""
+    empty critical section); their records (asked, got, process, release called), sorted by
+    acquisition, and the CPU seconds they spent in the lock's acquire and release calls."""
     barrier = FORK.Barrier(PROCESSES)
     out = FORK.Queue()
     procs = [
@@ -184,7 +185,7 @@ def _contend(
     ]
     for p in procs:
         p.start()
-    records: list[tuple[float, float, int]] = []
+    records: list[tuple[float, float, int, float]] = []
     lock_cpu = 0.0
     for _ in procs:
         mine, cpu = out.get(timeout=WALL_CAP + 60)
@@ -206,6 +207,8 @@ def bench_contended(port: int, work: bool = True) -> None:
     switch_rates: dict[str, list[float]] = {kind: [] for kind in CONTENDED}
     waits: dict[str, list[float]] = {kind: [] for kind in CONTENDED}
     cpu: dict[str, float] = dict.fromkeys(CONTENDED, 0.0)
+    handoffs: dict[str, list[float]] = {kind: [] for kind in CONTENDED}
+    held: dict[str, list[float]] = {kind: [] for kind in CONTENDED}
     for _ in range(rounds):
         for kind in CONTENDED:
             records, lock_cpu = _contend(kind, port, f"bench:c{int(work)}:{kind}", loops, work)
@@ -214,7 +217,10 @@ def bench_contended(port: int, work: bool = True) -> None:
             rates[kind].append(len(records) / span)
             switches = sum(1 for a, b in itertools.pairwise(records) if a[2] != b[2])
             switch_rates[kind].append(switches / span)
-            waits[kind] += [(got - asked) * 1000 for asked, got, _ in records]
+            waits[kind] += [(got - asked) * 1000 for asked, got, _, _ in records]
+            held[kind] += [(rel - got) * 1e6 for _, got, _, rel in records]
+            # release called -> the next holder's acquire returned: the lock's own critical path
+            handoffs[kind] += [(b[1] - a[3]) * 1e6 for a, b in itertools.pairwise(records)]
     base = statistics.median(rates["python-redis-lock"])
     rows = []
     with redis.Redis(host="127.0.0.1", port=port) as c:
@@ -233,6 +239,8 @@ def bench_contended(port: int, work: bool = True) -> None:
                     percentile(waits[kind], 50),
                     percentile(waits[kind], 99),
                     max(waits[kind]),
+                    percentile(handoffs[kind], 50),
+                    percentile(held[kind], 50) if work else "-",
                     cpu[kind] / expected * 1e6,
                 ]
             )
@@ -248,8 +256,55 @@ def bench_contended(port: int, work: bool = True) -> None:
             "wait p50 ms",
             "wait p99 ms",
             "wait max ms",
+            "hand-off µs p50",
+            "GET+SET µs p50",
             "lock CPU µs/acq",
         ],
+        rows,
+    )
+
+
+def bench_idle_host(port: int) -> None:
+    """What a pause costs the next round trip on this host: one GET+SET (the contended
+    benchmark's critical section) after the client and the server sat idle, or kept busy
+    (the client spinning), for a while. A fair lock runs each critical section in a process
+    that waited its turn, so it pays the idle price; a lock that lets the running process
+    take it again does not."""
+    import redis
+
+    pauses = (0.0, 0.001, 0.003)
+    samples = 30 if quick() else 300
+    took: dict[tuple[str, float], list[float]] = {}
+    with redis.Redis(host="127.0.0.1", port=port) as c:
+        key = "bench:idle:counter"
+        c.set(key, 0)
+        for _ in range(samples):
+            for pause in pauses:
+                for how in ("sleeps", "spins"):
+                    if pause and how == "sleeps":
+                        time.sleep(pause)
+                    elif pause:
+                        end = time.perf_counter() + pause
+                        while time.perf_counter() < end:
+                            pass
+                    elif how == "spins":
+                        continue  # (no pause: the same as "sleeps")
+                    t0 = time.perf_counter()
+                    c.set(key, int(c.get(key) or 0) + 1)
+                    took.setdefault((how, pause), []).append((time.perf_counter() - t0) * 1e6)
+    base = percentile(took[("sleeps", 0.0)], 50)
+    rows = [
+        [
+            "back to back" if not pause else f"client {how} {pause * 1000:g} ms first",
+            percentile(values, 50),
+            percentile(values, 90),
+            percentile(values, 50) / base,
+        ]
+        for (how, pause), values in took.items()
+    ]
+    print_table(
+        "The host: one GET+SET (redis-py) after a pause (the server is idle during it)",
+        ["before it", "µs p50", "µs p90", "x back to back"],
         rows,
     )
 
@@ -260,6 +315,7 @@ def main() -> None:
         bench_uncontended(server.port)
         bench_contended(server.port)
         bench_contended(server.port, work=False)  # the hand-off alone
+        bench_idle_host(server.port)
     finally:
         server.stop()
 

@@ -43,7 +43,7 @@ import pickle
 import random
 import time
 from collections import defaultdict
-from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -309,6 +309,7 @@ class NodeSpec:
     max_ops: int = 200_000
     map_options: dict[str, Any] = field(default_factory=dict)
     setup: Callable[[Any], None] | None = None  # called with the map, in the child
+    asyncio: bool = False  # an AsyncSyncMap on an event loop, instead of a SyncMap
     out_path: str = ""
 
 
@@ -335,26 +336,39 @@ def run_node(spec: NodeSpec, ready: Any, go: Any, start_at: Any) -> None:
     """Body of one node process: writes its history to ``spec.out_path`` (pickle).
 
     Puts its name on ``ready`` once connected, waits for ``go``, starts at ``start_at.value``.
+    The workload is one step generator (:func:`_steps`), performed on a blocking ``SyncMap``
+    or, with ``spec.asyncio``, on an ``AsyncSyncMap``. Both run under one small event loop (the
+    blocking map's calls simply block it: nothing else runs on it).
     """
-    import syncmap
+    import asyncio
 
-    writes: list[Write] = []
-    reads: list[Read] = []
-    errors: dict[str, int] = defaultdict(int)
+    history = _NodeHistory()
+    asyncio.run(_node_main(spec, history, ready, go, start_at))
+    with open(spec.out_path, "wb") as fh:
+        pickle.dump({**history.__dict__, "errors": dict(history.errors)}, fh)
+
+
+@dataclass
+class _NodeHistory:
+    writes: list[Write] = field(default_factory=list)
+    reads: list[Read] = field(default_factory=list)
+    errors: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    stats: str | None = None
+
+
+Step = tuple[Any, ...]  # ("sleep", s) | ("read", key) | ("set", key, token) | ("bump", key, token)
+
+
+def _steps(spec: NodeSpec, history: _NodeHistory, start_at_ns: int) -> Any:
+    """The node's workload as a generator of steps; each step's result (or error) is sent
+    back in. Records every write and read in ``history``."""
+    writes, reads, errors = history.writes, history.reads, history.errors
     rng = random.Random(spec.index * 7919 + os.getpid())
-    node = syncmap.connect(spec.url)
-    m = node.map(spec.map_name, **spec.map_options)
-    if spec.setup is not None:
-        spec.setup(m)
     counters: dict[str, int] = defaultdict(int)
     writable = spec.owned if spec.mode == "owned" else spec.keys
     seq = 0
-    ready.put(spec.node)
-    if not go.wait(120):
-        raise RuntimeError("never told to start")
-    start_at_ns = int(start_at.value)
     while _now() < start_at_ns:
-        time.sleep(0.0005)
+        yield ("sleep", 0.0005)
     end = start_at_ns + int(spec.duration_s * 1e9)
     read_gap = int(1e9 / spec.read_rate)
     next_read = start_at_ns
@@ -377,9 +391,9 @@ def run_node(spec: NodeSpec, ready: Any, go: Any, start_at: Any) -> None:
                 t0 = _now()
                 try:
                     if spec.mode == "owned":
-                        m[key] = token
+                        yield ("set", key, token)
                     else:
-                        order = (m.update_item(key, _bump(token))["n"],)
+                        order = ((yield ("bump", key, token))["n"],)
                     writes.append(Write(spec.node, key, token, order, t0, _now()))
                 except Exception as exc:  # may have landed: legal to read, no obligation
                     errors[f"write {type(exc).__name__}"] += 1
@@ -387,24 +401,76 @@ def run_node(spec: NodeSpec, ready: Any, go: Any, start_at: Any) -> None:
             next_write = _now() + _gap(rng, spec.write_interval_s)
             continue
         if now < next_read:
-            time.sleep(min(next_read - now, max(0, next_write - now)) / 1e9)
+            yield ("sleep", min(next_read - now, max(0, next_write - now)) / 1e9)
             continue
         next_read += read_gap
         key = rng.choice(spec.keys)
         t0 = _now()
         try:
-            value = m.get(key)
+            value = yield ("read", key)
         except Exception as exc:  # a read that raises is allowed by the contract
             errors[f"read {type(exc).__name__}"] += 1
             continue
         reads.append(Read(spec.node, key, _token(value), t0, _now()))
-    stats = None
+
+
+async def _node_main(
+    spec: NodeSpec, history: _NodeHistory, ready: Any, go: Any, start_at: Any
+) -> None:
+    import asyncio
+
+    import syncmap
+
+    perform: Callable[[Step], Awaitable[Any]]
+    if spec.asyncio:
+        anode = await syncmap.connect_async(spec.url)
+        m: Any = await anode.map(spec.map_name, **spec.map_options)
+
+        async def perform(step: Step) -> Any:
+            if step[0] == "read":
+                return await m.get(step[1])
+            if step[0] == "set":
+                return await m.set(step[1], step[2])
+            return await m.update_item(step[1], _bump(step[2]))
+
+    else:
+        m = syncmap.connect(spec.url).map(spec.map_name, **spec.map_options)
+
+        async def perform(step: Step) -> Any:
+            if step[0] == "read":
+                return m.get(step[1])
+            if step[0] == "set":
+                return m.set(step[1], step[2])
+            return m.update_item(step[1], _bump(step[2]))
+
+    if spec.setup is not None:
+        spec.setup(m)
+    ready.put(spec.node)
+    if not await asyncio.to_thread(go.wait, 120):
+        raise RuntimeError("never told to start")
+    steps = _steps(spec, history, int(start_at.value))
+    result: Any = None
+    error: Exception | None = None
+    while True:
+        try:
+            step = steps.throw(error) if error is not None else steps.send(result)
+        except StopIteration:
+            break
+        result, error = None, None
+        try:
+            if step[0] == "sleep":
+                await asyncio.sleep(step[1])
+            else:
+                result = await perform(step)
+        except Exception as exc:
+            error = exc
     with contextlib.suppress(Exception):
-        stats = repr(m.stats)
+        history.stats = repr(m.stats)
     with contextlib.suppress(Exception):
-        m.close()
-    with open(spec.out_path, "wb") as fh:
-        pickle.dump({"writes": writes, "reads": reads, "errors": dict(errors), "stats": stats}, fh)
+        closed = m.close()
+        if spec.asyncio:
+            await closed
+            await anode.close()
 
 
 def _gap(rng: random.Random, mean_s: float) -> int:

@@ -358,6 +358,68 @@ def test_server_restart_mid_run(fresh_server, ns):
     assert report.ok, report.summary() + f"\nerrors {history.errors}\nstats {history.stats}"
 
 
+def _asyncio(specs, nodes: str, **changes) -> list:
+    """The same specs, with the named nodes on an AsyncSyncMap (and ``changes`` to them)."""
+    from dataclasses import replace
+
+    return [replace(s, asyncio=True, **changes) if s.node in nodes else s for s in specs]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["owned", "rmw"])
+def test_asyncio_nodes_no_violations(server, ns, mode):
+    """AsyncSyncMap nodes (two of three; the third a blocking SyncMap) under the same checker."""
+    _require_syncmap()
+    specs = _asyncio(_specs(server.url, ns, mode=mode), "bc")
+    history, report = _run(specs, WINDOW_REAL)
+    _assert_busy(history)
+    assert report.ok, report.summary() + f"\nerrors {history.errors}\nstats {history.stats}"
+    assert not history.errors, history.errors
+
+
+@pytest.mark.slow
+def test_broken_asyncio_syncmap_is_caught(server, ns):
+    """The control: AsyncSyncMap nodes whose listener drops every message are caught (the
+    blocking node, a correct one, is not)."""
+    _require_syncmap()
+    specs = _asyncio(_specs(server.url, ns), "bc", setup=deaf_listener)
+    history, report = _run(specs, WINDOW_REAL)
+    _assert_busy(history)
+    stale = [v for v in report.violations if v.kind == "stale"]
+    assert stale, report.summary()
+    assert {v.read.node for v in stale if v.read} <= {"b", "c"}, report.summary()
+
+
+@pytest.mark.slow
+def test_asyncio_nodes_through_killed_subscribers_and_a_restart(fresh_server, ns):
+    from checker import Reset, check, run_nodes, sleep_until, with_resets
+
+    _require_syncmap()
+    resets: list[Reset] = []
+    killed: list[int] = []
+
+    def during(t0: float) -> None:
+        for at in (0.4, 0.8):
+            sleep_until(t0 + at)
+            killed.append(fresh_server.drop_clients("pubsub"))
+        sleep_until(t0 + 1.2)
+        down = _now_ns()
+        fresh_server.restart()
+        resets.append(Reset(down, _now_ns(), WINDOW_REAL))
+
+    specs = _asyncio(_specs(fresh_server.url, ns, duration_s=2.2), "bc")
+    history = run_nodes(specs, during=during)
+    report = check(with_resets(history.writes, resets, KEYS), history.reads, WINDOW_REAL)
+    print(report.summary(), history.errors, history.stats, sep="\n")
+    assert sum(killed) >= 2, killed
+    up = resets[0].up_ns
+    # the asyncio nodes came back: b (a writer) wrote, and both read, after the restart
+    assert any(x.node == "b" and x.acked and x.invoke_ns > up for x in history.writes)
+    for node in "bc":
+        assert any(x.node == node and x.invoke_ns > up + WINDOW_REAL for x in history.reads)
+    assert report.ok, report.summary() + f"\nerrors {history.errors}\nstats {history.stats}"
+
+
 def _now_ns() -> int:
     import time
 

@@ -10,7 +10,8 @@ What TLS changes for syncmap: the listeners keep redis-py's reader (no raw socke
 the blocking listener decides "is anything waiting?" by polling the socket, while decrypted
 bytes (or whole parsed replies) may wait above it, in the ``SSLSocket`` or in redis-py's
 parser. So the tests here insist that a change message is applied *promptly* and *without any
-further traffic*: after a quiet period, and the last of a burst.
+further traffic*: after a quiet period, the last of a burst, and after a drain cut short at
+``DRAIN_LIMIT`` (the one case where a drain leaves events above the socket).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import select
 import selectors
 import shutil
 import socket
@@ -32,6 +34,7 @@ import pytest
 
 import syncmap
 from servers import ServerProcess, wait_until
+from syncmap import _listener
 from test_map_support import maps  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.skipif(
@@ -58,6 +61,7 @@ class _Pair:
         self.to_server = bytearray()  # plaintext for the server
         self.handshaken = False
         self.ended = False  # one side closed: close both once what is queued is sent
+        self.held = False  # what the server sends is not read (hold())
         self.events: dict[socket.socket, int] = {client: 0, server: 0}
 
 
@@ -120,6 +124,53 @@ class TLSProxy:
             return len(pairs)
 
         return int(self._call(cut_all))
+
+    def hold(self, client_port: int) -> None:
+        """Stop forwarding what the server sends on the connection from the client's
+        ``client_port`` (it waits in the socket buffers) until :meth:`release`: then it
+        arrives all at once, packed in as few TLS records as it fits."""
+
+        def hold() -> None:
+            for pair in self.pairs:
+                if pair.client.getpeername()[1] == client_port:
+                    pair.held = True
+                    self._update(pair)
+                    return
+            raise LookupError(f"no connection from port {client_port}")
+
+        self._call(hold)
+
+    def release(self) -> None:
+        def release() -> None:
+            for pair in list(self.pairs):
+                if pair.held:
+                    pair.held = False
+                    try:
+                        self._gather(pair)
+                    except OSError:
+                        self._close(pair)
+                        continue
+                    self._update(pair)
+
+        self._call(release)
+
+    def _gather(self, pair: _Pair) -> None:
+        """Read what the server sent to a held connection until it pauses for 20 ms (TCP
+        flow control lets a burst of small writes in by parts) and encrypt it in one go."""
+        data, deadline = bytearray(), time.monotonic() + 1.0
+        while len(data) < self.BUFFER_LIMIT and time.monotonic() < deadline:
+            try:
+                chunk = pair.server.recv(self.CHUNK)
+            except (BlockingIOError, InterruptedError):
+                if not select.select([pair.server], [], [], 0.02)[0]:
+                    break
+                continue
+            if not chunk:
+                pair.ended = True
+                break
+            data += chunk
+        if data:
+            self._from_server(pair, bytes(data))
 
     def active(self) -> int:
         return int(self._call(lambda: len(self.pairs)))
@@ -258,7 +309,9 @@ class TLSProxy:
             )
             | (selectors.EVENT_WRITE if pair.to_client else 0),
             pair.server: (
-                selectors.EVENT_READ if open_ and len(pair.to_client) < self.BUFFER_LIMIT else 0
+                selectors.EVENT_READ
+                if open_ and not pair.held and len(pair.to_client) < self.BUFFER_LIMIT
+                else 0
             )
             | (selectors.EVENT_WRITE if pair.to_server else 0),
         }
@@ -414,6 +467,23 @@ def assert_tls_reader(m) -> None:
         assert listener.pubsub.connection._writer.transport.get_extra_info("ssl_object")
 
 
+def subscriber_port(m) -> int:
+    """The local port of ``m``'s subscriber connection."""
+    conn = m.m._listener.pubsub.connection
+    if m.kind == "sync":
+        return int(conn._sock.getsockname()[1])
+    return int(conn._writer.transport.get_extra_info("sockname")[1])
+
+
+def pubsub_output_flushed(server: ServerProcess) -> bool:
+    """The server wrote out everything queued for its subscriber connections."""
+    with server.client() as c:
+        return all(
+            int(client["omem"]) == 0 and int(client.get("obl", 0)) == 0
+            for client in c.client_list(_type="pubsub")
+        )
+
+
 # ---- the certificate is checked -----------------------------------------------------------
 
 
@@ -535,6 +605,60 @@ def test_a_burst_of_small_and_large_values_all_arrive(maps, tls, ns):
     local = {key: b.get(key) for key in keys}
     assert local == expected
     assert b.stats.resyncs == 0 and b.stats.invalidations == seen + writes
+
+
+def _burst_after_a_cut_short_drain(maps, tls, ns, monkeypatch, busy_reader: bool) -> None:
+    monkeypatch.setattr(_listener, "DRAIN_LIMIT", 1)
+    burst = 100  # ~13 KB of messages: the proxy sends them in one TLS record (16 KB at most)
+    a = maps(tls.url, ns, max_staleness=LONG)
+    b = maps(tls.url, ns, max_staleness=LONG)
+    a.set("k", 0)
+    a.set("other", "x")
+    served(b, "k", 0)
+    served(b, "other", "x")
+    seen = b.stats.invalidations
+    stop = threading.Event()
+
+    def read_b() -> None:
+        deadline = time.monotonic() + 30
+        while not stop.is_set() and time.monotonic() < deadline:
+            b.get("other")
+
+    reader = threading.Thread(target=read_b, daemon=True)
+    # the server's messages wait at the proxy, then arrive all at once
+    tls.proxy.hold(subscriber_port(b))
+    try:
+        for value in range(1, burst + 1):
+            a.set("k", value)
+        wait_until(lambda: pubsub_output_flushed(tls.server), 5, what="messages sent")
+        if busy_reader:
+            reader.start()
+    finally:
+        tls.proxy.release()
+    try:
+        applied(b, seen + burst, within=1.0)  # (not cut short: within milliseconds)
+        served(b, "k", burst)
+    finally:
+        stop.set()
+        if busy_reader:
+            reader.join(10)
+    assert b.stats.resyncs == 0
+
+
+def test_a_drain_cut_short_is_finished_without_more_traffic(maps, tls, ns, monkeypatch):
+    """A drain stops after DRAIN_LIMIT events (1 here); over TLS the rest may already sit
+    above the socket (in redis-py's parser: many messages come in one TLS record), where
+    polling the socket does not see them. Every one must be applied (the asyncio listener
+    used to read one event past the limit and drop it: a lost change, or PONG), at once and
+    with no further traffic (the blocking listener polled the socket only: 50 ms per event)."""
+    _burst_after_a_cut_short_drain(maps, tls, ns, monkeypatch, busy_reader=False)
+
+
+@pytest.mark.parametrize("maps", ["sync"], indirect=True)
+def test_a_drain_cut_short_is_finished_by_busy_readers(maps, tls, ns, monkeypatch):
+    """The same while a thread keeps reading the map: it applies the events (the listener
+    thread keeps out of its way), and it used to see none of those left above the socket."""
+    _burst_after_a_cut_short_drain(maps, tls, ns, monkeypatch, busy_reader=True)
 
 
 # ---- locks --------------------------------------------------------------------------------

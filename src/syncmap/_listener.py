@@ -167,6 +167,7 @@ class SyncListener(_ListenerBase):
         self.last_poll = -1.0  # when a reading thread last called poll()
         self._poller: tuple[Any, Any, Any] | None = None
         self._raw: _RawSubscriber | None = None
+        self._cut_short = False  # redis-py's reader: the last drain stopped at DRAIN_LIMIT
         self.closing = threading.Event()
         self.running = threading.Event()  # cleared by tests to stall the listener
         self.running.set()
@@ -256,7 +257,7 @@ class SyncListener(_ListenerBase):
             if poller is None:  # no poll(2) (or no socket: the drain below raises)
                 self.closing.wait(min(timeout, 0.001))
                 break
-            if self._raw is not None and self._raw.backlog:
+            if self._backlog():
                 break  # events left over by a drain that hit DRAIN_LIMIT
             try:
                 ready = poller[0].poll(max(0.0, end - now) * 1000)
@@ -304,16 +305,24 @@ class SyncListener(_ListenerBase):
             self.lock.release()
 
     def _nothing_waiting(self, poller: Any) -> bool:
-        """True if the socket has no data (lock held; a drain leaves nothing buffered in
-        redis-py, so the socket says it all). Cheaper than redis-py's ``can_read``."""
+        """True if the socket has no data (lock held; a drain that was not cut short leaves
+        nothing buffered above the socket, so the socket says it all). Cheaper than
+        redis-py's ``can_read``."""
         if self.failure is not None:
             return True
-        if self._raw is not None and self._raw.backlog:
+        if self._backlog():
             return False  # left over by a drain that hit DRAIN_LIMIT
         try:
             return not poller.poll(0)
         except (OSError, ValueError):
             return False  # closed: the drain says so
+
+    def _backlog(self) -> bool:
+        """The last drain stopped at DRAIN_LIMIT: events may wait where polling the socket
+        does not see them (the raw reader's buffer; over TLS, redis-py's parser or the
+        ``SSLSocket``, which hold whole TLS records)."""
+        raw = self._raw
+        return raw.backlog if raw is not None else self._cut_short
 
     def _drain(self) -> int:
         """Read and apply every event already on the connection (lock held)."""
@@ -329,6 +338,7 @@ class SyncListener(_ListenerBase):
             response = conn.read_response(disconnect_on_error=False, push_request=True)
             apply_event(state, _event(handle(response), channel))
             count += 1
+        self._cut_short = count >= DRAIN_LIMIT
         return count
 
     def _unsubscribe(self) -> None:
@@ -337,7 +347,7 @@ class SyncListener(_ListenerBase):
 
     def _unsubscribe_locked(self) -> None:
         pubsub, self.pubsub, self._poller = self.pubsub, None, None
-        raw, self._raw = self._raw, None
+        raw, self._raw, self._cut_short = self._raw, None, False
         if raw is not None:
             raw.sock.close()
         if pubsub is not None:
@@ -528,9 +538,11 @@ class AsyncListener(_ListenerBase):
                 return await self._receive_raw(self._raw, op.timeout)
             message = await self.pubsub.get_message(timeout=op.timeout)
             count = 0
-            while message is not None and count < DRAIN_LIMIT:  # the whole batch at once
+            while message is not None:  # the whole batch at once
                 apply_event(self.state, _event(message, self.channel))
                 count += 1
+                if count >= DRAIN_LIMIT:  # (not one more read: it would be dropped)
+                    break
                 message = await self.pubsub.get_message(timeout=0)
             return count
         if isinstance(op, Command):

@@ -70,3 +70,29 @@ def test_json_encodes_numbers_exactly_as_json_does(value):
     assert codec.encode(value) == json.dumps(value).encode()
     assert codec.decode(codec.encode(value)) == value
     assert type(codec.decode(codec.encode(value))) is type(value)
+
+
+JSON_CORPUS = [
+    b"12345", b"-7", b"1.5e3", b'"h\\u00e9"', "\"é\"".encode(), b"[1,[2,{}]]", b'{"a":null}',
+    b"true", b"null", b" 5", b"5 ", b"\n[1]\t", "\ufeff[1]".encode(), "[1]".encode("utf-16"),
+    "\"x\"".encode("utf-32"), b"0123", b"1 2", b"[1]]", b"{}x", b"", b" ", b"NaN", b"Infinity",
+    b"[1,]", b"'a'", b"\xff", b'"\xc3"', b"01", b"-", b"1.", b'{"a":1,"a":2}',
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("data", JSON_CORPUS)
+def test_json_decode_gives_json_loads_verdict(data):
+    """The fast path (one UTF-8 document, scanned directly) must agree with json.loads on
+    every input: the same value, or CorruptData where json.loads raises."""
+    import json
+
+    codec = get_codec("json")
+    try:
+        expected = json.loads(data)
+    except ValueError:
+        with pytest.raises(syncmap.CorruptData):
+            codec.decode(data)
+    else:
+        got = codec.decode(data)
+        assert got == expected or (got != got and expected != expected)  # (NaN)
+        assert type(got) is type(expected)

@@ -38,6 +38,7 @@ class JSONCodec:
         self._encoder = json.JSONEncoder(
             ensure_ascii=False, allow_nan=False, separators=(",", ":"), check_circular=True
         )
+        self._scan = json.JSONDecoder().raw_decode  # what json.loads uses, minus its checks
 
     def encode(self, value: Any) -> bytes:
         if value.__class__ is int:  # (the common counter: what json writes, ~10x cheaper)
@@ -50,9 +51,20 @@ class JSONCodec:
             ) from None
 
     def decode(self, data: bytes) -> Any:
+        # The fast path: UTF-8 text holding one JSON document and nothing else (all this codec
+        # writes), scanned directly; several times cheaper than json.loads(bytes), which
+        # sniffs the encoding and checks for whitespace around the document. Anything else
+        # (whitespace around it, a BOM, UTF-16, invalid JSON) gets json.loads' own verdict.
+        try:
+            text = data.decode("utf-8")
+            value, end = self._scan(text)
+            if end == len(text):
+                return value
+        except ValueError:  # (UnicodeDecodeError and JSONDecodeError are ValueErrors)
+            pass
         try:
             return json.loads(data)
-        except (ValueError, UnicodeDecodeError) as exc:
+        except ValueError as exc:
             raise CorruptData(f"stored value is not valid JSON: {exc}") from None
 
 

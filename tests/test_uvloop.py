@@ -1,0 +1,427 @@
+"""The asyncio map and lock on uvloop, against a real Valkey.
+
+uvicorn and FastAPI run on uvloop when it is installed, and there syncmap's asyncio listener
+takes another path: it reads the subscriber socket itself (``_RawSubscriber``) only on
+asyncio's selector loops, so on uvloop it keeps redis-py's ``PubSub.get_message`` (as over
+TLS). These tests run the ideas of ``test_async_listener.py`` and ``test_tls.py`` on that
+path: every change message applied promptly by the listener alone (after a quiet period, the
+last of a burst, after a drain cut short at ``DRAIN_LIMIT``), a killed subscriber connection,
+the lock's BLPOP wake-ups and cancellation, and no connection left open.
+
+Each test runs its scenario on a uvloop loop of its own (``asyncio.Runner`` with uvloop's
+loop factory: explicit, and independent of pytest-asyncio's loop plumbing), and checks that
+the loop it runs on is uvloop's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+import redis.asyncio
+
+import syncmap
+from syncmap import _listener
+
+uvloop = pytest.importorskip(
+    "uvloop", reason="uvloop is not installed (it is in the dev extra; it has no Windows build)"
+)
+
+LONG = 60.0  # max_staleness: only change messages (or a resync) make a node fresh again
+PROMPT = 2.0  # s: a change message is applied within this (a probe would take LONG / 3)
+READER = "redis-py"  # the listener's reader on uvloop (AsyncListener.reader)
+
+
+def on_uvloop(scenario: Callable[..., Awaitable[Any]], *args: Any) -> Any:
+    """Run ``scenario(*args)`` on a new uvloop loop (closed afterwards)."""
+
+    async def checked() -> Any:
+        loop = asyncio.get_running_loop()
+        assert isinstance(loop, uvloop.Loop), f"not on uvloop: {type(loop)}"
+        async with asyncio.timeout(60):  # (a hung scenario fails here, with its traceback)
+            return await scenario(*args)
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(checked())
+
+
+async def until(predicate: Callable[[], Any], timeout: float, what: str) -> None:
+    """Wait until ``predicate()`` (or the value it awaits) is truthy; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.002)
+
+
+async def served(m: syncmap.AsyncSyncMap, key: str, value: object, within: float = PROMPT) -> None:
+    """Wait until ``m`` serves ``key`` == ``value`` from its local copy (a hit)."""
+
+    async def hit() -> bool:
+        hits = m.stats.hits
+        return await m.get(key) == value and await m.get(key) == value and m.stats.hits > hits
+
+    await until(hit, within, f"{key!r} == {value!r} served locally")
+
+
+async def applied(m: syncmap.AsyncSyncMap, count: int, within: float = PROMPT) -> None:
+    """Wait until ``m``'s listener applied ``count`` change messages in all, without reading
+    the map: the listener alone."""
+    try:
+        await until(lambda: m.stats.invalidations >= count, within, f"{count} applied")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc} (only {m.stats.invalidations})") from None
+
+
+@contextlib.asynccontextmanager
+async def two_maps(url: str, name: str) -> AsyncIterator[list[syncmap.AsyncSyncMap]]:
+    """Two maps of one name on two nodes (closed afterwards), listened to on this loop by
+    redis-py's reader."""
+    async with contextlib.AsyncExitStack() as stack:
+        maps = []
+        for _ in range(2):
+            node = await stack.enter_async_context(
+                await syncmap.connect_async(url, socket_timeout=5)
+            )
+            maps.append(await stack.enter_async_context(await node.map(name, max_staleness=LONG)))
+        for m in maps:
+            listener = m._listener
+            assert listener.task is not None
+            assert listener.task.get_loop() is asyncio.get_running_loop()
+            assert listener.reader == READER
+        yield maps
+
+
+async def stall(m: syncmap.AsyncSyncMap) -> None:
+    m._listener.running.clear()
+    await until(m._listener.parked.is_set, 5, "the listener parked")
+
+
+async def pubsub_output_flushed(url: str) -> bool:
+    """The server wrote out everything queued for its subscriber connections."""
+    async with redis.asyncio.Redis.from_url(url) as c:
+        return all(
+            int(client["omem"]) == 0 and int(client.get("obl", 0)) == 0
+            for client in await c.client_list(_type="pubsub")
+        )
+
+
+# ---- maps ---------------------------------------------------------------------------------
+
+
+def test_map_on_uvloop(server, ns):
+    async def scenario() -> None:
+        async with two_maps(server.url, ns) as (a, b):
+            # redis-py reads the subscriber connection: its transport is not paused (the raw
+            # reader pauses it; the experiment that tried it on uvloop set READER = "raw")
+            transport = b._listener.pubsub.connection._writer.transport
+            assert transport.is_reading() is (READER == "redis-py")
+            await a.set("k", 1)
+            assert await a.get("k") == 1 and await a.get("k", fresh=True) == 1  # read-your-writes
+            await served(b, "k", 1)
+            await a.set("k", 2)  # reaches b by its change message (LONG: no probe)
+            await served(b, "k", 2)
+            assert await b.get("k", fresh=True) == 2
+            assert await a.delete("k") is True
+            await served(b, "k", None)
+            assert await b.get("k", fresh=True) is None and await a.get("k") is None
+            await b.set("j", "from b")  # and the other way
+            await served(a, "j", "from b")
+            assert a.stats.resyncs == 0 and b.stats.resyncs == 0
+
+    on_uvloop(scenario)
+
+
+def test_a_change_after_a_quiet_period_is_applied_at_once(server, ns):
+    async def scenario() -> None:
+        async with two_maps(server.url, ns) as (a, b):
+            await a.set("k", 0)
+            await served(b, "k", 0)
+            for value in range(1, 4):
+                seen = b.stats.invalidations
+                await asyncio.sleep(0.3)  # a quiet period on purpose (no result waited for)
+                started = time.monotonic()
+                await a.set("k", value)
+                await applied(b, seen + 1)
+                await served(b, "k", value, within=0.5)
+                assert time.monotonic() - started < PROMPT
+            assert b.stats.resyncs == 0
+
+    on_uvloop(scenario)
+
+
+def test_the_last_of_back_to_back_changes_is_applied_without_more_traffic(server, ns):
+    async def scenario() -> None:
+        async with two_maps(server.url, ns) as (a, b):
+            await a.set("k", 0)
+            await served(b, "k", 0)
+            for burst in range(3):
+                seen = b.stats.invalidations
+                for value in range(1, 11):
+                    await a.set("k", burst * 100 + value)
+                await applied(b, seen + 10)  # nothing is sent after the last one
+                assert b.get_local("k") in (None, burst * 100 + 10)
+                await served(b, "k", burst * 100 + 10)
+            assert b.stats.resyncs == 0
+
+    on_uvloop(scenario)
+
+
+def test_a_burst_of_small_and_large_values_all_arrive(server, ns):
+    """500 small writes and some ~100 KB values, while a task keeps reading b on the same
+    loop: every change message is applied, in order (no resync), no value read goes
+    backwards, and the local copies equal the server's."""
+
+    async def scenario() -> None:
+        async with two_maps(server.url, ns) as (a, b):
+            keys = [f"k{i}" for i in range(50)]
+            for key in keys:
+                await a.set(key, -1)
+            for key in keys:
+                await served(b, key, -1)
+            stop, problems, reads = asyncio.Event(), [], [0]
+
+            async def read_b() -> None:
+                last = dict.fromkeys(keys, -1)
+                while not stop.is_set():
+                    for key in keys:
+                        value = await b.get(key)
+                        number = value if isinstance(value, int) else int(value[:8])
+                        if number < last[key]:
+                            problems.append(f"{key}: read {number} after {last[key]}")
+                        last[key] = number
+                        reads[0] += 1
+                    await asyncio.sleep(0.001)
+
+            reader = asyncio.create_task(read_b())
+            seen, writes = b.stats.invalidations, 0
+            large = {key: f"{100 + i:08d}" + "x" * 100_000 for i, key in enumerate(keys[:8])}
+            try:
+                for round_ in range(10):
+                    for key in keys:
+                        await a.set(key, round_)
+                        writes += 1
+                for key, value in large.items():
+                    await a.set(key, value)
+                    writes += 1
+                await applied(b, seen + writes, within=10)
+            finally:
+                stop.set()
+                await asyncio.wait_for(reader, 5)
+            assert not problems, problems[:5]
+            assert reads[0] > 0
+            expected = dict.fromkeys(keys, 9) | large
+            assert {key: await a.get(key, fresh=True) for key in keys} == expected
+            assert {key: await b.get(key) for key in keys} == expected
+            assert b.stats.resyncs == 0 and b.stats.invalidations == seen + writes
+
+    on_uvloop(scenario)
+
+
+def test_a_drain_cut_short_drops_nothing(server, ns, monkeypatch):
+    """A drain stops after DRAIN_LIMIT events (1 here) while more wait in redis-py's buffer:
+    each must still be applied, promptly, with no further traffic. (The listener used to
+    read one event past the limit and drop it: every other change message lost, a gap and a
+    resync; or a lost PONG.) The messages pile up while b's listener is stalled."""
+    monkeypatch.setattr(_listener, "DRAIN_LIMIT", 1)
+    burst = 100
+
+    async def scenario() -> None:
+        async with two_maps(server.url, ns) as (a, b):
+            await a.set("k", 0)
+            await served(b, "k", 0)
+            seen = b.stats.invalidations
+            await stall(b)
+            for value in range(1, burst + 1):
+                await a.set("k", value)
+            await until(lambda: pubsub_output_flushed(server.url), 5, "messages sent")
+            assert b.stats.invalidations == seen
+            b._listener.running.set()
+            await applied(b, seen + burst)
+            await served(b, "k", burst)
+            assert b.stats.resyncs == 0 and b.stats.invalidations == seen + burst
+
+    on_uvloop(scenario)
+
+
+def test_a_killed_subscriber_connection_then_no_stale_read(fresh_server, ns):
+    """The server kills the subscriber connections (CLIENT KILL TYPE pubsub): b resyncs,
+    serves no stale value afterwards, and changes propagate again through a new
+    subscriber connection."""
+
+    async def scenario() -> None:
+        async with two_maps(fresh_server.url, ns) as (a, b):
+            listener = b._listener
+            first = listener.pubsub.connection._writer  # (the connection object is reused)
+            await a.set("k", 1)
+            await served(b, "k", 1)
+            resyncs = b.stats.resyncs
+            assert fresh_server.drop_clients("pubsub") >= 2
+            await a.set("k", 2)  # its message may be lost with b's subscriber connection
+
+            async def not_stale() -> bool:
+                value = await b.get("k")
+                assert value in (1, 2)
+                return value == 2
+
+            await until(not_stale, PROMPT, "b no longer serves the old value")  # (EOF: at once)
+            assert b.stats.resyncs > resyncs
+            await until(lambda: b.stats.verified_age < 1, 5, "b resynced")
+            assert listener.reader == READER and listener.pubsub.connection._writer is not first
+            resyncs = b.stats.resyncs
+            for value in range(3, 8):
+                seen = b.stats.invalidations
+                await a.set("k", value)
+                await applied(b, seen + 1)
+                await served(b, "k", value)
+                assert await b.get("k") == value  # no older value once the newer one was seen
+            assert b.stats.resyncs == resyncs  # no further reconnect or resync
+
+    on_uvloop(scenario)
+
+
+# ---- locks --------------------------------------------------------------------------------
+
+
+def open_sockets() -> set[str]:
+    """This process's open sockets. (Only sockets: libuv opens a /dev/null of its own at a
+    loop's first connection, closed with the loop.)"""
+    sockets = set()
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # (the listing's own descriptor, closed since)
+            target = os.readlink(f"/proc/self/fd/{name}")
+            if target.startswith("socket:"):
+                sockets.add(f"{name}: {target}")
+    return sockets
+
+
+def lock_keys(client: Any, ns: str) -> list[str]:
+    return sorted(key.decode() for key in client.scan_iter(match=f"*{ns}*"))
+
+
+def test_lock_hand_off_on_uvloop(server, client, ns):
+    """Acquire, release; a second node's queued acquire (BLPOP) is woken by the release long
+    before its 10 s poll; fences grow."""
+    queue = f"syncmap:lockq:{{{ns}}}:{ns}"
+
+    async def queued(count: int) -> None:
+        await until(lambda: client.zcard(queue) == count, 5, f"{count} waiter(s) queued")
+
+    async def scenario() -> None:
+        async with (
+            await syncmap.connect_async(server.url) as na,
+            await syncmap.connect_async(server.url) as nb,
+        ):
+            first = na.lock(ns, ttl=5)
+            assert await first.acquire() is True
+            fence = first.fence
+            assert isinstance(fence, int) and client.get(ns) == first.token.encode()
+            await first.release()
+            assert client.get(ns) is None
+            holder = na.lock(ns, ttl=30)
+            assert await holder.acquire() is True and holder.fence > fence
+            assert await nb.lock(ns, ttl=5).acquire(blocking=False) is False
+            waiter = nb.lock(ns, ttl=5, poll_interval=10.0)
+            pending = asyncio.create_task(waiter.acquire())
+            await queued(1)
+            fence = holder.fence
+            await holder.release()
+            released = time.monotonic()
+            assert await asyncio.wait_for(pending, 5) is True
+            assert time.monotonic() - released < PROMPT  # woken, not polled (10 s)
+            assert waiter.fence > fence and client.get(ns) == waiter.token.encode()
+            await waiter.release()
+            assert lock_keys(client, ns) == [f"syncmap:fence:{{{ns}}}:{ns}"]
+
+    on_uvloop(scenario)
+
+
+def test_a_cancelled_acquire_leaves_no_registration(server, client, ns):
+    """A queued acquire cancelled while it waits (its BLPOP) leaves the queue and its
+    registration at once: the release skips it, and the waiter queued behind it gets the lock
+    promptly (not after the dead one's registration runs out, nor at its 10 s poll)."""
+    queue = f"syncmap:lockq:{{{ns}}}:{ns}"
+
+    async def queued(count: int) -> None:
+        await until(lambda: client.zcard(queue) == count, 5, f"{count} waiter(s) queued")
+
+    async def scenario() -> None:
+        async with (
+            await syncmap.connect_async(server.url) as na,
+            await syncmap.connect_async(server.url) as nb,
+        ):
+            holder = await na.obtain(ns, 30)
+            before = lock_keys(client, ns)
+            gone = nb.lock(ns, ttl=30, poll_interval=10.0)
+            cancelled = asyncio.create_task(gone.acquire())
+            await queued(1)
+            nxt = nb.lock(ns, ttl=30, poll_interval=10.0)
+            pending = asyncio.create_task(nxt.acquire())
+            await queued(2)
+            assert len(lock_keys(client, ns)) > len(before)  # registrations of the waiters
+            cancelled.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await cancelled
+            await queued(1)
+            fence = holder.fence
+            await holder.release()
+            released = time.monotonic()
+            assert await asyncio.wait_for(pending, 5) is True
+            assert time.monotonic() - released < PROMPT  # woken, not polled (10 s)
+            assert gone.token is None and nxt.fence > fence
+            assert client.get(ns) == nxt.token.encode()
+            await nxt.release()
+            assert lock_keys(client, ns) == [f"syncmap:fence:{{{ns}}}:{ns}"]  # nothing left
+
+    on_uvloop(scenario)
+
+
+# ---- nothing left open --------------------------------------------------------------------
+
+
+def test_closing_maps_and_nodes_leaves_no_connection(fresh_server, ns):
+    """Maps, a lock and nodes opened and closed on uvloop: the server's client count is back
+    where it started, the listener tasks are done, and no socket is left open."""
+    with fresh_server.client() as watcher:
+
+        def clients() -> int:
+            return len(watcher.client_list())  # (the watcher itself included)
+
+        async def scenario() -> None:
+            baseline, sockets = clients(), open_sockets()
+            nodes = [await syncmap.connect_async(fresh_server.url) for _ in range(2)]
+            maps = [
+                await node.map(f"{ns}-{i}", max_staleness=LONG) for node in nodes for i in (0, 1)
+            ]
+            lock = nodes[0].lock(ns, ttl=5)
+            assert await lock.acquire()
+            await maps[0].set("k", 1)
+            await served(maps[2], "k", 1)
+            await lock.release()
+            assert clients() > baseline + len(maps)  # (a subscriber connection per map, ...)
+            listeners = [m._listener for m in maps]
+            for m in maps:
+                await m.close()
+            for listener in listeners:
+                assert listener.reader == "none"
+                assert listener.task is not None and listener.task.done()
+            await until(
+                lambda: not watcher.client_list(_type="pubsub"), 5, "subscriber connections closed"
+            )
+            for node in nodes:
+                await node.close()
+            await until(lambda: clients() == baseline, 5, f"{baseline} clients again")
+            assert asyncio.all_tasks() == {asyncio.current_task()}
+            assert open_sockets() == sockets  # none left open
+
+        on_uvloop(scenario)

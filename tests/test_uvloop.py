@@ -26,7 +26,7 @@ import pytest
 import redis.asyncio
 
 import syncmap
-from syncmap import _listener
+from syncmap import _driver, _listener
 
 uvloop = pytest.importorskip(
     "uvloop", reason="uvloop is not installed (it is in the dev extra; it has no Windows build)"
@@ -286,6 +286,33 @@ def test_a_killed_subscriber_connection_then_no_stale_read(fresh_server, ns):
                 await served(b, "k", value)
                 assert await b.get("k") == value  # no older value once the newer one was seen
             assert b.stats.resyncs == resyncs  # no further reconnect or resync
+
+    on_uvloop(scenario)
+
+
+def test_a_write_on_a_connection_being_closed_is_not_unknown(server, ns):
+    """A kept command connection whose transport is closing is not used: the write goes out
+    on a new connection, once. (It used to be written there, dropped by the transport, and
+    the failed send reported as maybe applied: ``OutcomeUnknown``, or on uvloop a bare
+    ``RuntimeError``, for a write never sent.) A transport is left closing by a reset the
+    loop read (until the next write, as redis-py's ``can_read`` sees no EOF), or, on
+    uvloop over TLS, by the server's close until ``connection_lost`` is delivered; here
+    ``abort()`` puts it there, as the loop does on a reset."""
+
+    async def scenario() -> None:
+        async with two_maps(server.url, ns) as (a, b):
+            kept = _driver._connections(a._driver.client).idle
+            for round_ in range(1, 4):
+                await a.set("k", round_)
+                await a.incr("n")
+                assert kept, "no connection kept"
+                for conn in kept:
+                    conn._writer.transport.abort()
+                    assert not await conn.can_read()  # (redis-py sees nothing wrong)
+                await a.set("k", -round_)  # no OutcomeUnknown: nothing was sent
+                await a.incr("n")  # (not idempotent either: must land exactly once)
+            assert await a.get("k", fresh=True) == -3 and await a.get("n", fresh=True) == 6
+            await served(b, "k", -3)
 
     on_uvloop(scenario)
 

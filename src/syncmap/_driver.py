@@ -306,7 +306,12 @@ class AsyncDriver(_DriverBase):
         except IndexError:
             return await conns.pool.get_connection()
         try:
-            dirty = conn.is_connected and await conn.can_read()
+            # a closing transport drops what is written, and can_read() misses it until an
+            # EOF reaches the reader: never after a reset, and on uvloop's TLS transport not
+            # before connection_lost is delivered, after the server's close
+            dirty = conn.is_connected and (
+                conn._writer.transport.is_closing() or await conn.can_read()
+            )
         except (redis.asyncio.ConnectionError, OSError):
             dirty = True
         if dirty:

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import uuid
 
 import pytest
@@ -29,8 +30,11 @@ def fresh_server():
 
 @pytest.fixture
 def ns(request) -> str:
-    """A key namespace unique to this test (use it as a prefix of every name)."""
-    return f"t{next(_counter)}-{uuid.uuid4().hex[:8]}-{request.node.name[:40]}"
+    """A key namespace unique to this test (use it as a prefix of every name). Characters
+    other than letters, digits and ``_.:-`` in the test's name (a parametrized test's
+    ``[...]``: glob patterns in KEYS/SCAN) become ``_``."""
+    name = re.sub(r"[^A-Za-z0-9_.:-]", "_", request.node.name[:40])
+    return f"t{next(_counter)}-{uuid.uuid4().hex[:8]}-{name}"
 
 
 @pytest.fixture

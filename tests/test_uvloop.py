@@ -1,12 +1,14 @@
 """The asyncio map and lock on uvloop, against a real Valkey.
 
-uvicorn and FastAPI run on uvloop when it is installed, and there syncmap's asyncio listener
-takes another path: it reads the subscriber socket itself (``_RawSubscriber``) only on
-asyncio's selector loops, so on uvloop it keeps redis-py's ``PubSub.get_message`` (as over
-TLS). These tests run the ideas of ``test_async_listener.py`` and ``test_tls.py`` on that
-path: every change message applied promptly by the listener alone (after a quiet period, the
-last of a burst, after a drain cut short at ``DRAIN_LIMIT``), a killed subscriber connection,
-the lock's BLPOP wake-ups and cancellation, and no connection left open.
+uvicorn and FastAPI run on uvloop when it is installed. There, as on asyncio's selector loops,
+syncmap's asyncio listener reads the subscriber socket itself (``_RawSubscriber``: uvloop
+watches file descriptors with ``add_reader``, and its transports hand out a socket to
+duplicate); over TLS it keeps redis-py's ``PubSub.get_message``. These tests run the ideas of
+``test_async_listener.py`` and ``test_tls.py`` on uvloop, with each reader (redis-py's with the
+raw one turned off): every change message applied promptly by the listener alone (after a
+quiet period, the last of a burst, after a drain cut short at ``DRAIN_LIMIT``), a killed
+subscriber connection, the lock's BLPOP wake-ups and cancellation, and no connection left
+open.
 
 Each test runs its scenario on a uvloop loop of its own (``asyncio.Runner`` with uvloop's
 loop factory: explicit, and independent of pytest-asyncio's loop plumbing), and checks that
@@ -34,7 +36,16 @@ uvloop = pytest.importorskip(
 
 LONG = 60.0  # max_staleness: only change messages (or a resync) make a node fresh again
 PROMPT = 2.0  # s: a change message is applied within this (a probe would take LONG / 3)
-READER = "redis-py"  # the listener's reader on uvloop (AsyncListener.reader)
+READER = "raw"  # the listener's reader in this test (AsyncListener.reader); see `reader`
+
+
+@pytest.fixture(autouse=True, params=["raw", "redis-py"])
+def reader(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test with each reader: the raw one (uvloop's default), and redis-py's."""
+    if request.param == "redis-py":
+        monkeypatch.setattr(_listener._RawSubscriber, "of_stream", classmethod(lambda c, w: None))
+    monkeypatch.setitem(globals(), "READER", request.param)
+    return str(request.param)
 
 
 def on_uvloop(scenario: Callable[..., Awaitable[Any]], *args: Any) -> Any:
@@ -122,8 +133,8 @@ async def pubsub_output_flushed(url: str) -> bool:
 def test_map_on_uvloop(server, ns):
     async def scenario() -> None:
         async with two_maps(server.url, ns) as (a, b):
-            # redis-py reads the subscriber connection: its transport is not paused (the raw
-            # reader pauses it; the experiment that tried it on uvloop set READER = "raw")
+            # redis-py reads the subscriber connection only if its transport is not paused
+            # (the raw reader pauses it and reads the socket itself)
             transport = b._listener.pubsub.connection._writer.transport
             assert transport.is_reading() is (READER == "redis-py")
             await a.set("k", 1)

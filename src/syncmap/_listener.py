@@ -395,8 +395,8 @@ class _RawSubscriber:
         families = (socket.AF_INET, socket.AF_INET6, getattr(socket, "AF_UNIX", None))
         if sock is None or sock.family not in families or sock.type != socket.SOCK_STREAM:
             return None
-        if not isinstance(asyncio.get_running_loop(), asyncio.SelectorEventLoop):
-            return None  # (add_reader: selector loops only)
+        if not _watches_fds(asyncio.get_running_loop()):
+            return None
         if getattr(getattr(writer, "_reader", None), "_buffer", None):
             return None  # (data before the subscription: none expected; redis-py reads it)
         transport.pause_reading()
@@ -446,6 +446,15 @@ class _RawSubscriber:
                     raise MovedError(text[len("MOVED ") :])
                 raise redis.ResponseError(f"subscriber connection: {text}")
         return count
+
+
+def _watches_fds(loop: asyncio.AbstractEventLoop) -> bool:
+    """Whether ``loop`` watches file descriptors with ``add_reader`` and its transports can
+    pause reading: asyncio's selector loops, and uvloop's (whose transports hand out a
+    pseudo-socket whose ``dup()`` is a real socket). Not the proactor loop (Windows)."""
+    return isinstance(loop, asyncio.SelectorEventLoop) or type(loop).__module__.startswith(
+        "uvloop"
+    )
 
 
 def _poller_of(pubsub: Any) -> tuple[Any, Any, Any] | None:

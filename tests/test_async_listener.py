@@ -42,28 +42,21 @@ async def cached(m: syncmap.AsyncSyncMap, key: str, value: object) -> None:
     await until(hit, 5, f"{key!r} == {value!r} cached")
 
 
-@pytest.mark.parametrize("reader", ["raw", "redis-py"])
-async def test_async_listener_reader_survives_a_killed_subscriber(
-    fresh_server, ns, reader, monkeypatch
-):
-    if reader == "redis-py":
-        monkeypatch.setattr(_listener._RawSubscriber, "of_stream", classmethod(lambda cls, w: None))
-    loop = asyncio.get_running_loop()
-    fds, watched = open_fds(), registered(loop)
-    na = await syncmap.connect_async(fresh_server.url)
-    nb = await syncmap.connect_async(fresh_server.url)
-    a = await na.map(ns, max_staleness=LONG)
-    b = await nb.map(ns, max_staleness=LONG)
+async def survives_a_killed_subscriber(server, a, b, reader: str) -> None:
+    """The server kills the subscriber connections (CLIENT KILL TYPE pubsub): ``b`` (whose
+    listener uses ``reader``) serves no stale value afterwards, resyncs on a new connection,
+    and changes propagate again with no further resync. Also run on uvloop
+    (tests/test_uvloop.py)."""
     listener = b._listener
     assert listener.reader == reader
-    first = listener._raw
+    first, first_writer = listener._raw, listener.pubsub.connection._writer
     if reader == "raw":
         assert not listener._raw_writer.transport.is_reading()  # redis-py reads nothing
     await a.set("k", 1)
     await cached(b, "k", 1)
 
     resyncs = b.stats.resyncs
-    assert fresh_server.drop_clients("pubsub") >= 2
+    assert server.drop_clients("pubsub") >= 2
     await a.set("k", 2)  # its message may be lost with b's subscriber connection
 
     async def not_stale() -> bool:
@@ -81,6 +74,8 @@ async def test_async_listener_reader_survives_a_killed_subscriber(
     assert listener.reader == reader
     if reader == "raw":
         assert listener._raw is not first and first.sock.fileno() == -1  # the old one closed
+    else:
+        assert listener.pubsub.connection._writer is not first_writer  # a new connection
     resyncs = b.stats.resyncs
     for value in range(3, 8):  # propagation after the reconnect: b's listener applies it
         seen = b.stats.invalidations
@@ -92,6 +87,22 @@ async def test_async_listener_reader_survives_a_killed_subscriber(
         await until(applied, 5, f"b applied the change message of {value}")
         await cached(b, "k", value)
     assert b.stats.resyncs == resyncs  # no further reconnect or resync
+
+
+@pytest.mark.parametrize("reader", ["raw", "redis-py"])
+async def test_async_listener_reader_survives_a_killed_subscriber(
+    fresh_server, ns, reader, monkeypatch
+):
+    if reader == "redis-py":
+        monkeypatch.setattr(_listener._RawSubscriber, "of_stream", classmethod(lambda cls, w: None))
+    loop = asyncio.get_running_loop()
+    fds, watched = open_fds(), registered(loop)
+    na = await syncmap.connect_async(fresh_server.url)
+    nb = await syncmap.connect_async(fresh_server.url)
+    a = await na.map(ns, max_staleness=LONG)
+    b = await nb.map(ns, max_staleness=LONG)
+    await survives_a_killed_subscriber(fresh_server, a, b, reader)
+    listener = b._listener
 
     await a.close()
     await b.close()

@@ -153,11 +153,18 @@ def test_map_on_uvloop(server, ns):
     on_uvloop(scenario)
 
 
+@contextlib.asynccontextmanager
+async def primed(url: str, name: str) -> AsyncIterator[list[syncmap.AsyncSyncMap]]:
+    """:func:`two_maps`, with "k" = 0 written by the first and served by the second."""
+    async with two_maps(url, name) as (a, b):
+        await a.set("k", 0)
+        await served(b, "k", 0)
+        yield [a, b]
+
+
 def test_a_change_after_a_quiet_period_is_applied_at_once(server, ns):
     async def scenario() -> None:
-        async with two_maps(server.url, ns) as (a, b):
-            await a.set("k", 0)
-            await served(b, "k", 0)
+        async with primed(server.url, ns) as (a, b):
             for value in range(1, 4):
                 seen = b.stats.invalidations
                 await asyncio.sleep(0.3)  # a quiet period on purpose (no result waited for)
@@ -173,9 +180,7 @@ def test_a_change_after_a_quiet_period_is_applied_at_once(server, ns):
 
 def test_the_last_of_back_to_back_changes_is_applied_without_more_traffic(server, ns):
     async def scenario() -> None:
-        async with two_maps(server.url, ns) as (a, b):
-            await a.set("k", 0)
-            await served(b, "k", 0)
+        async with primed(server.url, ns) as (a, b):
             for burst in range(3):
                 seen = b.stats.invalidations
                 for value in range(1, 11):
@@ -266,37 +271,13 @@ def test_a_drain_cut_short_drops_nothing(server, ns, monkeypatch):
 
 
 def test_a_killed_subscriber_connection_then_no_stale_read(fresh_server, ns):
-    """The server kills the subscriber connections (CLIENT KILL TYPE pubsub): b resyncs,
-    serves no stale value afterwards, and changes propagate again through a new
-    subscriber connection."""
+    """test_async_listener's scenario on uvloop: no stale read after the server kills the
+    subscriber connections, a resync, then propagation again."""
+    from test_async_listener import survives_a_killed_subscriber
 
     async def scenario() -> None:
         async with two_maps(fresh_server.url, ns) as (a, b):
-            listener = b._listener
-            first = listener.pubsub.connection._writer  # (the connection object is reused)
-            await a.set("k", 1)
-            await served(b, "k", 1)
-            resyncs = b.stats.resyncs
-            assert fresh_server.drop_clients("pubsub") >= 2
-            await a.set("k", 2)  # its message may be lost with b's subscriber connection
-
-            async def not_stale() -> bool:
-                value = await b.get("k")
-                assert value in (1, 2)
-                return value == 2
-
-            await until(not_stale, PROMPT, "b no longer serves the old value")  # (EOF: at once)
-            assert b.stats.resyncs > resyncs
-            await until(lambda: b.stats.verified_age < 1, 5, "b resynced")
-            assert listener.reader == READER and listener.pubsub.connection._writer is not first
-            resyncs = b.stats.resyncs
-            for value in range(3, 8):
-                seen = b.stats.invalidations
-                await a.set("k", value)
-                await applied(b, seen + 1)
-                await served(b, "k", value)
-                assert await b.get("k") == value  # no older value once the newer one was seen
-            assert b.stats.resyncs == resyncs  # no further reconnect or resync
+            await survives_a_killed_subscriber(fresh_server, a, b, READER)
 
     on_uvloop(scenario)
 
@@ -347,19 +328,36 @@ def lock_keys(client: Any, ns: str) -> list[str]:
     return sorted(key.decode() for key in client.scan_iter(match=f"*{ns}*"))
 
 
+async def queued(client: Any, ns: str, count: int) -> None:
+    """Wait until lock ``ns`` has ``count`` registered waiters."""
+    queue = f"syncmap:lockq:{{{ns}}}:{ns}"
+    await until(lambda: client.zcard(queue) == count, 5, f"{count} waiter(s) queued")
+
+
+async def hand_off(holder: Any, pending: asyncio.Task[bool]) -> None:
+    """Release ``holder``; the queued acquire ``pending`` is woken at once (BLPOP), not at its
+    10 s poll."""
+    await holder.release()
+    released = time.monotonic()
+    assert await asyncio.wait_for(pending, 5) is True
+    assert time.monotonic() - released < PROMPT  # woken, not polled (10 s)
+
+
+@contextlib.asynccontextmanager
+async def two_nodes(url: str) -> AsyncIterator[tuple[Any, Any]]:
+    async with (
+        await syncmap.connect_async(url) as na,
+        await syncmap.connect_async(url) as nb,
+    ):
+        yield na, nb
+
+
 def test_lock_hand_off_on_uvloop(server, client, ns):
     """Acquire, release; a second node's queued acquire (BLPOP) is woken by the release long
     before its 10 s poll; fences grow."""
-    queue = f"syncmap:lockq:{{{ns}}}:{ns}"
-
-    async def queued(count: int) -> None:
-        await until(lambda: client.zcard(queue) == count, 5, f"{count} waiter(s) queued")
 
     async def scenario() -> None:
-        async with (
-            await syncmap.connect_async(server.url) as na,
-            await syncmap.connect_async(server.url) as nb,
-        ):
+        async with two_nodes(server.url) as (na, nb):
             first = na.lock(ns, ttl=5)
             assert await first.acquire() is True
             fence = first.fence
@@ -371,12 +369,9 @@ def test_lock_hand_off_on_uvloop(server, client, ns):
             assert await nb.lock(ns, ttl=5).acquire(blocking=False) is False
             waiter = nb.lock(ns, ttl=5, poll_interval=10.0)
             pending = asyncio.create_task(waiter.acquire())
-            await queued(1)
+            await queued(client, ns, 1)
             fence = holder.fence
-            await holder.release()
-            released = time.monotonic()
-            assert await asyncio.wait_for(pending, 5) is True
-            assert time.monotonic() - released < PROMPT  # woken, not polled (10 s)
+            await hand_off(holder, pending)
             assert waiter.fence > fence and client.get(ns) == waiter.token.encode()
             await waiter.release()
             assert lock_keys(client, ns) == [f"syncmap:fence:{{{ns}}}:{ns}"]
@@ -388,34 +383,24 @@ def test_a_cancelled_acquire_leaves_no_registration(server, client, ns):
     """A queued acquire cancelled while it waits (its BLPOP) leaves the queue and its
     registration at once: the release skips it, and the waiter queued behind it gets the lock
     promptly (not after the dead one's registration runs out, nor at its 10 s poll)."""
-    queue = f"syncmap:lockq:{{{ns}}}:{ns}"
-
-    async def queued(count: int) -> None:
-        await until(lambda: client.zcard(queue) == count, 5, f"{count} waiter(s) queued")
 
     async def scenario() -> None:
-        async with (
-            await syncmap.connect_async(server.url) as na,
-            await syncmap.connect_async(server.url) as nb,
-        ):
+        async with two_nodes(server.url) as (na, nb):
             holder = await na.obtain(ns, 30)
             before = lock_keys(client, ns)
             gone = nb.lock(ns, ttl=30, poll_interval=10.0)
             cancelled = asyncio.create_task(gone.acquire())
-            await queued(1)
+            await queued(client, ns, 1)
             nxt = nb.lock(ns, ttl=30, poll_interval=10.0)
             pending = asyncio.create_task(nxt.acquire())
-            await queued(2)
+            await queued(client, ns, 2)
             assert len(lock_keys(client, ns)) > len(before)  # registrations of the waiters
             cancelled.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await cancelled
-            await queued(1)
+            await queued(client, ns, 1)
             fence = holder.fence
-            await holder.release()
-            released = time.monotonic()
-            assert await asyncio.wait_for(pending, 5) is True
-            assert time.monotonic() - released < PROMPT  # woken, not polled (10 s)
+            await hand_off(holder, pending)
             assert gone.token is None and nxt.fence > fence
             assert client.get(ns) == nxt.token.encode()
             await nxt.release()

@@ -153,3 +153,55 @@ async def test_async_raw_listener_applies_a_backlog_after_a_stall(server, ns, mo
     finally:
         await na.close()
         await nb.close()
+
+
+@pytest.mark.parametrize("reader", ["raw", "redis-py"])
+async def test_changes_are_applied_while_the_probe_fails(
+    fresh_server, ns, reader, monkeypatch, caplog
+):
+    """The freshness probe reads the server on a connection of its own; when that read fails
+    (here: the server kills every normal connection again and again, the subscriber's
+    untouched), the listener goes on applying change messages while it waits to probe again.
+    (It used to sleep 50 ms instead: a write landing then reached the other node up to 50 ms
+    late, every probe interval.)"""
+    import logging
+
+    if reader == "redis-py":
+        monkeypatch.setattr(_listener._RawSubscriber, "of_stream", classmethod(lambda cls, w: None))
+    caplog.set_level(logging.DEBUG, logger="syncmap")
+    na = await syncmap.connect_async(fresh_server.url)
+    nb = await syncmap.connect_async(fresh_server.url)
+    a = await na.map(ns, max_staleness=LONG)
+    b = await nb.map(ns, max_staleness=0.3)  # a probe every 0.1 s
+    assert b._listener.reader == reader
+    await a.set("k", 0)
+    await cached(b, "k", 0)
+    latencies = []
+
+    def failed_probes() -> int:
+        return sum(1 for r in caplog.records if "freshness probe" in r.getMessage())
+
+    started = time.monotonic()
+    for i in range(1, 5000):
+        if failed_probes() >= 4 or time.monotonic() - started > 6.0:
+            break
+        if i % 5 == 0:
+            fresh_server.drop_clients("normal")  # the probe's connection among them
+        try:
+            await a.set("k", i)
+        except (syncmap.OutcomeUnknown, syncmap.ServerUnavailable):
+            continue  # a's own connection was just killed: not what is measured
+        acked = time.monotonic()
+        while b.get_local("k") != i:
+            assert time.monotonic() - acked < 1.0, f"write {i} not applied by b within 1 s"
+            await asyncio.sleep(0.0005)
+        latencies.append(time.monotonic() - acked)
+    assert failed_probes() >= 4, "the probe failed too rarely: the scenario did not happen"
+    # every failed probe used to cost the write in flight ~50 ms (the loop writes the next one
+    # only once b has it); a busy machine may delay one write that long, not one per probe
+    slow = [round(x * 1000, 1) for x in latencies if x > 0.03]
+    assert len(slow) <= 1, f"{len(slow)} of {len(latencies)} writes applied late (ms): {slow}"
+    await a.close()
+    await b.close()
+    await na.close()
+    await nb.close()

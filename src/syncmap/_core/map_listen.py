@@ -97,8 +97,12 @@ def listen(state: Coherence, keys: MapKeys, *, max_backoff: float = 2.0) -> List
                     break
                 if state.probe_due():
                     ok = yield from _probe(state, keys)
-                    if not ok:
-                        yield Sleep(min(0.05, state.probe_interval))
+                    if not ok:  # retried after a pause, or at the next interval if synced
+                        pause = min(0.05, state.probe_interval)
+                        # (the probe's connection is not the subscriber's: a synced copy goes
+                        # on applying change messages meanwhile; an unsynced one has no use
+                        # for them, and its next probe is due at once)
+                        yield Receive(pause) if state.synced else Sleep(pause)
                         continue
                 wait = state.probe_interval - (state.clock() - state.last_probe)
                 got = yield Receive(max(0.001, min(MAX_WAIT, wait)))

@@ -452,9 +452,7 @@ def _watches_fds(loop: asyncio.AbstractEventLoop) -> bool:
     """Whether ``loop`` watches file descriptors with ``add_reader`` and its transports can
     pause reading: asyncio's selector loops, and uvloop's (whose transports hand out a
     pseudo-socket whose ``dup()`` is a real socket). Not the proactor loop (Windows)."""
-    return isinstance(loop, asyncio.SelectorEventLoop) or type(loop).__module__.startswith(
-        "uvloop"
-    )
+    return isinstance(loop, asyncio.SelectorEventLoop) or type(loop).__module__.startswith("uvloop")
 
 
 def _poller_of(pubsub: Any) -> tuple[Any, Any, Any] | None:

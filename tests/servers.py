@@ -112,6 +112,14 @@ class ServerProcess:
                     raise
                 time.sleep(0.05)
 
+    def pubsub_output_flushed(self) -> bool:
+        """The server wrote out everything queued for its subscriber connections."""
+        with self.client() as c:
+            return all(
+                int(client["omem"]) == 0 and int(client.get("obl", 0)) == 0
+                for client in c.client_list(_type="pubsub")
+            )
+
     def drop_clients(self, kind: str | None = None) -> int:
         """CLIENT KILL every connection (or those of TYPE ``kind``: normal, pubsub)."""
         with self.client() as c:

@@ -28,18 +28,27 @@ def registered(loop: asyncio.AbstractEventLoop) -> int:
 
 
 async def until(predicate, timeout: float, what: str) -> None:
+    """Wait until ``predicate()`` (or the value it awaits) is truthy; fail after ``timeout``."""
     deadline = time.monotonic() + timeout
-    while not await predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.005)
+    while True:
+        value = predicate()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.002)
 
 
-async def cached(m: syncmap.AsyncSyncMap, key: str, value: object) -> None:
+async def cached(m: syncmap.AsyncSyncMap, key: str, value: object, within: float = 5.0) -> None:
+    """Wait until ``m`` serves ``key`` == ``value`` from its local copy (a hit)."""
+
     async def hit() -> bool:
         hits = m.stats.hits
         return await m.get(key) == value and await m.get(key) == value and m.stats.hits > hits
 
-    await until(hit, 5, f"{key!r} == {value!r} cached")
+    await until(hit, within, f"{key!r} == {value!r} served locally")
 
 
 async def survives_a_killed_subscriber(server, a, b, reader: str) -> None:

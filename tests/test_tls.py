@@ -475,15 +475,6 @@ def subscriber_port(m) -> int:
     return int(conn._writer.transport.get_extra_info("sockname")[1])
 
 
-def pubsub_output_flushed(server: ServerProcess) -> bool:
-    """The server wrote out everything queued for its subscriber connections."""
-    with server.client() as c:
-        return all(
-            int(client["omem"]) == 0 and int(client.get("obl", 0)) == 0
-            for client in c.client_list(_type="pubsub")
-        )
-
-
 # ---- the certificate is checked -----------------------------------------------------------
 
 
@@ -630,7 +621,7 @@ def _burst_after_a_cut_short_drain(maps, tls, ns, monkeypatch, busy_reader: bool
     try:
         for value in range(1, burst + 1):
             a.set("k", value)
-        wait_until(lambda: pubsub_output_flushed(tls.server), 5, what="messages sent")
+        wait_until(tls.server.pubsub_output_flushed, 5, what="messages sent")
         if busy_reader:
             reader.start()
     finally:

@@ -25,10 +25,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
-import redis.asyncio
 
 import syncmap
 from syncmap import _driver, _listener
+from test_async_listener import cached, survives_a_killed_subscriber, until
 
 uvloop = pytest.importorskip(
     "uvloop", reason="uvloop is not installed (it is in the dev extra; it has no Windows build)"
@@ -61,28 +61,9 @@ def on_uvloop(scenario: Callable[..., Awaitable[Any]], *args: Any) -> Any:
         return runner.run(checked())
 
 
-async def until(predicate: Callable[[], Any], timeout: float, what: str) -> None:
-    """Wait until ``predicate()`` (or the value it awaits) is truthy; fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.002)
-
-
 async def served(m: syncmap.AsyncSyncMap, key: str, value: object, within: float = PROMPT) -> None:
     """Wait until ``m`` serves ``key`` == ``value`` from its local copy (a hit)."""
-
-    async def hit() -> bool:
-        hits = m.stats.hits
-        return await m.get(key) == value and await m.get(key) == value and m.stats.hits > hits
-
-    await until(hit, within, f"{key!r} == {value!r} served locally")
+    await cached(m, key, value, within)
 
 
 async def applied(m: syncmap.AsyncSyncMap, count: int, within: float = PROMPT) -> None:
@@ -116,15 +97,6 @@ async def two_maps(url: str, name: str) -> AsyncIterator[list[syncmap.AsyncSyncM
 async def stall(m: syncmap.AsyncSyncMap) -> None:
     m._listener.running.clear()
     await until(m._listener.parked.is_set, 5, "the listener parked")
-
-
-async def pubsub_output_flushed(url: str) -> bool:
-    """The server wrote out everything queued for its subscriber connections."""
-    async with redis.asyncio.Redis.from_url(url) as c:
-        return all(
-            int(client["omem"]) == 0 and int(client.get("obl", 0)) == 0
-            for client in await c.client_list(_type="pubsub")
-        )
 
 
 # ---- maps ---------------------------------------------------------------------------------
@@ -260,7 +232,7 @@ def test_a_drain_cut_short_drops_nothing(server, ns, monkeypatch):
             await stall(b)
             for value in range(1, burst + 1):
                 await a.set("k", value)
-            await until(lambda: pubsub_output_flushed(server.url), 5, "messages sent")
+            await until(server.pubsub_output_flushed, 5, "messages sent")
             assert b.stats.invalidations == seen
             b._listener.running.set()
             await applied(b, seen + burst)
@@ -273,7 +245,6 @@ def test_a_drain_cut_short_drops_nothing(server, ns, monkeypatch):
 def test_a_killed_subscriber_connection_then_no_stale_read(fresh_server, ns):
     """test_async_listener's scenario on uvloop: no stale read after the server kills the
     subscriber connections, a resync, then propagation again."""
-    from test_async_listener import survives_a_killed_subscriber
 
     async def scenario() -> None:
         async with two_maps(fresh_server.url, ns) as (a, b):

@@ -219,11 +219,8 @@ class SyncListener(_ListenerBase):
             # On a plain socket, sent without the lock (a send may wait for the GIL: readers
             # would be locked out); sending while another thread reads the socket is fine. Not
             # on TLS (redis-py's reader): one SSL object must not be used by two threads at once.
-            send = self.pubsub.connection.send_command
-            if self._raw is not None:
-                return send("PING", op.token, check_health=False)
-            with self.lock:
-                return send("PING", op.token, check_health=False)
+            with contextlib.nullcontext() if self._raw is not None else self.lock:
+                return self.pubsub.connection.send_command("PING", op.token, check_health=False)
         if isinstance(op, Sleep):
             self.closing.wait(op.seconds)
             return None

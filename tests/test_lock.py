@@ -296,6 +296,83 @@ async def test_a_waiter_is_woken_by_release_long_before_its_poll(api, client, ns
     await api.do(waiter.release())
 
 
+def in_background(api, acquire, **options):
+    """Start ``acquire(**options)`` (a thread for a blocking lock); a task to await."""
+    if api.is_async:
+        return asyncio.create_task(acquire(**options))
+    return asyncio.create_task(asyncio.to_thread(acquire, **options))
+
+
+async def contended(api, client, ns, **options):
+    """A lock that has had to wait once (its next acquire queues and waits in one write), and
+    the fence it was handed."""
+    holder = await api.obtain(ns, 30)
+    lock = api.lock(ns, ttl=30, **options)
+    pending = in_background(api, lock.acquire)
+    await asyncio.to_thread(wait_until, lambda: queued(client, ns) == 1, 5, 0.005, "queue")
+    await api.do(holder.release())
+    assert await asyncio.wait_for(pending, 5) is True
+    fence = lock.fence
+    await api.do(lock.release())
+    return lock, fence
+
+
+async def test_a_lock_that_waited_queues_and_waits_in_one_write(api, client, ns):
+    lock, _ = await contended(api, client, ns, poll_interval=10.0)
+    holder = await api.obtain(ns, 30)
+    client.slowlog_reset()
+    client.config_set("slowlog-log-slower-than", 0)  # the server logs every command
+    try:
+        pending = in_background(api, lock.acquire)
+        await asyncio.to_thread(wait_until, lambda: queued(client, ns) == 1, 5, 0.005, "queue")
+        fence, released = holder.fence, time.monotonic()
+        await api.do(holder.release())
+        assert await asyncio.wait_for(pending, 5) is True
+        assert time.monotonic() - released < 2.0  # handed over and woken (the poll is 10 s)
+        log = [e for e in reversed(client.slowlog_get(128)) if b"lockw" in e["command"]]
+    finally:
+        client.config_set("slowlog-log-slower-than", 10_000)
+    # the waiter's own commands (not those its script ran): the script in "queue" mode, then
+    # BLPOP (logged once it returned), on the same connection, and no other script
+    waiter = [
+        e
+        for e in log
+        if e["client_address"] == log[0]["client_address"]
+        and e["command"].split()[0] in (b"EVALSHA", b"BLPOP")
+    ]
+    assert [e["command"].split()[0] for e in waiter] == [b"EVALSHA", b"BLPOP"]
+    assert b" queue " in waiter[0]["command"]
+    assert lock.fence == fence + 1 and client.get(ns) == lock.token.encode()
+    await api.do(lock.release())
+    assert lock_keys(client, ns) == [f"syncmap:fence:{{{ns}}}:{ns}"]
+
+
+@pytest.mark.parametrize("flush_scripts", [False, True], ids=["evalsha", "after-script-flush"])
+async def test_a_lock_that_waited_takes_a_free_lock_at_once(api, client, ns, flush_scripts):
+    lock, fence = await contended(api, client, ns, poll_interval=10.0)
+    if flush_scripts:
+        client.script_flush()  # EVALSHA fails with NOSCRIPT: the driver sends EVAL instead
+    started = time.monotonic()
+    assert await api.do(lock.acquire()) is True
+    assert time.monotonic() - started < 2.0  # the wait behind the script returned at once
+    assert lock.fence == fence + 1
+    # no wake-up left behind for a later wait to take for a hand-over
+    assert lock_keys(client, ns) == sorted([ns, f"syncmap:fence:{{{ns}}}:{ns}"])
+    await api.do(lock.release())
+
+
+async def test_a_script_error_while_queueing_raises_at_once_and_spoils_nothing(api, client, ns):
+    lock, _ = await contended(api, client, ns, poll_interval=10.0)
+    client.hset(ns, "foreign", "data")  # the lock's key holds a hash: its script fails
+    started = time.monotonic()
+    with pytest.raises(syncmap.SyncMapError):
+        await api.do(lock.acquire())
+    assert time.monotonic() - started < 2.0  # it did not wait out the BLPOP behind the script
+    client.delete(ns)
+    assert await api.do(lock.acquire(timeout=2)) is True
+    await api.do(lock.release())
+
+
 def test_waiters_are_served_in_arrival_order_and_newcomers_cannot_barge(server, client, ns):
     node = syncmap.connect(server.url)
     holder = node.obtain(ns, 30)

@@ -81,7 +81,19 @@ def run_scripted(flow, answer):
 
 
 def busy(op):
-    return [0, 0] if isinstance(op, Script) else None
+    """The lock stays taken: scripts answer "not yours", waits time out."""
+    if isinstance(op, Script):
+        return ([0, 0], None) if op.then else [0, 0]
+    return None
+
+
+def waits_of(ops):
+    """The BLPOPs sent, alone or behind a script."""
+    return [
+        op.args if isinstance(op, Command) else op.then
+        for op in ops
+        if isinstance(op, Command) or op.then
+    ]
 
 
 def test_acquire_makes_one_attempt_per_backoff_then_a_last_try():
@@ -90,10 +102,43 @@ def test_acquire_makes_one_attempt_per_backoff_then_a_last_try():
     ops, got = run_scripted(flow, busy)
     assert got is False and state.token is None
     scripts = [op for op in ops if isinstance(op, Script)]
-    waits = [op for op in ops if isinstance(op, Command)]
-    assert [s.args[3] for s in scripts] == ["wait", "wait", "wait", "try"]
-    assert [w.args[0] for w in waits] == ["BLPOP"] * 3
-    assert all(w.args[2] == "0.010" for w in waits)
+    # the first wait found the lock taken: later attempts queue and wait in one write
+    assert [s.args[3] for s in scripts] == ["wait", "queue", "queue", "try"]
+    assert [s.then is not None for s in scripts] == [False, True, True, False]
+    waits = waits_of(ops)
+    assert [w[0] for w in waits] == ["BLPOP"] * 3
+    assert all(w[2] == "0.010" for w in waits)
+    assert not any(s.idempotent for s in scripts if s.then)  # (its retry could push twice)
+
+
+def test_a_contended_lock_queues_and_waits_in_one_write_until_it_finds_the_lock_free():
+    state = LockState(LockKeys(("job",)), 1000, "")
+    ops, got = run_scripted(
+        acquire_flow(state, "t1", iter(LinearBackoff(1.0)), None, FakeClock()),
+        lambda op: [0, 0] if isinstance(op, Script) else [b"w", b"4"],
+    )
+    assert got is True and state.fence == 4 and state.contended
+    state.forget("t1")
+    # contended: one op, the script with BLPOP behind it; handed over while queued
+    ops, got = run_scripted(
+        acquire_flow(state, "t2", iter(LinearBackoff(1.0)), None, FakeClock()),
+        lambda op: ([0, 0], [b"w", b"5"]),
+    )
+    assert got is True and state.fence == 5 and state.contended
+    assert len(ops) == 1 and ops[0].args[3] == "queue" and ops[0].then[0] == "BLPOP"
+    state.forget("t2")
+    # the lock was free: taken at once (the script pushed the fence the BLPOP returns), and
+    # the next acquire starts plainly again
+    ops, got = run_scripted(
+        acquire_flow(state, "t3", iter(LinearBackoff(1.0)), None, FakeClock()),
+        lambda op: ([1, 6], [b"w", b"6"]),
+    )
+    assert got is True and state.fence == 6 and not state.contended
+    state.forget("t3")
+    ops, _ = run_scripted(
+        acquire_flow(state, "t4", iter(LinearBackoff(1.0)), None, FakeClock()), lambda op: [1, 7]
+    )
+    assert len(ops) == 1 and ops[0].args[3] == "wait" and ops[0].then is None
 
 
 def test_acquire_waits_no_longer_than_the_deadline():

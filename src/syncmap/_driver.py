@@ -105,6 +105,11 @@ def _answered(conn: Any) -> bool:
     return _readable(conn)
 
 
+def _then(op: Command | Script) -> tuple[Any, ...] | None:
+    """The blocking command sent behind a script in the same write, if any."""
+    return op.then if isinstance(op, Script) else None
+
+
 def _command(op: Op) -> tuple[Any, ...]:
     """The command to send for a server operation."""
     if isinstance(op, Command):
@@ -171,14 +176,14 @@ class SyncDriver(_DriverBase):
         conn = self._borrow()
         try:
             try:
-                reply = self._roundtrip(conn, args)
+                reply = self._roundtrip(conn, args, _then(op))
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 conn.disconnect()
                 if not op.idempotent:
                     raise _unknown(op, exc, self.address) from exc
                 if isinstance(exc, redis.TimeoutError):
                     raise
-                reply = self._roundtrip(conn, args)
+                reply = self._roundtrip(conn, args, _then(op))
         except redis.ResponseError:
             self._give_back(conn)
             raise
@@ -208,7 +213,19 @@ class SyncDriver(_DriverBase):
                 raise
         return conn
 
-    def _roundtrip(self, conn: Any, args: tuple[Any, ...]) -> Any:
+    def _roundtrip(self, conn: Any, args: tuple[Any, ...], then: tuple[Any, ...] | None) -> Any:
+        if then is not None:
+            conn.send_packed_command(_pack(conn, args) + _pack(conn, then), check_health=False)
+            try:
+                first = conn.read_response()
+            except redis.ResponseError:
+                conn.disconnect()  # (the server drops the blocked command with it)
+                raise
+            try:
+                return first, conn.read_response(timeout=_blocking_wait(conn, then))
+            except redis.ConnectionError:
+                conn.disconnect()
+                return first, None  # the wait's answer is lost: as if it had timed out
         conn.send_packed_command(_pack(conn, args), check_health=False)
         wait = _blocking_wait(conn, args)
         if wait is None:
@@ -277,14 +294,14 @@ class AsyncDriver(_DriverBase):
         conn = await self._borrow()
         try:
             try:
-                reply = await self._roundtrip(conn, args)
+                reply = await self._roundtrip(conn, args, _then(op))
             except (redis.asyncio.ConnectionError, redis.asyncio.TimeoutError) as exc:
                 await conn.disconnect(nowait=True)
                 if not op.idempotent:
                     raise _unknown(op, exc, self.address) from exc
                 if isinstance(exc, redis.asyncio.TimeoutError):
                     raise
-                reply = await self._roundtrip(conn, args)
+                reply = await self._roundtrip(conn, args, _then(op))
         except redis.asyncio.ResponseError:
             self.conns.idle.append(conn)
             raise
@@ -324,8 +341,26 @@ class AsyncDriver(_DriverBase):
         return conn
 
     @staticmethod
-    async def _roundtrip(conn: Any, args: tuple[Any, ...]) -> Any:
+    async def _roundtrip(conn: Any, args: tuple[Any, ...], then: tuple[Any, ...] | None) -> Any:
+        if then is not None:
+            packed = _pack(conn, args) + _pack(conn, then)
+            await conn.send_packed_command(packed, check_health=False)
+            try:
+                first = await conn.read_response()
+            except redis.asyncio.ResponseError:
+                await conn.disconnect(nowait=True)  # (the server drops the blocked command)
+                raise
+            try:
+                return first, await AsyncDriver._read(conn, then)
+            except redis.asyncio.ConnectionError:
+                await conn.disconnect(nowait=True)
+                return first, None  # the wait's answer is lost: as if it had timed out
         await conn.send_packed_command(_pack(conn, args), check_health=False)
+        return await AsyncDriver._read(conn, args)
+
+    @staticmethod
+    async def _read(conn: Any, args: tuple[Any, ...]) -> Any:
+        """The answer to ``args``, sent already (a blocking command's within its wait)."""
         wait = _blocking_wait(conn, args)
         if wait is None:
             return await conn.read_response()

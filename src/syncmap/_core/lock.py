@@ -189,7 +189,7 @@ def lock_keys(names: tuple[str, ...]) -> LockKeys:
 class LockState:
     """What one lock object knows: its keys and options, and the current acquisition."""
 
-    __slots__ = ("fences", "keys", "metadata", "token", "ttl_ms", "value")
+    __slots__ = ("contended", "fences", "keys", "metadata", "token", "ttl_ms", "value")
 
     def __init__(self, keys: LockKeys, ttl_ms: int, metadata: str) -> None:
         self.keys = keys
@@ -198,6 +198,8 @@ class LockState:
         self.token: str | None = None
         self.value: str | None = None
         self.fences: tuple[int, ...] = ()
+        # the last blocking acquire had to wait: the next one queues and waits in one write
+        self.contended = False
 
     @property
     def fence(self) -> int | None:
@@ -264,16 +266,31 @@ def acquire_flow(
     while True:
         if pause is None:
             args: tuple[Any, ...] = (value, token, state.ttl_ms, "try", 0, registrations)
+            got, fence = yield Script("lock_acquire", (*keys, wake), args)
+            if got:
+                state.took(token, (fence,))
+            return bool(got)
+        lifetime = math.ceil(pause * 1000) + REGISTRATION_SLACK_MS
+        blpop = ("BLPOP", wake, f"{pause:.3f}")
+        if state.contended:
+            # queue and wait in one write: one round trip, and the process sleeps at once
+            # instead of waking for the script's answer (on a contended lock, that wake-up
+            # competes with the holder's critical section for the CPUs)
+            args = (value, token, state.ttl_ms, "queue", lifetime, registrations)
+            (got, fence), woken = yield Script(
+                "lock_acquire", (*keys, wake), args, idempotent=False, then=blpop
+            )
+            state.contended = not got
+            if got and woken is None:  # (the pushed fence was taken: cannot happen)
+                woken = (wake, fence)
         else:
-            lifetime = math.ceil(pause * 1000) + REGISTRATION_SLACK_MS
             args = (value, token, state.ttl_ms, "wait", lifetime, registrations)
-        got, fence = yield Script("lock_acquire", (*keys, wake), args)
-        if got:
-            state.took(token, (fence,))
-            return True
-        if pause is None:
-            return False
-        woken = yield Command(("BLPOP", wake, f"{pause:.3f}"))
+            got, fence = yield Script("lock_acquire", (*keys, wake), args)
+            if got:
+                state.took(token, (fence,))
+                return True
+            state.contended = True
+            woken = yield Command(blpop)
         if woken is not None:
             state.took(token, (woken[1],))
             return True

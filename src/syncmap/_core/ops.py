@@ -31,12 +31,21 @@ class Command:
 @dataclass(frozen=True, slots=True)
 class Script:
     """Run the Lua script ``lua/<name>.lua`` with ``keys`` and ``args`` (EVALSHA, loaded once).
-    ``idempotent`` as for :class:`Command`."""
+    ``idempotent`` as for :class:`Command`.
+
+    ``then``: a blocking command (``BLPOP``) sent in the same write, right behind the script,
+    so that running the script and starting to wait cost one round trip; the result is then
+    the pair (the script's reply, the command's reply). When the script fails, the driver drops
+    the connection rather than wait out the command behind it; when the connection fails
+    during the wait, after the script's reply, the wait is answered ``None`` (as if it timed
+    out): the script's effect is known, and the flow's next attempt finds what a lost answer
+    would have said."""
 
     name: str
     keys: tuple[Any, ...]
     args: tuple[Any, ...]
     idempotent: bool = True
+    then: tuple[Any, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)

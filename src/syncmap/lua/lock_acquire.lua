@@ -7,6 +7,9 @@
 -- ARGV[1] value (token .. metadata)   ARGV[2] token   ARGV[3] ttl in ms
 -- ARGV[4] mode: "try"  take it if free and nobody live is queued first; drop my registration
 --               "wait" the same, but stay registered as a waiter for ARGV[5] ms if not taken
+--               "queue" as "wait", and when it holds the lock, push the fence onto its wake
+--                       list too: the client sends BLPOP on that list right behind this
+--                       script, in the same write, and that wait then returns at once
 --               "leave" never take it; drop my registration (report if it was handed to me)
 -- ARGV[5] registration lifetime in ms (mode "wait")
 -- ARGV[6] registration key prefix: a waiter's registration is the string key
@@ -35,6 +38,15 @@ local function first_live()
   end
 end
 
+-- the answer when this value holds the lock
+local function held(n)
+  if mode == "queue" then
+    redis.call("RPUSH", KEYS[4], n)
+    redis.call("PEXPIRE", KEYS[4], 60000)
+  end
+  return {1, n}
+end
+
 local current = redis.call("GET", lock)
 if current == value or mode == "leave" then
   unregister()
@@ -42,7 +54,7 @@ if current == value or mode == "leave" then
     redis.call("DEL", KEYS[4])
   end
   if current == value then
-    return {1, tonumber(redis.call("HGET", fence, "n") or "0")}
+    return held(tonumber(redis.call("HGET", fence, "n") or "0"))
   end
   return {0, 0}
 end
@@ -54,11 +66,11 @@ if not current then
     if head then
       unregister()
     end
-    return {1, redis.call("HINCRBY", fence, "n", 1)}
+    return held(redis.call("HINCRBY", fence, "n", 1))
   end
 end
 
-if mode == "wait" then
+if mode == "wait" or mode == "queue" then
   local lifetime = tonumber(ARGV[5])
   local last = redis.call("ZRANGE", queue, -1, -1, "WITHSCORES")
   redis.call("ZADD", queue, "NX", (tonumber(last[2]) or 0) + 1, token)

@@ -273,9 +273,8 @@ def acquire_flow(
         lifetime = math.ceil(pause * 1000) + REGISTRATION_SLACK_MS
         blpop = ("BLPOP", wake, f"{pause:.3f}")
         if state.contended:
-            # queue and wait in one write: one round trip, and the process sleeps at once
-            # instead of waking for the script's answer (on a contended lock, that wake-up
-            # competes with the holder's critical section for the CPUs)
+            # queue and wait in one write: one round trip instead of two (no second send,
+            # no second command for the server to read, while the holder is at work)
             args = (value, token, state.ttl_ms, "queue", lifetime, registrations)
             (got, fence), woken = yield Script(
                 "lock_acquire", (*keys, wake), args, idempotent=False, then=blpop

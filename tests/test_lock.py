@@ -361,6 +361,21 @@ async def test_a_lock_that_waited_takes_a_free_lock_at_once(api, client, ns, flu
     await api.do(lock.release())
 
 
+async def test_without_hiredis_commands_are_packed_by_redis_py(api, client, ns, monkeypatch):
+    """hiredis packs commands when it is installed; redis-py's encoder is the fallback, for a
+    single command and for the script with BLPOP behind it."""
+    from syncmap import _driver
+
+    monkeypatch.setattr(_driver, "_hiredis_pack", None)
+    lock, fence = await contended(api, client, ns, poll_interval=10.0)
+    holder = await api.obtain(ns, 30)
+    pending = in_background(api, lock.acquire)
+    await asyncio.to_thread(wait_until, lambda: queued(client, ns) == 1, 5, 0.005, "queue")
+    await api.do(holder.release())
+    assert await asyncio.wait_for(pending, 5) is True and lock.fence == fence + 2
+    await api.do(lock.release())
+
+
 async def test_a_script_error_while_queueing_raises_at_once_and_spoils_nothing(api, client, ns):
     lock, _ = await contended(api, client, ns, poll_interval=10.0)
     client.hset(ns, "foreign", "data")  # the lock's key holds a hash: its script fails

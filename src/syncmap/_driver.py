@@ -48,12 +48,14 @@ except ImportError:  # pragma: no cover - redis[hiredis] is a dependency
     _hiredis_pack = None
 
 
-def _pack(conn: Any, args: tuple[Any, ...]) -> Any:
-    """The command in RESP: hiredis packs str/int/bytes arguments a few times faster than
-    redis-py's encoder does."""
+def _pack(conn: Any, *commands: tuple[Any, ...]) -> Any:
+    """The commands in RESP, as one buffer to send: hiredis packs str/int/bytes arguments a
+    few times faster than redis-py's encoder does."""
     if _hiredis_pack is not None:
-        return [_hiredis_pack(args)]
-    return conn.pack_command(*args)
+        if len(commands) == 1:
+            return [_hiredis_pack(commands[0])]
+        return [b"".join(map(_hiredis_pack, commands))]
+    return conn.pack_commands(commands)
 
 
 def _blocking_wait(conn: Any, args: tuple[Any, ...]) -> float | None:
@@ -215,7 +217,7 @@ class SyncDriver(_DriverBase):
 
     def _roundtrip(self, conn: Any, args: tuple[Any, ...], then: tuple[Any, ...] | None) -> Any:
         if then is not None:
-            conn.send_packed_command(_pack(conn, args) + _pack(conn, then), check_health=False)
+            conn.send_packed_command(_pack(conn, args, then), check_health=False)
             try:
                 first = conn.read_response()
             except redis.ResponseError:
@@ -343,8 +345,7 @@ class AsyncDriver(_DriverBase):
     @staticmethod
     async def _roundtrip(conn: Any, args: tuple[Any, ...], then: tuple[Any, ...] | None) -> Any:
         if then is not None:
-            packed = _pack(conn, args) + _pack(conn, then)
-            await conn.send_packed_command(packed, check_health=False)
+            await conn.send_packed_command(_pack(conn, args, then), check_health=False)
             try:
                 first = await conn.read_response()
             except redis.asyncio.ResponseError:

@@ -43,6 +43,7 @@ from redis.retry import Retry
 from ._core.coherence import Coherence
 from ._core.keys import MapKeys
 from ._core.map_listen import (
+    MAX_WAIT,
     Event,
     ListenFlow,
     ListenOp,
@@ -141,6 +142,7 @@ class _ListenerBase:
 
 
 DRAIN_LIMIT = 10_000  # events applied in one go at most (the rest: next time)
+PROBE_STEP = 0.002  # redis-py's reader, during a probe's read: waits this long at a time
 READERS_ACTIVE = 0.002  # s: a map thread polled this recently: it applies the events
 LOCK_WAIT = 0.002  # s: how long poll() waits for the lock
 BUSY_NAP = 0.01  # s: the listener thread's naps while map threads apply the events
@@ -543,19 +545,14 @@ class AsyncListener(_ListenerBase):
 
     async def _perform(self, op: ListenOp) -> Any:
         if isinstance(op, Receive):
-            if self._raw is not None:
-                return await self._receive_raw(self._raw, op.timeout)
-            message = await self.pubsub.get_message(timeout=op.timeout)
-            count = 0
-            while message is not None:  # the whole batch at once
-                apply_event(self.state, _event(message, self.channel))
-                count += 1
-                if count >= DRAIN_LIMIT:  # (not one more read: it would be dropped)
-                    break
-                message = await self.pubsub.get_message(timeout=0)
-            return count
+            return await self._receive(op.timeout)
         if isinstance(op, Command):
-            return await self.client.execute_command(*op.args)
+            command = asyncio.ensure_future(self.client.execute_command(*op.args))
+            try:
+                await self._apply_until(command)
+                return await command
+            finally:
+                command.cancel()  # (when the listener is closed meanwhile; else a no-op)
         if isinstance(op, PubsubPing):
             return await self.pubsub.ping(op.token)
         if isinstance(op, Sleep):
@@ -575,7 +572,40 @@ class AsyncListener(_ListenerBase):
             return None
         raise TypeError(f"unknown listener operation {op!r}")
 
-    async def _receive_raw(self, raw: _RawSubscriber, timeout: float) -> int:
+    async def _receive(self, timeout: float, until: asyncio.Future[Any] | None = None) -> int:
+        """Wait ``timeout`` (or until ``until`` is done), applying the events as they arrive;
+        returns how many."""
+        if self._raw is not None:
+            return await self._receive_raw(self._raw, timeout, until)
+        if until is not None:  # redis-py's reader cannot be woken early: wait in short steps
+            timeout = min(timeout, PROBE_STEP)
+        message = await self.pubsub.get_message(timeout=timeout)
+        count = 0
+        while message is not None:  # the whole batch at once
+            apply_event(self.state, _event(message, self.channel))
+            count += 1
+            if count >= DRAIN_LIMIT:  # (not one more read: it would be dropped)
+                break
+            message = await self.pubsub.get_message(timeout=0)
+        return count
+
+    async def _apply_until(self, command: asyncio.Future[Any]) -> None:
+        """Go on applying change messages until ``command`` is done: the freshness probe's
+        read, on a connection of its own. The task would otherwise not read the subscriber
+        connection meanwhile, and a slow answer (a reconnect after a killed connection, a
+        busy server) held back every change for as long, while reads were still served as
+        fresh. (A reading thread does this for the blocking map.) An unsynced copy has no use
+        for the changes. A failure of the subscriber connection is left for the next Receive
+        to raise."""
+        try:
+            while self.state.synced and not command.done():
+                await self._receive(MAX_WAIT, command)
+        except Exception:
+            log.debug("syncmap: reading the subscriber connection failed", exc_info=True)
+
+    async def _receive_raw(
+        self, raw: _RawSubscriber, timeout: float, until: asyncio.Future[Any] | None = None
+    ) -> int:
         """Wait ``timeout``, applying the events as they arrive; returns how many.
 
         The events are applied by the loop's reader callback (:meth:`_readable`), while this
@@ -594,10 +624,18 @@ class AsyncListener(_ListenerBase):
         if raw.backlog:  # events left over by a drain that hit DRAIN_LIMIT
             loop.call_soon(self._readable)
         timer = loop.call_later(timeout, _wake, waiter)
+
+        def done(_: object) -> None:
+            _wake(waiter)
+
+        if until is not None:
+            until.add_done_callback(done)
         try:
             await waiter
         finally:
             timer.cancel()
+            if until is not None:
+                until.remove_done_callback(done)
             self._waiter = None
         return self._applied
 

@@ -1,7 +1,7 @@
 """A fault soak for SyncMap: the multi-process checker (tests/checker.py) under a random mix of
 real faults, round after round. Not collected by pytest (too long for CI); run it by hand:
 
-    .venv/bin/python tests/soak.py --rounds 16 --seconds 10 [--asyncio] [--seed 0]
+    .venv/bin/python tests/soak.py --rounds 16 --seconds 10 [--asyncio] [--seed 0] [--trace DIR]
 
 Each round starts 3 node processes on one private Valkey (modes alternate: "owned" keys with
 one writer each, and "rmw" read-modify-writes on shared keys); with ``--asyncio`` some nodes
@@ -12,15 +12,24 @@ propagation window; a restart is a reset every node may take up to the window to
 Run it on a quiet machine: a process starved of CPU for over 100 ms breaks the window without
 breaking the contract (whose bound is ``max_staleness``). Exit status 1 if any round had a
 violation.
+
+``--trace DIR``: every node's listener logs each of its operations (kind, start, end, whether
+the copy was synced, how many changes it had applied, the error) into ``DIR/<pid>.txt``; for a
+stale read, the soak prints the faults before it and every node's operations around the
+write it missed. (How the asyncio listener's stalled probe was found.)
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import inspect
+import os
 import random
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -29,13 +38,85 @@ from checker import Reset, check, run_nodes, sleep_until, with_resets
 from servers import ServerProcess
 
 FAULTS = ("pubsub", "normal", "all", "pause", "pause", "restart")
+TRACE_DIR = "SYNCMAP_SOAK_TRACE"  # environment: where the node processes write their traces
 
 
-def one_round(server: ServerProcess, rnd: int, seconds: float, asyncio_nodes: bool) -> bool:
+def trace(m: Any) -> None:
+    """``NodeSpec.setup``: log every operation of ``m``'s listener (sync or asyncio) to a file."""
+    listener = m._listener
+    out = open(Path(os.environ[TRACE_DIR]) / f"{os.getpid()}.txt", "a", buffering=1)  # noqa: SIM115
+    out.write(f"node {type(listener).__name__}\n")
+    perform = listener._perform
+
+    def record(op: Any, t0: int, error: str) -> None:
+        state = listener.state
+        out.write(
+            f"{t0} {time.monotonic_ns()} {type(op).__name__} synced={state.synced} "
+            f"applied={state.applied} {error}\n"
+        )
+
+    if inspect.iscoroutinefunction(perform):
+
+        async def traced(op: Any) -> Any:
+            t0, error = time.monotonic_ns(), ""
+            try:
+                return await perform(op)
+            except BaseException as exc:
+                error = repr(exc)[:80]
+                raise
+            finally:
+                record(op, t0, error)
+
+        listener._perform = traced
+    else:
+
+        def traced_sync(op: Any) -> Any:
+            t0, error = time.monotonic_ns(), ""
+            try:
+                return perform(op)
+            except BaseException as exc:
+                error = repr(exc)[:80]
+                raise
+            finally:
+                record(op, t0, error)
+
+        listener._perform = traced_sync
+
+
+def explain(report: Any, faults: list[tuple[int, str]], trace_dir: Path | None) -> None:
+    """For the first stale read: the faults before it, and the nodes' traced operations within
+    400 ms of the acknowledgement of the write it missed."""
+    stale = [v for v in report.violations if v.kind == "stale"]
+    if not stale:
+        return
+    read, write = stale[0].read, stale[0].write
+    print(
+        f"  first stale read: node {read.node} {read.key}={read.value!r}, "
+        f"{(read.invoke_ns - write.ack_ns) / 1e6:.1f} ms after the ack of {write.value!r} "
+        f"(written by {write.node} in {(write.ack_ns - write.invoke_ns) / 1e6:.1f} ms)"
+    )
+    before = [(f, (read.invoke_ns - t) / 1e6) for t, f in faults if t < read.invoke_ns][-3:]
+    print(
+        "  faults before it (ms before the read): " + ", ".join(f"{f} {ms:.0f}" for f, ms in before)
+    )
+    for path in sorted(trace_dir.glob("*.txt")) if trace_dir else []:
+        lines = path.read_text().splitlines()
+        print(f"  trace {path.name}: {lines[0]} (ms from the ack)")
+        for line in lines[1:]:
+            t0, t1, rest = line.split(" ", 2)
+            if int(t1) > write.ack_ns - 400_000_000 and int(t0) < write.ack_ns + 400_000_000:
+                a, b = (int(t0) - write.ack_ns) / 1e6, (int(t1) - write.ack_ns) / 1e6
+                print(f"    {a:9.1f} .. {b:9.1f} {rest}")
+
+
+def one_round(
+    server: ServerProcess, rnd: int, seconds: float, asyncio_nodes: bool, trace_dir: Path | None
+) -> bool:
     rng = random.Random(rnd)
     mode = "owned" if rnd % 2 == 0 else "rmw"
     resets: list[Reset] = []
     log: list[str] = []
+    faults: list[tuple[int, str]] = []
 
     def during(t0: float) -> None:
         at = 0.5
@@ -55,12 +136,17 @@ def one_round(server: ServerProcess, rnd: int, seconds: float, asyncio_nodes: bo
             else:
                 server.drop_clients(None if fault == "all" else fault)
             log.append(f"{at:.1f} s: {fault}")
+            faults.append((time.monotonic_ns(), fault))
             at += rng.uniform(0.4, 1.2)
 
     name = f"soak{rnd}-{time.monotonic_ns()}"
     specs = checks._specs(server.url, name, mode=mode, duration_s=seconds)
     if asyncio_nodes:
         specs = checks._asyncio(specs, "abc" if rnd % 3 == 0 else "bc")
+    if trace_dir is not None:
+        specs = [dataclasses.replace(spec, setup=trace) for spec in specs]
+        for old in trace_dir.glob("*.txt"):
+            old.unlink()
     history = run_nodes(specs, during=during)
     writes = with_resets(history.writes, resets, checks.KEYS)
     report = check(writes, history.reads, checks.WINDOW_REAL)
@@ -69,6 +155,7 @@ def one_round(server: ServerProcess, rnd: int, seconds: float, asyncio_nodes: bo
     print(f"round {rnd} ({mode}, {kinds}): {len(history.reads)} reads, {acked} acked writes")
     print("  faults: " + ", ".join(log))
     print("  " + ("no violation" if report.ok else report.summary(limit=5)))
+    explain(report, faults, trace_dir)
     if history.errors:
         print(f"  errors (allowed by the contract): {history.errors}")
     sys.stdout.flush()
@@ -81,11 +168,15 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--seed", type=int, default=0, help="first round's seed")
     parser.add_argument("--asyncio", action="store_true", help="AsyncSyncMap nodes too")
+    parser.add_argument("--trace", type=Path, help="trace the listeners into this directory")
     args = parser.parse_args()
+    if args.trace is not None:
+        args.trace.mkdir(parents=True, exist_ok=True)
+        os.environ[TRACE_DIR] = str(args.trace.resolve())
     server = ServerProcess().start()
     try:
         results = [
-            one_round(server, rnd, args.seconds, args.asyncio)
+            one_round(server, rnd, args.seconds, args.asyncio, args.trace)
             for rnd in range(args.seed, args.seed + args.rounds)
         ]
     finally:

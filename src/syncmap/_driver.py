@@ -327,9 +327,12 @@ class AsyncDriver(_DriverBase):
         try:
             # a closing transport drops what is written, and can_read() misses it until an
             # EOF reaches the reader: never after a reset, and on uvloop's TLS transport not
-            # before connection_lost is delivered, after the server's close
+            # before connection_lost is delivered, after the server's close. Checked after
+            # can_read(), which may yield to the loop: from here to the send nothing does,
+            # so the transport cannot start closing in between (uvloop would then refuse the
+            # write with a bare RuntimeError)
             dirty = conn.is_connected and (
-                conn._writer.transport.is_closing() or await conn.can_read()
+                await conn.can_read() or conn._writer.transport.is_closing()
             )
         except (redis.asyncio.ConnectionError, OSError):
             dirty = True

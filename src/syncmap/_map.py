@@ -97,7 +97,7 @@ from ._core.keys import MapKeys
 from ._core.map_flows import Call, MapCore, MapFlow
 from ._driver import AsyncDriver, SyncDriver
 from ._errors import InvalidArgument, StaleRead
-from ._listener import AsyncListener, SyncListener
+from ._listener import READERS_ACTIVE, AsyncListener, SyncListener
 from ._local import SafeHashMap
 
 if TYPE_CHECKING:
@@ -314,13 +314,16 @@ class SyncMap(_MapBase, MutableMapping[str, Any]):
         self._next_poll = 0.0  # the read path applies waiting change messages from then on
         self._next_op_poll = 0.0  # the same before a server operation (less often: batches)
         self._op_poll_by = 0.0  # ... and not skipped past this time
+        self._quiet = False  # the running operation came after a quiet spell (no polling)
         self._listener.start()
         deadline = time.monotonic() + 2.0  # usually ms: ready to cache right away
         while not self._state.synced and time.monotonic() < deadline:
             time.sleep(0.001)
 
     def _run(self, flow: MapFlow[T]) -> T:
-        self._listener.last_poll = self._clock()  # busy: the listener thread keeps out of the way
+        now, listener = self._clock(), self._listener
+        self._quiet = now - listener.last_poll >= READERS_ACTIVE
+        listener.last_poll = now  # busy: the listener thread keeps out of the way
         return self._driver.run(flow)  # type: ignore[arg-type]  # it performs Call too
 
     def _poll_while_waiting(self, answered: Callable[[], bool]) -> None:
@@ -328,7 +331,15 @@ class SyncMap(_MapBase, MutableMapping[str, Any]):
         our command: the driver calls this between sending and reading. Not when the answer
         is already in (the server ran at once, on this CPU say, as the send woke it): that
         would only delay the caller; the messages wait for the next time, but no longer than
-        OP_POLL_MAX_SKIP (a busy writer keeps the listener thread away: see _listener)."""
+        OP_POLL_MAX_SKIP (a busy writer keeps the listener thread away: see _listener).
+
+        Not for the first operation after a quiet spell either: the listener thread watched
+        the socket until now and applied what came, so there is nothing to gain, and the
+        answer of a server that was idle comes back fast enough to find this thread busy (a
+        write after a pause measured ~40 µs slower at p50, ~140 µs at p99, on 2 vCPUs)."""
+        if self._quiet:
+            self._quiet = False
+            return
         now = self._clock()
         if now >= self._next_op_poll and (now >= self._op_poll_by or not answered()):
             self._next_op_poll = now + OP_POLL_INTERVAL

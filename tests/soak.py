@@ -24,12 +24,14 @@ write it missed. (How the asyncio listener's stalled probe was found.)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import inspect
 import os
 import random
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,39 +52,30 @@ def trace(m: Any) -> None:
     out.write(f"node {type(listener).__name__}\n")
     perform = listener._perform
 
-    def record(op: Any, t0: int, error: str) -> None:
-        state = listener.state
-        out.write(
-            f"{t0} {time.monotonic_ns()} {type(op).__name__} synced={state.synced} "
-            f"applied={state.applied} {error}\n"
-        )
+    @contextlib.contextmanager
+    def timed(op: Any) -> Iterator[None]:
+        t0, error = time.monotonic_ns(), ""
+        try:
+            yield
+        except BaseException as exc:
+            error = repr(exc)[:80]
+            raise
+        finally:
+            state = listener.state
+            out.write(
+                f"{t0} {time.monotonic_ns()} {type(op).__name__} synced={state.synced} "
+                f"applied={state.applied} {error}\n"
+            )
 
-    if inspect.iscoroutinefunction(perform):
+    async def traced(op: Any) -> Any:
+        with timed(op):
+            return await perform(op)
 
-        async def traced(op: Any) -> Any:
-            t0, error = time.monotonic_ns(), ""
-            try:
-                return await perform(op)
-            except BaseException as exc:
-                error = repr(exc)[:80]
-                raise
-            finally:
-                record(op, t0, error)
+    def traced_sync(op: Any) -> Any:
+        with timed(op):
+            return perform(op)
 
-        listener._perform = traced
-    else:
-
-        def traced_sync(op: Any) -> Any:
-            t0, error = time.monotonic_ns(), ""
-            try:
-                return perform(op)
-            except BaseException as exc:
-                error = repr(exc)[:80]
-                raise
-            finally:
-                record(op, t0, error)
-
-        listener._perform = traced_sync
+    listener._perform = traced if inspect.iscoroutinefunction(perform) else traced_sync
 
 
 def paused(writes: list[Write], pauses: list[tuple[int, int]]) -> list[Write]:

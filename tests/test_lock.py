@@ -279,28 +279,11 @@ def queued(client, ns):
     return client.zcard(f"syncmap:lockq:{{{ns}}}:{ns}")
 
 
-async def test_a_waiter_is_woken_by_release_long_before_its_poll(api, client, ns):
-    holder = await api.obtain(ns, 30)
-    waiter = api.lock(ns, ttl=5, poll_interval=10.0)
+def in_background(api, acquire):
+    """Start ``acquire()`` (in a thread for a blocking lock); a task to await."""
     if api.is_async:
-        pending = asyncio.create_task(waiter.acquire())
-    else:
-        pending = asyncio.create_task(asyncio.to_thread(waiter.acquire))
-    await asyncio.to_thread(wait_until, lambda: queued(client, ns) == 1, 5, 0.005, "queue")
-    fence = holder.fence
-    await api.do(holder.release())
-    released = time.monotonic()
-    assert await asyncio.wait_for(pending, 5) is True
-    assert time.monotonic() - released < 2.0  # the poll interval is 10 s
-    assert waiter.fence > fence and client.get(ns) == waiter.token.encode()
-    await api.do(waiter.release())
-
-
-def in_background(api, acquire, **options):
-    """Start ``acquire(**options)`` (a thread for a blocking lock); a task to await."""
-    if api.is_async:
-        return asyncio.create_task(acquire(**options))
-    return asyncio.create_task(asyncio.to_thread(acquire, **options))
+        return asyncio.create_task(acquire())
+    return asyncio.create_task(asyncio.to_thread(acquire))
 
 
 async def contended(api, client, ns, **options):
@@ -315,6 +298,20 @@ async def contended(api, client, ns, **options):
     fence = lock.fence
     await api.do(lock.release())
     return lock, fence
+
+
+async def test_a_waiter_is_woken_by_release_long_before_its_poll(api, client, ns):
+    holder = await api.obtain(ns, 30)
+    waiter = api.lock(ns, ttl=5, poll_interval=10.0)
+    pending = in_background(api, waiter.acquire)
+    await asyncio.to_thread(wait_until, lambda: queued(client, ns) == 1, 5, 0.005, "queue")
+    fence = holder.fence
+    await api.do(holder.release())
+    released = time.monotonic()
+    assert await asyncio.wait_for(pending, 5) is True
+    assert time.monotonic() - released < 2.0  # the poll interval is 10 s
+    assert waiter.fence > fence and client.get(ns) == waiter.token.encode()
+    await api.do(waiter.release())
 
 
 async def test_a_lock_that_waited_queues_and_waits_in_one_write(api, client, ns):

@@ -4,7 +4,6 @@ dropped connections, cancelled releases, and exact mutual exclusion across proce
 from __future__ import annotations
 
 import asyncio
-import inspect
 import os
 import signal
 import subprocess
@@ -164,41 +163,25 @@ async def test_a_queued_wait_survives_its_killed_connection(fresh_server, is_asy
     """A lock that had to wait before sends its script and BLPOP in one write. Killing the
     connection during that wait must not fail the acquire: the script's effect is known, the
     next attempt queues again (or finds the lock handed over) and the waiter gets the lock."""
-    node = (
-        await syncmap.connect_async(fresh_server.url)
-        if is_async
-        else syncmap.connect(fresh_server.url)
-    )
+    from test_lock import Api, contended, in_background, queued
 
-    async def do(result):
-        return await result if inspect.isawaitable(result) else result
+    url = fresh_server.url
+    api = Api(await syncmap.connect_async(url) if is_async else syncmap.connect(url), is_async)
 
-    def in_background(acquire):
-        if is_async:
-            return asyncio.create_task(acquire())
-        return asyncio.create_task(asyncio.to_thread(acquire))
+    def blocked(c):  # connections blocked in a command (the waiter's BLPOP)
+        return sum(1 for info in c.client_list() if "b" in info["flags"])
 
-    def queued():
-        with fresh_server.client() as c:
-            return c.zcard("syncmap:lockq:{job}:job")
-
-    def blocked():  # connections blocked in a command (the waiter's BLPOP)
-        with fresh_server.client() as c:
-            return sum(1 for info in c.client_list() if "b" in info["flags"])
-
-    lock = node.lock("job", ttl=30, poll_interval=10.0)
-    for kill in (False, True):  # first a plain hand-over: the lock then knows it is contended
-        holder = await do(node.obtain("job", 30))
-        pending = in_background(lock.acquire)
-        await asyncio.to_thread(wait_until, lambda: queued() == 1 and blocked() == 1)
-        if kill:
-            assert fresh_server.drop_clients("normal") >= 1
-        await do(holder.release())  # (its connection is replaced and the release resent)
-        assert await asyncio.wait_for(pending, 5) is True  # the poll is 10 s
-        await do(lock.release())
     with fresh_server.client() as c:
+        lock, _ = await contended(api, c, "job", poll_interval=10.0)
+        holder = await api.obtain("job", 30)
+        pending = in_background(api, lock.acquire)
+        await asyncio.to_thread(wait_until, lambda: queued(c, "job") == 1 and blocked(c) == 1)
+        assert fresh_server.drop_clients("normal") >= 1
+        await api.do(holder.release())  # (its connection is replaced and the release resent)
+        assert await asyncio.wait_for(pending, 5) is True  # the poll is 10 s
+        await api.do(lock.release())
         assert sorted(c.keys()) == [b"syncmap:fence:{job}:job"]
-    await do(node.close())
+    await api.do(api.node.close())
 
 
 def test_a_restart_that_lost_the_lock_makes_release_raise(fresh_server):

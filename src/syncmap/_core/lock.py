@@ -272,23 +272,22 @@ def acquire_flow(
             return bool(got)
         lifetime = math.ceil(pause * 1000) + REGISTRATION_SLACK_MS
         blpop = ("BLPOP", wake, f"{pause:.3f}")
-        if state.contended:
+        queued = state.contended
+        args = (value, token, state.ttl_ms, "queue" if queued else "wait", lifetime, registrations)
+        if queued:
             # queue and wait in one write: one round trip instead of two (no second send,
             # no second command for the server to read, while the holder is at work)
-            args = (value, token, state.ttl_ms, "queue", lifetime, registrations)
             (got, fence), woken = yield Script(
                 "lock_acquire", (*keys, wake), args, idempotent=False, then=blpop
             )
-            state.contended = not got
-            if got and woken is None:  # (the pushed fence was taken: cannot happen)
-                woken = (wake, fence)
         else:
-            args = (value, token, state.ttl_ms, "wait", lifetime, registrations)
             got, fence = yield Script("lock_acquire", (*keys, wake), args)
-            if got:
-                state.took(token, (fence,))
-                return True
-            state.contended = True
+        if got:  # taken at once (a wait sent behind the script popped this same fence)
+            state.took(token, (fence,))
+            state.contended = False
+            return True
+        state.contended = True
+        if not queued:
             woken = yield Command(blpop)
         if woken is not None:
             state.took(token, (woken[1],))

@@ -268,3 +268,30 @@ def test_write_after_connections_killed_is_not_unknown(maps, fresh_server, ns):
         m.set("k", i)
     assert m.get("k", fresh=True) == 4
     assert m.get("n", fresh=True) == 5
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_async_write_after_kill_the_loop_has_not_seen_is_not_unknown(fresh_server, ns, loop):
+    """The server closes the asyncio map's kept connection, and the very next write is sent
+    before the event loop has run once: the transport knows nothing of the close yet. The
+    write must still go out on a live connection (no OutcomeUnknown). The kill is made with a
+    blocking client from inside the loop, so the loop cannot process the close in between."""
+    import asyncio
+
+    async def scenario():
+        node = await syncmap.connect_async(fresh_server.url)
+        try:
+            m = await node.map(ns, max_staleness=LONG)
+            await m.set("k", 1)
+            for i in range(3):
+                assert fresh_server.drop_clients("normal") >= 1  # blocks the loop: no yield
+                assert await m.incr("n", 1) == i + 1
+            assert await m.get("n", fresh=True) == 3
+        finally:
+            await node.close()
+
+    if loop == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        uvloop.run(scenario())
+    else:
+        asyncio.run(scenario())

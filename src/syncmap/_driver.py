@@ -84,11 +84,13 @@ def _connections(client: Any) -> _Connections:
     return kept
 
 
-def _readable(conn: Any) -> bool:
-    """Whether the connection's socket has something to read (or is closed): one ``poll(0)``
-    on a poll object kept with the socket, a few times cheaper than redis-py's ``can_read``.
-    ``False`` without a socket."""
-    sock = conn._sock
+def _readable(conn: Any, sock: Any = None) -> bool:
+    """Whether the connection's socket (or ``sock``, the socket under an asyncio connection's
+    transport) has something to read, or is closed: one ``poll(0)`` on a poll object kept with
+    the connection, a few times cheaper than redis-py's ``can_read``. ``False`` without a
+    socket."""
+    if sock is None:
+        sock = conn._sock
     if sock is None:
         return False
     watch = conn.__dict__.get("_syncmap_watch")
@@ -325,14 +327,17 @@ class AsyncDriver(_DriverBase):
         except IndexError:
             return await conns.pool.get_connection()
         try:
-            # a closing transport drops what is written, and can_read() misses it until an
-            # EOF reaches the reader: never after a reset, and on uvloop's TLS transport not
-            # before connection_lost is delivered, after the server's close. Checked after
-            # can_read(), which may yield to the loop: from here to the send nothing does,
-            # so the transport cannot start closing in between (uvloop would then refuse the
-            # write with a bare RuntimeError)
+            # can_read() sees only what the loop has read already: a close the loop has not
+            # processed yet (it arrived while the loop ran other callbacks) is found by polling
+            # the transport's socket itself. A closing transport drops what is written: never
+            # an EOF after a reset, and on uvloop's TLS transport none before connection_lost.
+            # Checked after can_read(), which may yield to the loop: from here to the send
+            # nothing does, so the transport cannot start closing in between (uvloop would then
+            # refuse the write with a bare RuntimeError)
             dirty = conn.is_connected and (
-                await conn.can_read() or conn._writer.transport.is_closing()
+                await conn.can_read()
+                or (transport := conn._writer.transport).is_closing()
+                or _readable(conn, transport.get_extra_info("socket"))
             )
         except (redis.asyncio.ConnectionError, OSError):
             dirty = True

@@ -141,8 +141,20 @@ def bench_uncontended(port: int) -> None:
 # ----------------------------------------------------------------------- (2) contended
 
 
+def _critical_section(client: Any, counter: str, trips: int) -> None:
+    """``trips`` round trips that count one increment of ``counter``: 1 is an ``INCR``; more
+    are ``trips - 1`` ``GET``s then a ``SET`` of the last read plus one (a broken lock loses
+    updates); 0 is an empty critical section."""
+    if trips == 1:
+        client.incr(counter)
+    elif trips > 1:
+        for _ in range(trips - 1):
+            value = int(client.get(counter) or 0)
+        client.set(counter, value + 1)
+
+
 def _worker(
-    kind: str, port: int, name: str, loops: int, barrier: Any, out: Any, me: int, work: bool
+    kind: str, port: int, name: str, loops: int, barrier: Any, out: Any, me: int, trips: int
 ) -> None:
     import redis
 
@@ -159,8 +171,7 @@ def _worker(
         acquire()
         got = time.monotonic()
         lock_cpu += time.thread_time() - cpu0
-        if work:
-            client.set(counter, int(client.get(counter) or 0) + 1)
+        _critical_section(client, counter, trips)
         releasing = time.monotonic()
         cpu0 = time.thread_time()
         release()
@@ -172,15 +183,16 @@ def _worker(
 
 
 def _contend(
-    kind: str, port: int, name: str, loops: int, work: bool
+    kind: str, port: int, name: str, loops: int, trips: int
 ) -> tuple[list[tuple[float, float, int, float]], float]:
-    """One round: PROCESSES processes, ``loops`` locked increments each (``work``; else an
-    empty critical section); their records (asked, got, process, release called), sorted by
-    acquisition, and the CPU seconds they spent in the lock's acquire and release calls."""
+    """One round: PROCESSES processes, ``loops`` locked increments each (critical sections of
+    ``trips`` round trips: see :func:`_critical_section`); their records (asked, got, process,
+    release called), sorted by acquisition, and the CPU seconds they spent in the lock's
+    acquire and release calls."""
     barrier = FORK.Barrier(PROCESSES)
     out = FORK.Queue()
     procs = [
-        FORK.Process(target=_worker, args=(kind, port, name, loops, barrier, out, i, work))
+        FORK.Process(target=_worker, args=(kind, port, name, loops, barrier, out, i, trips))
         for i in range(PROCESSES)
     ]
     for p in procs:
@@ -211,7 +223,9 @@ def bench_contended(port: int, work: bool = True) -> None:
     held: dict[str, list[float]] = {kind: [] for kind in CONTENDED}
     for _ in range(rounds):
         for kind in CONTENDED:
-            records, lock_cpu = _contend(kind, port, f"bench:c{int(work)}:{kind}", loops, work)
+            records, lock_cpu = _contend(
+                kind, port, f"bench:c{int(work)}:{kind}", loops, 2 if work else 0
+            )
             cpu[kind] += lock_cpu
             span = records[-1][1] - min(r[0] for r in records)
             rates[kind].append(len(records) / span)
@@ -262,6 +276,71 @@ def bench_contended(port: int, work: bool = True) -> None:
         ],
         rows,
     )
+
+
+def _model(trips: int) -> float:
+    """The round-trip model's acquisitions/s ratio, syncmap's lock to python-redis-lock's,
+    for critical sections of ``trips`` round trips. Per acquisition the critical path is:
+    the release reaching the server, the wake-up reaching the next waiter, then (for
+    python-redis-lock only: its woken waiter must still take the lock) a ``SET NX`` round
+    trip, then the critical section. In one-way trips: syncmap 2 + 2k, python-redis-lock
+    4 + 2k."""
+    return (4 + 2 * trips) / (2 + 2 * trips)
+
+
+def bench_trips(port: int) -> None:
+    """Contended acquisitions/s as the critical section grows by round trips: syncmap's lock
+    against python-redis-lock's in interleaved rounds, next to the round-trip model's ratio.
+    Says how much of the contended ratio is the lock, and how much the critical section."""
+    import redis
+
+    rounds, loops = (1, 30) if quick() else (5, 150)
+    kinds = ["syncmap Lock", "python-redis-lock"]
+    sweep = (0, 1, 2, 4)
+    rates: dict[tuple[str, int], list[float]] = {}
+    done: dict[tuple[str, int], int] = {}
+    for _ in range(rounds):
+        for trips in sweep:
+            for kind in kinds:
+                records, _ = _contend(kind, port, f"bench:t{trips}:{kind}", loops, trips)
+                span = records[-1][1] - min(r[0] for r in records)
+                rates.setdefault((kind, trips), []).append(len(records) / span)
+                done[(kind, trips)] = done.get((kind, trips), 0) + len(records)
+    wrong = []
+    with redis.Redis(host="127.0.0.1", port=port) as c:
+        for (kind, trips), n in done.items():
+            final = int(c.get(f"bench:t{trips}:{kind}:counter") or 0)
+            if trips and final != n:
+                wrong.append(f"{kind}, k={trips}: {final} / {n}")
+    rows = []
+    for trips in sweep:
+        ours = rates[(kinds[0], trips)]
+        theirs = rates[(kinds[1], trips)]
+        ratios = sorted(a / b for a, b in zip(ours, theirs, strict=True))
+        rows.append(
+            [
+                trips,
+                statistics.median(ours),
+                statistics.median(theirs),
+                statistics.median(ratios),
+                f"{ratios[0]:.2f} to {ratios[-1]:.2f}",
+                _model(trips),
+            ]
+        )
+    print_table(
+        f"Lock: {PROCESSES} processes x {loops} acquisitions x {rounds} rounds, critical "
+        "sections of k round trips (0: empty; 1: INCR; k >= 2: k-1 GETs, then a SET)",
+        [
+            "k",
+            "syncmap acq/s",
+            "python-redis-lock acq/s",
+            "ratio (median of rounds)",
+            "range over rounds",
+            "round-trip model (4+2k)/(2+2k)",
+        ],
+        rows,
+    )
+    print("final counts: " + ("all exact" if not wrong else "WRONG " + "; ".join(wrong)) + "\n")
 
 
 def bench_idle_host(port: int) -> None:
@@ -315,6 +394,7 @@ def main() -> None:
         bench_uncontended(server.port)
         bench_contended(server.port)
         bench_contended(server.port, work=False)  # the hand-off alone
+        bench_trips(server.port)
         bench_idle_host(server.port)
     finally:
         server.stop()

@@ -84,13 +84,16 @@ def _connections(client: Any) -> _Connections:
     return kept
 
 
-def _readable(conn: Any, sock: Any = None) -> bool:
-    """Whether the connection's socket (or ``sock``, the socket under an asyncio connection's
-    transport) has something to read, or is closed: one ``poll(0)`` on a poll object kept with
-    the connection, a few times cheaper than redis-py's ``can_read``. ``False`` without a
-    socket."""
-    if sock is None:
-        sock = conn._sock
+def _readable(conn: Any) -> bool:
+    """Whether the connection's socket has something to read, or is closed: one ``poll(0)``
+    on a poll object kept with the connection, a few times cheaper than redis-py's
+    ``can_read``. ``False`` without a socket."""
+    return _polled(conn, conn._sock)
+
+
+def _polled(conn: Any, sock: Any) -> bool:
+    """Whether ``sock`` (``conn``'s socket, or the one under an asyncio connection's
+    transport) has something to read, or is closed. ``False`` for ``None``."""
     if sock is None:
         return False
     watch = conn.__dict__.get("_syncmap_watch")
@@ -337,7 +340,7 @@ class AsyncDriver(_DriverBase):
             dirty = conn.is_connected and (
                 await conn.can_read()
                 or (transport := conn._writer.transport).is_closing()
-                or _readable(conn, transport.get_extra_info("socket"))
+                or _polled(conn, transport.get_extra_info("socket"))
             )
         except (redis.asyncio.ConnectionError, OSError):
             dirty = True

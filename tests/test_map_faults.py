@@ -295,3 +295,42 @@ def test_async_write_after_kill_the_loop_has_not_seen_is_not_unknown(fresh_serve
         uvloop.run(scenario())
     else:
         asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_a_pooled_connection_the_server_closed_is_not_used(fresh_server, ns, kind):
+    """The user's client has a connection in its pool that the server has since closed (a
+    restart, a timeout, CLIENT KILL). Connecting with that client and writing must just work:
+    no ServerUnavailable from the first PING, no OutcomeUnknown from the first write.
+    redis-py 8.1's asyncio pool hands such a connection out unchecked (the async case failed
+    before syncmap checked pool connections itself); its blocking pool checks."""
+    import asyncio
+
+    import redis.asyncio
+
+    if kind == "sync":
+        client = redis.Redis.from_url(fresh_server.url)
+        client.ping()
+        assert fresh_server.drop_clients("normal") >= 1
+        node = syncmap.connect(client)
+        m = node.map(ns, max_staleness=LONG)
+        assert m.incr("n", 1) == 1
+        node.close()
+        client.close()
+        return
+
+    async def scenario():
+        client = redis.asyncio.Redis.from_url(fresh_server.url)
+        await client.ping()
+        assert fresh_server.drop_clients("normal") >= 1  # blocks the loop: no yield
+        node = await syncmap.connect_async(client)
+        m = await node.map(ns, max_staleness=LONG)
+        assert await m.incr("n", 1) == 1
+        # two writes at once: one takes the map's kept connection, the other the pool's
+        await client.ping()  # (the user's own command leaves a connection in the pool)
+        assert fresh_server.drop_clients("normal") >= 2
+        assert sorted(await asyncio.gather(m.incr("n", 1), m.incr("n", 1))) == [2, 3]
+        await node.close()
+        await client.aclose()
+
+    asyncio.run(scenario())

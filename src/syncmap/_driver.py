@@ -328,7 +328,10 @@ class AsyncDriver(_DriverBase):
         try:
             conn = conns.idle.pop()
         except IndexError:
-            return await conns.pool.get_connection()
+            # checked too: redis-py 8.1's asyncio pool skips its own check while its
+            # maintenance notifications are "auto" (the default), and hands out connections
+            # the server has closed
+            conn = await conns.pool.get_connection()
         try:
             # can_read() sees only what the loop has read already: a close the loop has not
             # processed yet (it arrived while the loop ran other callbacks) is found by polling

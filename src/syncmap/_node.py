@@ -20,7 +20,7 @@ from redis.exceptions import RedisClusterException
 
 from ._cluster import ClusterRouter, key_slot
 from ._core.keys import MapKeys, hash_tag
-from ._core.ops import Flow
+from ._core.ops import Command, Flow
 from ._driver import AsyncDriver, SyncDriver
 from ._errors import (
     InvalidArgument,
@@ -179,6 +179,8 @@ class Node(_NodeBase):
         return self.driver.run(flow)
 
     def ping(self) -> bool:
+        if self.driver is not None:  # (its connections are checked before use)
+            return bool(self.driver.run(_ping()))
         try:
             return bool(self.client.ping())
         except Exception as exc:
@@ -245,6 +247,8 @@ class AsyncNode(_NodeBase):
         return await self.driver.run(flow)
 
     async def ping(self) -> bool:
+        if self.driver is not None:  # (its connections are checked before use)
+            return bool(await self.driver.run(_ping()))
         try:
             return bool(await self.client.ping())
         except Exception as exc:
@@ -284,6 +288,10 @@ class AsyncNode(_NodeBase):
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+def _ping() -> Flow[Any]:
+    return (yield Command(("PING",)))
 
 
 def _lock_key(name: Any) -> str:

@@ -208,15 +208,13 @@ async def test_changes_are_applied_while_the_probe_waits_for_its_answer(
     await nb.close()
 
 
-@pytest.mark.parametrize("reader", ["raw", "redis-py"])
-async def test_changes_are_applied_while_the_probe_fails(
-    fresh_server, ns, reader, monkeypatch, caplog
+async def _probe_scenario(
+    fresh_server, ns, reader, monkeypatch, caplog, fault, until_failed, seconds=6.0
 ):
-    """The freshness probe reads the server on a connection of its own; when that read fails
-    (here: the server kills every normal connection again and again, the subscriber's
-    untouched), the listener goes on applying change messages while it waits to probe again.
-    (It used to sleep 50 ms instead: a write landing then reached the other node up to 50 ms
-    late, every probe interval.)"""
+    """Node a writes k = 1, 2, ... and waits each time until node b (probing every 0.1 s)
+    has applied it; before each write ``fault(i, failed probes so far, b)`` may strike.
+    Ends after ``seconds`` or once ``until_failed`` probes have failed. Returns (failed
+    probes, the writes b applied more than 30 ms after their ack, writes)."""
     import logging
 
     if reader == "redis-py":
@@ -229,17 +227,16 @@ async def test_changes_are_applied_while_the_probe_fails(
     assert b._listener.reader == reader
     await a.set("k", 0)
     await cached(b, "k", 0)
-    latencies = []
 
-    def failed_probes() -> int:
+    def failed_probes() -> int:  # (a's probes are 20 s apart)
         return sum(1 for r in caplog.records if "freshness probe" in r.getMessage())
 
+    latencies = []
     started = time.monotonic()
     for i in range(1, 5000):
-        if failed_probes() >= 4 or time.monotonic() - started > 6.0:
+        if failed_probes() >= until_failed or time.monotonic() - started > seconds:
             break
-        if i % 5 == 0:
-            fresh_server.drop_clients("normal")  # the probe's connection among them
+        fault(i, failed_probes(), b)
         try:
             await a.set("k", i)
         except (syncmap.OutcomeUnknown, syncmap.ServerUnavailable):
@@ -249,12 +246,64 @@ async def test_changes_are_applied_while_the_probe_fails(
             assert time.monotonic() - acked < 1.0, f"write {i} not applied by b within 1 s"
             await asyncio.sleep(0.0005)
         latencies.append(time.monotonic() - acked)
-    assert failed_probes() >= 4, "the probe failed too rarely: the scenario did not happen"
-    # every failed probe used to cost the write in flight ~50 ms (the loop writes the next one
-    # only once b has it); a busy machine may delay one write that long, not one per probe
     slow = [round(x * 1000, 1) for x in latencies if x > 0.03]
-    assert len(slow) <= 1, f"{len(slow)} of {len(latencies)} writes applied late (ms): {slow}"
+    failed = failed_probes()
     await a.close()
     await b.close()
     await na.close()
     await nb.close()
+    return failed, slow, len(latencies)
+
+
+@pytest.mark.parametrize("reader", ["raw", "redis-py"])
+async def test_changes_are_applied_while_the_probe_fails(
+    fresh_server, ns, reader, monkeypatch, caplog
+):
+    """The freshness probe reads the server on a connection of its own; when that read fails
+    (here the server refuses it: HMGET is taken away from the user by ACL), the listener goes
+    on applying change messages while it waits to probe again. (It used to sleep 50 ms
+    instead: a write landing then reached the other node up to 50 ms late, every probe
+    interval.)"""
+
+    # HMGET is taken away until a probe has failed, then given back for 0.2 s (two probe
+    # intervals: b's copy stays proven fresh), and so on
+    refusing = {"since": -1, "allowed_at": 0.0}
+
+    def refuse_one_probe_at_a_time(i: int, failed: int, b: syncmap.AsyncSyncMap) -> None:
+        rule = None
+        if refusing["since"] >= 0 and failed > refusing["since"]:
+            rule, refusing["since"], refusing["allowed_at"] = "+hmget", -1, time.monotonic()
+        elif refusing["since"] < 0 and time.monotonic() - refusing["allowed_at"] > 0.2:
+            rule, refusing["since"] = "-hmget", failed
+        if rule is not None:
+            with fresh_server.client() as c:
+                c.execute_command("ACL", "SETUSER", "default", rule)
+
+    failed, slow, writes = await _probe_scenario(
+        fresh_server, ns, reader, monkeypatch, caplog, refuse_one_probe_at_a_time, 4
+    )
+    assert failed >= 4, "the probe failed too rarely: the scenario did not happen"
+    # a busy machine may delay one write that long, not one per failed probe
+    assert len(slow) <= 1, f"{len(slow)} of {writes} writes applied late (ms): {slow}"
+
+
+@pytest.mark.parametrize("reader", ["raw", "redis-py"])
+async def test_the_probe_survives_its_connection_closed_by_the_server(
+    fresh_server, ns, reader, monkeypatch, caplog
+):
+    """The server closes every normal connection again and again (the subscriber's untouched)
+    while b's probe is between two reads: its connection sits idle in its pool. The probe's
+    next read must not fail for it: redis-py 8.1's asyncio pool hands out the closed
+    connection unchecked, so the listener retries a failed read at once on a new one.
+    Changes are applied promptly throughout."""
+
+    def kill(i: int, failed: int, b: syncmap.AsyncSyncMap) -> None:
+        if i % 5 == 0 and b._listener.state.probe_token is None:  # (no probe in flight)
+            fresh_server.drop_clients("normal")  # the probe's idle connection among them
+
+    failed, slow, writes = await _probe_scenario(
+        fresh_server, ns, reader, monkeypatch, caplog, kill, 1, seconds=3.0
+    )
+    assert failed == 0, f"{failed} probes failed on a connection the server had closed"
+    assert writes > 50, f"only {writes} writes: the scenario did not happen"
+    assert len(slow) <= 1, f"{len(slow)} of {writes} writes applied late (ms): {slow}"

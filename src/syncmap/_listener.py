@@ -547,12 +547,15 @@ class AsyncListener(_ListenerBase):
         if isinstance(op, Receive):
             return await self._receive(op.timeout)
         if isinstance(op, Command):
-            command = asyncio.ensure_future(self.client.execute_command(*op.args))
             try:
-                await self._apply_until(command)
-                return await command
-            finally:
-                command.cancel()  # (when the listener is closed meanwhile; else a no-op)
+                return await self._command(op.args)
+            except redis.asyncio.ConnectionError:
+                # redis-py 8.1's asyncio pool hands out a connection the server has closed
+                # unchecked (its check is off while maintenance notifications are "auto"),
+                # and the failed one is dropped: a read is tried once more, at once
+                if not op.idempotent:
+                    raise
+            return await self._command(op.args)
         if isinstance(op, PubsubPing):
             return await self.pubsub.ping(op.token)
         if isinstance(op, Sleep):
@@ -571,6 +574,14 @@ class AsyncListener(_ListenerBase):
             await self._unsubscribe()
             return None
         raise TypeError(f"unknown listener operation {op!r}")
+
+    async def _command(self, args: tuple[Any, ...]) -> Any:
+        command = asyncio.ensure_future(self.client.execute_command(*args))
+        try:
+            await self._apply_until(command)
+            return await command
+        finally:
+            command.cancel()  # (when the listener is closed meanwhile; else a no-op)
 
     async def _receive(self, timeout: float, until: asyncio.Future[Any] | None = None) -> int:
         """Wait ``timeout`` (or until ``until`` is done), applying the events as they arrive;

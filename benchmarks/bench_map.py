@@ -48,25 +48,29 @@ def syncmap_available() -> str | None:
     return None
 
 
+def _server_stats(port: int, section: str, entry: str) -> dict[str, Any]:
+    """One entry of a section of the server's ``INFO`` (empty if it has none)."""
+    import redis
+
+    with redis.Redis(host="127.0.0.1", port=port) as c:
+        return dict(c.info(section).get(entry, {}))
+
+
 def _server_calls(port: int, command: str) -> int:
-    import redis
-
-    with redis.Redis(host="127.0.0.1", port=port) as c:
-        stats = c.info("commandstats")
-    return int(stats.get(f"cmdstat_{command}", {}).get("calls", 0))
+    return int(_server_stats(port, "commandstats", f"cmdstat_{command}").get("calls", 0))
 
 
-def _server_latency(port: int, command: str, reset: bool = False) -> tuple[float, float]:
-    """The server's own time for ``command`` (p50, p99 µs, from ``INFO latencystats``) since
-    the last reset; ``reset``: reset the statistics first and return (0, 0)."""
-    import redis
-
-    with redis.Redis(host="127.0.0.1", port=port) as c:
-        if reset:
-            c.config_resetstat()
-            return 0.0, 0.0
-        stats = c.info("latencystats").get(f"latency_percentiles_usec_{command}", {})
+def _server_latency(port: int, command: str) -> tuple[float, float]:
+    """The server's own time for ``command`` (p50, p99 µs) since the statistics were reset."""
+    stats = _server_stats(port, "latencystats", f"latency_percentiles_usec_{command}")
     return float(stats.get("p50", 0.0)), float(stats.get("p99", 0.0))
+
+
+def _reset_server_stats(port: int) -> None:
+    import redis
+
+    with redis.Redis(host="127.0.0.1", port=port) as c:
+        c.config_resetstat()
 
 
 # ------------------------------------------------------------------------- (a) read hits
@@ -299,7 +303,7 @@ def bench_propagation(port: int) -> None:
     server: dict[str, list[tuple[float, float]]] = {}
     for _ in range(rounds):
         for kind, polite in kinds:
-            _server_latency(port, "", reset=True)
+            _reset_server_stats(port)
             inv, ack, lost = propagation(kind, port, per_round, polite)
             label = f"{kind} (reader sleeps 0 between polls)" if polite else kind
             write = "evalsha" if kind.startswith("syncmap") else "set"

@@ -182,17 +182,17 @@ async def test_changes_are_applied_while_the_probe_waits_for_its_answer(
     assert b._listener.reader == reader
     await a.set("k", 0)
     await cached(b, "k", 0)
-    probe = b._listener.client
-    read = probe.execute_command
+    probe = b._listener._driver
+    read = probe.perform
     held, let_go = asyncio.Event(), asyncio.Event()
 
-    async def slow_read(*args):
-        if args[0] == "HMGET" and not held.is_set():
+    async def slow_read(op):
+        if op.args[0] == "HMGET" and not held.is_set():
             held.set()
             await let_go.wait()
-        return await read(*args)
+        return await read(op)
 
-    monkeypatch.setattr(probe, "execute_command", slow_read)
+    monkeypatch.setattr(probe, "perform", slow_read)
     await asyncio.wait_for(held.wait(), 5)  # the next probe is in flight, and held
     for i in range(1, 4):
         await a.set("k", i)

@@ -55,6 +55,7 @@ from ._core.map_listen import (
     listen,
 )
 from ._core.ops import Command, Sleep
+from ._driver import AsyncDriver
 from ._errors import SyncMapError, translate_redis_error
 
 __all__ = ["AsyncListener", "SyncListener"]
@@ -489,6 +490,7 @@ class AsyncListener(_ListenerBase):
                 connection_class=pool.connection_class, **_pool_options(pool, timeout)
             )
         )
+        self._driver = AsyncDriver(self.client, address)  # the freshness probe's reads
         self.pubsub: Any = None
         self._raw: _RawSubscriber | None = None
         self._raw_writer: Any = None  # the redis-py stream whose socket _raw reads
@@ -547,15 +549,15 @@ class AsyncListener(_ListenerBase):
         if isinstance(op, Receive):
             return await self._receive(op.timeout)
         if isinstance(op, Command):
+            # through the driver, as every map and lock command: its connection is checked
+            # before use (redis-py 8.1's asyncio pool hands out ones the server has closed),
+            # and a read whose connection is lost is sent once more, at once
+            command = asyncio.ensure_future(self._driver.perform(op))
             try:
-                return await self._command(op.args)
-            except redis.asyncio.ConnectionError:
-                # redis-py 8.1's asyncio pool hands out a connection the server has closed
-                # unchecked (its check is off while maintenance notifications are "auto"),
-                # and the failed one is dropped: a read is tried once more, at once
-                if not op.idempotent:
-                    raise
-            return await self._command(op.args)
+                await self._apply_until(command)
+                return await command
+            finally:
+                command.cancel()  # (when the listener is closed meanwhile; else a no-op)
         if isinstance(op, PubsubPing):
             return await self.pubsub.ping(op.token)
         if isinstance(op, Sleep):
@@ -574,14 +576,6 @@ class AsyncListener(_ListenerBase):
             await self._unsubscribe()
             return None
         raise TypeError(f"unknown listener operation {op!r}")
-
-    async def _command(self, args: tuple[Any, ...]) -> Any:
-        command = asyncio.ensure_future(self.client.execute_command(*args))
-        try:
-            await self._apply_until(command)
-            return await command
-        finally:
-            command.cancel()  # (when the listener is closed meanwhile; else a no-op)
 
     async def _receive(self, timeout: float, until: asyncio.Future[Any] | None = None) -> int:
         """Wait ``timeout`` (or until ``until`` is done), applying the events as they arrive;

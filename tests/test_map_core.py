@@ -104,6 +104,45 @@ def test_placeholder_blocks_a_fill_older_than_a_seen_change():
     assert st.store.get("k").value == "newer"
 
 
+def test_a_write_installs_over_an_older_read_that_shared_its_placeholder():
+    """Read-your-writes with two threads of one node on one key (e.g. ``watch()`` reading
+    while the main thread writes): both reserve the key with the same placeholder; the read
+    (seq 10) installs before the write's reply (seq 11) is handled and before the write's own
+    change message arrived. The write's value still replaces the read's older one. The
+    other order: the older read does not replace the write's value."""
+    st, _ = synced()
+    read_ph = st.begin_fill("k")
+    write_ph = st.begin_fill("k")
+    assert st.finish_fill("k", read_ph, "old", 10, "E")
+    assert st.finish_fill("k", write_ph, "mine", 11, "E")
+    assert st.store.get("k").value == "mine" and st.store.get("k").version == 11
+    st.on_message(msg("E", 11, "k"))  # the write's own message: nothing newer
+    read_ph = st.begin_fill("k")
+    write_ph = st.begin_fill("k")
+    assert st.finish_fill("k", write_ph, "mine2", 13, "E")
+    assert not st.finish_fill("k", read_ph, "old2", 12, "E")
+    assert st.store.get("k").value == "mine2"
+
+
+def test_a_fill_does_not_install_into_another_fills_placeholder():
+    """A placeholder put there after this fill's own was dropped has not seen the changes
+    made in between (the key was not in the copy): only its own fill may install into it."""
+    st, _ = synced()
+    first = st.begin_fill("k")
+    st.on_message(msg("E", 11, "k"))  # marks first: its fill (seq 10) will not install
+    assert not st.finish_fill("k", first, "old", 10, "E")
+    assert st.store.get("k") is None
+    slow = st.begin_fill("k")  # a fill that began with no placeholder there
+    st.store.delete_if("k", lambda e: e is slow)  # e.g. evicted (LRU) while in flight
+    st.on_message(msg("E", 12, "k"))  # not in the copy: not recorded anywhere
+    later = st.begin_fill("k")
+    assert later is not slow
+    assert not st.finish_fill("k", slow, "stale", 11, "E")
+    assert st.store.get("k") is later
+    assert st.finish_fill("k", later, "new", 12, "E")
+    assert st.store.get("k").value == "new"
+
+
 def test_fill_guard_off_installs_phantoms():
     st, _ = synced()
     st.fill_guard = False

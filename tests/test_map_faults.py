@@ -4,6 +4,7 @@ killed, server restarted, FLUSHALL, server paused (SIGSTOP), listener stalled.""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 
@@ -11,6 +12,7 @@ import pytest
 
 import syncmap
 from servers import wait_until
+from syncmap._core.ops import Script
 from test_map_support import maps  # noqa: F401 (fixture)
 
 LONG = 60.0
@@ -72,6 +74,82 @@ def test_no_fill_race_forced_interleaving(maps, server, ns, guarded):
         assert a.get("k") == "new"
     else:
         assert a.get("k") == "old"  # the phantom value the placeholder prevents
+
+
+def test_own_write_wins_over_a_concurrent_read_of_the_same_node(maps, server, ns):
+    """Read-your-writes with two threads (tasks) of one node on one key, the interleaving
+    forced: a read fetches the old value and is held; the node writes the key (the write's
+    own change message is not processed: the listener is stalled); the held read installs
+    its older value before the write's reply is handled. The node must still read its own
+    write. (Before the fix the read's value stayed: CI caught it in the demo, whose
+    ``watch()`` thread reads every changed key while the main thread writes.)"""
+    a = maps(server.url, ns, max_staleness=LONG)
+    a.set("warm", 0)
+    cached(a, "warm", 0)
+    b = maps(server.url, ns, max_staleness=LONG)
+    b.set("k", "old")
+    a.stall_listener()
+    fetched, release = threading.Event(), threading.Event()
+    result = {}
+
+    def hold(key):
+        if key != "k" or fetched.is_set():
+            return None
+        fetched.set()
+        if a.kind == "sync":
+            release.wait(10)
+            return None
+
+        async def wait_async():
+            while not release.is_set():
+                await asyncio.sleep(0.001)
+
+        return wait_async()
+
+    def read():
+        result["v"] = a.get("k")
+
+    a.m._core.fill_hook = hold
+    reader = threading.Thread(target=read)
+    orig = a.m._driver.perform
+
+    def after_write(op):
+        return isinstance(op, Script) and op.name == "map_write" and not release.is_set()
+
+    if a.kind == "sync":
+
+        def perform(op):
+            reply = orig(op)
+            if after_write(op):
+                release.set()
+                reader.join(10)
+            return reply
+
+    else:
+
+        async def perform(op):
+            reply = await orig(op)
+            if after_write(op):
+                release.set()
+                while "v" not in result:
+                    await asyncio.sleep(0.001)
+            return reply
+
+    a.m._driver.perform = perform
+    reader.start()
+    try:
+        assert fetched.wait(5)
+        a.set("k", "mine")
+        reader.join(5)
+    finally:
+        release.set()
+        a.m._core.fill_hook = None
+        a.m._driver.perform = orig
+    assert result["v"] == "old"  # the read was concurrent with the write: fine
+    hits = a.stats.hits
+    assert a.get("k") == "mine"
+    assert a.stats.hits == hits + 1  # from the local copy: the write's value was installed
+    a.resume_listener()
 
 
 @pytest.mark.slow

@@ -27,9 +27,11 @@ returns "acknowledged".
    starve the listener task.
 3. **No fill race.** A fetch (or write) first reserves the key with a placeholder; a change
    message only marks the placeholder (a carried value is not installed in it); the fetched
-   value is installed only if its placeholder is still there, nothing newer than the read was
-   marked on it, and the copy was not reset meanwhile. A value read before a concurrent write
-   is never installed after that write's invalidation was processed.
+   value is installed only if nothing newer than the read was marked on it, the copy was not
+   reset meanwhile, and the key holds its placeholder or an older entry (concurrent fetches
+   and writes of one key in one node share a placeholder; the newest result wins). A value
+   read before a concurrent write is never installed after that write's invalidation was
+   processed, nor over the node's own write.
 4. **Lost invalidations: zero tolerance.** Messages must arrive as ``applied + 1``. A gap, a
    seq going backwards, another epoch, a malformed message of ours, a (re)subscription, a lost
    subscriber connection, or a reply carrying another epoch drops the whole local copy *before

@@ -14,8 +14,10 @@ What it tracks (for the map's one shard; the server numbers every change of the 
 
 Fill protocol (no fill race): before a fetch or a write the caller puts a :class:`Placeholder`
 in the local store; a change message for that key only *marks* the placeholder with its seq;
-the result is installed only if the same placeholder is still there, nothing newer than the
-result's version was marked on it, and the generation did not move. Invalidation of an entry
+the result is installed only if nothing newer than the result's version was marked on it, the
+generation did not move, and the key holds that placeholder or an older entry (concurrent
+fills of one key share one placeholder: a write's value replaces an older one that a
+concurrent read installed first, so a node reads its own write). Invalidation of an entry
 drops it only if its version is older than the message's seq: O(1) per message, never a scan.
 
 All mutations happen under ``mutex`` (injected: a lock for threads, or a null context).
@@ -260,7 +262,13 @@ class Coherence:
             ):
                 self._drop(key, ph)
                 return False
-            return self.store.replace(key, ph, Entry(value, version), ttl)
+            current = self.store.get(key)
+            if current is ph or (type(current) is Entry and current.version < version):
+                # An entry there came from a fill that shared this placeholder (so the changes
+                # seen before it were checked above) and took every change since: one older
+                # than ``version`` is replaced, e.g. a concurrent read's value by a write's.
+                return self.store.replace(key, current, Entry(value, version), ttl)
+            return False
 
     def _adopt_first_epoch(self, epoch: str | None, seq: int) -> bool:
         """(mutex held, synced) A map with no data when the copy was based (no epoch) got its

@@ -41,6 +41,7 @@ import contextlib
 import os
 import pickle
 import random
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Hashable, Iterable, Sequence
@@ -310,6 +311,7 @@ class NodeSpec:
     map_options: dict[str, Any] = field(default_factory=dict)
     setup: Callable[[Any], None] | None = None  # called with the map, in the child
     asyncio: bool = False  # an AsyncSyncMap on an event loop, instead of a SyncMap
+    readers: int = 0  # extra threads (tasks, under asyncio) of this node that only read
     out_path: str = ""
 
 
@@ -448,6 +450,13 @@ async def _node_main(
     ready.put(spec.node)
     if not await asyncio.to_thread(go.wait, 120):
         raise RuntimeError("never told to start")
+    readers = [_Readers(spec, i, int(start_at.value)) for i in range(spec.readers)]
+    if spec.asyncio:
+        reading: list[Any] = [asyncio.ensure_future(r.run_async(m)) for r in readers]
+    else:
+        reading = [threading.Thread(target=r.run, args=(m,)) for r in readers]
+        for t in reading:
+            t.start()
     steps = _steps(spec, history, int(start_at.value))
     result: Any = None
     error: Exception | None = None
@@ -464,6 +473,14 @@ async def _node_main(
                 result = await perform(step)
         except Exception as exc:
             error = exc
+    for r, t in zip(readers, reading, strict=True):
+        if spec.asyncio:
+            await t
+        else:
+            await asyncio.to_thread(t.join, 60)
+        history.reads += r.reads
+        for k, n in r.errors.items():
+            history.errors[k] += n
     with contextlib.suppress(Exception):
         history.stats = repr(m.stats)
     with contextlib.suppress(Exception):
@@ -471,6 +488,55 @@ async def _node_main(
         if spec.asyncio:
             await closed
             await anode.close()
+
+
+class _Readers:
+    """One more reader of the node's map, concurrent with its main workload (a thread of a
+    blocking node, a task of an asyncio one): reads of random keys back to back, from the
+    start time for ``duration_s``, at most ``max_ops``. Its reads are the node's reads: a
+    read that starts after one of the node's own writes was acknowledged must see it, whichever
+    thread wrote (read-your-writes is per node)."""
+
+    def __init__(self, spec: NodeSpec, index: int, start_at_ns: int) -> None:
+        self.spec = spec
+        self.rng = random.Random(spec.index * 104729 + index * 31 + os.getpid())
+        self.start_at_ns = start_at_ns
+        self.end_ns = start_at_ns + int(spec.duration_s * 1e9)
+        self.reads: list[Read] = []
+        self.errors: dict[str, int] = defaultdict(int)
+
+    def _next(self) -> str | None:
+        if len(self.reads) >= self.spec.max_ops or _now() >= self.end_ns:
+            return None
+        return self.rng.choice(self.spec.keys)
+
+    def _record(self, key: str, value: Any, t0: int) -> None:
+        self.reads.append(Read(self.spec.node, key, _token(value), t0, _now()))
+
+    def run(self, m: Any) -> None:
+        sleep_until(self.start_at_ns / 1e9)
+        while (key := self._next()) is not None:
+            t0 = _now()
+            try:
+                value = m.get(key)
+            except Exception as exc:
+                self.errors[f"read {type(exc).__name__}"] += 1
+                continue
+            self._record(key, value, t0)
+
+    async def run_async(self, m: Any) -> None:
+        import asyncio
+
+        await asyncio.sleep(max(0.0, (self.start_at_ns - _now()) / 1e9))
+        while (key := self._next()) is not None:
+            t0 = _now()
+            try:
+                value = await m.get(key)
+            except Exception as exc:
+                self.errors[f"read {type(exc).__name__}"] += 1
+                continue
+            self._record(key, value, t0)
+            await asyncio.sleep(0)  # local hits do not yield by themselves every time
 
 
 def _gap(rng: random.Random, mean_s: float) -> int:

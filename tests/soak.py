@@ -1,12 +1,15 @@
 """A fault soak for SyncMap: the multi-process checker (tests/checker.py) under a random mix of
 real faults, round after round. Not collected by pytest (too long for CI); run it by hand:
 
-    .venv/bin/python tests/soak.py --rounds 16 --seconds 10 [--asyncio] [--seed 0] [--trace DIR]
+    .venv/bin/python tests/soak.py --rounds 16 --seconds 10 [--asyncio] [--readers N] [--seed 0]
+        [--trace DIR]
 
 Each round starts 3 node processes on one private Valkey (modes alternate: "owned" keys with
 one writer each, and "rmw" read-modify-writes on shared keys); with ``--asyncio`` some nodes
-run an AsyncSyncMap (every third round all three). While they run, a fault every 0.4-1.2 s:
-subscriber, normal or all connections killed, the server paused (SIGSTOP) for 50-400 ms, or
+run an AsyncSyncMap (every third round all three); with ``--readers N`` every node has N more
+threads (tasks) that only read, so fills overlap the node's own writes. While they run, a
+fault every 0.4-1.2 s: subscriber, normal or all connections killed, the server paused
+(SIGSTOP) for 50-400 ms, or
 restarted empty. The checker then reports any read staler than the contract allows (100 ms
 propagation window; a restart is a reset every node may take up to the window to notice; a
 write acknowledged just as the server was stopped reaches the others once it runs again, so
@@ -122,7 +125,12 @@ def explain(report: Any, faults: list[tuple[int, int, str]], trace_dir: Path | N
 
 
 def one_round(
-    server: ServerProcess, rnd: int, seconds: float, asyncio_nodes: bool, trace_dir: Path | None
+    server: ServerProcess,
+    rnd: int,
+    seconds: float,
+    asyncio_nodes: bool,
+    trace_dir: Path | None,
+    readers: int = 0,
 ) -> bool:
     rng = random.Random(rnd)
     mode = "owned" if rnd % 2 == 0 else "rmw"
@@ -159,6 +167,7 @@ def one_round(
     specs = checks._specs(server.url, name, mode=mode, duration_s=seconds)
     if asyncio_nodes:
         specs = checks._asyncio(specs, "abc" if rnd % 3 == 0 else "bc")
+    specs = [dataclasses.replace(spec, readers=readers) for spec in specs]
     if trace_dir is not None:
         specs = [dataclasses.replace(spec, setup=trace) for spec in specs]
         for old in trace_dir.glob("*.txt"):
@@ -167,7 +176,7 @@ def one_round(
     writes = with_resets(paused(history.writes, pauses), resets, checks.KEYS)
     report = check(writes, history.reads, checks.WINDOW_REAL)
     acked = sum(1 for w in history.writes if w.acked)
-    kinds = "asyncio" if asyncio_nodes else "blocking"
+    kinds = ("asyncio" if asyncio_nodes else "blocking") + (f", {readers} readers" * bool(readers))
     print(f"round {rnd} ({mode}, {kinds}): {len(history.reads)} reads, {acked} acked writes")
     print("  faults: " + ", ".join(log))
     print("  " + ("no violation" if report.ok else report.summary(limit=5)))
@@ -184,6 +193,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--seed", type=int, default=0, help="first round's seed")
     parser.add_argument("--asyncio", action="store_true", help="AsyncSyncMap nodes too")
+    parser.add_argument("--readers", type=int, default=0, help="reading threads per node")
     parser.add_argument("--trace", type=Path, help="trace the listeners into this directory")
     args = parser.parse_args()
     if args.trace is not None:
@@ -192,7 +202,7 @@ def main() -> int:
     server = ServerProcess().start()
     try:
         results = [
-            one_round(server, rnd, args.seconds, args.asyncio, args.trace)
+            one_round(server, rnd, args.seconds, args.asyncio, args.trace, args.readers)
             for rnd in range(args.seed, args.seed + args.rounds)
         ]
     finally:

@@ -237,6 +237,7 @@ def run_demo(url: str | None, nodes: int = 4, seconds: float = 10.0, as_json: bo
     killed_id: str | None = None
     replacement: _Child | None = None
     tty = out.isatty()
+    last_ops: dict[str, tuple[float, int]] = {}
     try:
         while any(c.proc.poll() is None for c in children):
             time.sleep(0.5)
@@ -251,7 +252,7 @@ def run_demo(url: str | None, nodes: int = 4, seconds: float = 10.0, as_json: bo
                 replacement = _spawn(target, map_name, lock_name, "0-b", remaining, nodes)
                 children.append(replacement)
                 print(f"  killed node {killed_id} (SIGKILL); started node 0-b", file=out)
-            line = _progress_line(node, progress_key, now - started)
+            line = _progress_line(node, progress_key, now - started, killed_id, last_ops)
             if tty:
                 print("\r" + line, end="", file=out, flush=True)
             else:
@@ -281,17 +282,30 @@ def _text(raw: bytes | str) -> str:
     return raw.decode() if isinstance(raw, bytes) else raw
 
 
-def _progress_line(node: Node, progress_key: str, elapsed: float) -> str:
+def _progress_line(
+    node: Node,
+    progress_key: str,
+    elapsed: float,
+    killed: str | None,
+    last_ops: dict[str, tuple[float, int]],
+) -> str:
+    """One line of progress: each node's operations per second since the previous line (a
+    node's first line: since the demo began), and its local hit ratio so far."""
     raw = node.client.hgetall(progress_key)
     parts = []
     for k, v in sorted(raw.items()):
         name = _text(k)
         if ":" in name:
             continue
+        if name == killed:
+            parts.append(f"{name}: killed")
+            continue
         d = json.loads(v)
         hits, misses = d.get("hits", 0), d.get("misses", 0)
         ratio = hits / (hits + misses) if hits + misses else 0.0
-        rate = d["ops"] / max(elapsed, 1e-3)
+        then, ops_then = last_ops.get(name, (0.0, 0))
+        rate = (d["ops"] - ops_then) / max(elapsed - then, 1e-3)
+        last_ops[name] = (elapsed, d["ops"])
         parts.append(f"{name}: {rate:,.0f} ops/s hit {ratio:.0%}")
     return f"[{elapsed:5.1f}s] " + " | ".join(parts)
 

@@ -312,6 +312,7 @@ class NodeSpec:
     setup: Callable[[Any], None] | None = None  # called with the map, in the child
     asyncio: bool = False  # an AsyncSyncMap on an event loop, instead of a SyncMap
     readers: int = 0  # extra threads (tasks, under asyncio) of this node that only read
+    reader_rate: float = 0.0  # reads per second of each of them (0: back to back)
     out_path: str = ""
 
 
@@ -492,10 +493,10 @@ async def _node_main(
 
 class _Readers:
     """One more reader of the node's map, concurrent with its main workload (a thread of a
-    blocking node, a task of an asyncio one): reads of random keys back to back, from the
-    start time for ``duration_s``, at most ``max_ops``. Its reads are the node's reads: a
-    read that starts after one of the node's own writes was acknowledged must see it, whichever
-    thread wrote (read-your-writes is per node)."""
+    blocking node, a task of an asyncio one): reads of random keys, back to back or paced to
+    ``reader_rate``, from the start time for ``duration_s``, at most ``max_ops``. Its reads
+    are the node's reads: a read that starts after one of the node's own writes was
+    acknowledged must see it, whichever thread wrote (read-your-writes is per node)."""
 
     def __init__(self, spec: NodeSpec, index: int, start_at_ns: int) -> None:
         self.spec = spec
@@ -505,17 +506,26 @@ class _Readers:
         self.reads: list[Read] = []
         self.errors: dict[str, int] = defaultdict(int)
 
-    def _next(self) -> str | None:
-        if len(self.reads) >= self.spec.max_ops or _now() >= self.end_ns:
+    def _next(self) -> tuple[str, float] | None:
+        """The next key to read, and how long to wait before (pacing)."""
+        now = _now()
+        if len(self.reads) >= self.spec.max_ops or now >= self.end_ns:
             return None
-        return self.rng.choice(self.spec.keys)
+        wait = 0.0
+        if self.spec.reader_rate > 0:
+            due = self.start_at_ns + int(len(self.reads) * 1e9 / self.spec.reader_rate)
+            wait = max(0, due - now) / 1e9
+        return self.rng.choice(self.spec.keys), wait
 
     def _record(self, key: str, value: Any, t0: int) -> None:
         self.reads.append(Read(self.spec.node, key, _token(value), t0, _now()))
 
     def run(self, m: Any) -> None:
         sleep_until(self.start_at_ns / 1e9)
-        while (key := self._next()) is not None:
+        while (step := self._next()) is not None:
+            key, wait = step
+            if wait:
+                time.sleep(wait)
             t0 = _now()
             try:
                 value = m.get(key)
@@ -528,7 +538,10 @@ class _Readers:
         import asyncio
 
         await asyncio.sleep(max(0.0, (self.start_at_ns - _now()) / 1e9))
-        while (key := self._next()) is not None:
+        while (step := self._next()) is not None:
+            key, wait = step
+            if wait:
+                await asyncio.sleep(wait)
             t0 = _now()
             try:
                 value = await m.get(key)

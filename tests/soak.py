@@ -167,7 +167,8 @@ def one_round(
     specs = checks._specs(server.url, name, mode=mode, duration_s=seconds)
     if asyncio_nodes:
         specs = checks._asyncio(specs, "abc" if rnd % 3 == 0 else "bc")
-    specs = [dataclasses.replace(spec, readers=readers) for spec in specs]
+    # readers paced so that they last the round (back to back they reach max_ops in ~4 s)
+    specs = [dataclasses.replace(spec, readers=readers, reader_rate=20_000) for spec in specs]
     if trace_dir is not None:
         specs = [dataclasses.replace(spec, setup=trace) for spec in specs]
         for old in trace_dir.glob("*.txt"):

@@ -28,6 +28,29 @@ def cached(m, key, value):
     wait_until(hit, 5, what=f"{key!r} cached")
 
 
+def fill_holder(m, key):
+    """A ``fill_hook`` for map handle ``m`` that holds its first fetch of ``key`` between the
+    server's reply and the install until ``release`` is set (``fetched`` is set once it is
+    held); later fetches go through. Returns ``(hook, fetched, release)``."""
+    fetched, release = threading.Event(), threading.Event()
+
+    def hold(k):
+        if k != key or fetched.is_set():
+            return None
+        fetched.set()
+        if m.kind == "sync":
+            release.wait(10)
+            return None
+
+        async def wait_async():
+            while not release.is_set():
+                await asyncio.sleep(0.001)
+
+        return wait_async()
+
+    return hold, fetched, release
+
+
 @pytest.mark.parametrize("guarded", [True, False], ids=["placeholder", "no-placeholder"])
 def test_no_fill_race_forced_interleaving(maps, server, ns, guarded):
     """A fetch's reply is held between the server and the install; meanwhile another node
@@ -39,24 +62,7 @@ def test_no_fill_race_forced_interleaving(maps, server, ns, guarded):
     b.set("warm", 0)
     cached(a, "warm", 0)
     b.set("k", "old")
-    fetched, release = threading.Event(), threading.Event()
-
-    def hold(key):
-        if key != "k":
-            return None
-        fetched.set()
-        if a.kind == "sync":
-            release.wait(10)
-            return None
-
-        async def wait_async():
-            import asyncio
-
-            while not release.is_set():
-                await asyncio.sleep(0.001)
-
-        return wait_async()
-
+    hold, fetched, release = fill_holder(a, "k")
     a.m._core.fill_hook = hold
     result = {}
     reader = threading.Thread(target=lambda: result.setdefault("v", a.get("k")))
@@ -89,22 +95,8 @@ def test_own_write_wins_over_a_concurrent_read_of_the_same_node(maps, server, ns
     b = maps(server.url, ns, max_staleness=LONG)
     b.set("k", "old")
     a.stall_listener()
-    fetched, release = threading.Event(), threading.Event()
+    hold, fetched, release = fill_holder(a, "k")
     result = {}
-
-    def hold(key):
-        if key != "k" or fetched.is_set():
-            return None
-        fetched.set()
-        if a.kind == "sync":
-            release.wait(10)
-            return None
-
-        async def wait_async():
-            while not release.is_set():
-                await asyncio.sleep(0.001)
-
-        return wait_async()
 
     def read():
         result["v"] = a.get("k")

@@ -44,7 +44,7 @@ import random
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -313,6 +313,7 @@ class NodeSpec:
     asyncio: bool = False  # an AsyncSyncMap on an event loop, instead of a SyncMap
     readers: int = 0  # extra threads (tasks, under asyncio) of this node that only read
     reader_rate: float = 0.0  # reads per second of each of them (0: back to back)
+    delete_ratio: float = 0.0  # mode "owned": this share of the writes are deletes
     out_path: str = ""
 
 
@@ -359,7 +360,8 @@ class _NodeHistory:
     stats: str | None = None
 
 
-Step = tuple[Any, ...]  # ("sleep", s) | ("read", key) | ("set", key, token) | ("bump", key, token)
+Step = tuple[Any, ...]  # ("sleep", s) | ("read", key) | ("set", key, token) | ("del", key)
+# | ("bump", key, token)
 
 
 def _steps(spec: NodeSpec, history: _NodeHistory, start_at_ns: int) -> Any:
@@ -391,16 +393,21 @@ def _steps(spec: NodeSpec, history: _NodeHistory, start_at_ns: int) -> Any:
                 if spec.mode == "owned":
                     counters[key] += 1
                     order = (counters[key],)
+                value: str | None = token
+                if spec.mode == "owned" and rng.random() < spec.delete_ratio:
+                    value = None
                 t0 = _now()
                 try:
-                    if spec.mode == "owned":
-                        yield ("set", key, token)
-                    else:
+                    if spec.mode != "owned":
                         order = ((yield ("bump", key, token))["n"],)
-                    writes.append(Write(spec.node, key, token, order, t0, _now()))
+                    elif value is None:
+                        yield ("del", key)
+                    else:
+                        yield ("set", key, token)
+                    writes.append(Write(spec.node, key, value, order, t0, _now()))
                 except Exception as exc:  # may have landed: legal to read, no obligation
                     errors[f"write {type(exc).__name__}"] += 1
-                    writes.append(Write(spec.node, key, token, order, t0, _now(), False))
+                    writes.append(Write(spec.node, key, value, order, t0, _now(), False))
             next_write = _now() + _gap(rng, spec.write_interval_s)
             continue
         if now < next_read:
@@ -424,27 +431,22 @@ async def _node_main(
 
     import syncmap
 
-    perform: Callable[[Step], Awaitable[Any]]
     if spec.asyncio:
         anode = await syncmap.connect_async(spec.url)
         m: Any = await anode.map(spec.map_name, **spec.map_options)
-
-        async def perform(step: Step) -> Any:
-            if step[0] == "read":
-                return await m.get(step[1])
-            if step[0] == "set":
-                return await m.set(step[1], step[2])
-            return await m.update_item(step[1], _bump(step[2]))
-
     else:
         m = syncmap.connect(spec.url).map(spec.map_name, **spec.map_options)
 
-        async def perform(step: Step) -> Any:
-            if step[0] == "read":
-                return m.get(step[1])
-            if step[0] == "set":
-                return m.set(step[1], step[2])
-            return m.update_item(step[1], _bump(step[2]))
+    async def perform(step: Step) -> Any:
+        if step[0] == "read":
+            result = m.get(step[1])
+        elif step[0] == "set":
+            result = m.set(step[1], step[2])
+        elif step[0] == "del":
+            result = m.delete(step[1])
+        else:
+            result = m.update_item(step[1], _bump(step[2]))
+        return await result if spec.asyncio else result
 
     if spec.setup is not None:
         spec.setup(m)

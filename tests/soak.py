@@ -5,15 +5,15 @@ real faults, round after round. Not collected by pytest (too long for CI); run i
         [--trace DIR]
 
 Each round starts 3 node processes on one private Valkey (modes alternate: "owned" keys with
-one writer each, and "rmw" read-modify-writes on shared keys); with ``--asyncio`` some nodes
-run an AsyncSyncMap (every third round all three); with ``--readers N`` every node has N more
-threads (tasks) that only read, so fills overlap the node's own writes. While they run, a
-fault every 0.4-1.2 s: subscriber, normal or all connections killed, the server paused
-(SIGSTOP) for 50-400 ms, or
-restarted empty. The checker then reports any read staler than the contract allows (100 ms
-propagation window; a restart is a reset every node may take up to the window to notice; a
-write acknowledged just as the server was stopped reaches the others once it runs again, so
-its window ends 100 ms after the pause).
+one writer each, a fifth of its writes deletes, and "rmw" read-modify-writes on shared keys);
+with ``--asyncio`` some nodes run an AsyncSyncMap (every third round all three); with
+``--readers N`` every node has N more threads (tasks) that only read, so fills overlap the
+node's own writes. While they run, a fault every 0.4-1.2 s: subscriber, normal or all
+connections killed, the server paused (SIGSTOP) for 50-400 ms, or restarted empty. The
+checker then reports any read staler than the contract allows (100 ms propagation window; a
+restart is a reset every node may take up to the window to notice; a write acknowledged just
+as the server was stopped reaches the others once it runs again, so its window ends 100 ms
+after the pause).
 Run it on a quiet machine: a process starved of CPU for over 100 ms breaks the window without
 breaking the contract (whose bound is ``max_staleness``). Exit status 1 if any round had a
 violation.
@@ -165,6 +165,8 @@ def one_round(
 
     name = f"soak{rnd}-{time.monotonic_ns()}"
     specs = checks._specs(server.url, name, mode=mode, duration_s=seconds)
+    if mode == "owned":  # a fifth of the writes are deletes
+        specs = [dataclasses.replace(spec, delete_ratio=0.2) for spec in specs]
     if asyncio_nodes:
         specs = checks._asyncio(specs, "abc" if rnd % 3 == 0 else "bc")
     # readers paced so that they last the round (back to back they reach max_ops in ~4 s)

@@ -293,19 +293,30 @@ def test_real_syncmap_read_modify_write_no_violations(server, ns):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("workload", ["rmw", "owned-with-deletes"])
 @pytest.mark.parametrize("kind", ["sync", "asyncio"])
-def test_threads_of_a_node_read_its_own_writes(server, ns, kind):
+def test_threads_of_a_node_read_its_own_writes(server, ns, kind, workload):
     """Each node has two more threads (tasks, under asyncio) that only read, while its main
     one races the other nodes on the same keys (update_item) and reads too. Every thread of
     a node must see the node's acknowledged writes (window 0). As in ``fills_race_listener``,
     change messages only invalidate (reads fetch often) and only the listener thread applies
     them, so fills overlap the node's own writes of the same key: before 2379514 a read that
-    installed first hid the write from its own node (caught then in 10 of 12 runs: sync every
-    time, asyncio in 2 of 4)."""
+    installed first hid the write from its own node (the rmw workload caught it in 10 of 12
+    runs: sync every time, asyncio in 2 of 4). The second workload has each key written by one
+    node, a third of its writes deletes (a delete installs "absent" the way a write installs
+    its value); it caught the same bug in 1 of 6 runs: a node's own keys are fetched less."""
     _require_syncmap()
+    mode, deletes = ("rmw", 0.0) if workload == "rmw" else ("owned", 0.3)
     specs = [
-        replace(s, readers=2, write_interval_s=0.01, burst=4, asyncio=kind == "asyncio")
-        for s in _specs(server.url, ns, mode="rmw", setup=fills_race_listener)
+        replace(
+            s,
+            readers=2,
+            write_interval_s=0.01,
+            burst=4,
+            asyncio=kind == "asyncio",
+            delete_ratio=deletes,
+        )
+        for s in _specs(server.url, ns, mode=mode, setup=fills_race_listener)
     ]
     # The others' writes get a long window: with only the listener thread applying messages,
     # it lagged 100 ms behind four busy threads in 1 run of 8. Own writes still get none.

@@ -385,6 +385,59 @@ async def test_a_script_error_while_queueing_raises_at_once_and_spoils_nothing(a
     await api.do(lock.release())
 
 
+def test_one_lock_object_shared_by_threads_excludes_them(server, client, ns):
+    """As with ``threading.Lock``, one Lock object may be shared by a process's threads: each
+    acquisition is its own (its own token and place in the queue), so the threads exclude each
+    other, and a release by one never drops another's hold. A read-modify-write of a plain key
+    under it loses no update."""
+    node = syncmap.connect(server.url)
+    lock = node.lock(ns, ttl=10)
+    counter = f"{ns}:n"
+    client.set(counter, 0)
+    inside, overlaps = [0], [0]
+
+    def body():
+        for _ in range(100):
+            with lock:
+                inside[0] += 1
+                overlaps[0] += inside[0] != 1
+                client.set(counter, int(client.get(counter)) + 1)
+                inside[0] -= 1
+
+    threads = [threading.Thread(target=body, daemon=True) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads)
+    assert (int(client.get(counter)), overlaps[0]) == (400, 0)
+    assert lock.token is None and client.get(ns) is None
+    node.close()
+
+
+async def test_one_lock_object_shared_by_tasks_excludes_them(server, client, ns):
+    """The same for one AsyncLock shared by tasks."""
+    node = await syncmap.connect_async(server.url)
+    lock = node.lock(ns, ttl=10)
+    counter = f"{ns}:n"
+    client.set(counter, 0)
+    inside, overlaps = [0], [0]
+
+    async def body():
+        for _ in range(100):
+            async with lock:
+                inside[0] += 1
+                overlaps[0] += inside[0] != 1
+                value = int(await node.client.get(counter))
+                await node.client.set(counter, value + 1)
+                inside[0] -= 1
+
+    await asyncio.wait_for(asyncio.gather(*(body() for _ in range(4))), 60)
+    assert (int(client.get(counter)), overlaps[0]) == (400, 0)
+    assert lock.token is None and client.get(ns) is None
+    await node.close()
+
+
 def test_waiters_are_served_in_arrival_order_and_newcomers_cannot_barge(server, client, ns):
     node = syncmap.connect(server.url)
     holder = node.obtain(ns, 30)

@@ -579,6 +579,29 @@ async def test_auto_renew_reports_a_lost_lock(api, client, ns):
     assert client.get(ns) == b"stolen"
 
 
+def test_a_lost_hold_is_reported_on_leaving_even_when_another_thread_waits(server, client, ns):
+    """Lock objects shared by threads: the watchdog found thread A's hold lost (here: the key
+    was taken, then handed back, so A's release itself succeeds); thread B starts waiting on
+    the same object; leaving A's ``with`` block must still raise LockLost (B's acquisition,
+    not yet made, does not clear A's loss)."""
+    node = syncmap.connect(server.url)
+    lock = node.lock(ns, ttl=0.6, auto_renew=True, poll_interval=1.0)
+    lock.acquire()
+    value = client.get(ns)
+    client.set(ns, "stolen")
+    wait_until(lambda: lock.lost, what="the loss to be noticed")
+    client.set(ns, value, px=5000)  # A's value again: its release will find it
+    waiter = threading.Thread(target=lambda: lock.acquire(timeout=10), daemon=True)
+    waiter.start()
+    wait_until(lambda: queued(client, ns) == 1, what="B to queue")
+    with pytest.raises(LockLost):
+        lock.__exit__(None, None, None)  # leaving A's block
+    waiter.join(10)
+    assert not lock.lost and lock.token is not None  # B's acquisition is a new one
+    lock.release()
+    node.close()
+
+
 async def test_auto_renew_stops_at_max_hold(api, client, ns):
     lock = api.lock(ns, ttl=0.2, auto_renew=True, max_hold=0.5)
     await api.do(lock.acquire())

@@ -120,7 +120,8 @@ class _LockBase(Generic[N]):
         self._max_hold = max_hold
         self._on_lost = on_lost
         self._node = node
-        self._lost = False
+        self._last_token: str | None = None  # the latest acquisition's token
+        self._lost_token: str | None = None  # the latest acquisition the watchdog found lost
 
     # -- what a holder (and a guarded map write) reads --
 
@@ -154,8 +155,8 @@ class _LockBase(Generic[N]):
 
     @property
     def lost(self) -> bool:
-        """Whether the watchdog found the current acquisition lost (expired or taken)."""
-        return self._lost
+        """Whether the watchdog found the latest acquisition lost (expired or taken)."""
+        return self._lost_token is not None and self._lost_token == self._last_token
 
     def __repr__(self) -> str:
         held = f"held, fence={self.fence}" if self.token else "not held"
@@ -177,7 +178,6 @@ class _LockBase(Generic[N]):
     def _acquire_flow(
         self, token: str, backoffs: Iterator[float], deadline: float | None
     ) -> Flow[bool]:
-        self._lost = False
         return acquire_flow(self._state, token, backoffs, deadline, time.monotonic)
 
     def _watchdog(self, token: str) -> Flow[bool]:
@@ -186,21 +186,24 @@ class _LockBase(Generic[N]):
     def _mark_lost(self, token: str) -> None:
         if self._state.token != token:
             return
-        self._lost = True
+        self._lost_token = token
         if self._on_lost is not None:
             self._on_lost(self)
 
     @contextlib.contextmanager
     def _leaving(self, exc: BaseException | None) -> Iterator[None]:
         """Around the release that ends a ``with`` block: :class:`LockLost` if the lock was
-        lost meanwhile (only when the block itself is not raising)."""
+        lost meanwhile (only when the block itself is not raising). The acquisition is the
+        one held on entering: another thread (task) sharing this object may take the lock as
+        soon as it is released."""
+        token = self._state.token
         try:
             yield
         except LockNotHeld:
             if exc is None:
                 raise LockLost(f"lock {self.key!r} expired or was taken during the block") from None
             return
-        if exc is None and self._lost:
+        if exc is None and token is not None and self._lost_token == token:
             raise LockLost(f"lock {self.key!r} was lost during the block")
 
 
@@ -232,8 +235,10 @@ class Lock(_LockBase["Node"]):
                 with contextlib.suppress(Exception):
                     self._run(leave_flow(self._state, token))
             raise
-        if got and self._auto_renew:
-            self._start_watchdog(token)
+        if got:
+            self._last_token = token
+            if self._auto_renew:
+                self._start_watchdog(token)
         return got
 
     def release(self) -> None:
@@ -306,8 +311,10 @@ class AsyncLock(_LockBase["AsyncNode"]):
                 with contextlib.suppress(BaseException):
                     await asyncio.shield(cleanup)
             raise
-        if got and self._auto_renew:
-            self._watch_task = asyncio.create_task(self._watch(token))
+        if got:
+            self._last_token = token
+            if self._auto_renew:
+                self._watch_task = asyncio.create_task(self._watch(token))
         return got
 
     async def _watch(self, token: str) -> None:

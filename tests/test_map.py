@@ -505,6 +505,91 @@ def test_watch_yields_changes(server, ns):
         assert not b._state.watchers
 
 
+def test_update_checks_every_pair_before_writing(maps, server, ns):
+    """``update`` takes what ``dict.update`` takes; a bad key or value anywhere in it is a
+    typed error before the first write (MutableMapping's own update wrote the pairs before
+    the bad one)."""
+    m = maps(server.url, ns)
+    m.update({"a": 1}, b=2)
+    m.update([("c", 3)])
+    assert [m.get(k, fresh=True) for k in "abc"] == [1, 2, 3]
+    with pytest.raises(syncmap.SerializationError):
+        m.update({"x": 1, "y": object()})
+    with pytest.raises(syncmap.UnsupportedKey):
+        m.update([("x", 1), (5, 2)])
+    with pytest.raises(syncmap.InvalidArgument):
+        m.update(["x"])
+    assert m.get("x", fresh=True) is None and m.length() == 3
+
+
+def test_items_values_and_popitem(maps, server, ns):
+    m = maps(server.url, ns)
+    m.update({"a": 1, "b": [2], "c": None})
+    assert sorted(m.items()) == [("a", 1), ("b", [2]), ("c", None)]
+    assert sorted(map(str, m.values())) == ["1", "None", "[2]"]
+    popped = {}
+    for _ in range(3):
+        key, value = m.popitem()
+        popped[key] = value
+        assert m.get(key, "gone", fresh=True) == "gone"
+    assert popped == {"a": 1, "b": [2], "c": None}
+    with pytest.raises(KeyError):
+        m.popitem()
+
+
+def test_items_skip_keys_another_node_deleted_while_iterating(server, ns):
+    """Iterating a blocking map's items lists the keys first and reads each value as it
+    goes: a key that another node deleted in between is skipped, not a KeyError."""
+    with syncmap.connect(server.url) as node, node.map(ns) as a, node.map(ns) as b:
+        b.update({f"k{i}": i for i in range(5)})  # (not cached in a: a's reads ask the server)
+        items = iter(a.items())
+        first_key, _ = next(items)
+        for i in range(5):
+            if f"k{i}" != first_key:
+                b.delete(f"k{i}")
+        assert list(items) == []
+        a.set("v", 1)
+        values = iter(a.values())
+        assert next(values) in (1, int(first_key[1:]))
+
+
+async def test_async_watch_yields_changes(server, ns):
+    import contextlib
+
+    anode = await syncmap.connect_async(server.url)
+    a, b = await anode.map(ns), await anode.map(ns)
+    seen: list = []
+
+    async def watch():
+        async with contextlib.aclosing(b.watch(timeout=5)) as changes:
+            async for change in changes:
+                seen.append((change.op, change.key, change.value))
+                if change.op == "clear":
+                    return
+
+    task = asyncio.ensure_future(watch())
+    deadline = time.monotonic() + 5
+    while not b._state.watchers and time.monotonic() < deadline:
+        await asyncio.sleep(0.001)
+    await a.set("k", 1)
+    deadline = time.monotonic() + 5
+    while not seen and time.monotonic() < deadline:
+        await asyncio.sleep(0.001)
+    await a.delete("k")
+    await a.clear()
+    await asyncio.wait_for(task, 10)
+    assert seen[0] == ("set", "k", 1)
+    assert [op for op, _, _ in seen] == ["set", "del", "clear"] and seen[1][1] == "k"
+    assert not b._state.watchers
+    started = time.monotonic()
+    async for _ in b.watch(timeout=0.2):  # nothing happens: it ends at its timeout
+        pass
+    assert 0.15 < time.monotonic() - started < 2
+    await a.close()
+    await b.close()
+    await anode.close()
+
+
 def test_raw_subscriber_drains_in_order_and_keeps_a_backlog(monkeypatch):
     """The subscriber socket's own reader: events applied in the connection's order, a
     drain stopped by its limit leaves a backlog that is applied next time (not stranded)."""

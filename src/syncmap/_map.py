@@ -89,7 +89,15 @@ import queue
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterator, MutableMapping
+from collections.abc import (
+    AsyncIterator,
+    Callable,
+    ItemsView,
+    Iterator,
+    Mapping,
+    MutableMapping,
+    ValuesView,
+)
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
@@ -143,6 +151,50 @@ class MapChange:
 
 
 _OPS: Final = {"S": "set", "D": "del", "C": "clear"}
+
+
+def _pairs(other: Any, kwargs: dict[str, Any]) -> list[tuple[Any, Any]]:
+    """``dict.update``'s arguments as a list of pairs: a mapping (or anything with
+    ``keys()``), or an iterable of pairs; then the keyword arguments."""
+    if isinstance(other, Mapping):
+        pairs = list(other.items())
+    elif hasattr(other, "keys"):
+        pairs = [(key, other[key]) for key in other.keys()]  # noqa: SIM118 (dict.update's protocol)
+    else:
+        pairs = []
+        for item in other:
+            try:
+                key, value = item
+            except (TypeError, ValueError):
+                raise InvalidArgument(
+                    f"update() takes a mapping or (key, value) pairs, not {item!r}"
+                ) from None
+            pairs.append((key, value))
+    return pairs + list(kwargs.items())
+
+
+class _Items(ItemsView[str, Any]):
+    """A blocking map's items: the keys are listed when iteration starts, each value is read
+    then; a key deleted meanwhile (by any node) is skipped, not a KeyError."""
+
+    _mapping: SyncMap
+
+    def __iter__(self) -> Iterator[tuple[str, Any]]:
+        m = self._mapping
+        for key in m:
+            value = m.get(key, _MISSING)
+            if value is not _MISSING:
+                yield key, value
+
+
+class _Values(ValuesView[Any]):
+    """A blocking map's values (as :class:`_Items`)."""
+
+    _mapping: SyncMap
+
+    def __iter__(self) -> Iterator[Any]:
+        for _, value in _Items(self._mapping):
+            yield value
 
 
 def _check_options(
@@ -424,6 +476,23 @@ class SyncMap(_MapBase, MutableMapping[str, Any]):
     def setdefault(self, key: str, default: Any = None) -> Any:
         return self._run(self._core.setdefault(key, default))
 
+    def popitem(self) -> tuple[str, Any]:
+        """Remove and return some ``(key, value)`` (atomically: no other node can change the
+        value between the read and the removal); KeyError when the map is empty."""
+        return self._run(self._core.popitem())
+
+    def update(self, other: Any = (), /, **kwargs: Any) -> None:
+        """Write every pair (a mapping, pairs, keywords), as ``dict.update``. All keys and
+        values are checked and encoded before the first write: bad input writes nothing.
+        Each pair is its own write, not atomic together."""
+        self._run(self._core.update(_pairs(other, kwargs)))
+
+    def items(self) -> ItemsView[str, Any]:
+        return _Items(self)
+
+    def values(self) -> ValuesView[Any]:
+        return _Values(self)
+
     def clear(self) -> None:
         """Remove every entry (one script; every node drops its copy)."""
         self._run(self._core.clear())
@@ -551,6 +620,27 @@ class AsyncSyncMap(_MapBase):
     async def setdefault(self, key: str, default: Any = None) -> Any:
         return await self._run(self._core.setdefault(key, default))
 
+    async def popitem(self) -> tuple[str, Any]:
+        """As :meth:`SyncMap.popitem`."""
+        return await self._run(self._core.popitem())
+
+    async def update(self, other: Any = (), /, **kwargs: Any) -> None:
+        """As :meth:`SyncMap.update`."""
+        await self._run(self._core.update(_pairs(other, kwargs)))
+
+    async def items(self) -> list[tuple[str, Any]]:
+        """``(key, value)`` pairs: the keys are listed first, then each value is read; a key
+        deleted meanwhile is skipped."""
+        pairs = []
+        for key in await self.keys():
+            value = await self.get(key, _MISSING)
+            if value is not _MISSING:
+                pairs.append((key, value))
+        return pairs
+
+    async def values(self) -> list[Any]:
+        return [value for _, value in await self.items()]
+
     async def clear(self) -> None:
         await self._run(self._core.clear())
 
@@ -575,6 +665,25 @@ class AsyncSyncMap(_MapBase):
         if value is not _MISSING:
             return value
         return await self._run(self._core.get_or_load(key, loader, ttl, timeout))
+
+    async def watch(self, timeout: float | None = None) -> AsyncIterator[MapChange]:
+        """As :meth:`SyncMap.watch`: ``async for change in m.watch(timeout=...)``."""
+        changes: asyncio.Queue[Change] = asyncio.Queue()
+        self._state.watchers.append(changes.put_nowait)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            while True:
+                wait = None if deadline is None else deadline - time.monotonic()
+                if wait is not None and wait <= 0:
+                    return
+                try:
+                    change = await asyncio.wait_for(changes.get(), wait)
+                except TimeoutError:
+                    return
+                value = await self.get(change.key) if change.op == "S" else None
+                yield MapChange(_OPS[change.op], change.key, value)
+        finally:
+            self._state.watchers.remove(changes.put_nowait)
 
     async def close(self) -> None:
         if not self._closed:

@@ -6,7 +6,7 @@ performs them. Input is checked before the first yield, so bad input never reach
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
@@ -279,11 +279,25 @@ class MapCore:
     def set(self, key: object, value: Any, ttl: float | None, guard: Any) -> MapFlow[None]:
         k = self.check_key(key)
         payload = self.encode(value)
-        px = self.px(ttl)
+        yield from self._set_encoded(k, value, payload, self.px(ttl), guard)
+
+    def _set_encoded(
+        self, k: str, value: Any, payload: bytes, px: int, guard: Any = None
+    ) -> MapFlow[None]:
         keep = self.local_copy(value, payload)
         yield from self._write(
             "set", k, payload=payload, px=px, guard=guard, install=lambda status, rec: keep
         )
+
+    def update(self, pairs: Iterable[tuple[object, Any]]) -> MapFlow[None]:
+        """Write each pair in turn. Every key and value is checked and encoded before the
+        first write, so bad input writes nothing. Each pair is its own write (not atomic
+        together): a server failure part-way leaves the earlier pairs written."""
+        checked = [(self.check_key(key), value) for key, value in pairs]
+        encoded = [(k, value, self.encode(value)) for k, value in checked]
+        px = self.px(None)
+        for k, value, payload in encoded:
+            yield from self._set_encoded(k, value, payload, px)
 
     def delete(self, key: object, guard: Any) -> MapFlow[bool]:
         k = self.check_key(key)
@@ -299,6 +313,25 @@ class MapCore:
         if status != 1:
             return default
         return self.decode_value(record)
+
+    def popitem(self) -> MapFlow[tuple[str, Any]]:
+        """Remove and return some ``(key, value)``: a few live keys are listed from the index
+        and popped in turn (each pop atomic) until one still existed; :class:`KeyError` when
+        the map is empty."""
+        for _ in range(64):
+            now = yield Command(("TIME",))
+            now_ms = int(now[0]) * 1000 + int(now[1]) // 1000
+            members = yield Command(
+                ("ZRANGE", self.keys.idx, f"({now_ms}", "+inf", "BYSCORE", "LIMIT", 0, 8)
+            )
+            if not members:
+                raise KeyError("popitem(): the map is empty")
+            for member in members:
+                k = member.decode("utf-8") if isinstance(member, bytes) else str(member)
+                value = yield from self.pop(k, ABSENT)
+                if value is not ABSENT:
+                    return k, value
+        raise ServerError("popitem(): gave up after 64 rounds of keys deleted by others")
 
     def setdefault(self, key: object, default: Any) -> MapFlow[Any]:
         k = self.check_key(key)

@@ -430,13 +430,15 @@ def test_seq_bumped_on_server_is_a_gap(maps, server, ns, client):
     assert b.stats.local_size <= 1
 
 
+class Guard:
+    """What a guarded write reads of a held Lock."""
+
+    def __init__(self, key, token, fence):
+        self.key, self.token, self.fence = key, token, fence
+
+
 def test_guarded_writes_by_hand(maps, server, ns, client):
     """A lock key in redislock format (token + metadata), and a holder-like guard object."""
-
-    class Guard:
-        def __init__(self, key, token, fence):
-            self.key, self.token, self.fence = key, token, fence
-
     m = maps(server.url, ns)
     lock_key = f"{{{ns}}}:writer"
     client.set(lock_key, "tokenA" + "meta")
@@ -461,6 +463,42 @@ def test_guarded_writes_by_hand(maps, server, ns, client):
     with pytest.raises(syncmap.InvalidArgument):
         m.set("k", 6, guard="not a lock")
     assert m.get("k", fresh=True) == 3
+
+
+def test_every_write_takes_a_guard(maps, server, ns, client):
+    """Not only set: delete, pop, popitem, setdefault, compare_and_set, update_item and incr
+    are refused on the server for a holder that a newer one superseded, and write nothing;
+    the current holder's go through."""
+    m = maps(server.url, ns)
+    lock_key = f"{{{ns}}}:writer"
+    client.set(lock_key, "tokenB")
+    old, new = Guard(lock_key, "tokenA", 10), Guard(lock_key, "tokenB", 11)
+    m.set("k", 1, guard=new)
+    m.set("n", 5, guard=new)
+    refused = {
+        "delete": lambda: m.delete("k", guard=old),
+        "pop": lambda: m.pop("k", guard=old),
+        "popitem": lambda: m.popitem(guard=old),
+        "setdefault": lambda: m.setdefault("new", 1, guard=old),
+        "compare_and_set": lambda: m.compare_and_set("k", 1, 2, guard=old),
+        "update_item": lambda: m.update_item("k", lambda v: v + 1, guard=old),
+        "incr": lambda: m.incr("n", guard=old),
+    }
+    for name, call in refused.items():
+        with pytest.raises(syncmap.GuardRejected):
+            call()
+            pytest.fail(f"{name} with a superseded guard was not refused")
+    assert [m.get(k, fresh=True) for k in ("k", "n", "new")] == [1, 5, None]
+    with pytest.raises(syncmap.InvalidArgument):
+        m.incr("n", guard="not a lock")
+    assert m.incr("n", guard=new) == 6
+    assert m.update_item("k", lambda v: v + 1, guard=new) == 2
+    assert m.setdefault("new", 7, guard=new) == 7
+    assert m.pop("new", guard=new) == 7
+    assert m.compare_and_set("k", 2, 3, guard=new)
+    assert m.delete("k", guard=new)
+    assert m.popitem(guard=new) == ("n", 6)
+    assert m.length() == 0
 
 
 def test_guarded_writes_with_a_real_lock(server, ns):

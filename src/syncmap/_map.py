@@ -57,7 +57,8 @@ returns "acknowledged".
    (releasing the lock in the same script); the others poll (2 ms doubling to 50 ms) until the
    value exists, or take over if the loader failed; :class:`~syncmap.NotObtained` after
    ``timeout``.
-9. **Guarded writes.** ``set(..., guard=lock)`` is rejected by the server
+9. **Guarded writes.** ``set(..., guard=lock)`` (and ``delete``, ``pop``, ``popitem``,
+   ``setdefault``, ``compare_and_set``, ``update_item``, ``incr``) is rejected by the server
    (:class:`~syncmap.GuardRejected`) unless the lock key still holds the lock's token and the
    lock's fence is not older than the highest fence that already wrote to this map. The
    lock's key must share the map's hash slot on a Cluster: name it with the map's hash tag,
@@ -465,21 +466,21 @@ class SyncMap(_MapBase, MutableMapping[str, Any]):
         if not self._run(self._core.delete(key, None)):
             raise KeyError(key)
 
-    def pop(self, key: str, default: Any = _MISSING) -> Any:
-        value = self._run(self._core.pop(key, ABSENT))
+    def pop(self, key: str, default: Any = _MISSING, *, guard: Any = None) -> Any:
+        value = self._run(self._core.pop(key, ABSENT, guard))
         if value is ABSENT:
             if default is _MISSING:
                 raise KeyError(key)
             return default
         return value
 
-    def setdefault(self, key: str, default: Any = None) -> Any:
-        return self._run(self._core.setdefault(key, default))
+    def setdefault(self, key: str, default: Any = None, *, guard: Any = None) -> Any:
+        return self._run(self._core.setdefault(key, default, guard))
 
-    def popitem(self) -> tuple[str, Any]:
+    def popitem(self, *, guard: Any = None) -> tuple[str, Any]:
         """Remove and return some ``(key, value)`` (atomically: no other node can change the
         value between the read and the removal); KeyError when the map is empty."""
-        return self._run(self._core.popitem())
+        return self._run(self._core.popitem(guard))
 
     def update(self, other: Any = (), /, **kwargs: Any) -> None:
         """Write every pair (a mapping, pairs, keywords), as ``dict.update``. All keys and
@@ -504,15 +505,21 @@ class SyncMap(_MapBase, MutableMapping[str, Any]):
         return self._run(self._core.compare_and_set(key, expected, new, ttl, guard))
 
     def update_item(
-        self, key: str, fn: Callable[[Any], Any], default: Any = None, ttl: float | None = None
+        self,
+        key: str,
+        fn: Callable[[Any], Any],
+        default: Any = None,
+        ttl: float | None = None,
+        *,
+        guard: Any = None,
     ) -> Any:
         """Atomically replace the value ``v`` of ``key`` (``default`` if absent) by ``fn(v)``;
         ``fn`` may run more than once under contention. Returns the new value."""
-        return self._run(self._core.update_item(key, fn, default, ttl))
+        return self._run(self._core.update_item(key, fn, default, ttl, guard))
 
-    def incr(self, key: str, amount: int = 1) -> int:
+    def incr(self, key: str, amount: int = 1, *, guard: Any = None) -> int:
         """Atomically add ``amount`` to the integer counter ``key`` (absent: 0)."""
-        return self._run(self._core.incr(key, amount))
+        return self._run(self._core.incr(key, amount, guard))
 
     def get_or_load(
         self, key: str, loader: Callable[[], Any], ttl: float | None = None, timeout: float = 10.0
@@ -609,20 +616,20 @@ class AsyncSyncMap(_MapBase):
     async def delete(self, key: str, guard: Any = None) -> bool:
         return await self._run(self._core.delete(key, guard))
 
-    async def pop(self, key: str, default: Any = _MISSING) -> Any:
-        value = await self._run(self._core.pop(key, ABSENT))
+    async def pop(self, key: str, default: Any = _MISSING, *, guard: Any = None) -> Any:
+        value = await self._run(self._core.pop(key, ABSENT, guard))
         if value is ABSENT:
             if default is _MISSING:
                 raise KeyError(key)
             return default
         return value
 
-    async def setdefault(self, key: str, default: Any = None) -> Any:
-        return await self._run(self._core.setdefault(key, default))
+    async def setdefault(self, key: str, default: Any = None, *, guard: Any = None) -> Any:
+        return await self._run(self._core.setdefault(key, default, guard))
 
-    async def popitem(self) -> tuple[str, Any]:
+    async def popitem(self, *, guard: Any = None) -> tuple[str, Any]:
         """As :meth:`SyncMap.popitem`."""
-        return await self._run(self._core.popitem())
+        return await self._run(self._core.popitem(guard))
 
     async def update(self, other: Any = (), /, **kwargs: Any) -> None:
         """As :meth:`SyncMap.update`."""
@@ -650,12 +657,18 @@ class AsyncSyncMap(_MapBase):
         return await self._run(self._core.compare_and_set(key, expected, new, ttl, guard))
 
     async def update_item(
-        self, key: str, fn: Callable[[Any], Any], default: Any = None, ttl: float | None = None
+        self,
+        key: str,
+        fn: Callable[[Any], Any],
+        default: Any = None,
+        ttl: float | None = None,
+        *,
+        guard: Any = None,
     ) -> Any:
-        return await self._run(self._core.update_item(key, fn, default, ttl))
+        return await self._run(self._core.update_item(key, fn, default, ttl, guard))
 
-    async def incr(self, key: str, amount: int = 1) -> int:
-        return await self._run(self._core.incr(key, amount))
+    async def incr(self, key: str, amount: int = 1, *, guard: Any = None) -> int:
+        return await self._run(self._core.incr(key, amount, guard))
 
     async def get_or_load(
         self, key: str, loader: Callable[[], Any], ttl: float | None = None, timeout: float = 10.0

@@ -306,18 +306,21 @@ class MapCore:
         )
         return status == 1
 
-    def pop(self, key: object, default: Any) -> MapFlow[Any]:
+    def pop(self, key: object, default: Any, guard: Any = None) -> MapFlow[Any]:
         """The removed value, else ``default`` (``ABSENT`` if none was given)."""
         k = self.check_key(key)
-        status, record = yield from self._write("del", k, install=lambda status, rec: ABSENT)
+        status, record = yield from self._write(
+            "del", k, guard=guard, install=lambda status, rec: ABSENT
+        )
         if status != 1:
             return default
         return self.decode_value(record)
 
-    def popitem(self) -> MapFlow[tuple[str, Any]]:
+    def popitem(self, guard: Any = None) -> MapFlow[tuple[str, Any]]:
         """Remove and return some ``(key, value)``: a few live keys are listed from the index
         and popped in turn (each pop atomic) until one still existed; :class:`KeyError` when
         the map is empty."""
+        self.guard_args(guard)
         for _ in range(64):
             now = yield Command(("TIME",))
             now_ms = int(now[0]) * 1000 + int(now[1]) // 1000
@@ -328,12 +331,12 @@ class MapCore:
                 raise KeyError("popitem(): the map is empty")
             for member in members:
                 k = member.decode("utf-8") if isinstance(member, bytes) else str(member)
-                value = yield from self.pop(k, ABSENT)
+                value = yield from self.pop(k, ABSENT, guard)
                 if value is not ABSENT:
                     return k, value
         raise ServerError("popitem(): gave up after 64 rounds of keys deleted by others")
 
-    def setdefault(self, key: object, default: Any) -> MapFlow[Any]:
+    def setdefault(self, key: object, default: Any, guard: Any = None) -> MapFlow[Any]:
         k = self.check_key(key)
         payload = self.encode(default)
         px = self.px(None)
@@ -342,7 +345,9 @@ class MapCore:
         def install(status: int, record: Any) -> Any:
             return keep if status == 1 else self.decode_value(record)
 
-        status, record = yield from self._write("setnx", k, payload=payload, px=px, install=install)
+        status, record = yield from self._write(
+            "setnx", k, payload=payload, px=px, guard=guard, install=install
+        )
         return keep if status == 1 else self.decode_value(record)
 
     def compare_and_set(
@@ -377,12 +382,18 @@ class MapCore:
         raise ServerError(f"compare_and_set({k!r}): gave up after 64 conflicting attempts")
 
     def update_item(
-        self, key: object, fn: Callable[[Any], Any], default: Any, ttl: float | None
+        self,
+        key: object,
+        fn: Callable[[Any], Any],
+        default: Any,
+        ttl: float | None,
+        guard: Any = None,
     ) -> MapFlow[Any]:
         if not callable(fn):
             raise InvalidArgument(f"update_item needs a callable, not {type(fn).__name__}")
         k = self.check_key(key)
         px = self.px(ttl)
+        self.guard_args(guard)
         for attempt in range(64):
             reply = yield Script("map_get", (self.keys.meta, self.keys.record(k)), ())
             if reply[4]:
@@ -402,6 +413,7 @@ class MapCore:
                 payload=payload,
                 px=px,
                 expected=version,
+                guard=guard,
                 install=_keep_if_written(keep),
             )
             if status == 1:
@@ -410,7 +422,7 @@ class MapCore:
                 yield Sleep(min(0.001 * attempt, 0.05))
         raise ServerError(f"update_item({k!r}): gave up after 64 conflicting attempts")
 
-    def incr(self, key: object, amount: int) -> MapFlow[int]:
+    def incr(self, key: object, amount: int, guard: Any = None) -> MapFlow[int]:
         if isinstance(amount, bool) or not isinstance(amount, int) or abs(amount) >= 2**53:
             raise InvalidArgument(f"incr amount must be an int below 2**53, not {amount!r}")
         k = self.check_key(key)
@@ -421,7 +433,7 @@ class MapCore:
                     raise InvalidArgument(f"incr: the value of {k!r} is not an integer counter")
                 return value + amount
 
-            result = yield from self.update_item(k, add, 0, None)
+            result = yield from self.update_item(k, add, 0, None, guard)
             return int(result)
         px = self.px(None)
         box: list[int] = []
@@ -432,7 +444,7 @@ class MapCore:
 
         yield from self._write(
             "incr", k, payload=str(amount).encode(), px=px, expected=self.incr_codec,
-            install=install,
+            guard=guard, install=install,
         )  # fmt: skip
         return box[0]
 

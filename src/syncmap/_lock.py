@@ -45,6 +45,7 @@ from ._core.lock import (
     check_metadata,
     check_names,
     check_timeout,
+    check_token,
     check_ttl,
     leave_flow,
     locked_flow,
@@ -363,9 +364,11 @@ def _obtaining(
 ) -> tuple[L, tuple[str, Iterator[float], float | None]]:
     retry = check_strategy(options.pop("retry", None) or NoRetry())
     timeout = options.pop("timeout", None)
+    own_token = check_token(options.pop("token", None))
     lock = kind(node, name, ttl, **options)
     wait = lock._state.ttl_ms / 1000 if timeout is None else timeout
-    return lock, lock._plan(True, wait, retry)
+    token, backoffs, deadline = lock._plan(True, wait, retry)
+    return lock, (own_token or token, backoffs, deadline)
 
 
 def _multi(keys: object) -> tuple[str, ...]:

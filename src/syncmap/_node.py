@@ -193,7 +193,9 @@ class Node(_NodeBase):
         return Lock(self._on(_lock_key(name), False), name, **options)
 
     def obtain(self, key: str, ttl: float, **options: Any) -> Lock:
-        """redislock's Obtain: a held :class:`Lock`, or :class:`NotObtained`."""
+        """redislock's Obtain: a held :class:`Lock`, or :class:`NotObtained`. Options: those
+        of :meth:`lock`, ``retry`` (a retry strategy), ``timeout``, and ``token`` (your own
+        token instead of a random one: its holder may obtain the lock again)."""
         from ._lock import obtain
 
         return obtain(self._on(_lock_key(key), False), key, ttl, **options)

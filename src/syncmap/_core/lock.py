@@ -12,8 +12,9 @@ Companion keys, all in the lock key's hash slot (``{tag}`` = the key's hash tag)
 
 * ``syncmap:fence:{tag}:<name>`` HASH: ``n`` = fencing counter, bumped by every syncmap
   acquisition (so every holder's :attr:`fence` is larger than all earlier ones; the key has no
-  TTL, because a counter that expired would restart), ``released`` = the last released token
-  (makes a retried release idempotent when its first answer was lost);
+  TTL, because a counter that expired would restart), ``released`` = the last release's
+  acquisition, as ``"<token> <fence>"`` (makes a retried release idempotent when its first
+  answer was lost);
 * ``syncmap:lockq:{tag}:<name>`` ZSET: the waiter queue (token -> arrival order);
 * ``syncmap:lockw:{tag}:<name>:<token>`` string: one waiter's registration (``ttl value``),
   expiring with the waiter's lifetime (``PX``): a queued token without one is a dead waiter;
@@ -52,6 +53,7 @@ __all__ = [
     "acquire_flow",
     "check_metadata",
     "check_names",
+    "check_token",
     "check_timeout",
     "check_ttl",
     "leave_flow",
@@ -92,6 +94,21 @@ def check_ttl(ttl: object, what: str = "ttl") -> int:
     if ms > MAX_TTL_MS:
         raise InvalidArgument(f"{what} of {ttl!r} s is over the limit of {MAX_TTL_MS // 1000} s")
     return ms
+
+
+MAX_TOKEN_BYTES = 256
+
+
+def check_token(token: object) -> str | None:
+    """A caller's own token (redislock's ``Token`` option), or ``None`` for a random one."""
+    if token is None:
+        return None
+    if not isinstance(token, str):
+        raise InvalidArgument(f"token must be a str or None, not {type(token).__name__}")
+    size = len(token.encode("utf-8", "surrogatepass"))
+    if not token or size > MAX_TOKEN_BYTES:
+        raise InvalidArgument(f"token must be 1 to {MAX_TOKEN_BYTES} bytes, not {size}")
+    return token
 
 
 def check_metadata(metadata: object) -> str:
@@ -300,7 +317,9 @@ def _obtain_multi(
 ) -> Flow[bool]:
     value = token + state.metadata
     while True:
-        fences = yield Script("lock_obtain_multi", state.keys.multi_keys, (value, state.ttl_ms))
+        fences = yield Script(
+            "lock_obtain_multi", state.keys.multi_keys, (value, state.ttl_ms, token)
+        )
         if fences:
             state.took(token, fences)
             return True
@@ -315,20 +334,26 @@ def leave_flow(state: LockState, token: str) -> Flow[None]:
     ``token`` meanwhile (its caller never learnt so), release it to the next waiter."""
     value = token + state.metadata
     args = (value, token, 0, "leave", 0, state.keys.registration_prefixes[0])
-    got, _ = yield Script("lock_acquire", (*state.keys.script_keys, state.keys.wake(token)), args)
+    got, fence = yield Script(
+        "lock_acquire", (*state.keys.script_keys, state.keys.wake(token)), args
+    )
     if got:
-        yield Script("lock_release", state.keys.script_keys, _release_args(state, token, value))
+        yield Script(
+            "lock_release", state.keys.script_keys, _release_args(state, token, fence, value)
+        )
 
 
-def _release_args(state: LockState, token: str, value: str) -> tuple[str, ...]:
-    return (value, token, *state.keys.release_prefixes)
+def _release_args(state: LockState, token: str, fence: Any, value: str) -> tuple[str, ...]:
+    """``lock_release.lua``'s arguments: the value, the acquisition's mark (token and first
+    fence: a custom token may be used again, a fence never), the per-lock key prefixes."""
+    return (value, f"{token} {fence}", *state.keys.release_prefixes)
 
 
 def release_flow(state: LockState) -> Flow[None]:
     """Release; the token is forgotten only once the server has answered."""
     token, value = state.held("release")
     answer = yield Script(
-        "lock_release", state.keys.script_keys, _release_args(state, token, value)
+        "lock_release", state.keys.script_keys, _release_args(state, token, state.fence, value)
     )
     state.forget(token)
     if answer == 0:

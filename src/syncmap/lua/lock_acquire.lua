@@ -47,13 +47,20 @@ local function held(n)
   return {1, n}
 end
 
+-- ours: the value starts with this token. Handed over to it by a release; or taken again with
+-- a caller's own token (redislock's custom token: its holder may obtain it again, which
+-- rewrites the value and renews the TTL; the fence stays).
 local current = redis.call("GET", lock)
-if current == value or mode == "leave" then
+local ours = current and string.sub(current, 1, #token) == token
+if ours or mode == "leave" then
   unregister()
   if KEYS[4] then
     redis.call("DEL", KEYS[4])
   end
-  if current == value then
+  if ours then
+    if mode ~= "leave" then
+      redis.call("SET", lock, value, "PX", ARGV[3])
+    end
     return held(tonumber(redis.call("HGET", fence, "n") or "0"))
   end
   return {0, 0}

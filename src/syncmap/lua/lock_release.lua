@@ -2,17 +2,21 @@
 -- first live waiter (the waiter is woken through its own list, with its fencing number).
 -- KEYS: for each lock i, three keys: lock, fence hash, waiter queue (see lock_acquire.lua);
 --       all share one hash slot.
--- ARGV[1] value (token .. metadata)   ARGV[2] token
+-- ARGV[1] value (token .. metadata)
+-- ARGV[2] this acquisition's mark: its token and (first) fence, e.g. "<token> 42"; the last
+--         release of each lock leaves it in the fence hash ("released"), so that a retried
+--         release is recognised, and a token used again (a caller's own) is not mistaken
+--         for its earlier acquisition
 -- ARGV[2 + 2i + 1] wake-list prefix of lock i, ARGV[2 + 2i + 2] its registration key prefix
 --       (the waiter's token is appended to each)
--- Returns 1 released; 2 not held now, but this token's release already happened (a retried
+-- Returns 1 released; 2 not held now, but this acquisition's release already happened (a retried
 -- release whose first answer was lost); 0 not held (expired, or taken by another holder).
-local value, token = ARGV[1], ARGV[2]
+local value, mark = ARGV[1], ARGV[2]
 local n = #KEYS / 3
 
 for i = 0, n - 1 do
   if redis.call("GET", KEYS[3 * i + 1]) ~= value then
-    if redis.call("HGET", KEYS[3 * i + 2], "released") == token then
+    if redis.call("HGET", KEYS[3 * i + 2], "released") == mark then
       return 2
     end
     return 0
@@ -21,7 +25,7 @@ end
 
 for i = 0, n - 1 do
   local lock, fence, queue = KEYS[3 * i + 1], KEYS[3 * i + 2], KEYS[3 * i + 3]
-  redis.call("HSET", fence, "released", token)
+  redis.call("HSET", fence, "released", mark)
   local handed = false
   while not handed do
     local head = redis.call("ZPOPMIN", queue)[1]

@@ -158,6 +158,7 @@ async def test_another_holder_after_expiry_has_a_higher_fence(api, client, ns):
         ((10,), {"retry": [-1.0]}, InvalidArgument),
         ((10,), {"timeout": -2}, InvalidArgument),
         ((10,), {"token": ""}, InvalidArgument),
+        ((10,), {"token": "short"}, InvalidArgument),
         ((10,), {"token": 5}, InvalidArgument),
         ((10,), {"token": "t" * 257}, InvalidArgument),
     ],
@@ -173,18 +174,18 @@ async def test_obtain_with_a_custom_token(api, client, ns):
     the lock again (the value is rewritten, the TTL renewed, the fence kept); anyone else is
     refused. A later acquisition under the same token is its own: when it expires, its
     release raises LockNotHeld (it is not mistaken for the earlier, released one)."""
-    first = await api.obtain(ns, 5, token="pod-7", metadata="m1")
-    assert client.get(ns) == b"pod-7m1" and first.token == "pod-7"
+    first = await api.obtain(ns, 5, token="pod-0007", metadata="m1")
+    assert client.get(ns) == b"pod-0007m1" and first.token == "pod-0007"
     client.pexpire(ns, 1000)
-    again = await api.obtain(ns, 5, token="pod-7", metadata="m2")
-    assert client.get(ns) == b"pod-7m2" and client.pttl(ns) > 4000
+    again = await api.obtain(ns, 5, token="pod-0007", metadata="m2")
+    assert client.get(ns) == b"pod-0007m2" and client.pttl(ns) > 4000
     assert again.fence == first.fence
-    for other in ({"token": "pod-8"}, {}):
+    for other in ({"token": "pod-0008"}, {}):
         with pytest.raises(NotObtained):
             await api.obtain(ns, 5, **other)
     await api.do(again.release())
     assert client.get(ns) is None
-    third = await api.obtain(ns, 0.3, token="pod-7")
+    third = await api.obtain(ns, 0.3, token="pod-0007")
     assert third.fence > first.fence
     wait_until(lambda: client.get(ns) is None, 5, what="the lock to expire")
     with pytest.raises(LockNotHeld):
@@ -193,17 +194,17 @@ async def test_obtain_with_a_custom_token(api, client, ns):
 
 async def test_obtain_multi_with_a_custom_token(api, client, ns):
     keys = [f"{{{ns}}}:a", f"{{{ns}}}:b"]
-    first = await api.obtain_multi(keys, 5, token="job-1")
-    again = await api.obtain_multi(keys, 5, token="job-1", metadata="x")
-    assert again.fences == first.fences and client.get(keys[1]) == b"job-1x"
+    first = await api.obtain_multi(keys, 5, token="job-0001")
+    again = await api.obtain_multi(keys, 5, token="job-0001", metadata="x")
+    assert again.fences == first.fences and client.get(keys[1]) == b"job-0001x"
     with pytest.raises(NotObtained):
-        await api.obtain_multi(keys, 5, token="job-2")
+        await api.obtain_multi(keys, 5, token="job-0002")
     await api.do(again.release())
     client.set(keys[1], "someone else")
-    mine = await api.obtain(keys[0], 5, token="job-1")
+    mine = await api.obtain(keys[0], 5, token="job-0001")
     with pytest.raises(NotObtained):  # all or none: one of them is another holder's
-        await api.obtain_multi(keys, 5, token="job-1")
-    assert client.get(keys[0]) == b"job-1" and client.get(keys[1]) == b"someone else"
+        await api.obtain_multi(keys, 5, token="job-0001")
+    assert client.get(keys[0]) == b"job-0001" and client.get(keys[1]) == b"someone else"
     await api.do(mine.release())
 
 

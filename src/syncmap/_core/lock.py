@@ -96,18 +96,26 @@ def check_ttl(ttl: object, what: str = "ttl") -> int:
     return ms
 
 
+MIN_TOKEN_CHARS = 8
 MAX_TOKEN_BYTES = 256
 
 
 def check_token(token: object) -> str | None:
-    """A caller's own token (redislock's ``Token`` option), or ``None`` for a random one."""
+    """A caller's own token (redislock's ``Token`` option), or ``None`` for a random one.
+
+    As in redislock, a lock whose value *starts with* the token counts as its holder's, so a
+    token must not be the start of another holder's: at least 8 characters keeps it from
+    matching a random token by chance (1 in 64**8), and two callers' own tokens must not be
+    prefixes of one another ("worker-1" and "worker-10")."""
     if token is None:
         return None
     if not isinstance(token, str):
         raise InvalidArgument(f"token must be a str or None, not {type(token).__name__}")
     size = len(token.encode("utf-8", "surrogatepass"))
-    if not token or size > MAX_TOKEN_BYTES:
-        raise InvalidArgument(f"token must be 1 to {MAX_TOKEN_BYTES} bytes, not {size}")
+    if len(token) < MIN_TOKEN_CHARS or size > MAX_TOKEN_BYTES:
+        raise InvalidArgument(
+            f"token must be {MIN_TOKEN_CHARS} characters to {MAX_TOKEN_BYTES} bytes, not {token!r}"
+        )
     return token
 
 

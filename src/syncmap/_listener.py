@@ -661,6 +661,18 @@ class AsyncListener(_ListenerBase):
         if raw.backlog:  # the rest after the loop's other callbacks
             asyncio.get_running_loop().call_soon(self._readable)
 
+    def poll(self) -> bool:
+        """Apply, now, the events already waiting on the subscriber socket; whether it could.
+        For a map read after the loop ran nothing else for a while (a GC pause, a blocking
+        call): the loop would run the reader callback only after that read, which would
+        serve the values those events change. Only the raw reader, and only while a
+        Receive waits (otherwise the task is busy and applies them itself)."""
+        waiter = self._waiter
+        if self._raw is None or waiter is None or waiter.done():
+            return False
+        self._readable()
+        return True
+
     def _unwatch(self) -> None:
         if self._watching and self._raw is not None:
             asyncio.get_running_loop().remove_reader(self._raw.sock.fileno())

@@ -24,7 +24,8 @@ returns "acknowledged".
    whatever is waiting on the subscriber connection every 0.1 ms, so a thread
    spinning on ``get`` does not wait for the listener thread to get the GIL. Under asyncio a
    local hit yields to the event loop every 0.25 ms, so a task spinning on ``get`` does not
-   starve the listener task.
+   starve the listener task; a read more than 1 ms after the last such turn (the loop was
+   blocked, e.g. by a GC pause) first applies what waits on the subscriber socket.
 3. **No fill race.** A fetch (or write) first reserves the key with a placeholder; a change
    message only marks the placeholder (a carried value is not installed in it); the fetched
    value is installed only if nothing newer than the read was marked on it, the copy was not
@@ -123,6 +124,8 @@ DEFAULT_PUSH_VALUES: Final = 4096  # bytes: writes of values up to this size car
 POLL_INTERVAL: Final = 0.0001  # s: how often a local hit applies waiting change messages
 # (one check costs ~3 µs when nothing waits: ~3% of a thread spinning on hits)
 YIELD_INTERVAL: Final = 0.00025  # s: how often an asyncio local hit lets other tasks run
+STALL: Final = 0.001  # s: an asyncio read this long after the last one's turn to yield first
+# applies the change messages waiting on the socket (the loop was blocked, or idle)
 OP_POLL_INTERVAL: Final = 0.001  # s: the same before server operations (a write's own change
 # message is applied with the next few writes' in one drain; within READERS_ACTIVE)
 OP_POLL_MAX_SKIP: Final = 0.01  # s: skipped when the answer is in, but not for longer than this
@@ -594,6 +597,11 @@ class AsyncSyncMap(_MapBase):
             if now >= self._next_yield:
                 # a local hit does not suspend: a task spinning on get() would starve the
                 # listener task (until max_staleness). Every YIELD_INTERVAL it lets it run.
+                # After a longer gap (the loop was blocked, say), messages may be waiting
+                # that the loop would apply only after this read: apply them first.
+                if now - self._next_yield > STALL and not self._listener.poll():
+                    await asyncio.sleep(0)  # (redis-py's reader: two more turns of the loop
+                    await asyncio.sleep(0)  # for its task to read and apply them)
                 self._next_yield = now + YIELD_INTERVAL
                 await asyncio.sleep(0)
             value = self._local(key)

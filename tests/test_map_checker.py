@@ -201,7 +201,7 @@ def fills_race_listener(m) -> None:
     import syncmap._listener
 
     m._core.push_values = 0
-    m._listener.poll = lambda now: None
+    m._listener.poll = lambda *now: False  # (blocking map: poll(now); asyncio: poll())
     syncmap._listener.READERS_ACTIVE = 0.0  # (this node's process only)
 
 

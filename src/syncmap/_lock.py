@@ -166,15 +166,21 @@ class _LockBase(Generic[N]):
     # -- flows --
 
     def _plan(
-        self, blocking: bool, timeout: float, retry: RetryStrategy | None = None
+        self,
+        blocking: bool,
+        timeout: float,
+        retry: RetryStrategy | None = None,
+        token: str | None = None,
     ) -> tuple[str, Iterator[float], float | None]:
+        """The acquisition's token (``token``, else a new random one), its backoffs, its
+        deadline."""
         wait = check_timeout(blocking, timeout)
         if retry is not None:
             backoffs: Iterator[float] = iter(retry)
         else:
             backoffs = repeat(self._poll) if blocking else iter(())
         deadline = None if wait is None else time.monotonic() + wait
-        return new_token(), backoffs, deadline
+        return token or new_token(), backoffs, deadline
 
     def _acquire_flow(
         self, token: str, backoffs: Iterator[float], deadline: float | None
@@ -364,11 +370,10 @@ def _obtaining(
 ) -> tuple[L, tuple[str, Iterator[float], float | None]]:
     retry = check_strategy(options.pop("retry", None) or NoRetry())
     timeout = options.pop("timeout", None)
-    own_token = check_token(options.pop("token", None))
+    token = check_token(options.pop("token", None))
     lock = kind(node, name, ttl, **options)
     wait = lock._state.ttl_ms / 1000 if timeout is None else timeout
-    token, backoffs, deadline = lock._plan(True, wait, retry)
-    return lock, (own_token or token, backoffs, deadline)
+    return lock, lock._plan(True, wait, retry, token)
 
 
 def _multi(keys: object) -> tuple[str, ...]:

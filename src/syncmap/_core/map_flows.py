@@ -68,6 +68,17 @@ def parse_record(record: bytes) -> tuple[str, int, bytes]:
     return epoch.decode("ascii", "replace"), int(seq), record[nl + 1 :]
 
 
+def _server_ms() -> MapFlow[int]:
+    """The server's clock in ms (the index's scores are expiry times on it)."""
+    now = yield Command(("TIME",))
+    return int(now[0]) * 1000 + int(now[1]) // 1000
+
+
+def _member(member: Any) -> str:
+    """A key as the index holds it (bytes, or str from a decoding client)."""
+    return member.decode("utf-8") if isinstance(member, bytes) else str(member)
+
+
 def _check_ttl(ttl: object) -> float:
     if isinstance(ttl, bool) or not isinstance(ttl, int | float):
         raise InvalidArgument(f"ttl must be a number of seconds or None, not {type(ttl).__name__}")
@@ -322,15 +333,14 @@ class MapCore:
         the map is empty."""
         self.guard_args(guard)
         for _ in range(64):
-            now = yield Command(("TIME",))
-            now_ms = int(now[0]) * 1000 + int(now[1]) // 1000
+            now_ms = yield from _server_ms()
             members = yield Command(
                 ("ZRANGE", self.keys.idx, f"({now_ms}", "+inf", "BYSCORE", "LIMIT", 0, 8)
             )
             if not members:
                 raise KeyError("popitem(): the map is empty")
             for member in members:
-                k = member.decode("utf-8") if isinstance(member, bytes) else str(member)
+                k = _member(member)
                 value = yield from self.pop(k, ABSENT, guard)
                 if value is not ABSENT:
                     return k, value
@@ -515,8 +525,7 @@ class MapCore:
 
     def key_list(self) -> MapFlow[list[str]]:
         """Every live key (ZSCAN of the index: keys present throughout are listed once)."""
-        now = yield Command(("TIME",))
-        now_ms = int(now[0]) * 1000 + int(now[1]) // 1000
+        now_ms = yield from _server_ms()
         cursor: Any = 0
         seen: dict[str, None] = {}
         while True:
@@ -525,7 +534,7 @@ class MapCore:
                 items = list(zip(items[::2], items[1::2], strict=True))
             for member, score in items:
                 if float(score) > now_ms:
-                    seen[member.decode("utf-8") if isinstance(member, bytes) else member] = None
+                    seen[_member(member)] = None
             if int(cursor) == 0:
                 return list(seen)
 

@@ -48,13 +48,17 @@ def ns_per_call(fn: Callable[[], object], loops: int = 200_000, repeat: int = 5)
 
 
 def paired_ns_per_call(
-    fn: Callable[[], object], base: Callable[[], object], loops: int, base_loops: int
+    fn: Callable[[], object],
+    base: Callable[[], object],
+    loops: int,
+    base_loops: int,
+    repeats: int = 7,
 ) -> tuple[float, float, float]:
     """ns per call of ``fn`` and of ``base``, and ``fn``'s ratio to ``base``: each repeat
     times ``base`` right before ``fn`` (the machine's speed drifts between runs seconds
     apart); the medians of each one's times and of the per-repeat ratios."""
     times, bases, ratios = [], [], []
-    for _ in range(3 if QUICK else 7):
+    for _ in range(3 if QUICK else repeats):
         b = ns_per_call(base, loops=base_loops, repeat=1)
         t = ns_per_call(fn, loops=loops, repeat=1)
         times.append(t)

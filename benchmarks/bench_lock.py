@@ -209,9 +209,10 @@ def _contend(
 
 
 def bench_contended(port: int, work: bool = True) -> None:
-    """Peers in interleaved rounds (load drifts); rates are medians over rounds, waits are
-    percentiles over every acquisition of every round. ``work=False``: an empty critical
-    section, so the lock's own hand-off is all that is measured (no count to check)."""
+    """Peers in interleaved rounds (load drifts); rates are medians over rounds, ratios
+    medians of each round's ratio, waits percentiles over every acquisition of every round.
+    ``work=False``: an empty critical section, so the lock's own hand-off is all that is
+    measured (no count to check)."""
     import redis
 
     rounds, loops = (1, 50) if quick() else (5, 200)
@@ -235,20 +236,24 @@ def bench_contended(port: int, work: bool = True) -> None:
             held[kind] += [(rel - got) * 1e6 for _, got, _, rel in records]
             # release called -> the next holder's acquire returned: the lock's own critical path
             handoffs[kind] += [(b[1] - a[3]) * 1e6 for a, b in itertools.pairwise(records)]
-    base = statistics.median(rates["python-redis-lock"])
+    base = rates["python-redis-lock"]
     rows = []
     with redis.Redis(host="127.0.0.1", port=port) as c:
         for kind in CONTENDED:
             final = int(c.get(f"bench:c1:{kind}:counter") or 0)
             expected = len(waits[kind])
             count = f"{final} / {expected}" + ("" if final == expected else " WRONG")
-            rate = statistics.median(rates[kind])
+            # each round's rate over python-redis-lock's in the same round: the host's speed
+            # drifts between rounds, and a paired ratio sets that aside (as the other
+            # benchmarks' ratios do); the range shows how much the rounds disagree
+            ratios = sorted(a / b for a, b in zip(rates[kind], base, strict=True))
             rows.append(
                 [
                     kind,
                     count if work else "-",
-                    rate,
-                    rate / base,
+                    statistics.median(rates[kind]),
+                    statistics.median(ratios),
+                    f"{ratios[0]:.2f} to {ratios[-1]:.2f}",
                     statistics.median(switch_rates[kind]),
                     percentile(waits[kind], 50),
                     percentile(waits[kind], 99),
@@ -265,7 +270,8 @@ def bench_contended(port: int, work: bool = True) -> None:
             "lock",
             "final count / expected",
             "acquisitions/s",
-            "vs python-redis-lock",
+            "vs python-redis-lock (median of rounds)",
+            "range over rounds",
             "owner switches/s",
             "wait p50 ms",
             "wait p99 ms",

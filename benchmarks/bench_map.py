@@ -290,11 +290,13 @@ def propagation(
 
 def bench_propagation(port: int) -> None:
     """Peers in interleaved rounds (the machine's load drifts: each peer sees the same
-    conditions). Percentiles over all samples of all rounds; the ratio to valkey-py's CSC is
-    the median over rounds of each round's p99 ratio (a burst of load on the host lands in
-    one round and on whichever peer runs then; the median of paired rounds sets it aside, as
-    the other benchmarks' medians do)."""
-    rounds, per_round = (1, 30) if quick() else (5, 300)
+    conditions). Percentiles over all samples of all rounds, and the goal's ratio: p99 over
+    all samples against valkey-py CSC's. Also shown: the median over rounds of each round's
+    p99 ratio, with its range. That one was the goal's measure until session 8; it proved
+    too noisy to decide anything: a round's p99 is one of its two or three slowest samples,
+    so the ratio of two of them ranged 0.2 to 2.3 within one run, and its median landed on
+    either side of 1.0 from run to run for the same code."""
+    rounds, per_round = (1, 30) if quick() else (9, 200)
     samples = rounds * per_round
     kinds = [("get", False), ("redis-csc", False), ("valkey-csc", False), ("cashews", False)]
     if syncmap_available() is None:
@@ -318,12 +320,12 @@ def bench_propagation(port: int) -> None:
         label: sorted(p / b for p, b in zip(p99s, base, strict=True)) if base else []
         for label, p99s in round_p99.items()
     }
-    for label, rs in ratios.items():
-        if label.startswith("syncmap") and rs:
-            r = statistics.median(rs)
-            _goal(f"propagation p99 <= valkey-py CSC: {label}", f"{r:.2f}x", r <= 1.0)
+    base_all = percentile(results["valkey-csc"][0], 99) if "valkey-csc" in results else 0.0
     for kind, (inv, ack, lost) in results.items():
         rs = ratios[kind]
+        if kind.startswith("syncmap") and base_all:
+            r = percentile(inv, 99) / base_all
+            _goal(f"propagation p99 <= valkey-py CSC: {kind}", f"{r:.2f}x", r <= 1.0)
         rows.append(
             [
                 kind,
@@ -333,6 +335,7 @@ def bench_propagation(port: int) -> None:
                 percentile(ack, 99),
                 statistics.median(rs) if rs else "",
                 f"{rs[0]:.2f} to {rs[-1]:.2f}" if rs else "",
+                percentile(inv, 99) / base_all if base_all else "",
                 f"{lost}/{samples}",
                 statistics.median(p50 for p50, _ in server[kind]),
                 statistics.median(p99 for _, p99 in server[kind]),
@@ -350,6 +353,7 @@ def bench_propagation(port: int) -> None:
             "p99 from ack",
             "p99 x valkey-py CSC (median of rounds)",
             "range over rounds",
+            "p99 x valkey-py CSC (all samples: the goal)",
             "never seen (2 s)",
             "server µs p50 of the write",
             "server µs p99 of the write",

@@ -28,7 +28,12 @@ import pytest
 
 import syncmap
 from syncmap import _driver, _listener
-from test_async_listener import cached, survives_a_killed_subscriber, until
+from test_async_listener import (
+    a_read_after_a_block_while_the_listener_is_elsewhere,
+    cached,
+    survives_a_killed_subscriber,
+    until,
+)
 
 uvloop = pytest.importorskip(
     "uvloop", reason="uvloop is not installed (it is in the dev extra; it has no Windows build)"
@@ -251,6 +256,16 @@ def test_a_killed_subscriber_connection_then_no_stale_read(fresh_server, ns):
             await survives_a_killed_subscriber(fresh_server, a, b, READER)
 
     on_uvloop(scenario)
+
+
+def test_a_read_after_a_block_applies_the_waiting_changes_while_the_listener_is_elsewhere(
+    server, ns
+):
+    """test_async_listener's scenario on uvloop (the raw reader's: redis-py's can apply
+    messages only in the listener's own task)."""
+    if READER != "raw":
+        pytest.skip("only the raw reader can apply messages outside the listener's task")
+    on_uvloop(a_read_after_a_block_while_the_listener_is_elsewhere, server.url, ns)
 
 
 def test_a_write_on_a_connection_being_closed_is_not_unknown(server, ns):

@@ -496,6 +496,7 @@ class AsyncListener(_ListenerBase):
         self._raw_writer: Any = None  # the redis-py stream whose socket _raw reads
         self._watching = False  # _raw's socket is watched by the loop (add_reader)
         self._waiter: asyncio.Future[None] | None = None  # set while _receive_raw waits
+        self._failure: Exception | None = None  # met away from a Receive: the next one raises it
         self._applied = 0  # events applied for the current _receive_raw
         self.closing = False
         self.running = asyncio.Event()  # cleared by tests to stall the listener
@@ -580,6 +581,9 @@ class AsyncListener(_ListenerBase):
     async def _receive(self, timeout: float, until: asyncio.Future[Any] | None = None) -> int:
         """Wait ``timeout`` (or until ``until`` is done), applying the events as they arrive;
         returns how many."""
+        failure, self._failure = self._failure, None
+        if failure is not None:  # (met while the task was elsewhere: see poll, _apply_until)
+            raise failure
         if self._raw is not None:
             return await self._receive_raw(self._raw, timeout, until)
         if until is not None:  # redis-py's reader cannot be woken early: wait in short steps
@@ -605,8 +609,9 @@ class AsyncListener(_ListenerBase):
         try:
             while self.state.synced and not command.done():
                 await self._receive(MAX_WAIT, command)
-        except Exception:
+        except Exception as exc:
             log.debug("syncmap: reading the subscriber connection failed", exc_info=True)
+            self._failure = exc
 
     async def _receive_raw(
         self, raw: _RawSubscriber, timeout: float, until: asyncio.Future[Any] | None = None
@@ -665,12 +670,20 @@ class AsyncListener(_ListenerBase):
         """Apply, now, the events already waiting on the subscriber socket; whether it could.
         For a map read after the loop ran nothing else for a while (a GC pause, a blocking
         call): the loop would run the reader callback only after that read, which would
-        serve the values those events change. Only the raw reader, and only while a
-        Receive waits (otherwise the task is busy and applies them itself)."""
-        waiter = self._waiter
-        if self._raw is None or waiter is None or waiter.done():
+        serve the values those events change. Only the raw reader. While a Receive waits,
+        through its callback; while the listener task is elsewhere (its probe, a step of its
+        flow), here, and a failure is left for its next Receive to raise."""
+        raw = self._raw
+        if raw is None or self.closing or not self.running.is_set() or self._failure:
             return False
-        self._readable()
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            self._readable()
+            return True
+        try:
+            raw.drain(self.state, self.channel)
+        except Exception as exc:
+            self._failure = exc
         return True
 
     def _unwatch(self) -> None:
@@ -682,6 +695,7 @@ class AsyncListener(_ListenerBase):
         pubsub, self.pubsub = self.pubsub, None
         self._unwatch()
         raw, self._raw, self._raw_writer = self._raw, None, None
+        self._failure = None  # (the connection it came from is gone)
         if raw is not None:
             raw.sock.close()
         if pubsub is not None:

@@ -25,79 +25,101 @@
 --   pttl: the record's remaining life in ms after the call (-1: none, -2: absent)
 local meta, rec, idx = KEYS[1], KEYS[2], KEYS[3]
 local op, key, channel, guard = ARGV[1], ARGV[2], ARGV[4], ARGV[8]
--- Straight-line code, no helper closures on the way of a write: this script runs on every
--- write, and each closure, call and table costs server time.
+-- Straight-line code, no closures or helper functions: this script runs on every write, and
+-- every object it makes is garbage that the server's Lua collector sweeps (a step of it runs
+-- in every 50th script call, and delays that call's reply and change message).
 
-local function answer(status, record)  -- a refusal: nothing written
-  local m = redis.call('HMGET', meta, 'epoch', 'seq')
-  return {m[1], tonumber(m[2] or '0'), status, record, redis.call('PTTL', rec)}
-end
-
--- guard: the lock key must hold our token, and our fence must not be older than one seen
-if guard ~= '' then
-  local holder = redis.call('GET', KEYS[6])
-  if not holder or string.sub(holder, 1, #guard) ~= guard then
-    return answer(-1, false)
-  end
-  if ARGV[9] ~= '' then
-    local seen = redis.call('HGET', KEYS[4], KEYS[6])
-    if seen and tonumber(ARGV[9]) < tonumber(seen) then
-      return answer(-1, false)
-    end
-  end
-end
-
--- the current record (a plain set needs neither it nor its type: it overwrites whatever is
--- there): before = the record or false; old_version = "epoch seq"; old_payload
+-- The checks run in a block left by `break` (Lua 5.1 has no goto) with `refused` set to the
+-- status of a refusal; `before` is then the record to return with it.
+local refused = nil
 local before, old_version, old_payload = false, '', nil
 local existed = false
-if op ~= 'set' then
+local payload, keepttl = ARGV[5], false
+repeat
+  -- guard: the lock key must hold our token, and our fence must not be older than one seen
+  if guard ~= '' then
+    local holder = redis.call('GET', KEYS[6])
+    if not holder or string.sub(holder, 1, #guard) ~= guard then
+      refused = -1
+      break
+    end
+    if ARGV[9] ~= '' then
+      local seen = redis.call('HGET', KEYS[4], KEYS[6])
+      if seen and tonumber(ARGV[9]) < tonumber(seen) then
+        refused = -1
+        break
+      end
+    end
+  end
+  -- a plain set needs neither the current record nor its type: it overwrites whatever is there
+  if op == 'set' then break end
+
+  -- the current record: before = the record or false; old_version = "epoch seq"; old_payload
   local t = redis.call('TYPE', rec)['ok']
   if t == 'string' then
     before = redis.call('GET', rec)
     local nl = string.find(before, '\n', 4, true)
     if string.sub(before, 1, 3) ~= 'SM\1' or not nl then  -- foreign data: only del goes on
-      if op ~= 'del' then return answer(-3, false) end
       before = false
+      if op ~= 'del' then
+        refused = -3
+        break
+      end
     else
       old_version = string.sub(before, 4, nl - 1)
       old_payload = string.sub(before, nl + 1)
     end
     existed = true
   elseif t ~= 'none' then
-    if op ~= 'del' then return answer(-3, false) end
+    if op ~= 'del' then
+      refused = -3
+      break
+    end
     existed = true
   end
-end
 
--- the decision: what to write (payload), or a refusal
-local payload, keepttl = ARGV[5], false
-if op == 'setnx' then
-  if existed then return answer(0, before) end
-elseif op == 'cas' then
-  if old_payload ~= ARGV[7] then return answer(0, before) end
-elseif op == 'casv' then
-  if old_version ~= ARGV[7] then return answer(0, before) end
-elseif op == 'incr' then
-  local n = 0
-  if old_payload then
-    if ARGV[7] == 'msgpack' then
-      local ok, v = pcall(cmsgpack.unpack, old_payload)
-      if not ok or type(v) ~= 'number' or v ~= math.floor(v) then return answer(-2, before) end
-      n = v
-    else
-      if not string.match(old_payload, '^%-?%d+$') then return answer(-2, before) end
-      n = tonumber(old_payload)
+  -- the decision: what to write (payload), or a refusal
+  if op == 'setnx' then
+    if existed then refused = 0 end
+  elseif op == 'cas' then
+    if old_payload ~= ARGV[7] then refused = 0 end
+  elseif op == 'casv' then
+    if old_version ~= ARGV[7] then refused = 0 end
+  elseif op == 'incr' then
+    local n = 0
+    if old_payload then
+      if ARGV[7] == 'msgpack' then
+        local ok, v = pcall(cmsgpack.unpack, old_payload)
+        if not ok or type(v) ~= 'number' or v ~= math.floor(v) then
+          refused = -2
+          break
+        end
+        n = v
+      else
+        if not string.match(old_payload, '^%-?%d+$') then
+          refused = -2
+          break
+        end
+        n = tonumber(old_payload)
+      end
     end
+    n = n + tonumber(ARGV[5])
+    if math.abs(n) > 9007199254740991 then
+      refused = -2
+      break
+    end
+    if ARGV[7] == 'msgpack' then payload = cmsgpack.pack(n) else payload = string.format('%d', n) end
+    keepttl = existed
+  elseif op == 'del' then
+    if not existed then refused = 0 end
+  else
+    return redis.error_reply('map_write: unknown op ' .. tostring(op))
   end
-  n = n + tonumber(ARGV[5])
-  if math.abs(n) > 9007199254740991 then return answer(-2, before) end
-  if ARGV[7] == 'msgpack' then payload = cmsgpack.pack(n) else payload = string.format('%d', n) end
-  keepttl = existed
-elseif op == 'del' then
-  if not existed then return answer(0, false) end
-elseif op ~= 'set' then
-  return redis.error_reply('map_write: unknown op ' .. tostring(op))
+until true
+
+if refused then  -- nothing written: the map's version, and the record as it is
+  local m = redis.call('HMGET', meta, 'epoch', 'seq')
+  return {m[1], tonumber(m[2] or '0'), refused, before, redis.call('PTTL', rec)}
 end
 
 -- commit: bump the map's seq (creating the epoch if the map's meta is gone), bookkeeping
@@ -117,12 +139,11 @@ end
 if ARGV[10] ~= '' and redis.call('GET', KEYS[5]) == ARGV[10] then
   redis.call('DEL', KEYS[5])
 end
-local head = 'SM1 ' .. epoch .. ' ' .. seqs
 
 if op == 'del' then
   redis.call('DEL', rec)
   redis.call('ZREM', idx, key)
-  redis.call('SPUBLISH', channel, head .. ' D ' .. key)
+  redis.call('SPUBLISH', channel, 'SM1 ' .. epoch .. ' ' .. seqs .. ' D ' .. key)
   return {epoch, seq, 1, before, -2}
 end
 
@@ -144,9 +165,9 @@ else
   redis.call('ZADD', idx, '+inf', key)
 end
 if pttl < 0 and #payload <= (tonumber(ARGV[11]) or 0) then
-  redis.call('SPUBLISH', channel, head .. ' V ' .. #key .. ' ' .. key .. payload)
+  redis.call('SPUBLISH', channel, 'SM1 ' .. epoch .. ' ' .. seqs .. ' V ' .. #key .. ' ' .. key .. payload)
 else
-  redis.call('SPUBLISH', channel, head .. ' S ' .. key)
+  redis.call('SPUBLISH', channel, 'SM1 ' .. epoch .. ' ' .. seqs .. ' S ' .. key)
 end
 -- record: the one before for cas/casv, the new one for incr, else false
 if op == 'incr' then return {epoch, seq, 1, record, pttl} end

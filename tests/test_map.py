@@ -6,6 +6,7 @@ Most tests run twice (``maps`` fixture): blocking map and asyncio map."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import pytest
@@ -152,6 +153,47 @@ def test_propagation_does_not_wait_for_a_busy_listener_thread(server, ns):
         assert max(lags) < 0.05, lags
         assert b.stats.misses == misses  # carried values, applied by the reading thread
         slow_client.execute_command = real
+        a.close()
+        b.close()
+
+
+def test_the_listener_thread_naps_longer_and_longer_while_a_thread_spins_on_hits(server, ns):
+    """Each wake-up of the listener thread costs a thread spinning on hits a GIL hand-off.
+    While such a thread applies the change messages itself, the listener's naps double up
+    to BUSY_NAP_MAX (or the end of its current wait); when the reading stops, it watches the
+    socket again and applies another node's writes itself."""
+    from syncmap import _listener
+
+    class CountingEvent(threading.Event):
+        def __init__(self) -> None:
+            super().__init__()
+            self.naps: list[float] = []
+
+        def wait(self, timeout: float | None = None) -> bool:
+            if timeout is not None:
+                self.naps.append(timeout)
+            return super().wait(timeout)
+
+    with syncmap.connect(server.url) as na, syncmap.connect(server.url) as nb:
+        a = na.map(ns)
+        b = nb.map(ns)
+        a.set("k", 0)
+        wait_until(lambda: b.get("k") == 0 and b.stats.hits > 0, 5, what="b caches k")
+        closing = CountingEvent()
+        b._listener.closing = closing
+        spin_until = time.monotonic() + 0.6
+        while time.monotonic() < spin_until:
+            b.get("k")
+        naps = list(closing.naps)
+        assert naps, "the listener thread never napped while b was read"
+        # 10, 20, 40, then 50 ms each (or less, to the end of a Receive): old code, 60 x 10 ms
+        assert max(naps) >= 0.03, naps
+        assert len(naps) <= 30, naps
+        assert max(naps) <= _listener.BUSY_NAP_MAX + 1e-9, naps
+        # quiet again: the listener thread applies what arrives (nobody reads b meanwhile)
+        changes = b.stats.invalidations
+        a.set("k", 1)
+        wait_until(lambda: b.stats.invalidations > changes, 2, what="b's listener applies it")
         a.close()
         b.close()
 

@@ -86,7 +86,9 @@ class Client:
         return self.kind in ASYNC_KINDS
 
 
-def open_client(kind: str, port: int, *, cache_size: int = 20_000) -> Client:
+def open_client(
+    kind: str, port: int, *, cache_size: int = 20_000, map_name: str = MAP_NAME
+) -> Client:
     """A connected client of ``kind`` (for async kinds: call inside a running loop, then
     ``await client.raw.init()`` via :func:`open_async`)."""
     import redis
@@ -113,7 +115,7 @@ def open_client(kind: str, port: int, *, cache_size: int = 20_000) -> Client:
         import syncmap
 
         node = syncmap.connect(f"redis://127.0.0.1:{port}/0")
-        m = node.map(MAP_NAME, maxsize=cache_size)
+        m = node.map(map_name, maxsize=cache_size)
 
         def close() -> None:
             m.close()
@@ -124,12 +126,14 @@ def open_client(kind: str, port: int, *, cache_size: int = 20_000) -> Client:
     raise ValueError(kind)
 
 
-async def open_async(kind: str, port: int, *, cache_size: int = 20_000) -> Client:
+async def open_async(
+    kind: str, port: int, *, cache_size: int = 20_000, map_name: str = MAP_NAME
+) -> Client:
     if kind == "syncmap-async":
         import syncmap
 
         node = await syncmap.connect_async(f"redis://127.0.0.1:{port}/0")
-        m = await node.map(MAP_NAME, maxsize=cache_size)
+        m = await node.map(map_name, maxsize=cache_size)
 
         async def close() -> None:
             await m.close()
@@ -160,13 +164,13 @@ class SyncWriter:
     under ``cashews:<key>``, so its readers are fed by a plain redis-py SET there (cashews' own
     ``set`` is several times slower, and the writer is not what is measured)."""
 
-    def __init__(self, kind: str, port: int) -> None:
+    def __init__(self, kind: str, port: int, map_name: str = MAP_NAME) -> None:
         self.prefix = ""
         if kind == "syncmap-async":
             kind = "syncmap"  # the same map, written by a blocking SyncMap
         elif kind in ASYNC_KINDS:
             kind, self.prefix = "get", "cashews:"
-        self.client = open_client(kind, port)
+        self.client = open_client(kind, port, map_name=map_name)
 
     def set(self, key: str, value: int) -> None:
         self.client.set(self.prefix + key, value)
@@ -189,9 +193,11 @@ def _wait(start_ns: int) -> None:
 
 
 def propagation_reader(
-    kind: str, port: int, key: str, samples: int, conn: Any, polite: bool = False
+    kind: str, port: int, key: str, conn: Any, polite: bool = False, map_name: str = MAP_NAME
 ) -> None:
-    """Poll ``key`` until it shows 1, 2, ... ``samples``; send the time each one showed up.
+    """Serve rounds until told to stop: for each ``(first, count)`` received, poll ``key``
+    until it shows ``first``, ``first + 1``, ... and send the time each one showed up (-1 if
+    not within 2 s). Between rounds it waits on the pipe (no polling, no CPU).
 
     ``polite``: ``time.sleep(0)`` between polls (releases the GIL, as any I/O would)."""
     timeout_ns = 2_000_000_000
@@ -202,39 +208,45 @@ def propagation_reader(
         while decode(get(key)) != 0:  # the value 0 is cached before the first write
             time.sleep(0.001)
         conn.send("ready")
-        for i in range(1, samples + 1):
-            deadline = time.monotonic_ns() + timeout_ns
-            while True:
-                if decode(get(key)) == i:
-                    conn.send(time.monotonic_ns())
-                    break
-                if time.monotonic_ns() > deadline:
-                    conn.send(-1)
-                    break
-                pause(0)
+        while (job := conn.recv()) is not None:
+            first, count = job
+            for i in range(first, first + count):
+                deadline = time.monotonic_ns() + timeout_ns
+                while True:
+                    if decode(get(key)) == i:
+                        conn.send(time.monotonic_ns())
+                        break
+                    if time.monotonic_ns() > deadline:
+                        conn.send(-1)
+                        break
+                    pause(0)
 
     async def run_async() -> None:
-        client = await open_async(kind, port)
+        client = await open_async(kind, port, map_name=map_name)
         get = client.get
         while decode(await get(key)) != 0:
             await asyncio.sleep(0.001)
         conn.send("ready")
-        for i in range(1, samples + 1):
-            deadline = time.monotonic_ns() + timeout_ns
-            while True:
-                if decode(await get(key)) == i:
-                    conn.send(time.monotonic_ns())
-                    break
-                if time.monotonic_ns() > deadline:
-                    conn.send(-1)
-                    break
-                await asyncio.sleep(0)  # a local hit never suspends: let the listener run
+        loop = asyncio.get_running_loop()
+        # (waited for in a thread: the loop goes on running the map's listener task meanwhile)
+        while (job := await loop.run_in_executor(None, conn.recv)) is not None:
+            first, count = job
+            for i in range(first, first + count):
+                deadline = time.monotonic_ns() + timeout_ns
+                while True:
+                    if decode(await get(key)) == i:
+                        conn.send(time.monotonic_ns())
+                        break
+                    if time.monotonic_ns() > deadline:
+                        conn.send(-1)
+                        break
+                    await asyncio.sleep(0)  # a local hit never suspends: let the listener run
         await client.close()
 
     if kind in ASYNC_KINDS:
         asyncio.run(run_async())
     else:
-        client = open_client(kind, port)
+        client = open_client(kind, port, map_name=map_name)
         run_sync(client)
         client.close()
 

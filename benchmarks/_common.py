@@ -47,6 +47,13 @@ def ns_per_call(fn: Callable[[], object], loops: int = 200_000, repeat: int = 5)
     return statistics.median(results)
 
 
+def round_ratios(values: Sequence[float], base: Sequence[float]) -> tuple[float, str]:
+    """Each round's value over ``base``'s in the same round (the host's speed drifts between
+    rounds; a paired ratio sets that aside): their median, and their range as text."""
+    ratios = sorted(a / b for a, b in zip(values, base, strict=True))
+    return statistics.median(ratios), f"{ratios[0]:.2f} to {ratios[-1]:.2f}"
+
+
 def paired_ns_per_call(
     fn: Callable[[], object],
     base: Callable[[], object],

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from benchmarks._common import ServerProcess, percentile, print_table, quick
+from benchmarks._common import ServerProcess, percentile, print_table, quick, round_ratios
 
 FORK = mp.get_context("fork")
 PROCESSES = 4
@@ -131,15 +131,7 @@ def bench_uncontended(port: int) -> None:
     base = rates["redis-py Lock"]
     rows = []
     for kind, values in rates.items():
-        ratios = sorted(a / b for a, b in zip(values, base, strict=True))
-        rows.append(
-            [
-                kind,
-                statistics.median(values),
-                statistics.median(ratios),
-                f"{ratios[0]:.2f} to {ratios[-1]:.2f}",
-            ]
-        )
+        rows.append([kind, statistics.median(values), *round_ratios(values, base)])
     print_table(
         "Lock: uncontended acquire+release pairs/s (one process, loopback)",
         ["lock", "pairs/s", "vs redis-py Lock (median of rounds)", "range over rounds"],
@@ -252,17 +244,12 @@ def bench_contended(port: int, work: bool = True) -> None:
             final = int(c.get(f"bench:c1:{kind}:counter") or 0)
             expected = len(waits[kind])
             count = f"{final} / {expected}" + ("" if final == expected else " WRONG")
-            # each round's rate over python-redis-lock's in the same round: the host's speed
-            # drifts between rounds, and a paired ratio sets that aside (as the other
-            # benchmarks' ratios do); the range shows how much the rounds disagree
-            ratios = sorted(a / b for a, b in zip(rates[kind], base, strict=True))
             rows.append(
                 [
                     kind,
                     count if work else "-",
                     statistics.median(rates[kind]),
-                    statistics.median(ratios),
-                    f"{ratios[0]:.2f} to {ratios[-1]:.2f}",
+                    *round_ratios(rates[kind], base),
                     statistics.median(switch_rates[kind]),
                     percentile(waits[kind], 50),
                     percentile(waits[kind], 99),
@@ -331,14 +318,12 @@ def bench_trips(port: int) -> None:
     for trips in sweep:
         ours = rates[(kinds[0], trips)]
         theirs = rates[(kinds[1], trips)]
-        ratios = sorted(a / b for a, b in zip(ours, theirs, strict=True))
         rows.append(
             [
                 trips,
                 statistics.median(ours),
                 statistics.median(theirs),
-                statistics.median(ratios),
-                f"{ratios[0]:.2f} to {ratios[-1]:.2f}",
+                *round_ratios(ours, theirs),
                 _model(trips),
             ]
         )

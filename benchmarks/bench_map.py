@@ -318,10 +318,12 @@ def bench_propagation(port: int) -> None:
     kinds = [("get", False), ("redis-csc", False), ("valkey-csc", False), ("cashews", False)]
     if syncmap_available() is None:
         kinds += [("syncmap", False), ("syncmap", True), ("syncmap-async", False)]
-    peer_list = [_PropagationPeer(kind, polite, port, i) for i, (kind, polite) in enumerate(kinds)]
+    peer_list: list[_PropagationPeer] = []
     results: dict[str, tuple[list[float], list[float], int]] = {}
     server: dict[str, list[tuple[float, float]]] = {}
     try:
+        for i, (kind, polite) in enumerate(kinds):  # (in here: a failed start stops the rest)
+            peer_list.append(_PropagationPeer(kind, polite, port, i))
         for peer in peer_list:
             peer.wait_ready()
         for r in range(rounds):

@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import os
 import pickle
 import random
 import time
@@ -193,14 +194,25 @@ def _wait(start_ns: int) -> None:
 
 
 def propagation_reader(
-    kind: str, port: int, key: str, conn: Any, polite: bool = False, map_name: str = MAP_NAME
+    kind: str,
+    port: int,
+    key: str,
+    conn: Any,
+    polite: bool = False,
+    map_name: str = MAP_NAME,
+    cpus: frozenset[int] = frozenset(),
 ) -> None:
     """Serve rounds until told to stop: for each ``(first, count)`` received, poll ``key``
-    until it shows ``first``, ``first + 1``, ... and send the time each one showed up (-1 if
-    not within 2 s). Between rounds it waits on the pipe (no polling, no CPU).
+    once, send ``"on"`` (the writer waits for it: every write of a round finds the reader
+    polling), then poll until ``key`` shows ``first``, ``first + 1``, ... and send the time
+    each one showed up (-1 if not within 2 s). Between rounds it waits on the pipe (no
+    polling, no CPU).
 
-    ``polite``: ``time.sleep(0)`` between polls (releases the GIL, as any I/O would)."""
+    ``polite``: ``time.sleep(0)`` between polls (releases the GIL, as any I/O would).
+    ``cpus``: run on these CPUs only (set before any thread starts, so all its threads do)."""
     timeout_ns = 2_000_000_000
+    if cpus:
+        os.sched_setaffinity(0, cpus)
 
     def run_sync(client: Client) -> None:
         get = client.get
@@ -210,6 +222,8 @@ def propagation_reader(
         conn.send("ready")
         while (job := conn.recv()) is not None:
             first, count = job
+            get(key)
+            conn.send("on")
             for i in range(first, first + count):
                 deadline = time.monotonic_ns() + timeout_ns
                 while True:
@@ -231,6 +245,8 @@ def propagation_reader(
         # (waited for in a thread: the loop goes on running the map's listener task meanwhile)
         while (job := await loop.run_in_executor(None, conn.recv)) is not None:
             first, count = job
+            await get(key)
+            conn.send("on")
             for i in range(first, first + count):
                 deadline = time.monotonic_ns() + timeout_ns
                 while True:

@@ -16,7 +16,7 @@ import statistics
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from benchmarks import _peers_map as peers
@@ -60,10 +60,16 @@ def _server_calls(port: int, command: str) -> int:
     return int(_server_stats(port, "commandstats", f"cmdstat_{command}").get("calls", 0))
 
 
-def _server_latency(port: int, command: str) -> tuple[float, float]:
-    """The server's own time for ``command`` (p50, p99 µs) since the statistics were reset."""
-    stats = _server_stats(port, "latencystats", f"latency_percentiles_usec_{command}")
-    return float(stats.get("p50", 0.0)), float(stats.get("p99", 0.0))
+def _server_time(port: int, command: str) -> tuple[float, int, float]:
+    """Since the statistics were reset, ``command``'s: p50 of the server's own time (µs),
+    number of calls, and total time (µs)."""
+    import redis
+
+    with redis.Redis(host="127.0.0.1", port=port) as c:
+        info = c.info("commandstats", "latencystats")
+    calls = dict(info.get(f"cmdstat_{command}", {}))
+    p50 = float(dict(info.get(f"latency_percentiles_usec_{command}", {})).get("p50", 0.0))
+    return p50, int(calls.get("calls", 0)), float(calls.get("usec", 0.0))
 
 
 def _reset_server_stats(port: int) -> None:
@@ -255,7 +261,9 @@ class _PropagationPeer:
     seconds, and short turns give every peer the same share of it. Each SyncMap reader has a
     map of its own, so an idle one hears nothing of the others' writes."""
 
-    def __init__(self, kind: str, polite: bool, port: int, index: int) -> None:
+    def __init__(
+        self, kind: str, polite: bool, port: int, index: int, cpus: frozenset[int]
+    ) -> None:
         self.kind = kind
         self.label = f"{kind} (reader sleeps 0 between polls)" if polite else kind
         map_name = f"{peers.MAP_NAME}-c{index}"
@@ -265,7 +273,7 @@ class _PropagationPeer:
         self.here, there = SPAWN.Pipe()
         self.proc = SPAWN.Process(
             target=peers.propagation_reader,
-            args=(kind, port, self.key, there, polite, map_name),
+            args=(kind, port, self.key, there, polite, map_name, cpus),
         )
         self.proc.start()
         self.value = 0
@@ -281,6 +289,8 @@ class _PropagationPeer:
         from_ack: list[float] = []
         lost = 0
         self.here.send((self.value + 1, count))
+        if not self.here.poll(10) or self.here.recv() != "on":
+            raise RuntimeError(f"{self.label} reader did not start its round")
         for _ in range(count):
             self.value += 1
             time.sleep(self.rng.uniform(0.001, 0.003))  # the reader is polling a warm cache
@@ -306,24 +316,67 @@ class _PropagationPeer:
         self.writer.close()
 
 
+def _split_cpus() -> tuple[frozenset[int], frozenset[int]]:
+    """(c)'s CPUs: one for the writers (this process) and the server, the others for the
+    readers. A reader polls without a system call, and the kernel lets such a busy process
+    finish its time slice (4 ms here) before a process woken on its CPU runs: unpinned, 1-2%
+    of the writes (or the server's answers) wait that long for every peer alike, and the
+    p99s measure little else. Both empty (nothing pinned) if ``BENCH_PIN=0``, if the
+    platform cannot pin, or with fewer than 2 CPUs."""
+    if os.environ.get("BENCH_PIN", "1") == "0" or not hasattr(os, "sched_setaffinity"):
+        return frozenset(), frozenset()
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return frozenset(), frozenset()
+    return frozenset(cpus[:1]), frozenset(cpus[1:])
+
+
+@contextlib.contextmanager
+def _pinned(port: int, cpus: frozenset[int]) -> Iterator[None]:
+    """This thread (and the threads it starts) and the server's main thread on ``cpus``;
+    their CPUs as before afterwards. Nothing if ``cpus`` is empty."""
+    if not cpus:
+        yield
+        return
+    import redis
+
+    with redis.Redis(host="127.0.0.1", port=port) as c:
+        server = int(c.info("server")["process_id"])
+    mine, theirs = os.sched_getaffinity(0), os.sched_getaffinity(server)
+    os.sched_setaffinity(server, cpus)
+    os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, mine)
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(server, theirs)
+
+
 def bench_propagation(port: int) -> None:
     """Every peer's reader runs for the whole section; the peers take turns in short rounds
-    (the starting peer rotates). Percentiles over all samples of all rounds, and the goal's
-    ratio: p99 over all samples against valkey-py CSC's. Until session 9 each round started
-    its reader anew and ran 200 writes, 9 rounds per peer; until session 8 the goal's measure
+    of 10 writes (~25 ms; the starting peer rotates), so that a burst of host load longer
+    than a cycle (~0.2 s) falls on every peer alike. Percentiles over all samples of all
+    rounds, and the goal's ratio: p99 over all samples against valkey-py CSC's. In session 9
+    rounds were 50 writes (a cycle ~0.85 s), 36 per peer, and a round's first write could
+    find its reader not yet polling. Until session 9 each round started its reader anew and
+    ran 200 writes, 9 rounds per peer; until session 8 the goal's measure
     was the median over rounds of each round's p99 ratio, which proved too noisy to decide
     anything (a round's p99 is one of its two or three slowest samples)."""
-    rounds, per_round = (2, 15) if quick() else (36, 50)
+    rounds, per_round = (2, 10) if quick() else (360, 10)
     samples = rounds * per_round
     kinds = [("get", False), ("redis-csc", False), ("valkey-csc", False), ("cashews", False)]
     if syncmap_available() is None:
         kinds += [("syncmap", False), ("syncmap", True), ("syncmap-async", False)]
+    here_cpus, reader_cpus = _split_cpus()
     peer_list: list[_PropagationPeer] = []
     results: dict[str, tuple[list[float], list[float], int]] = {}
-    server: dict[str, list[tuple[float, float]]] = {}
-    try:
-        for i, (kind, polite) in enumerate(kinds):  # (in here: a failed start stops the rest)
-            peer_list.append(_PropagationPeer(kind, polite, port, i))
+    server_p50: dict[str, list[float]] = {}
+    server_total: dict[str, tuple[int, float]] = {}  # calls, µs
+    with _pinned(port, here_cpus), contextlib.ExitStack() as stack:
+        for i, (kind, polite) in enumerate(kinds):  # (a failed start stops those started)
+            peer_list.append(_PropagationPeer(kind, polite, port, i, reader_cpus))
+            stack.callback(peer_list[-1].close)
         for peer in peer_list:
             peer.wait_ready()
         for r in range(rounds):
@@ -332,12 +385,12 @@ def bench_propagation(port: int) -> None:
                 _reset_server_stats(port)
                 inv, ack, lost = peer.round(per_round)
                 write = "evalsha" if peer.kind.startswith("syncmap") else "set"
-                server.setdefault(peer.label, []).append(_server_latency(port, write))
+                p50, calls, usec = _server_time(port, write)
+                server_p50.setdefault(peer.label, []).append(p50)
+                so_far_calls, so_far_usec = server_total.get(peer.label, (0, 0.0))
+                server_total[peer.label] = (so_far_calls + calls, so_far_usec + usec)
                 so_far = results.get(peer.label, ([], [], 0))
                 results[peer.label] = (so_far[0] + inv, so_far[1] + ack, so_far[2] + lost)
-    finally:
-        for peer in peer_list:
-            peer.close()
     base = percentile(results["valkey-csc"][0], 99) if "valkey-csc" in results else 0.0
     rows: list[list[object]] = []
     for label, (inv, ack, lost) in results.items():
@@ -354,8 +407,8 @@ def bench_propagation(port: int) -> None:
                 percentile(ack, 99),
                 percentile(inv, 99) / base if base else "",
                 f"{lost}/{samples}",
-                statistics.median(p50 for p50, _ in server[label]),
-                statistics.median(p99 for _, p99 in server[label]),
+                statistics.median(server_p50[label]),
+                server_total[label][1] / max(1, server_total[label][0]),
             ]
         )
     print_table(
@@ -372,14 +425,22 @@ def bench_propagation(port: int) -> None:
             "p99 x valkey-py CSC (the goal)",
             "never seen (2 s)",
             "server µs p50 of the write",
-            "server µs p99 of the write",
+            "server µs mean of the write",
         ],
         rows,
     )
     print(
         "*server µs of the write*: the server's own time for the write command (SyncMap: its\n"
-        "script; the others: SET), from INFO latencystats, median over rounds.\n"
+        "script; the others: SET): p50 from INFO latencystats, median over rounds; mean from\n"
+        "INFO commandstats, over all rounds (it carries the script's periodic Lua GC step).\n"
     )
+    if here_cpus:
+        print(
+            f"The writers (this process) and the server ran on CPU {min(here_cpus)}, the "
+            f"readers on CPU {', '.join(map(str, sorted(reader_cpus)))}.\n"
+        )
+    else:
+        print("Nothing was pinned to a CPU (BENCH_PIN=0, or the platform cannot).\n")
 
 
 # ------------------------------------------------------------------------- (d) throughput

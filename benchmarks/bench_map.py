@@ -318,11 +318,12 @@ class _PropagationPeer:
 
 def _split_cpus() -> tuple[frozenset[int], frozenset[int]]:
     """(c)'s CPUs: one for the writers (this process) and the server, the others for the
-    readers. A reader polls without a system call, and the kernel lets such a busy process
-    finish its time slice (4 ms here) before a process woken on its CPU runs: unpinned, 1-2%
-    of the writes (or the server's answers) wait that long for every peer alike, and the
-    p99s measure little else. Both empty (nothing pinned) if ``BENCH_PIN=0``, if the
-    platform cannot pin, or with fewer than 2 CPUs."""
+    readers, as if each reader ran on a machine of its own. Unpinned on 2 CPUs, the writer,
+    the server and a reader that polls without ever blocking compete for the CPUs: in five
+    runs (session 10) the p99 of every such peer, valkey-py's and SyncMap's alike, sat at
+    4.0-4.6 ms (readers that block now and then, on a GET or a sleep(0): 1.0-2.4 ms), and
+    the ratios measured that contention. Both empty (nothing pinned) if ``BENCH_PIN=0``, if
+    the platform cannot pin, or with fewer than 2 CPUs."""
     if os.environ.get("BENCH_PIN", "1") == "0" or not hasattr(os, "sched_setaffinity"):
         return frozenset(), frozenset()
     cpus = sorted(os.sched_getaffinity(0))

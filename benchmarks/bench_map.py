@@ -327,9 +327,9 @@ class _PropagationPeer:
 def _split_cpus() -> tuple[frozenset[int], frozenset[int]]:
     """(c)'s CPUs: one for the writers (this process) and the server, the others for the
     readers, as if each reader ran on a machine of its own. Unpinned on 2 CPUs, the writer,
-    the server and a reader that polls without ever blocking compete for the CPUs: in five
+    the server and a reader that polls without ever blocking compete for the CPUs: in three
     runs (session 10) the p99 of every such peer, valkey-py's and SyncMap's alike, sat at
-    4.0-4.6 ms (readers that block now and then, on a GET or a sleep(0): 1.0-2.4 ms), and
+    3.5-5.1 ms (readers that make a system call per poll, GET or sleep(0): 1.0-2.4 ms), and
     the ratios measured that contention. Both empty (nothing pinned) if ``BENCH_PIN=0``, if
     the platform cannot pin, or with fewer than 2 CPUs."""
     if os.environ.get("BENCH_PIN", "1") == "0" or not hasattr(os, "sched_setaffinity"):

@@ -48,12 +48,17 @@ def syncmap_available() -> str | None:
     return None
 
 
-def _server_stats(port: int, section: str, entry: str) -> dict[str, Any]:
-    """One entry of a section of the server's ``INFO`` (empty if it has none)."""
+def _server_info(port: int, *sections: str) -> dict[str, Any]:
+    """The server's ``INFO`` of ``sections``, in one call."""
     import redis
 
     with redis.Redis(host="127.0.0.1", port=port) as c:
-        return dict(c.info(section).get(entry, {}))
+        return dict(c.info(*sections))
+
+
+def _server_stats(port: int, section: str, entry: str) -> dict[str, Any]:
+    """One entry of a section of the server's ``INFO`` (empty if it has none)."""
+    return dict(_server_info(port, section).get(entry, {}))
 
 
 def _server_calls(port: int, command: str) -> int:
@@ -63,10 +68,7 @@ def _server_calls(port: int, command: str) -> int:
 def _server_time(port: int, command: str) -> tuple[float, int, float]:
     """Since the statistics were reset, ``command``'s: p50 of the server's own time (µs),
     number of calls, and total time (µs)."""
-    import redis
-
-    with redis.Redis(host="127.0.0.1", port=port) as c:
-        info = c.info("commandstats", "latencystats")
+    info = _server_info(port, "commandstats", "latencystats")
     calls = dict(info.get(f"cmdstat_{command}", {}))
     p50 = float(dict(info.get(f"latency_percentiles_usec_{command}", {})).get("p50", 0.0))
     return p50, int(calls.get("calls", 0)), float(calls.get("usec", 0.0))
@@ -347,10 +349,7 @@ def _pinned(port: int, cpus: frozenset[int]) -> Iterator[None]:
     if not cpus:
         yield
         return
-    import redis
-
-    with redis.Redis(host="127.0.0.1", port=port) as c:
-        server = int(c.info("server")["process_id"])
+    server = int(_server_info(port, "server")["process_id"])
     mine, theirs = os.sched_getaffinity(0), os.sched_getaffinity(server)
     os.sched_setaffinity(server, cpus)
     os.sched_setaffinity(0, cpus)

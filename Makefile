@@ -1,16 +1,25 @@
 # Two commands on a fresh machine (only Python >= 3.11 needed):
 #   make demo   - set up, then run the demo on the embedded Valkey
 #   make test   - set up, then run the whole test suite (real Valkey servers)
+#
+# The development and CI environment is exactly what requirements-dev.lock pins (every
+# package, pip and the build backend included); pyproject.toml keeps the library's own ranges.
+#   make lock         - re-resolve the newest releases pyproject allows and rewrite the lock
+#   make test-latest  - the suite on those newest releases, in .venv-latest (lock untouched)
+#   make test-server SERVER=/path/to/redis-server - the suite against another server binary
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
+LOCK   := requirements-dev.lock
+LATEST := .venv-latest
 
-.PHONY: demo test lint bench setup clean
+.PHONY: demo test checks lint bench setup clean lock test-latest test-server
 
-$(BIN)/.installed: pyproject.toml
+$(BIN)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q $$(grep -E '^(pip|setuptools|wheel)==' $(LOCK))
+	$(BIN)/python -m pip install -q -r $(LOCK)
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
 setup: $(BIN)/.installed
@@ -18,14 +27,40 @@ setup: $(BIN)/.installed
 demo: setup
 	$(BIN)/syncmap demo
 
+checks:
+	$(B)/ruff check src tests benchmarks
+	$(B)/ruff format --check src tests benchmarks
+	$(B)/mypy
+	$(B)/pytest -q
+
 test: setup
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
-	$(BIN)/mypy
-	$(BIN)/pytest -q
+	$(MAKE) --no-print-directory checks B=$(BIN)
+
+test-server: setup
+	@test -n "$(SERVER)" || { echo "usage: make test-server SERVER=/path/to/redis-server"; exit 2; }
+	SYNCMAP_SERVER=$(SERVER) $(BIN)/pytest -q
+
+# The newest releases that pyproject allows: a peer's or a dependency's new release is noticed
+# here, on purpose, not by a red CI.
+test-latest:
+	rm -rf $(LATEST)
+	$(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/python -m pip install -q --upgrade pip setuptools wheel
+	$(LATEST)/bin/python -m pip install -q --upgrade -e '.[dev]'
+	$(LATEST)/bin/python -m pip freeze --exclude-editable | sed 's/^/  /'
+	$(MAKE) --no-print-directory checks B=$(LATEST)/bin
+
+lock:
+	rm -rf .venv-lock
+	$(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/python -m pip install -q --upgrade pip setuptools wheel
+	.venv-lock/bin/python -m pip install -q -e '.[dev]'
+	{ echo "# The dev and CI environment, exactly (make setup installs it). Refresh: make lock"; \
+	  .venv-lock/bin/python -m pip freeze --all --exclude-editable; } > $(LOCK)
+	rm -rf .venv-lock
 
 bench: setup
 	$(BIN)/python -m benchmarks
 
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info
+	rm -rf $(VENV) $(LATEST) .venv-lock build *.egg-info src/*.egg-info

@@ -38,6 +38,7 @@ import redis
 import redis.asyncio
 from redis.backoff import NoBackoff
 from redis.exceptions import MovedError
+from redis.asyncio.retry import Retry as AsyncRetry
 from redis.retry import Retry
 
 from ._core.coherence import Coherence
@@ -63,11 +64,12 @@ __all__ = ["AsyncListener", "SyncListener"]
 log = logging.getLogger("syncmap.map")
 
 
-def _pool_options(pool: Any, socket_timeout: float) -> dict[str, Any]:
+def _pool_options(pool: Any, socket_timeout: float, is_async: bool = False) -> dict[str, Any]:
     options = dict(pool.connection_kwargs)
+    retry = AsyncRetry(NoBackoff(), 0) if is_async else Retry(NoBackoff(), 0)
     options.update(
         socket_timeout=socket_timeout,
-        retry=Retry(NoBackoff(), 0),  # a lost connection is the flow's to notice, not retried
+        retry=retry,  # a lost connection is the flow's to notice, not retried
         health_check_interval=0,
     )
     options.pop("retry_on_timeout", None)
@@ -494,7 +496,7 @@ class AsyncListener(_ListenerBase):
         pool = client.connection_pool
         self.client = redis.asyncio.Redis(
             connection_pool=redis.asyncio.ConnectionPool(
-                connection_class=pool.connection_class, **_pool_options(pool, timeout)
+                connection_class=pool.connection_class, **_pool_options(pool, timeout, True)
             )
         )
         self._driver = AsyncDriver(self.client, address)  # the freshness probe's reads

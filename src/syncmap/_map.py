@@ -281,7 +281,7 @@ class _MapBase:
         self.name = name
         self.node = node
         self._store: SafeHashMap[str, Any] = SafeHashMap(maxsize)
-        self._store_get = self._store.get
+        self._lru = maxsize is not None  # the store is an OrderedDict: a hit moves its key
         self._clock = time.monotonic
         self._max_staleness = float(max_staleness)
         self._raise_stale = on_stale == "raise"
@@ -371,6 +371,7 @@ class SyncMap(_MapBase, MutableMapping[str, Any]):
             self._state, self._core.keys, node.client, node.address, self._listener_timeout
         )
         self._next_poll = 0.0  # the read path applies waiting change messages from then on
+        self._read_until = -math.inf  # a local hit is served without more checks until then
         self._next_op_poll = 0.0  # the same before a server operation (less often: batches)
         self._op_poll_by = 0.0  # ... and not skipped past this time
         self._quiet = False  # the running operation came after a quiet spell (no polling)
@@ -410,26 +411,81 @@ class SyncMap(_MapBase, MutableMapping[str, Any]):
 
     # ---- reads ----
 
+    # The hit path of get and [] reads the local store's dict in place, without a call into
+    # it: SafeHashMap.get's lock-free read (see _local.py: the lookup, the entry's deadline,
+    # the LRU touch). It reads the clock once and compares it with one deadline, _read_until:
+    # the earlier of the next poll and fresh_until, as _read last saw them. That deadline can
+    # only be early, never late: the next poll only moves later, and fresh_until only grows,
+    # except when the copy is dropped (Coherence._resync), which empties the store, and
+    # nothing is installed in it again before a new proof moves fresh_until past the old one.
+    # Past the deadline, on a miss, a placeholder or a cached absence, _read does the rest.
+
     def get(self, key: Any, default: Any = None, fresh: bool = False) -> Any:
         """The value of ``key`` (``default`` if absent): local when fresh, else the server's.
         ``fresh=True``: linearizable, at the cost of one small round trip."""
+        data = self._store._data
+        try:
+            entry, expires = data[key]
+        except (KeyError, TypeError):  # (unhashable: _read names the error)
+            return self._read(key, default, fresh)
+        if entry.__class__ is Entry and not fresh:
+            now = self._clock()
+            if now < self._read_until and now < expires:
+                if self._lru:
+                    try:  # noqa: SIM105 (contextlib.suppress costs more on this hot path)
+                        data.move_to_end(key)  # type: ignore[attr-defined]
+                    except KeyError:  # a writer removed it since our read: the read stands
+                        pass
+                self._hits += 1
+                value = entry.value
+                if value is not ABSENT:
+                    return value
+        return self._read(key, default, fresh)
+
+    def __getitem__(self, key: str) -> Any:
+        data = self._store._data
+        try:
+            entry, expires = data[key]
+        except (KeyError, TypeError):
+            entry, expires = None, 0.0
+        if entry.__class__ is Entry:  # as in get
+            now = self._clock()
+            if now < self._read_until and now < expires:
+                if self._lru:
+                    try:  # noqa: SIM105
+                        data.move_to_end(key)  # type: ignore[attr-defined]
+                    except KeyError:
+                        pass
+                self._hits += 1
+                value = entry.value
+                if value is not ABSENT:
+                    return value
+        value = self._read(key, _MISSING, False)
+        if value is _MISSING:
+            raise KeyError(key)
+        return value
+
+    def _read(self, key: Any, default: Any, fresh: bool) -> Any:
+        """``get`` past the hit path: applies the waiting change messages when a poll is due
+        (then reads again), and sets the hit path's deadline; else goes to the server."""
         if not fresh:
             try:
-                entry = self._store_get(key)
+                entry = self._store.get(key)
             except TypeError:
                 entry = None
             if entry.__class__ is Entry:
                 now = self._clock()
-                if now <= self._state.fresh_until:
-                    if now < self._next_poll:
-                        self._hits += 1
-                        value = entry.value
-                        return default if value is ABSENT else value
-                    # due: apply waiting change messages here (see _listener), then read again
-                    self._next_poll = now + POLL_INTERVAL
-                    self._listener.poll(now)
-                    entry = self._store_get(key)
-                    if entry.__class__ is Entry and self._clock() <= self._state.fresh_until:
+                fresh_until = self._state.fresh_until
+                if now <= fresh_until:
+                    if now >= self._next_poll:
+                        # due: apply waiting change messages here (see _listener), read again
+                        self._next_poll = now + POLL_INTERVAL
+                        self._listener.poll(now)
+                        entry = self._store.get(key)
+                        now = self._clock()
+                        fresh_until = self._state.fresh_until
+                    self._read_until = min(self._next_poll, fresh_until)
+                    if entry.__class__ is Entry and now <= fresh_until:
                         self._hits += 1
                         value = entry.value
                         return default if value is ABSENT else value
@@ -437,12 +493,6 @@ class SyncMap(_MapBase, MutableMapping[str, Any]):
                     raise StaleRead(self._stale_message())
         self._misses += 1
         return self._run(self._core.get(key, default, fresh))
-
-    def __getitem__(self, key: str) -> Any:
-        value = self.get(key, _MISSING)
-        if value is _MISSING:
-            raise KeyError(key)
-        return value
 
     def __contains__(self, key: object) -> bool:
         return self.get(key, _MISSING) is not _MISSING

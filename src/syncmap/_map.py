@@ -43,7 +43,9 @@ returns "acknowledged".
    arrives, every change published before ``t0`` has arrived too, so if the applied seq has
    caught up, the copy is proven current as of ``t0``. A local read is served only within
    ``max_staleness`` of the last proof; past it, it goes to the server (``on_stale="server"``,
-   the default) or raises :class:`~syncmap.StaleRead` (``on_stale="raise"``). A stalled
+   the default) or raises :class:`~syncmap.StaleRead` (``on_stale="raise"``). (A blocking
+   map's hit reads the clock once and compares it with one deadline: the earlier of the end
+   of this bound and its next turn to apply waiting messages, see 2.) A stalled
    listener, a half-open connection or a paused server therefore never yields a read more
    than ``max_staleness`` old.
 6. **Fresh reads.** ``get(k, fresh=True)`` asks the server only for the entry's version
@@ -418,7 +420,9 @@ class SyncMap(_MapBase, MutableMapping[str, Any]):
     # only be early, never late: the next poll only moves later, and fresh_until only grows,
     # except when the copy is dropped (Coherence._resync), which empties the store, and
     # nothing is installed in it again before a new proof moves fresh_until past the old one.
-    # Past the deadline, on a miss, a placeholder or a cached absence, _read does the rest.
+    # It serves only a value that is not ABSENT, and a Placeholder's value is ABSENT: no
+    # type check. Past the deadline, on a miss, a placeholder or a cached absence, _read
+    # does the rest.
 
     def get(self, key: Any, default: Any = None, fresh: bool = False) -> Any:
         """The value of ``key`` (``default`` if absent): local when fresh, else the server's.
@@ -428,18 +432,17 @@ class SyncMap(_MapBase, MutableMapping[str, Any]):
             entry, expires = data[key]
         except (KeyError, TypeError):  # (unhashable: _read names the error)
             return self._read(key, default, fresh)
-        if entry.__class__ is Entry and not fresh:
-            now = self._clock()
-            if now < self._read_until and now < expires:
+        now = self._clock()
+        if now < self._read_until and now < expires and not fresh:
+            value = entry.value
+            if value is not ABSENT:
                 if self._lru:
                     try:  # noqa: SIM105 (contextlib.suppress costs more on this hot path)
                         data.move_to_end(key)  # type: ignore[attr-defined]
                     except KeyError:  # a writer removed it since our read: the read stands
                         pass
                 self._hits += 1
-                value = entry.value
-                if value is not ABSENT:
-                    return value
+                return value
         return self._read(key, default, fresh)
 
     def __getitem__(self, key: str) -> Any:
@@ -448,18 +451,17 @@ class SyncMap(_MapBase, MutableMapping[str, Any]):
             entry, expires = data[key]
         except (KeyError, TypeError):
             entry, expires = None, 0.0
-        if entry.__class__ is Entry:  # as in get
-            now = self._clock()
-            if now < self._read_until and now < expires:
+        now = self._clock()
+        if now < self._read_until and now < expires:  # as in get
+            value = entry.value
+            if value is not ABSENT:
                 if self._lru:
                     try:  # noqa: SIM105
                         data.move_to_end(key)  # type: ignore[attr-defined]
                     except KeyError:
                         pass
                 self._hits += 1
-                value = entry.value
-                if value is not ABSENT:
-                    return value
+                return value
         value = self._read(key, _MISSING, False)
         if value is _MISSING:
             raise KeyError(key)

@@ -2,11 +2,12 @@
 
 Every case is a statement as a caller writes it, timed as ``timeit`` times it (the callable
 bound in the statement's globals: ``g("key-4242")`` with ``g = m.get``), in paired repeats:
-each repeat times a bare ``dict.get`` right before the case. *x dict.get* is the ratio of the
-two medians; *pair ratios* the range of the per-repeat ratios (the host's speed drifts between
-repeats; a pair shares it). The *harness loop* columns are the same statement inside a
-zero-argument function called in a Python loop, the cost of calling an empty function
-subtracted, best of several rounds: what the statement adds to a caller's function.
+each repeat times a bare ``dict.get`` right before the case (*its dict.get ns*: their
+median). *x dict.get* is the ratio of the two medians; *pair ratios* the range of the
+per-repeat ratios (the host's speed drifts between repeats; a pair shares it). The *harness
+loop* columns are the same statement inside a zero-argument function called in a Python
+loop, the cost of calling an empty function subtracted, best of several rounds: what the
+statement adds to a caller's function.
 """
 
 from __future__ import annotations
@@ -116,13 +117,22 @@ def _harness_loop(cases: list[Case], rounds: int) -> dict[str, float]:
 def main() -> None:
     cases = _cases()
     base = (f"g({K})", cases[0][2])
-    repeats = 9
+    repeats = 3 if quick() else 9
     bare = {name: paired_bare(stmt, env, n, base, repeats) for name, stmt, env, n in cases}
     loop = _harness_loop(cases, 1 if quick() else 10)
     loop_base = loop["hit: dict.get"]
     base_lru = bare["hit: cachetools LRUCache.get under Lock"].ns
     rows = [
-        [name, b.ns, b.ratio, b.spread, b.ns / base_lru, loop[name], loop[name] / loop_base]
+        [
+            name,
+            b.ns,
+            b.base_ns,
+            b.ratio,
+            b.spread,
+            b.ns / base_lru,
+            loop[name],
+            loop[name] / loop_base,
+        ]
         for name, b in bare.items()
     ]
     print_table(
@@ -131,6 +141,7 @@ def main() -> None:
         [
             "operation",
             "ns (bare)",
+            "its dict.get ns",
             "x dict.get",
             "pair ratios",
             "x LRUCache.get+Lock",

@@ -105,7 +105,7 @@ def bench_hits(port: int) -> None:
     rows: list[list[object]] = []
 
     def row(label: str, b: Bare, loop_ns: float, loop_ratio: float, per_k: str = "-") -> None:
-        rows.append([label, b.ns, b.ratio, b.spread, loop_ns, loop_ratio, per_k])
+        rows.append([label, b.ns, b.base_ns, b.ratio, b.spread, loop_ns, loop_ratio, per_k])
 
     row("dict.get", paired_bare('g("k")', {"g": d.get}, 1_000_000, base), loop_base, 1.0)
 
@@ -172,7 +172,7 @@ def bench_hits(port: int) -> None:
         _goal("local hit: m.get <= 8x dict.get (bare calls)", f"{hit:.1f}x", hit <= 8)
         _goal("local hit: m[k] <= 10x dict.get (bare calls)", f"{item:.1f}x", item <= 10)
     else:
-        rows.append(["SyncMap", why, "", "", "", "", ""])
+        rows.append(["SyncMap", why, "", "", "", "", "", ""])
     n = 3 if quick() else 9
     print_table(
         "(a) Read-hit cost (goals: SyncMap m.get within 8x dict.get, m[k] within 10x; bare "
@@ -180,6 +180,7 @@ def bench_hits(port: int) -> None:
         [
             "reader",
             "ns/read (bare)",
+            "its dict.get ns",
             "x dict.get",
             "pair ratios",
             "harness loop ns/read",
@@ -191,9 +192,9 @@ def bench_hits(port: int) -> None:
     print(
         "*ns/read (bare)*: the call as a caller writes it (`g(k)`, `m[k]`, `await g(k)`) timed\n"
         "as timeit times it, the callable bound in its globals (awaited calls: timeit's loop in\n"
-        f"a coroutine); *x dict.get*: the median of {n} such timings over the median of the\n"
-        f"bare dict.get timed right before each; *pair ratios*: the range of the {n} per-pair\n"
-        "ratios.\n"
+        f"a coroutine); *its dict.get ns*: the median of the {n} bare dict.get timed right\n"
+        f"before each of them; *x dict.get*: the ratio of the two medians; *pair ratios*: the\n"
+        f"range of the {n} per-pair ratios.\n"
         "*harness loop*: the call in a lambda called in a Python loop (it adds the lambda's\n"
         "frame: a dict.get took "
         f"{loop_base:,.0f} ns there); SyncMap rows: median of per-repeat ratios, each repeat\n"

@@ -124,7 +124,7 @@ def test_valkey_py_csc_without_libvalkey_invalidates(server, ns):
 @holds_for("redis", ">=5.1,<8.2")
 def test_redis_py_csc_invalidation_scans_every_entry(server, ns):
     """redis-py before 8.2 deletes an invalidated key by scanning its whole cache (O(local
-    size)); 8.2 no longer does (benchmark (d) measures what it costs now)."""
+    size)); 8.2 and later do not (benchmark (d) measures what it costs)."""
     from redis.cache import CacheConfig, CacheEntry, CacheEntryStatus, CacheKey, DefaultCache
 
     calls = 0

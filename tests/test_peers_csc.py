@@ -1,7 +1,8 @@
 """What the peers' client-side caches do, as bench_map relies on it: each check names the peer
 versions it was checked on and skips outside them (a peer's new release is checked on purpose,
 with ``make test-latest``, never by a red CI). When one skips there, check the peer again,
-widen the range or drop the check, and update benchmarks/_peers_map.py and the README.
+widen the range or drop the check, and update benchmarks/_peers_map.py and
+docs/benchmarks.md.
 """
 
 from __future__ import annotations

@@ -51,8 +51,11 @@ returns "acknowledged".
    it is still current, else the value is fetched. Linearizable.
 7. **Atomic operations** run on the server: ``compare_and_set`` (equality of values; bytes
    first, then the record's version), ``update_item`` (optimistic: read, ``fn``, write if the
-   record's version is unchanged, retried), ``setdefault``, ``pop``, ``incr`` (server-side for
-   the JSON and msgpack codecs, counters up to 2**53).
+   record's version is unchanged, retried), ``setdefault``, ``add`` (write if absent),
+   ``pop``, ``incr`` (server-side for the JSON and msgpack codecs and codecs that store ints
+   as JSON numbers, counters up to 2**53), ``touch`` (a new TTL for an existing entry: a
+   write with its own seq and change message, so no node keeps the entry past its new
+   expiry).
 8. **Single flight.** ``get_or_load(k, loader)`` takes a load lock in the map's hash slot
    (``SET NX PX timeout``); the one node that gets it runs ``loader`` and writes the value
    (releasing the lock in the same script); the others poll (2 ms doubling to 50 ms) until the
@@ -324,7 +327,6 @@ class _MapBase:
                 return entry.value
             if self._raise_stale:
                 raise StaleRead(self._stale_message())
-        self._misses += 1
         return _MISSING
 
     def _stale_message(self) -> str:
@@ -521,9 +523,19 @@ class SyncMap(_MapBase, MutableMapping[str, Any]):
         ``fn`` may run more than once under contention. Returns the new value."""
         return self._run(self._core.update_item(key, fn, default, ttl, guard))
 
-    def incr(self, key: str, amount: int = 1, *, guard: Any = None) -> int:
-        """Atomically add ``amount`` to the integer counter ``key`` (absent: 0)."""
-        return self._run(self._core.incr(key, amount, guard))
+    def incr(self, key: str, amount: int = 1, *, guard: Any = None, create: bool = True) -> int:
+        """Atomically add ``amount`` to the integer counter ``key`` (absent: 0, or
+        :class:`KeyError` with ``create=False``)."""
+        return self._run(self._core.incr(key, amount, guard, create))
+
+    def add(self, key: str, value: Any, ttl: float | None = None, *, guard: Any = None) -> bool:
+        """Write ``key`` only if it is absent (atomically); True if this call wrote it."""
+        return self._run(self._core.add(key, value, ttl, guard))
+
+    def touch(self, key: str, ttl: float | None = None, *, guard: Any = None) -> bool:
+        """Give an existing ``key`` a new TTL (seconds; None: the map's default, if any, else
+        no expiry), atomically; False if it is absent."""
+        return self._run(self._core.touch(key, ttl, guard))
 
     def get_or_load(
         self, key: str, loader: Callable[[], Any], ttl: float | None = None, timeout: float = 10.0
@@ -608,6 +620,7 @@ class AsyncSyncMap(_MapBase):
             value = self._local(key)
             if value is not _MISSING:
                 return default if value is ABSENT else value
+        self._misses += 1
         return await self._run(self._core.get(key, default, fresh))
 
     async def contains(self, key: Any) -> bool:
@@ -676,8 +689,18 @@ class AsyncSyncMap(_MapBase):
     ) -> Any:
         return await self._run(self._core.update_item(key, fn, default, ttl, guard))
 
-    async def incr(self, key: str, amount: int = 1, *, guard: Any = None) -> int:
-        return await self._run(self._core.incr(key, amount, guard))
+    async def incr(
+        self, key: str, amount: int = 1, *, guard: Any = None, create: bool = True
+    ) -> int:
+        return await self._run(self._core.incr(key, amount, guard, create))
+
+    async def add(
+        self, key: str, value: Any, ttl: float | None = None, *, guard: Any = None
+    ) -> bool:
+        return await self._run(self._core.add(key, value, ttl, guard))
+
+    async def touch(self, key: str, ttl: float | None = None, *, guard: Any = None) -> bool:
+        return await self._run(self._core.touch(key, ttl, guard))
 
     async def get_or_load(
         self, key: str, loader: Callable[[], Any], ttl: float | None = None, timeout: float = 10.0

@@ -6,14 +6,16 @@
 --
 -- KEYS[1] meta hash {epoch, seq}     KEYS[2] the entry's record     KEYS[3] idx zset
 -- KEYS[4] fences hash                KEYS[5] the entry's load lock  KEYS[6] guard lock (if guarded)
--- ARGV[1] op: set | setnx | del | cas | casv | incr
+-- ARGV[1] op: set | setnx | del | cas | casv | incr | incrx | touch
+--   incrx: incr of an existing entry only (absent: condition false);
+--   touch: rewrite an existing entry's payload with a new expiry (px 0: none)
 -- ARGV[2] entry key (for the change message and idx)
 -- ARGV[3] epoch candidate: becomes the epoch only if meta is missing (fresh random per call)
 -- ARGV[4] channel
 -- ARGV[5] payload (set, setnx, cas, casv) or increment (incr)
 -- ARGV[6] px: expiry in ms, 0 = none (incr keeps an existing entry's expiry)
 -- ARGV[7] cas: expected payload; casv: expected "epoch seq" of the record ("" = absent);
---         incr: codec name (json | msgpack)
+--         incr, incrx: codec name (json | msgpack)
 -- ARGV[8] guard token ("" = unguarded)   ARGV[9] guard fence ("" = none)
 -- ARGV[10] load token: release the entry's load lock if it holds this token ("" = none)
 -- ARGV[11] push limit: carry payloads up to this many bytes in the change message (0 = never)
@@ -21,7 +23,7 @@
 --   seq: the write's seq when written, else the map's current seq (version of what was read)
 --   status: 1 written; 0 condition false (nothing written); -1 guard rejected;
 --           -2 incr on a value that is not an integer; -3 foreign data under the record key
---   record: del/setnx/cas/casv: the record before the call; incr: the new record
+--   record: del/setnx/cas/casv: the record before the call; incr/incrx/touch: the new record
 --   pttl: the record's remaining life in ms after the call (-1: none, -2: absent)
 local meta, rec, idx = KEYS[1], KEYS[2], KEYS[3]
 local op, key, channel, guard = ARGV[1], ARGV[2], ARGV[4], ARGV[8]
@@ -85,7 +87,11 @@ repeat
     if old_payload ~= ARGV[7] then refused = 0 end
   elseif op == 'casv' then
     if old_version ~= ARGV[7] then refused = 0 end
-  elseif op == 'incr' then
+  elseif op == 'incr' or op == 'incrx' then
+    if op == 'incrx' and not existed then
+      refused = 0
+      break
+    end
     local n = 0
     if old_payload then
       if ARGV[7] == 'msgpack' then
@@ -112,6 +118,8 @@ repeat
     keepttl = existed
   elseif op == 'del' then
     if not existed then refused = 0 end
+  elseif op == 'touch' then
+    if existed then payload = old_payload else refused = 0 end
   else
     return redis.error_reply('map_write: unknown op ' .. tostring(op))
   end
@@ -170,6 +178,6 @@ else
   redis.call('SPUBLISH', channel, 'SM1 ' .. epoch .. ' ' .. seqs .. ' S ' .. key)
 end
 -- record: the one before for cas/casv, the new one for incr, else false
-if op == 'incr' then return {epoch, seq, 1, record, pttl} end
+if op == 'incr' or op == 'incrx' or op == 'touch' then return {epoch, seq, 1, record, pttl} end
 if op == 'cas' or op == 'casv' then return {epoch, seq, 1, before, pttl} end
 return {epoch, seq, 1, false, pttl}

@@ -14,7 +14,7 @@ import pytest
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "djproject.settings")
 
-import django  # noqa: E402
+import django
 
 django.setup()
 

@@ -97,6 +97,7 @@ import time
 from collections.abc import (
     AsyncIterator,
     Callable,
+    Coroutine,
     ItemsView,
     Iterator,
     Mapping,
@@ -104,8 +105,9 @@ from collections.abc import (
     ValuesView,
 )
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final, TypeVar
+from typing import TYPE_CHECKING, Any, Final, ParamSpec, TypeVar
 
+from ._cached import AsyncCachedFunction, CachedFunction, cached, cached_async
 from ._codec import Codec, get_codec
 from ._core.coherence import ABSENT, Change, Coherence, Entry
 from ._core.keys import MapKeys
@@ -121,6 +123,8 @@ if TYPE_CHECKING:
 __all__ = ["AsyncSyncMap", "MapChange", "MapStats", "SyncMap"]
 
 T = TypeVar("T")
+P = ParamSpec("P")
+R = TypeVar("R")
 _MISSING: Any = object()
 DEFAULT_MAXSIZE: Final = 100_000
 DEFAULT_PUSH_VALUES: Final = 4096  # bytes: writes of values up to this size carry them
@@ -547,6 +551,18 @@ class SyncMap(_MapBase, MutableMapping[str, Any]):
             return value
         return self._run(self._core.get_or_load(key, loader, ttl, timeout))
 
+    def cached(
+        self,
+        ttl: float | None = None,
+        *,
+        key: str | Callable[..., str] | None = None,
+        timeout: float = 10.0,
+    ) -> Callable[[Callable[P, R]], CachedFunction[P, R]]:
+        """Decorate a function: its results live in this map, one entry per call's key
+        (module, qualified name and arguments; or ``key=``, a template or a callable), each
+        loaded once across all nodes (:meth:`get_or_load`). See :mod:`syncmap._cached`."""
+        return cached(self, ttl, key, timeout)
+
     def watch(self, timeout: float | None = None) -> Iterator[MapChange]:
         """Yield the map's changes as this node's listener receives them, for ``timeout``
         seconds (``None``: until the caller stops). Best effort: a change lost on the way is
@@ -710,6 +726,16 @@ class AsyncSyncMap(_MapBase):
         if value is not _MISSING:
             return value
         return await self._run(self._core.get_or_load(key, loader, ttl, timeout))
+
+    def cached(
+        self,
+        ttl: float | None = None,
+        *,
+        key: str | Callable[..., str] | None = None,
+        timeout: float = 10.0,
+    ) -> Callable[[Callable[P, Coroutine[Any, Any, R]]], AsyncCachedFunction[P, R]]:
+        """As :meth:`SyncMap.cached`, for ``async def`` functions."""
+        return cached_async(self, ttl, key, timeout)
 
     async def watch(self, timeout: float | None = None) -> AsyncIterator[MapChange]:
         """As :meth:`SyncMap.watch`: ``async for change in m.watch(timeout=...)``."""

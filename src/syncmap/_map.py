@@ -116,6 +116,7 @@ from ._driver import AsyncDriver, SyncDriver
 from ._errors import InvalidArgument, StaleRead
 from ._listener import READERS_ACTIVE, AsyncListener, SyncListener
 from ._local import SafeHashMap
+from ._stats import registry
 
 if TYPE_CHECKING:
     from ._node import AsyncNode, Node
@@ -315,6 +316,7 @@ class _MapBase:
         self._hits = 0
         self._misses = 0
         self._closed = False
+        registry.add_map(self)  # (for syncmap.metrics: read at collect time)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r} on {self.node.address}>"
@@ -364,6 +366,7 @@ class _MapBase:
     def _closing(self) -> None:
         self._closed = True
         self._state.resync(None)  # nothing is served or installed locally after close
+        registry.retire_map(self)
 
 
 class SyncMap(_MapBase, MutableMapping[str, Any]):

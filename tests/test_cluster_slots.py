@@ -630,12 +630,12 @@ def _cluster_client_scripts(rc: redis.cluster.RedisCluster, name: str) -> None:
 
     write_keys = (keys.meta, keys.record("k"), keys.idx, keys.fences, keys.load("k"))
     common = ("E1", keys.channel)
-    reply = run("map_write", write_keys, "set", "k", *common, b"1", 0, "", "", "", "")
+    reply = run("map_write", write_keys, "set", "k", *common, b"1", 0, 0, "", "", "", "")
     assert int(reply[2]) == 1
     assert run("map_get", (keys.meta, keys.record("k")))[2].endswith(b"\n1")
     assert run("map_version", (keys.meta, keys.record("k")))[2].startswith(b"SM\x01")
     assert run("map_len", (keys.idx,)) == 1
-    reply = run("map_write", write_keys, "incr", "k", *common, b"2", 0, "json", "", "", "")
+    reply = run("map_write", write_keys, "incr", "k", *common, b"2", 0, 0, "json")
     assert int(reply[2]) == 1 and reply[3].endswith(b"\n3")
     load_keys = (keys.meta, keys.record("j"), keys.load("j"))
     assert run("map_load", load_keys, "tok", 1000)[0] == 2

@@ -288,14 +288,21 @@ class MapCore:
         state = self.state
         ph = state.begin_fill(k)
         started = state.clock()
+        script_keys: tuple[str, ...] = (keys.meta, keys.record(k), keys.idx)
+        args: tuple[Any, ...] = (op, k, self.new_token(), keys.channel, payload, px,
+                                 self.push_values)  # fmt: skip
+        if guard_keys or load_token:
+            script_keys += (keys.fences, keys.load(k), *guard_keys)
+            args += (expected, token, fence, load_token)
+        elif expected:
+            args += (expected,)
         try:
             reply = yield Script(
                 "map_write",
-                (keys.meta, keys.record(k), keys.idx, keys.fences, keys.load(k), *guard_keys),
-                (op, k, self.new_token(), keys.channel, payload, px, expected, token, fence,
-                 load_token, self.push_values),
+                script_keys,
+                args,
                 idempotent=False,  # an incr sent twice counts twice: never resent blindly
-            )  # fmt: skip
+            )
             epoch, seq, status, record = _text(reply[0]), int(reply[1]), int(reply[2]), reply[3]
             if status == -1:
                 raise GuardRejected(

@@ -347,3 +347,33 @@ def test_bad_configuration_is_a_typed_error(server, ns):
     assert cache.get("k") is None
     with pytest.raises(syncmap.InvalidURL):
         SyncMapCache("http://nope", {"OPTIONS": {"name": ns}}).get("k")
+
+
+def test_batch_methods_take_one_round_trip(make_cache):
+    """get_many/set_many/delete_many: one round trip for the batch, not one per key."""
+    cache = make_cache("syncmap")
+    cache.set_many({"warm": 1})  # (the scripts' first use loads them: one more round trip)
+    cache.map._state.resync("test")
+    wait_until(lambda: cache.map._state.synced, 5, what="a new base for the local copy")
+    cache.get_many(["warm"])
+    cache.delete_many(["warm"])
+    driver = cache.map._driver
+    trips = [0]
+    real = driver._call
+
+    def counted(*args, **kwargs):
+        trips[0] += 1
+        return real(*args, **kwargs)
+
+    driver._call = counted
+    data = {f"k{i}": i for i in range(300)}
+    cache.set_many(data, timeout=60)
+    assert trips == [1]
+    cache.map._state.resync("test")  # drop the local copy: every key is read from the server
+    wait_until(lambda: cache.map._state.synced, 5, what="a new base for the local copy")
+    assert cache.get_many([*data, "absent"]) == data and trips == [2]
+    assert cache.get_many(list(data)) == data and trips == [2]  # now all local
+    cache.delete_many([*data, "absent"])
+    assert cache.get_many(list(data)) == {} and trips == [3]  # deleted here: known locally
+    cache.set_many(data, timeout=0)  # expired at once: deleted, in one round trip
+    assert trips == [4]

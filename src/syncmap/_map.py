@@ -8,9 +8,12 @@ number (``seq``), writes the entry and publishes ``epoch seq op key`` on the map
 atomically; a write of a value with no TTL whose encoding is at most ``push_values`` bytes
 (default 4096; 0: never) carries that payload in the message too. The ``epoch`` is a random
 id created with the map's server-side metadata: a server restart without persistence, or
-FLUSHALL, yields a new one. Each node keeps a local copy and one listener (a thread, or a
-task under asyncio) on a dedicated subscriber connection. Call the moment a write's call
-returns "acknowledged".
+FLUSHALL, yields a new one. A bulk write (``update``, ``set_many``, ``delete_many``) is one
+script per chunk of up to 500 keys, all chunks sent in one round trip: each key written (or
+deleted) gets its own seq, and one message ``epoch seq B changes`` carries the chunk's
+consecutive changes, applied one by one under the same rules. Each node keeps a local copy
+and one listener (a thread, or a task under asyncio) on a dedicated subscriber connection.
+Call the moment a write's call returns "acknowledged".
 
 1. **Read-your-writes.** A node's own acknowledged write is installed in its local copy with
    that write's ``seq`` (or, if a newer change of that key was seen meanwhile, not at all and
@@ -26,7 +29,8 @@ returns "acknowledged".
    local hit yields to the event loop every 0.25 ms, so a task spinning on ``get`` does not
    starve the listener task; a read more than 1 ms after the last such turn (the loop was
    blocked, e.g. by a GC pause) first applies what waits on the subscriber socket.
-3. **No fill race.** A fetch (or write) first reserves the key with a placeholder; a change
+3. **No fill race.** A fetch (or write; ``get_many``'s misses and the keys of a bulk write
+   each) first reserves the key with a placeholder; a change
    message only marks the placeholder (a carried value is not installed in it); the fetched
    value is installed only if nothing newer than the read was marked on it, the copy was not
    reset meanwhile, and the key holds its placeholder or an older entry (concurrent fetches
@@ -37,7 +41,8 @@ returns "acknowledged".
    seq going backwards, another epoch, a malformed message of ours, a (re)subscription, a lost
    subscriber connection, or a reply carrying another epoch drops the whole local copy *before
    the next local read is served*; nothing is cached again until a probe (below) has set a new
-   base. Foreign messages on the channel are logged and skipped.
+   base. Foreign messages on the channel are logged and skipped. Each change of a batch
+   message counts as one message here.
 5. **Bounded staleness.** Every ``max_staleness / 3`` the listener reads the server's
    (epoch, seq) at ``t0`` and then PINGs over the subscriber connection; when the PONG
    arrives, every change published before ``t0`` has arrived too, so if the applied seq has
@@ -99,6 +104,7 @@ from collections.abc import (
     Callable,
     Coroutine,
     ItemsView,
+    Iterable,
     Iterator,
     Mapping,
     MutableMapping,
@@ -335,6 +341,14 @@ class _MapBase:
                 raise StaleRead(self._stale_message())
         return _MISSING
 
+    def _local_read(self, key: Any) -> Any:
+        """:meth:`_local` for a read that goes to the server when the key is not cached (a
+        miss is counted)."""
+        value = self._local(key)
+        if value is _MISSING:
+            self._misses += 1
+        return value
+
     def _stale_message(self) -> str:
         age = self._clock() - self._state.verified_at
         shown = "never" if math.isinf(age) else f"{age:.3f}s ago"
@@ -496,10 +510,29 @@ class SyncMap(_MapBase, MutableMapping[str, Any]):
         return self._run(self._core.popitem(guard))
 
     def update(self, other: Any = (), /, **kwargs: Any) -> None:
-        """Write every pair (a mapping, pairs, keywords), as ``dict.update``. All keys and
-        values are checked and encoded before the first write: bad input writes nothing.
-        Each pair is its own write, not atomic together."""
-        self._run(self._core.update(_pairs(other, kwargs)))
+        """Write every pair (a mapping, pairs, keywords), as ``dict.update``: a bulk write
+        (see :meth:`set_many`) with the map's TTL."""
+        self._run(self._core.set_many(_pairs(other, kwargs), None))
+
+    def set_many(self, pairs: Any, ttl: float | None = None) -> None:
+        """Write every pair of ``pairs`` (a mapping or ``(key, value)`` pairs); ``ttl`` in
+        seconds (default: the map's). One round trip for the whole batch; every key and value
+        is checked and encoded first (bad input writes nothing); each pair is its own change,
+        with its own version, as if written by :meth:`set` in turn."""
+        self._run(self._core.set_many(_pairs(pairs, {}), ttl))
+
+    def get_many(self, keys: Iterable[str]) -> dict[str, Any]:
+        """The keys of ``keys`` that have a value, with it: local entries from the local copy,
+        the others fetched in one round trip (and cached, as :meth:`get` does)."""
+        now = self._clock()
+        if now >= self._next_poll:  # apply waiting change messages first (as get does)
+            self._next_poll = now + POLL_INTERVAL
+            self._listener.poll(now)
+        return self._run(self._core.get_many(keys, self._local_read, _MISSING))
+
+    def delete_many(self, keys: Iterable[str]) -> int:
+        """Remove every key of ``keys`` in one round trip; how many existed."""
+        return self._run(self._core.delete_many(keys))
 
     def items(self) -> ItemsView[str, Any]:
         return _Items(self)
@@ -674,7 +707,22 @@ class AsyncSyncMap(_MapBase):
 
     async def update(self, other: Any = (), /, **kwargs: Any) -> None:
         """As :meth:`SyncMap.update`."""
-        await self._run(self._core.update(_pairs(other, kwargs)))
+        await self._run(self._core.set_many(_pairs(other, kwargs), None))
+
+    async def set_many(self, pairs: Any, ttl: float | None = None) -> None:
+        """As :meth:`SyncMap.set_many`."""
+        await self._run(self._core.set_many(_pairs(pairs, {}), ttl))
+
+    async def get_many(self, keys: Iterable[str]) -> dict[str, Any]:
+        """As :meth:`SyncMap.get_many`."""
+        if self._clock() >= self._next_yield:  # let the listener task apply what waits
+            self._next_yield = self._clock() + YIELD_INTERVAL
+            await asyncio.sleep(0)
+        return await self._run(self._core.get_many(keys, self._local_read, _MISSING))
+
+    async def delete_many(self, keys: Iterable[str]) -> int:
+        """As :meth:`SyncMap.delete_many`."""
+        return await self._run(self._core.delete_many(keys))
 
     async def items(self) -> list[tuple[str, Any]]:
         """``(key, value)`` pairs: the keys are listed first, then each value is read; a key

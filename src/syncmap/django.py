@@ -287,14 +287,8 @@ class SyncMapCache(BaseCache):  # type: ignore[misc]  # (Django ships no types)
         return m.get(k, default)
 
     def get_many(self, keys: Iterable[Any], version: int | None = None) -> dict[Any, Any]:
-        found = {}
-        m = self.map
-        # per-key fallback until SyncMap.get_many (one round trip per server) is available
-        for k, key in self._keys(keys, version).items():
-            value = m.get(k, _MISSING)
-            if value is not _MISSING:
-                found[key] = value
-        return found
+        keys = self._keys(keys, version)  # cached keys locally, the others in one round trip
+        return {keys[k]: value for k, value in self.map.get_many(keys).items()}
 
     def set_many(
         self,
@@ -306,20 +300,16 @@ class SyncMapCache(BaseCache):  # type: ignore[misc]  # (Django ships no types)
             return []
         keys = self._keys(data, version)
         expired, ttl = self._ttl(timeout)
-        m = self.map
-        if expired:
-            self.delete_many(data, version)
-            return []
-        # per-key fallback until a bulk SyncMap write (one round trip per server) is available
-        for k, key in keys.items():
-            m.set(k, data[key], ttl)
+        if expired:  # as Django's backends: written and expired at once, i.e. deleted
+            self.map.delete_many(keys)
+        else:
+            self.map.set_many([(k, data[key]) for k, key in keys.items()], ttl)
         return []
 
     def delete_many(self, keys: Iterable[Any], version: int | None = None) -> None:
-        m = self.map
-        # per-key fallback until SyncMap.delete_many (one round trip per server) is available
-        for k in self._keys(keys, version):
-            m.delete(k)
+        made = self._keys(keys, version)
+        if made:
+            self.map.delete_many(made)
 
     def clear(self) -> None:
         self.map.clear()

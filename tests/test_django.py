@@ -193,6 +193,27 @@ def test_values_round_trip_pickled(make_cache, kind):
     assert cache.get("value") == value and cache.get("flag") is True
 
 
+@pytest.fixture
+def items_table():
+    from django.db import connection
+
+    with connection.schema_editor() as editor:
+        editor.create_model(Item)
+    Item.objects.bulk_create([Item(name="pen", price=120), Item(name="ink", price=40)])
+    yield
+    with connection.schema_editor() as editor:
+        editor.delete_model(Item)
+
+
+@pytest.mark.parametrize("kind", BACKENDS)
+def test_querysets_round_trip(make_cache, kind, items_table):
+    cache = make_cache(kind)
+    cache.set("cheap", Item.objects.filter(price__lt=100).order_by("name"))
+    back = cache.get("cheap")
+    assert [(i.name, i.price) for i in back] == [("ink", 40)]
+    assert back.model is Item
+
+
 def test_counters_are_stored_as_numbers_on_the_server(make_cache, client, ns):
     cache = make_cache("syncmap")
     cache.set("n", 41)

@@ -29,6 +29,8 @@ import syncmap.django  # noqa: E402
 from djproject.models import Item  # noqa: E402
 from servers import wait_until  # noqa: E402
 from syncmap.django import SyncMapCache  # noqa: E402
+from test_map_bulk import count_round_trips  # noqa: E402
+from test_map_support import SyncHandle  # noqa: E402
 
 BACKENDS = ["syncmap", "locmem", "redis"]
 
@@ -37,6 +39,18 @@ BACKENDS = ["syncmap", "locmem", "redis"]
 def _close_shared():
     yield
     syncmap.django.close_all()
+
+
+def project_caches(url: str, ns: str, *others: str) -> dict:
+    """CACHES for the test project: "default" (map ``ns``) and each of ``others``."""
+    return {
+        alias: {
+            "BACKEND": "syncmap.django.SyncMapCache",
+            "LOCATION": url,
+            "OPTIONS": {"name": ns if alias == "default" else f"{ns}-{alias}"},
+        }
+        for alias in ("default", *others)
+    }
 
 
 def _syncmap_params(ns: str, **extra):
@@ -263,19 +277,7 @@ def test_get_is_a_local_hit(make_cache, ns):
 def test_instances_share_one_map_per_process(server, ns):
     """Django's handler makes an instance per thread; they share the node and map; close()
     (after every request) costs nothing and keeps them."""
-    settings = {
-        "default": {
-            "BACKEND": "syncmap.django.SyncMapCache",
-            "LOCATION": server.url,
-            "OPTIONS": {"name": ns},
-        },
-        "other": {
-            "BACKEND": "syncmap.django.SyncMapCache",
-            "LOCATION": server.url,
-            "OPTIONS": {"name": f"{ns}-other"},
-        },
-    }
-    with override_settings(CACHES=settings):
+    with override_settings(CACHES=project_caches(server.url, ns, "other")):
         seen = []
 
         def use() -> None:
@@ -299,14 +301,7 @@ def test_instances_share_one_map_per_process(server, ns):
 
 
 def test_views_with_the_test_client(server, ns):
-    settings = {
-        "default": {
-            "BACKEND": "syncmap.django.SyncMapCache",
-            "LOCATION": server.url,
-            "OPTIONS": {"name": ns},
-        }
-    }
-    with override_settings(CACHES=settings):
+    with override_settings(CACHES=project_caches(server.url, ns)):
         client = Client()
         assert client.get("/set/k/?v=hello").status_code == 200
         assert client.get("/get/k/").json()["value"] == "hello"
@@ -315,14 +310,7 @@ def test_views_with_the_test_client(server, ns):
 
 
 async def test_async_views_and_methods(server, ns):
-    settings = {
-        "default": {
-            "BACKEND": "syncmap.django.SyncMapCache",
-            "LOCATION": server.url,
-            "OPTIONS": {"name": ns},
-        }
-    }
-    with override_settings(CACHES=settings):
+    with override_settings(CACHES=project_caches(server.url, ns)):
         client = AsyncClient()
         assert (await client.get("/aset/k/?v=async")).status_code == 200
         body = (await client.get("/aget/k/")).json()
@@ -378,15 +366,7 @@ def test_batch_methods_take_one_round_trip(make_cache):
     wait_until(lambda: cache.map._state.synced, 5, what="a new base for the local copy")
     cache.get_many(["warm"])
     cache.delete_many(["warm"])
-    driver = cache.map._driver
-    trips = [0]
-    real = driver._call
-
-    def counted(*args, **kwargs):
-        trips[0] += 1
-        return real(*args, **kwargs)
-
-    driver._call = counted
+    trips = count_round_trips(SyncHandle(None, cache.map))
     data = {f"k{i}": i for i in range(300)}
     cache.set_many(data, timeout=60)
     assert trips == [1]

@@ -113,6 +113,27 @@ def test_basic_operations(make_cache, kind):
 
 
 @pytest.mark.parametrize("kind", BACKENDS)
+def test_a_read_returns_a_fresh_object(make_cache, kind):
+    """Changing what a read returned never changes the cache (every Django backend unpickles
+    a new object per read)."""
+    cache = make_cache(kind)
+    mine = {"items": [1]}
+    cache.set("d", mine)
+    mine["items"].append("after set")
+    for read in (
+        lambda: cache.get("d"),
+        lambda: cache.get_many(["d"])["d"],
+        lambda: cache.get_or_set("d", None),
+    ):
+        got = read()
+        assert got == {"items": [1]}
+        got["items"].append("changed")
+    assert cache.get_or_set("made", lambda: [0]) == [0]
+    cache.get("made").append(1)
+    assert cache.get("made") == [0] and cache.get("d") == {"items": [1]}
+
+
+@pytest.mark.parametrize("kind", BACKENDS)
 def test_timeouts(make_cache, kind):
     """Django's timeout rules: default TIMEOUT, None forever, 0 or negative: expired."""
     cache = make_cache(kind, TIMEOUT=1)

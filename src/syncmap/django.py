@@ -20,7 +20,9 @@ reaches every process's copy within ``max_staleness``.
   node and one map, opened at their first use (not at import: a ``--preload``-ed gunicorn
   master forks before any connection exists); ``close()`` does nothing.
 * Values are pickled, as by every Django backend, except ints (up to 2**53), which are stored
-  as decimal text so that ``incr``/``decr`` run on the server. Anyone who can write to the
+  as decimal text so that ``incr``/``decr`` run on the server. The local copy keeps values of
+  mutable types pickled and every read unpickles a fresh object, as Django's backends return
+  one: changing what ``get`` returned never changes the cache. Anyone who can write to the
   server can therefore run code in every process that reads from it: use a server only your
   application can write to (a password, ACLs, TLS across machines).
 * ``add``, ``incr``/``decr`` and ``touch`` are atomic on the server; ``get_or_set`` with a
@@ -58,10 +60,11 @@ from ._errors import InvalidArgument
 from ._map import SyncMap
 from ._node import Node, connect
 
-__all__ = ["DjangoCodec", "SyncMapCache", "close_all"]
+__all__ = ["DjangoCodec", "Pickled", "SyncMapCache", "close_all"]
 
 _MISSING: Any = object()
 _INT: Final = re.compile(rb"-?[0-9]{1,16}")
+_IMMUTABLE: Final = frozenset({str, bytes, int, float, bool, complex, type(None)})
 _COUNTER_LIMIT: Final = 2**53  # the server's incr works on ints below this (Lua numbers)
 MADE_KEYS: Final = 4096  # per instance: (key, version) -> the key made and validated
 
@@ -77,10 +80,21 @@ _MAP_OPTIONS: Final = (
 _MAP_DEFAULTS: Final[dict[str, Any]] = {"max_key_bytes": 16384, "max_value_bytes": 16 << 20}
 
 
+class Pickled:
+    """A cached value kept pickled in the local copy: every read unpickles a fresh object,
+    as every Django backend returns one (a caller may change what ``get`` returned)."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+
 class DjangoCodec:
     """Pickle, as Django's backends store values, except an ``int`` (not a bool) below 2**53
     in magnitude, stored as its decimal text: the server's ``incr`` works on it (as Django's
-    Redis backend stores ints unpickled for INCRBY)."""
+    Redis backend stores ints unpickled for INCRBY). Decoded values of immutable types are
+    kept as they are; others as :class:`Pickled` (see :meth:`value`)."""
 
     name = "django"
     counters = "json"  # ints are JSON numbers on the server: incr runs there
@@ -96,7 +110,16 @@ class DjangoCodec:
     def decode(self, data: bytes) -> Any:
         if _INT.fullmatch(data):  # (a pickle starts with its PROTO opcode, 0x80)
             return int(data)
-        return self._pickle.decode(data)
+        value = self._pickle.decode(data)  # (checked here: corrupt data fails the fetch)
+        if value.__class__ in _IMMUTABLE:
+            return value
+        return Pickled(bytes(data))
+
+    def value(self, cached: Any) -> Any:
+        """What a read returns for a value of the local copy: a fresh object."""
+        if cached.__class__ is Pickled:
+            return self._pickle.decode(cached.data)
+        return cached
 
 
 class _Shared:
@@ -142,6 +165,10 @@ def close_all() -> None:
     _shared.close_all()
 
 
+def _same(value: Any) -> Any:
+    return value
+
+
 def _frozen(value: Any) -> Any:
     if isinstance(value, dict):
         return tuple(sorted((str(k), _frozen(v)) for k, v in value.items()))
@@ -175,6 +202,8 @@ class SyncMapCache(BaseCache):  # type: ignore[misc]  # (Django ships no types)
         self._load_timeout = options.pop("load_timeout", 10.0)
         codec = options.pop("codec", None)
         self._codec: Codec = DjangoCodec() if codec is None else get_codec(codec)
+        # what a read returns for a cached value: a fresh object (the default codec)
+        self._value: Callable[[Any], Any] = getattr(self._codec, "value", _same)
         self._map_options = dict(_MAP_DEFAULTS)
         for name in _MAP_OPTIONS:
             if name in options:
@@ -246,7 +275,8 @@ class SyncMapCache(BaseCache):  # type: ignore[misc]  # (Django ships no types)
     # ---- BaseCache -------------------------------------------------------------------------
 
     def get(self, key: Any, default: Any = None, version: int | None = None) -> Any:
-        return self.map.get(self.make_and_validate_key(key, version=version), default)
+        value = self.map.get(self.make_and_validate_key(key, version=version), _MISSING)
+        return default if value is _MISSING else self._value(value)
 
     def set(
         self, key: Any, value: Any, timeout: Any = DEFAULT_TIMEOUT, version: int | None = None
@@ -299,18 +329,20 @@ class SyncMapCache(BaseCache):  # type: ignore[misc]  # (Django ships no types)
         m = self.map
         value = m.get(k, _MISSING)
         if value is not _MISSING:
-            return value
+            return self._value(value)
         expired, ttl = self._ttl(timeout)
         if expired:  # nothing is stored: as Django's backends, the default is returned
             return default() if callable(default) else default
         if callable(default):  # runs on one node; the others wait for its value
-            return m.get_or_load(k, default, ttl, self._load_timeout)
+            return self._value(m.get_or_load(k, default, ttl, self._load_timeout))
         m.add(k, default, ttl)
-        return m.get(k, default)
+        value = m.get(k, _MISSING)
+        return default if value is _MISSING else self._value(value)
 
     def get_many(self, keys: Iterable[Any], version: int | None = None) -> dict[Any, Any]:
         keys = self._keys(keys, version)  # cached keys locally, the others in one round trip
-        return {keys[k]: value for k, value in self.map.get_many(keys).items()}
+        found = self.map.get_many(keys)
+        return {keys[k]: self._value(value) for k, value in found.items()}
 
     def set_many(
         self,
@@ -344,7 +376,7 @@ class SyncMapCache(BaseCache):  # type: ignore[misc]  # (Django ships no types)
     async def aget(self, key: Any, default: Any = None, version: int | None = None) -> Any:
         value = self.map.get_local(self.make_and_validate_key(key, version=version), _MISSING)
         if value is not _MISSING:
-            return value
+            return self._value(value)
         return await sync_to_async(self.get, thread_sensitive=True)(key, default, version)
 
     async def aincr(self, key: Any, delta: int = 1, version: int | None = None) -> int:

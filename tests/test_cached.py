@@ -3,12 +3,15 @@ refresh on every node, local hits; blocking and asyncio maps, against a real Val
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import decimal
 import enum
 import json
 import subprocess
 import sys
+import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -214,3 +217,54 @@ def test_four_processes_load_once_see_invalidation_and_hit_locally(workers, clie
     assert workers[1].ask("call 7")["out"] == 49
     assert int(client.get(f"{ns}:loads")) == 2
     client.delete(f"{ns}:loads")
+
+
+def test_early_refresh_keeps_a_hot_key_from_expiring(server, ns):
+    """With early_refresh, a key read steadily for more than twice its TTL is recomputed in
+    the background before it expires: after the first call, no caller runs the function.
+    (A read concurrent with a refresh's write may go to the server once: the map reserves a
+    key while it is written; see the contract, 3.)"""
+    calls = []
+    with syncmap.connect(server.url) as node, node.map(ns) as m:
+
+        @m.cached(ttl=2.0, early_refresh=4.0)
+        def slow(x: int) -> dict:
+            calls.append(threading.current_thread().name)
+            time.sleep(0.05)  # delta: XFetch refreshes earlier for slower functions
+            return {"x": x, "n": len(calls)}
+
+        assert slow(1) == {"x": 1, "n": 1}
+        stored = m[slow.key(1)]
+        assert stored[0] == {"x": 1, "n": 1} and len(stored) == 3  # [value, expiry, delta]
+        misses = m.stats.misses
+        end = time.monotonic() + 4.5  # more than twice the TTL
+        while time.monotonic() < end:
+            assert slow(1)["x"] == 1
+            time.sleep(0.005)
+        assert len(calls) >= 3  # refreshed at least twice ...
+        assert all(name.startswith("syncmap-early-refresh") for name in calls[1:])  # ... there
+        assert m.stats.misses - misses <= len(calls) - 1
+
+        with pytest.raises(syncmap.InvalidArgument, match="ttl"):
+            m.cached(early_refresh=1.0)
+        with pytest.raises(syncmap.InvalidArgument):
+            m.cached(ttl=1, early_refresh=0)
+
+
+async def test_early_refresh_async(server, ns):
+    calls = []
+    async with await syncmap.connect_async(server.url) as node, await node.map(ns) as m:
+
+        @m.cached(ttl=1.0, early_refresh=4.0)
+        async def slow(x: int) -> int:
+            calls.append(asyncio.current_task().get_name())
+            await asyncio.sleep(0.05)
+            return x * 2
+
+        assert await slow(4) == 8
+        end = time.monotonic() + 2.5
+        while time.monotonic() < end:
+            assert await slow(4) == 8
+            await asyncio.sleep(0.005)
+        assert len(calls) >= 3
+        assert all(name.startswith("syncmap-early-refresh") for name in calls[1:])

@@ -14,10 +14,16 @@ A call is :meth:`SyncMap.get_or_load`: a local hit when cached; else the functio
 process while the others wait for its result (single flight). A cached ``None`` is a hit.
 ``f.invalidate(*args, **kwargs)`` deletes the entry on every node, ``f.refresh(...)`` runs the
 function and stores its result, ``f.key(...)`` is the key of a call.
+
+``early_refresh=beta`` (with a ``ttl``): a hit close to the entry's expiry starts one
+recompute in the background (per process and key), with XFetch's probability (see
+:class:`_XFetch`), so a hot key is refreshed before it expires and callers keep hitting. The
+entry is then stored as ``[value, expiry, delta]``, not as the bare value.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import decimal
 import enum
@@ -25,6 +31,11 @@ import functools
 import hashlib
 import inspect
 import json
+import logging
+import math
+import random
+import threading
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Final, Generic, ParamSpec, TypeVar
@@ -36,6 +47,7 @@ if TYPE_CHECKING:
 
 __all__ = ["AsyncCachedFunction", "CachedFunction", "KeyMaker", "cached", "cached_async"]
 
+log = logging.getLogger("syncmap.cached")
 P = ParamSpec("P")
 R = TypeVar("R")
 MAX_PLAIN_KEY: Final = 200  # characters: a longer generated key becomes name + SHA-256 of it
@@ -127,8 +139,87 @@ class KeyMaker:
         return text
 
 
-class CachedFunction(Generic[P, R]):
+class _Plain:
+    """Results stored as they are."""
+
+    def wrap(self, value: Any, delta: float) -> Any:
+        return value
+
+    def unwrap(self, stored: Any) -> tuple[Any, bool]:
+        """``(value, due for an early refresh)``."""
+        return stored, False
+
+
+class _XFetch:
+    """Early refresh (XFetch: Vattani, Chierichetti, Lowenstein, "Optimal Probabilistic Cache
+    Stampede Prevention", VLDB 2015): each entry is stored as ``[value, expiry, delta]``
+    (expiry: wall-clock seconds; delta: how long computing it took), and a hit is due for a
+    refresh when ``now - delta * beta * ln(rand()) >= expiry``: more likely the closer the
+    expiry and the slower the function, so a hot key is recomputed, in the background, before
+    it expires."""
+
+    def __init__(self, beta: float, ttl: float) -> None:
+        self.beta, self.ttl = beta, ttl
+
+    def wrap(self, value: Any, delta: float) -> Any:
+        return [value, time.time() + self.ttl, delta]
+
+    def unwrap(self, stored: Any) -> tuple[Any, bool]:
+        if (
+            stored.__class__ in (list, tuple)
+            and len(stored) == 3
+            and stored[1].__class__ in (int, float)
+            and stored[2].__class__ in (int, float)
+        ):
+            value, expiry, delta = stored
+            gap = -delta * self.beta * math.log(1.0 - random.random())  # (1 - random(): > 0)
+            return value, time.time() + gap >= expiry
+        return stored, False  # (written by something else than this decorator)
+
+
+class _CachedBase(Generic[P, R]):
+    """What the blocking and asyncio decorated functions share: the key, the map, the
+    options and how results are stored."""
+
+    def __init__(
+        self,
+        m: Any,
+        fn: Callable[P, Any],
+        ttl: float | None,
+        key: KeyOption,
+        timeout: float,
+        early_refresh: float | None,
+    ) -> None:
+        self._map, self._fn, self._ttl, self._timeout = m, fn, ttl, timeout
+        self._key = KeyMaker(fn, key)
+        self._stored: _Plain | _XFetch = (
+            _Plain() if early_refresh is None or ttl is None else _XFetch(early_refresh, ttl)
+        )
+        self._early: set[str] = set()  # keys being refreshed early by this process
+        self._early_lock = threading.Lock()
+        functools.update_wrapper(self, fn)  # type: ignore[arg-type]  # (subclasses are called)
+
+    def key(self, *args: P.args, **kwargs: P.kwargs) -> str:
+        """The map key of this call."""
+        return self._key(args, kwargs)
+
+    def _claim(self, k: str) -> bool:
+        """True if this process is not refreshing ``k`` early already (and now is)."""
+        with self._early_lock:
+            if k in self._early:
+                return False
+            self._early.add(k)
+            return True
+
+    def _failed(self, k: str) -> None:
+        log.warning("early refresh of %r failed; the entry stays until it expires", k,
+                    exc_info=True)  # fmt: skip
+
+
+class CachedFunction(_CachedBase[P, R]):
     """A function whose results live in a :class:`~syncmap.SyncMap` (``@m.cached(...)``)."""
+
+    _map: SyncMap
 
     def __init__(
         self,
@@ -137,25 +228,41 @@ class CachedFunction(Generic[P, R]):
         ttl: float | None,
         key: KeyOption,
         timeout: float,
+        early_refresh: float | None = None,
     ) -> None:
         if inspect.iscoroutinefunction(fn):
             raise InvalidArgument(
                 f"{fn.__qualname__} is a coroutine function: cache it with an AsyncSyncMap"
             )
-        self._map, self._fn, self._ttl, self._timeout = m, fn, ttl, timeout
-        self._key = KeyMaker(fn, key)
-        functools.update_wrapper(self, fn)
+        super().__init__(m, fn, ttl, key, timeout, early_refresh)
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         k = self._key(args, kwargs)
-        result: R = self._map.get_or_load(
-            k, lambda: self._fn(*args, **kwargs), self._ttl, self._timeout
+        stored = self._map.get_or_load(
+            k, lambda: self._compute(args, kwargs)[1], self._ttl, self._timeout
         )
+        value, due = self._stored.unwrap(stored)
+        if due and self._claim(k):
+            threading.Thread(
+                target=self._refresh_early, args=(k, args, kwargs), daemon=True,
+                name=f"syncmap-early-refresh:{k[:40]}",
+            ).start()  # fmt: skip
+        result: R = value
         return result
 
-    def key(self, *args: P.args, **kwargs: P.kwargs) -> str:
-        """The map key of this call."""
-        return self._key(args, kwargs)
+    def _compute(self, args: Any, kwargs: Any) -> tuple[R, Any]:
+        """The function's result, and what is stored for it."""
+        started = time.monotonic()
+        value = self._fn(*args, **kwargs)
+        return value, self._stored.wrap(value, time.monotonic() - started)
+
+    def _refresh_early(self, k: str, args: Any, kwargs: Any) -> None:
+        try:
+            self._map.set(k, self._compute(args, kwargs)[1], self._ttl)
+        except Exception:
+            self._failed(k)
+        finally:
+            self._early.discard(k)
 
     def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> bool:
         """Delete this call's entry on every node; True if it was cached."""
@@ -164,13 +271,15 @@ class CachedFunction(Generic[P, R]):
     def refresh(self, *args: P.args, **kwargs: P.kwargs) -> R:
         """Run the function now and store its result (for every node)."""
         k = self._key(args, kwargs)
-        value = self._fn(*args, **kwargs)
-        self._map.set(k, value, self._ttl)
+        value, stored = self._compute(args, kwargs)
+        self._map.set(k, stored, self._ttl)
         return value
 
 
-class AsyncCachedFunction(Generic[P, R]):
+class AsyncCachedFunction(_CachedBase[P, R]):
     """An ``async def`` whose results live in an :class:`~syncmap.AsyncSyncMap`."""
+
+    _map: AsyncSyncMap
 
     def __init__(
         self,
@@ -179,37 +288,69 @@ class AsyncCachedFunction(Generic[P, R]):
         ttl: float | None,
         key: KeyOption,
         timeout: float,
+        early_refresh: float | None = None,
     ) -> None:
         if not inspect.iscoroutinefunction(fn):
             raise InvalidArgument(
                 f"an AsyncSyncMap caches coroutine functions (async def), not "
                 f"{getattr(fn, '__qualname__', type(fn).__name__)}"
             )
-        self._map, self._fn, self._ttl, self._timeout = m, fn, ttl, timeout
-        self._key = KeyMaker(fn, key)
-        functools.update_wrapper(self, fn)
+        super().__init__(m, fn, ttl, key, timeout, early_refresh)
+        self._tasks: set[asyncio.Task[None]] = set()  # (a running task needs a reference)
 
     async def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         k = self._key(args, kwargs)
-        result: R = await self._map.get_or_load(
-            k, lambda: self._fn(*args, **kwargs), self._ttl, self._timeout
-        )
+
+        async def load() -> Any:
+            return (await self._compute(args, kwargs))[1]
+
+        stored = await self._map.get_or_load(k, load, self._ttl, self._timeout)
+        value, due = self._stored.unwrap(stored)
+        if due and self._claim(k):
+            task = asyncio.create_task(
+                self._refresh_early(k, args, kwargs), name=f"syncmap-early-refresh:{k[:40]}"
+            )
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        result: R = value
         return result
 
-    def key(self, *args: P.args, **kwargs: P.kwargs) -> str:
-        return self._key(args, kwargs)
+    async def _compute(self, args: Any, kwargs: Any) -> tuple[R, Any]:
+        started = time.monotonic()
+        value: R = await self._fn(*args, **kwargs)
+        return value, self._stored.wrap(value, time.monotonic() - started)
+
+    async def _refresh_early(self, k: str, args: Any, kwargs: Any) -> None:
+        try:
+            await self._map.set(k, (await self._compute(args, kwargs))[1], self._ttl)
+        except Exception:
+            self._failed(k)
+        finally:
+            self._early.discard(k)
 
     async def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> bool:
         return await self._map.delete(self._key(args, kwargs))
 
     async def refresh(self, *args: P.args, **kwargs: P.kwargs) -> R:
         k = self._key(args, kwargs)
-        value = await self._fn(*args, **kwargs)
-        await self._map.set(k, value, self._ttl)
+        value, stored = await self._compute(args, kwargs)
+        await self._map.set(k, stored, self._ttl)
         return value
 
 
-def _check(ttl: object, key: object, timeout: object) -> None:
+def _check(ttl: object, key: object, timeout: object, early_refresh: object) -> None:
+    if early_refresh is not None:
+        if (
+            isinstance(early_refresh, bool)
+            or not isinstance(early_refresh, int | float)
+            or not 0 < early_refresh < math.inf
+        ):
+            raise InvalidArgument(
+                f"cached(): early_refresh must be a number > 0 (XFetch's beta; 1.0 is the "
+                f"usual choice), not {early_refresh!r}"
+            )
+        if ttl is None:
+            raise InvalidArgument("cached(): early_refresh needs a ttl (it refreshes before it)")
     if key is not None and not isinstance(key, str) and not callable(key):
         raise InvalidArgument(
             f"key must be a format string or a callable, not {type(key).__name__}"
@@ -224,22 +365,26 @@ def _check(ttl: object, key: object, timeout: object) -> None:
 
 
 def cached(
-    m: SyncMap, ttl: float | None, key: KeyOption, timeout: float
+    m: SyncMap, ttl: float | None, key: KeyOption, timeout: float, early_refresh: float | None
 ) -> Callable[[Callable[P, R]], CachedFunction[P, R]]:
-    _check(ttl, key, timeout)
+    _check(ttl, key, timeout, early_refresh)
 
     def decorate(fn: Callable[P, R]) -> CachedFunction[P, R]:
-        return CachedFunction(m, fn, ttl, key, timeout)
+        return CachedFunction(m, fn, ttl, key, timeout, early_refresh)
 
     return decorate
 
 
 def cached_async(
-    m: AsyncSyncMap, ttl: float | None, key: KeyOption, timeout: float
+    m: AsyncSyncMap,
+    ttl: float | None,
+    key: KeyOption,
+    timeout: float,
+    early_refresh: float | None,
 ) -> Callable[[Callable[P, Coroutine[Any, Any, R]]], AsyncCachedFunction[P, R]]:
-    _check(ttl, key, timeout)
+    _check(ttl, key, timeout, early_refresh)
 
     def decorate(fn: Callable[P, Coroutine[Any, Any, R]]) -> AsyncCachedFunction[P, R]:
-        return AsyncCachedFunction(m, fn, ttl, key, timeout)
+        return AsyncCachedFunction(m, fn, ttl, key, timeout, early_refresh)
 
     return decorate

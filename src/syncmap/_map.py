@@ -593,11 +593,14 @@ class SyncMap(_MapBase, MutableMapping[str, Any]):
         *,
         key: str | Callable[..., str] | None = None,
         timeout: float = 10.0,
+        early_refresh: float | None = None,
     ) -> Callable[[Callable[P, R]], CachedFunction[P, R]]:
         """Decorate a function: its results live in this map, one entry per call's key
         (module, qualified name and arguments; or ``key=``, a template or a callable), each
-        loaded once across all nodes (:meth:`get_or_load`). See :mod:`syncmap._cached`."""
-        return cached(self, ttl, key, timeout)
+        loaded once across all nodes (:meth:`get_or_load`); ``early_refresh`` (XFetch's
+        beta, with a ``ttl``): recompute hot entries in the background before they expire.
+        See :mod:`syncmap._cached`."""
+        return cached(self, ttl, key, timeout, early_refresh)
 
     def watch(self, timeout: float | None = None) -> Iterator[MapChange]:
         """Yield the map's changes as this node's listener receives them, for ``timeout``
@@ -784,9 +787,10 @@ class AsyncSyncMap(_MapBase):
         *,
         key: str | Callable[..., str] | None = None,
         timeout: float = 10.0,
+        early_refresh: float | None = None,
     ) -> Callable[[Callable[P, Coroutine[Any, Any, R]]], AsyncCachedFunction[P, R]]:
         """As :meth:`SyncMap.cached`, for ``async def`` functions."""
-        return cached_async(self, ttl, key, timeout)
+        return cached_async(self, ttl, key, timeout, early_refresh)
 
     async def watch(self, timeout: float | None = None) -> AsyncIterator[MapChange]:
         """As :meth:`SyncMap.watch`: ``async for change in m.watch(timeout=...)``."""

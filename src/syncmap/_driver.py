@@ -34,6 +34,7 @@ from typing import Any, TypeVar
 
 import redis
 import redis.asyncio
+import redis.asyncio.connection
 from redis.exceptions import AskError, NoScriptError, TryAgainError
 
 from ._core.ops import Batch, Command, Flow, Op, Script, Sleep
@@ -351,6 +352,36 @@ def _raise_swallowed_cancel() -> None:
         raise asyncio.CancelledError
 
 
+_PLAIN_SEND = redis.asyncio.connection.AbstractConnection.send_packed_command
+
+
+async def _send(conn: Any, packed: Any) -> None:
+    """``conn.send_packed_command(packed, check_health=False)``, without what it costs per
+    write on Python 3.11: its ``asyncio.wait_for`` runs the write in a new task (two more
+    turns of the event loop for the caller). The write goes to the transport, which never
+    blocks; only a write that leaves data in the transport's buffer (a big batch) waits for it
+    to drain, within the connection's ``socket_timeout``. A connection class with a send of
+    its own (a cluster's: see ``_cluster``) or not connected yet goes through redis-py."""
+    if type(conn).send_packed_command is not _PLAIN_SEND or not conn.is_connected:
+        await conn.send_packed_command(packed, check_health=False)
+        return
+    writer = conn._writer
+    transport = writer.transport
+    if transport.is_closing():  # (uvloop refuses such a write with a bare RuntimeError)
+        await conn.disconnect(nowait=True)
+        raise redis.asyncio.ConnectionError("Connection closed by the server before write")
+    writer.writelines(packed)
+    if transport.get_write_buffer_size():
+        try:
+            async with asyncio.timeout(conn.socket_timeout):
+                await writer.drain()
+        except (OSError, TimeoutError) as exc:
+            await conn.disconnect(nowait=True)
+            if isinstance(exc, TimeoutError):
+                raise redis.asyncio.TimeoutError("Timeout writing to socket") from None
+            raise redis.asyncio.ConnectionError(f"Error while writing to socket: {exc}") from exc
+
+
 class AsyncDriver(_DriverBase):
     """The asyncio twin of :class:`SyncDriver` (same connection handling, awaited)."""
 
@@ -439,6 +470,8 @@ class AsyncDriver(_DriverBase):
             dirty = True
         if dirty:
             await conn.disconnect(nowait=True)
+        if conn.is_connected:
+            return conn
         try:
             await conn.connect()
         except BaseException:
@@ -449,7 +482,7 @@ class AsyncDriver(_DriverBase):
     @staticmethod
     async def _roundtrip(conn: Any, args: Any, then: tuple[Any, ...] | None) -> Any:
         if isinstance(args, list):  # a batch: every answer, errors included
-            await conn.send_packed_command(_packed(conn, args), check_health=False)
+            await _send(conn, _packed(conn, args))
             _sent(conn, args)
             replies: list[Any] = []
             for _ in args:
@@ -459,7 +492,7 @@ class AsyncDriver(_DriverBase):
                     replies.append(exc)
             return replies
         if then is not None:
-            await conn.send_packed_command(_pack(conn, args, then), check_health=False)
+            await _send(conn, _pack(conn, args, then))
             try:
                 first = await conn.read_response()
             except redis.asyncio.ResponseError:
@@ -470,7 +503,7 @@ class AsyncDriver(_DriverBase):
             except redis.asyncio.ConnectionError:
                 await conn.disconnect(nowait=True)
                 return first, None  # the wait's answer is lost: as if it had timed out
-        await conn.send_packed_command(_pack(conn, args), check_health=False)
+        await _send(conn, _pack(conn, args))
         return await AsyncDriver._read(conn, args)
 
     @staticmethod

@@ -450,7 +450,7 @@ def test_lost_message_is_detected_with_zero_tolerance(maps, server, ns, client):
     write = client.register_script(script_source("map_write"))
     meta, idx = f"syncmap:{{{ns}}}:meta", f"syncmap:{{{ns}}}:idx"
     keys = [meta, record_key(ns, "k"), idx, f"syncmap:{{{ns}}}:fences", "unused-load"]
-    write(keys=keys, args=["set", "k", "e", "nobody-listens", b'"new"', 0, "", "", "", ""])
+    write(keys=keys, args=["set", "k", "e", "nobody-listens", b'"new"', 0, 0])
     assert b.get("k") == "old"  # not yet detectable: allowed within max_staleness
     seen = b.stats.invalidations
     a.set("other", 1)  # its message carries seq + 2

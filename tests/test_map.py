@@ -186,7 +186,7 @@ def test_the_listener_thread_naps_longer_and_longer_while_a_thread_spins_on_hits
             b.get("k")
         naps = list(closing.naps)
         assert naps, "the listener thread never napped while b was read"
-        # 10, 20, 40, then 50 ms each (or less, to the end of a Receive): old code, 60 x 10 ms
+        # 10, 20, 40, then 50 ms each (or less, to the end of a Receive); not 60 x 10 ms
         assert max(naps) >= 0.03, naps
         assert len(naps) <= 30, naps
         assert max(naps) <= _listener.BUSY_NAP_MAX + 1e-9, naps
@@ -477,7 +477,7 @@ def test_lost_message_is_detected_with_zero_tolerance(maps, server, ns, client):
     write = client.register_script(script_source("map_write"))
     meta, idx = f"syncmap:{{{ns}}}:meta", f"syncmap:{{{ns}}}:idx"
     keys = [meta, record_key(ns, "k"), idx, f"syncmap:{{{ns}}}:fences", "unused-load"]
-    write(keys=keys, args=["set", "k", "e", "nobody-listens", b'"new"', 0, "", "", "", ""])
+    write(keys=keys, args=["set", "k", "e", "nobody-listens", b'"new"', 0, 0])
     assert b.get("k") == "old"  # not yet detectable: allowed within max_staleness
     seen = b.stats.invalidations
     a.set("other", 1)  # its message carries seq + 2

@@ -8,9 +8,12 @@ number (``seq``), writes the entry and publishes ``epoch seq op key`` on the map
 atomically; a write of a value with no TTL whose encoding is at most ``push_values`` bytes
 (default 4096; 0: never) carries that payload in the message too. The ``epoch`` is a random
 id created with the map's server-side metadata: a server restart without persistence, or
-FLUSHALL, yields a new one. Each node keeps a local copy and one listener (a thread, or a
-task under asyncio) on a dedicated subscriber connection. Call the moment a write's call
-returns "acknowledged".
+FLUSHALL, yields a new one. A bulk write (``update``, ``set_many``, ``delete_many``) is one
+script per chunk of up to 500 keys, all chunks sent in one round trip: each key written (or
+deleted) gets its own seq, and one message ``epoch seq B changes`` carries the chunk's
+consecutive changes, applied one by one under the same rules. Each node keeps a local copy
+and one listener (a thread, or a task under asyncio) on a dedicated subscriber connection.
+Call the moment a write's call returns "acknowledged".
 
 1. **Read-your-writes.** A node's own acknowledged write is installed in its local copy with
    that write's ``seq`` (or, if a newer change of that key was seen meanwhile, not at all and
@@ -26,7 +29,8 @@ returns "acknowledged".
    local hit yields to the event loop every 0.25 ms, so a task spinning on ``get`` does not
    starve the listener task; a read more than 1 ms after the last such turn (the loop was
    blocked, e.g. by a GC pause) first applies what waits on the subscriber socket.
-3. **No fill race.** A fetch (or write) first reserves the key with a placeholder; a change
+3. **No fill race.** A fetch (or write; ``get_many``'s misses and the keys of a bulk write
+   each) first reserves the key with a placeholder; a change
    message only marks the placeholder (a carried value is not installed in it); the fetched
    value is installed only if nothing newer than the read was marked on it, the copy was not
    reset meanwhile, and the key holds its placeholder or an older entry (concurrent fetches
@@ -37,7 +41,8 @@ returns "acknowledged".
    seq going backwards, another epoch, a malformed message of ours, a (re)subscription, a lost
    subscriber connection, or a reply carrying another epoch drops the whole local copy *before
    the next local read is served*; nothing is cached again until a probe (below) has set a new
-   base. Foreign messages on the channel are logged and skipped.
+   base. Foreign messages on the channel are logged and skipped. Each change of a batch
+   message counts as one message here.
 5. **Bounded staleness.** Every ``max_staleness / 3`` the listener reads the server's
    (epoch, seq) at ``t0`` and then PINGs over the subscriber connection; when the PONG
    arrives, every change published before ``t0`` has arrived too, so if the applied seq has
@@ -53,8 +58,11 @@ returns "acknowledged".
    it is still current, else the value is fetched. Linearizable.
 7. **Atomic operations** run on the server: ``compare_and_set`` (equality of values; bytes
    first, then the record's version), ``update_item`` (optimistic: read, ``fn``, write if the
-   record's version is unchanged, retried), ``setdefault``, ``pop``, ``incr`` (server-side for
-   the JSON and msgpack codecs, counters up to 2**53).
+   record's version is unchanged, retried), ``setdefault``, ``add`` (write if absent),
+   ``pop``, ``incr`` (server-side for the JSON and msgpack codecs and codecs that store ints
+   as JSON numbers, counters up to 2**53), ``touch`` (a new TTL for an existing entry: a
+   write with its own seq and change message, so no node keeps the entry past its new
+   expiry).
 8. **Single flight.** ``get_or_load(k, loader)`` takes a load lock in the map's hash slot
    (``SET NX PX timeout``); the one node that gets it runs ``loader`` and writes the value
    (releasing the lock in the same script); the others poll (2 ms doubling to 50 ms) until the
@@ -96,15 +104,18 @@ import time
 from collections.abc import (
     AsyncIterator,
     Callable,
+    Coroutine,
     ItemsView,
+    Iterable,
     Iterator,
     Mapping,
     MutableMapping,
     ValuesView,
 )
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final, TypeVar
+from typing import TYPE_CHECKING, Any, Final, ParamSpec, TypeVar
 
+from ._cached import AsyncCachedFunction, CachedFunction, cached, cached_async
 from ._codec import Codec, get_codec
 from ._core.coherence import ABSENT, Change, Coherence, Entry
 from ._core.keys import MapKeys
@@ -113,6 +124,7 @@ from ._driver import AsyncDriver, SyncDriver
 from ._errors import InvalidArgument, StaleRead
 from ._listener import READERS_ACTIVE, AsyncListener, SyncListener
 from ._local import SafeHashMap
+from ._stats import registry
 
 if TYPE_CHECKING:
     from ._node import AsyncNode, Node
@@ -120,6 +132,8 @@ if TYPE_CHECKING:
 __all__ = ["AsyncSyncMap", "MapChange", "MapStats", "SyncMap"]
 
 T = TypeVar("T")
+P = ParamSpec("P")
+R = TypeVar("R")
 _MISSING: Any = object()
 DEFAULT_MAXSIZE: Final = 100_000
 DEFAULT_PUSH_VALUES: Final = 4096  # bytes: writes of values up to this size carry them
@@ -310,6 +324,7 @@ class _MapBase:
         self._hits = 0
         self._misses = 0
         self._closed = False
+        registry.add_map(self)  # (for syncmap.metrics: read at collect time)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r} on {self.node.address}>"
@@ -326,8 +341,15 @@ class _MapBase:
                 return entry.value
             if self._raise_stale:
                 raise StaleRead(self._stale_message())
-        self._misses += 1
         return _MISSING
+
+    def _local_read(self, key: Any) -> Any:
+        """:meth:`_local` for a read that goes to the server when the key is not cached (a
+        miss is counted)."""
+        value = self._local(key)
+        if value is _MISSING:
+            self._misses += 1
+        return value
 
     def _stale_message(self) -> str:
         age = self._clock() - self._state.verified_at
@@ -360,6 +382,7 @@ class _MapBase:
     def _closing(self) -> None:
         self._closed = True
         self._state.resync(None)  # nothing is served or installed locally after close
+        registry.retire_map(self)
 
 
 class SyncMap(_MapBase, MutableMapping[str, Any]):
@@ -539,10 +562,29 @@ class SyncMap(_MapBase, MutableMapping[str, Any]):
         return self._run(self._core.popitem(guard))
 
     def update(self, other: Any = (), /, **kwargs: Any) -> None:
-        """Write every pair (a mapping, pairs, keywords), as ``dict.update``. All keys and
-        values are checked and encoded before the first write: bad input writes nothing.
-        Each pair is its own write, not atomic together."""
-        self._run(self._core.update(_pairs(other, kwargs)))
+        """Write every pair (a mapping, pairs, keywords), as ``dict.update``: a bulk write
+        (see :meth:`set_many`) with the map's TTL."""
+        self._run(self._core.set_many(_pairs(other, kwargs), None))
+
+    def set_many(self, pairs: Any, ttl: float | None = None) -> None:
+        """Write every pair of ``pairs`` (a mapping or ``(key, value)`` pairs); ``ttl`` in
+        seconds (default: the map's). One round trip for the whole batch; every key and value
+        is checked and encoded first (bad input writes nothing); each pair is its own change,
+        with its own version, as if written by :meth:`set` in turn."""
+        self._run(self._core.set_many(_pairs(pairs, {}), ttl))
+
+    def get_many(self, keys: Iterable[str]) -> dict[str, Any]:
+        """The keys of ``keys`` that have a value, with it: local entries from the local copy,
+        the others fetched in one round trip (and cached, as :meth:`get` does)."""
+        now = self._clock()
+        if now >= self._next_poll:  # apply waiting change messages first (as get does)
+            self._next_poll = now + POLL_INTERVAL
+            self._listener.poll(now)
+        return self._run(self._core.get_many(keys, self._local_read, _MISSING))
+
+    def delete_many(self, keys: Iterable[str]) -> int:
+        """Remove every key of ``keys`` in one round trip; how many existed."""
+        return self._run(self._core.delete_many(keys))
 
     def items(self) -> ItemsView[str, Any]:
         return _Items(self)
@@ -573,9 +615,19 @@ class SyncMap(_MapBase, MutableMapping[str, Any]):
         ``fn`` may run more than once under contention. Returns the new value."""
         return self._run(self._core.update_item(key, fn, default, ttl, guard))
 
-    def incr(self, key: str, amount: int = 1, *, guard: Any = None) -> int:
-        """Atomically add ``amount`` to the integer counter ``key`` (absent: 0)."""
-        return self._run(self._core.incr(key, amount, guard))
+    def incr(self, key: str, amount: int = 1, *, guard: Any = None, create: bool = True) -> int:
+        """Atomically add ``amount`` to the integer counter ``key`` (absent: 0, or
+        :class:`KeyError` with ``create=False``)."""
+        return self._run(self._core.incr(key, amount, guard, create))
+
+    def add(self, key: str, value: Any, ttl: float | None = None, *, guard: Any = None) -> bool:
+        """Write ``key`` only if it is absent (atomically); True if this call wrote it."""
+        return self._run(self._core.add(key, value, ttl, guard))
+
+    def touch(self, key: str, ttl: float | None = None, *, guard: Any = None) -> bool:
+        """Give an existing ``key`` a new TTL (seconds; None: the map's default, if any, else
+        no expiry), atomically; False if it is absent."""
+        return self._run(self._core.touch(key, ttl, guard))
 
     def get_or_load(
         self, key: str, loader: Callable[[], Any], ttl: float | None = None, timeout: float = 10.0
@@ -586,6 +638,21 @@ class SyncMap(_MapBase, MutableMapping[str, Any]):
         if value is not _MISSING:
             return value
         return self._run(self._core.get_or_load(key, loader, ttl, timeout))
+
+    def cached(
+        self,
+        ttl: float | None = None,
+        *,
+        key: str | Callable[..., str] | None = None,
+        timeout: float = 10.0,
+        early_refresh: float | None = None,
+    ) -> Callable[[Callable[P, R]], CachedFunction[P, R]]:
+        """Decorate a function: its results live in this map, one entry per call's key
+        (module, qualified name and arguments; or ``key=``, a template or a callable), each
+        loaded once across all nodes (:meth:`get_or_load`); ``early_refresh`` (XFetch's
+        beta, with a ``ttl``): recompute hot entries in the background before they expire.
+        See :mod:`syncmap._cached`."""
+        return cached(self, ttl, key, timeout, early_refresh)
 
     def watch(self, timeout: float | None = None) -> Iterator[MapChange]:
         """Yield the map's changes as this node's listener receives them, for ``timeout``
@@ -660,6 +727,7 @@ class AsyncSyncMap(_MapBase):
             value = self._local(key)
             if value is not _MISSING:
                 return default if value is ABSENT else value
+        self._misses += 1
         return await self._run(self._core.get(key, default, fresh))
 
     async def contains(self, key: Any) -> bool:
@@ -694,7 +762,22 @@ class AsyncSyncMap(_MapBase):
 
     async def update(self, other: Any = (), /, **kwargs: Any) -> None:
         """As :meth:`SyncMap.update`."""
-        await self._run(self._core.update(_pairs(other, kwargs)))
+        await self._run(self._core.set_many(_pairs(other, kwargs), None))
+
+    async def set_many(self, pairs: Any, ttl: float | None = None) -> None:
+        """As :meth:`SyncMap.set_many`."""
+        await self._run(self._core.set_many(_pairs(pairs, {}), ttl))
+
+    async def get_many(self, keys: Iterable[str]) -> dict[str, Any]:
+        """As :meth:`SyncMap.get_many`."""
+        if self._clock() >= self._next_yield:  # let the listener task apply what waits
+            self._next_yield = self._clock() + YIELD_INTERVAL
+            await asyncio.sleep(0)
+        return await self._run(self._core.get_many(keys, self._local_read, _MISSING))
+
+    async def delete_many(self, keys: Iterable[str]) -> int:
+        """As :meth:`SyncMap.delete_many`."""
+        return await self._run(self._core.delete_many(keys))
 
     async def items(self) -> list[tuple[str, Any]]:
         """``(key, value)`` pairs: the keys are listed first, then each value is read; a key
@@ -728,8 +811,18 @@ class AsyncSyncMap(_MapBase):
     ) -> Any:
         return await self._run(self._core.update_item(key, fn, default, ttl, guard))
 
-    async def incr(self, key: str, amount: int = 1, *, guard: Any = None) -> int:
-        return await self._run(self._core.incr(key, amount, guard))
+    async def incr(
+        self, key: str, amount: int = 1, *, guard: Any = None, create: bool = True
+    ) -> int:
+        return await self._run(self._core.incr(key, amount, guard, create))
+
+    async def add(
+        self, key: str, value: Any, ttl: float | None = None, *, guard: Any = None
+    ) -> bool:
+        return await self._run(self._core.add(key, value, ttl, guard))
+
+    async def touch(self, key: str, ttl: float | None = None, *, guard: Any = None) -> bool:
+        return await self._run(self._core.touch(key, ttl, guard))
 
     async def get_or_load(
         self, key: str, loader: Callable[[], Any], ttl: float | None = None, timeout: float = 10.0
@@ -739,6 +832,17 @@ class AsyncSyncMap(_MapBase):
         if value is not _MISSING:
             return value
         return await self._run(self._core.get_or_load(key, loader, ttl, timeout))
+
+    def cached(
+        self,
+        ttl: float | None = None,
+        *,
+        key: str | Callable[..., str] | None = None,
+        timeout: float = 10.0,
+        early_refresh: float | None = None,
+    ) -> Callable[[Callable[P, Coroutine[Any, Any, R]]], AsyncCachedFunction[P, R]]:
+        """As :meth:`SyncMap.cached`, for ``async def`` functions."""
+        return cached_async(self, ttl, key, timeout, early_refresh)
 
     async def watch(self, timeout: float | None = None) -> AsyncIterator[MapChange]:
         """As :meth:`SyncMap.watch`: ``async for change in m.watch(timeout=...)``."""

@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import os
 import statistics
-import timeit
 from typing import Any
 
-from benchmarks._common import ServerProcess, print_table, quick, round_ratios
+from benchmarks._common import ServerProcess, bare_ns, print_table, quick, round_ratios
 
 KEY = "product:4242"
 
@@ -39,11 +38,6 @@ def _caches(url: str) -> dict[str, Any]:
         "LocMemCache (Django)": LocMemCache("bench", {}),
         "RedisCache (Django)": RedisCache(url, {}),
     }
-
-
-def _ns(stmt: str, env: dict[str, Any], number: int) -> float:
-    """ns per execution of ``stmt``, timed as timeit does (one run of ``number``)."""
-    return timeit.Timer(stmt, globals=env).timeit(number) / number * 1e9
 
 
 def main() -> None:
@@ -73,9 +67,9 @@ def main() -> None:
         misses0 = m.stats.misses
         reads = 0
         for _ in range(rounds):
-            base_times.append(_ns("d.get(k)", env, 1_000_000 // scale))
+            base_times.append(bare_ns("d.get(k)", env, 1_000_000 // scale))
             for name, stmt, number in cases:
-                times[name].append(_ns(stmt, env, max(1, number // scale)))
+                times[name].append(bare_ns(stmt, env, max(1, number // scale)))
                 if stmt.startswith(("m.", "c0.")):
                     reads += max(1, number // scale)
         server_reads = (m.stats.misses - misses0) * 1000 / reads

@@ -408,10 +408,9 @@ class _PropagationPeer:
 def _split_cpus() -> tuple[frozenset[int], frozenset[int]]:
     """(c)'s CPUs: one for the writers (this process) and the server, the others for the
     readers, as if each reader ran on a machine of its own. Unpinned on 2 CPUs, the writer,
-    the server and a reader that polls without ever blocking compete for the CPUs: in three
-    runs (session 10) the p99 of every such peer, valkey-py's and SyncMap's alike, sat at
-    3.5-5.1 ms (readers that make a system call per poll, GET or sleep(0): 1.0-2.4 ms), and
-    the ratios measured that contention. Both empty (nothing pinned) if ``BENCH_PIN=0``, if
+    the server and a reader that polls without ever blocking compete for the CPUs: the p99 of
+    every such peer, valkey-py's and SyncMap's alike, then measures that contention, not the
+    peer (docs/benchmarks.md, "Why pin", has the unpinned figures). Both empty (nothing pinned) if ``BENCH_PIN=0``, if
     the platform cannot pin, or with fewer than 2 CPUs."""
     if os.environ.get("BENCH_PIN", "1") == "0" or not hasattr(os, "sched_setaffinity"):
         return frozenset(), frozenset()
@@ -444,12 +443,9 @@ def bench_propagation(port: int) -> None:
     """Every peer's reader runs for the whole section; the peers take turns in short rounds
     of 10 writes (~25 ms; the starting peer rotates), so that a burst of host load longer
     than a cycle (~0.2 s) falls on every peer alike. Percentiles over all samples of all
-    rounds, and the goal's ratio: p99 over all samples against valkey-py CSC's. In session 9
-    rounds were 50 writes (a cycle ~0.85 s), 36 per peer, and a round's first write could
-    find its reader not yet polling. Until session 9 each round started its reader anew and
-    ran 200 writes, 9 rounds per peer; until session 8 the goal's measure
-    was the median over rounds of each round's p99 ratio, which proved too noisy to decide
-    anything (a round's p99 is one of its two or three slowest samples)."""
+    rounds, and the goal's ratio: p99 over all samples against valkey-py CSC's (a single
+    round's p99 is one of its two or three slowest samples: too noisy to decide anything).
+    Before each round the reader confirms it is polling, so no write finds it waking up."""
     rounds, per_round = (2, 10) if quick() else (360, 10)
     samples = rounds * per_round
     kinds = [("get", False), ("redis-csc", False), ("valkey-csc", False), ("cashews", False)]

@@ -77,11 +77,22 @@ def _after_fork_in_child() -> None:
         listener._after_fork()
 
 
-def _after_fork_store(store: Any) -> None:
-    """A map's local store in a forked child: its lock may have been held by a thread of the
-    parent (none runs in the child); the copy itself is dropped by the caller."""
-    if hasattr(store, "_lock"):
-        store._lock = threading.Lock()
+_ABANDONED: list[Any] = []  # a forked child's inherited asyncio objects (see AsyncListener)
+
+
+def _forget_members(hub: Hub) -> None:
+    """In a forked child: every map of ``hub`` drops its copy (nothing it holds was seen by a
+    listener of the child), with fresh locks (a thread of the parent may have held one; no
+    thread of the parent runs in the child), and waits for a new subscription."""
+    for member in hub.members:
+        member.state.mutex = threading.RLock()
+        store = member.state.store
+        if hasattr(store, "_lock"):
+            store._lock = threading.Lock()
+        member.confirmed = False
+    hub.unsubscribing.clear()
+    hub.last_probe = -math.inf
+    hub.resync("fork")
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -355,12 +366,7 @@ class SyncListener(_ListenerBase):
         self.running.set()
         self.parked = threading.Event()
         self.thread = self._new_thread()
-        for member in self.hub.members:
-            member.state.mutex = threading.RLock()
-            _after_fork_store(member.state.store)
-        self.hub.on_disconnect()
-        self.hub.resync("fork")
-        self.hub.last_probe = -math.inf
+        _forget_members(self.hub)
 
     def _main(self) -> None:
         while not self.closing.is_set():
@@ -772,14 +778,13 @@ class AsyncListener(_ListenerBase):
         raises :class:`~syncmap.NodeForked`."""
         self.forked = True
         self.closing = True
+        # Kept, never closed nor collected here: closing an asyncio transport unregisters
+        # its socket from the loop's epoll instance, which the child shares with the parent.
+        _ABANDONED.append((self.pubsub, self._raw, self._raw_writer, self.task, self.client))
         self._raw = self._raw_writer = self.pubsub = self.task = None
         self._waiter = None
         self._watching = False
-        for member in self.hub.members:
-            member.state.mutex = threading.RLock()
-            _after_fork_store(member.state.store)
-        self.hub.on_disconnect()
-        self.hub.resync("fork")
+        _forget_members(self.hub)
 
     async def _main(self) -> None:
         while not self.closing:

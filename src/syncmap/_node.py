@@ -144,6 +144,7 @@ class _NodeBase:
         self._root = self
         self._listeners = {}
         self._listeners_lock = threading.Lock()
+        _NODES.add(self)
 
     def _new_listener(self, client: Any, address: str, timeout: float, home: Any) -> Any:
         raise NotImplementedError
@@ -292,7 +293,6 @@ class AsyncNode(_NodeBase):
         self.driver = None if router is not None else AsyncDriver(client, address)
         self._init_listeners()
         self.forked = False  # made before os.fork(), and this is the child
-        _ASYNC_NODES.add(self)
 
     def _new_listener(self, client: Any, address: str, timeout: float, home: Any) -> Any:
         from ._listener import AsyncListener
@@ -374,15 +374,22 @@ def _closing(listener: Any) -> bool:
     return bool(closing.is_set() if isinstance(closing, threading.Event) else closing)
 
 
-_ASYNC_NODES: weakref.WeakSet[AsyncNode] = weakref.WeakSet()
+_NODES: weakref.WeakSet[_NodeBase] = weakref.WeakSet()
 
 
-def _asyncio_nodes_forked() -> None:
-    for node in list(_ASYNC_NODES):
-        node.forked = True
+def _nodes_forked() -> None:
+    """In a forked child: locks a thread of the parent may have held are new; an asyncio
+    node is marked (see :class:`~syncmap.NodeForked`)."""
+    for node in list(_NODES):
+        node._listeners_lock = threading.Lock()
+        if isinstance(node, AsyncNode):
+            node.forked = True
+        if node.router is not None:
+            node.router.lock = threading.Lock()
+            node.router._refreshing = threading.Lock()
 
 
-os.register_at_fork(after_in_child=_asyncio_nodes_forked)
+os.register_at_fork(after_in_child=_nodes_forked)
 
 
 def _ping() -> Flow[Any]:

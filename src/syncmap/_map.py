@@ -26,8 +26,9 @@ listeners. Call the moment a write's call returns "acknowledged".
    whatever is waiting on the subscriber connection (for every map of the node on that
    server) every 0.05 ms, so a thread spinning on ``get`` does not wait for the listener
    thread to get the GIL. Under asyncio a local hit yields to the event loop every 0.25 ms,
-   so a task spinning on ``get`` does not starve the listener task; a read more than 1 ms after the last such turn (the loop was
-   blocked, e.g. by a GC pause) first applies what waits on the subscriber socket.
+   so a task spinning on ``get`` does not starve the listener task; a read more than 1 ms
+   after the last such turn (the loop was blocked, e.g. by a GC pause) first applies what
+   waits on the subscriber socket.
 3. **No fill race.** A fetch (or write) first reserves the key with a placeholder; a change
    message only marks the placeholder (a carried value is not installed in it); the fetched
    value is installed only if nothing newer than the read was marked on it, the copy was not

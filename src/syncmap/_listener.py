@@ -290,6 +290,7 @@ class SyncListener(_ListenerBase):
         self._raw: _RawSubscriber | None = None
         self._cut_short = False  # redis-py's reader: the last drain stopped at DRAIN_LIMIT
         self.closing = threading.Event()
+        self.nudge = threading.Event()  # ends the listener thread's nap early
         self.running = threading.Event()  # cleared by tests to stall the listener
         self.running.set()
         self._nap = BUSY_NAP  # the next nap while map threads apply the events
@@ -314,6 +315,8 @@ class SyncListener(_ListenerBase):
         with self.lock:
             if self.hub.add(member) and self.pubsub is not None:
                 self._send_locked("SSUBSCRIBE", member.channel)
+        if self.hub.wanted:
+            self.nudge.set()  # (its channel was confirmed already: probe now)
         if not self.started:
             self.start()
 
@@ -344,6 +347,7 @@ class SyncListener(_ListenerBase):
 
     def close(self, timeout: float = 2.0) -> None:
         self.closing.set()
+        self.nudge.set()
         self.running.set()
         if self.thread.is_alive() and self.thread is not threading.current_thread():
             self.thread.join(timeout)
@@ -364,6 +368,7 @@ class SyncListener(_ListenerBase):
         self.last_poll = -1.0
         self.started = False
         self.closing = threading.Event()
+        self.nudge = threading.Event()
         self.running = threading.Event()
         self.running.set()
         self.parked = threading.Event()
@@ -469,7 +474,8 @@ class SyncListener(_ListenerBase):
                 # (and need the GIL: waking up often here would compete with them for it)
                 nap = self._nap
                 self._nap = min(2 * nap, BUSY_NAP_MAX)
-                if now >= end or self.closing.wait(min(end - now, nap)):
+                if self.hub.wanted or now >= end or self.nudge.wait(min(end - now, nap)):
+                    self.nudge.clear()  # (a map awaits its base, or close())
                     return 0
                 continue
             self._nap = BUSY_NAP
@@ -514,6 +520,8 @@ class SyncListener(_ListenerBase):
                 waiting = not self._nothing_waiting(poller[2])
             if waiting:
                 self._drain()
+                if self.hub.wanted:  # a map awaits its base: the listener thread probes
+                    self.nudge.set()
         except Exception as exc:
             _learn(self.client, exc)
             error = _error(exc, self.address)
@@ -742,6 +750,8 @@ class AsyncListener(_ListenerBase):
         """Listen for ``member``'s map (as :meth:`SyncListener.register`)."""
         if self.hub.add(member) and self.pubsub is not None:
             await self._send("SSUBSCRIBE", member.channel)
+        if self.hub.wanted and self._waiter is not None:
+            _wake(self._waiter)  # (its channel was confirmed already: probe now)
         self.start()
 
     async def unregister(self, member: Member) -> None:
@@ -961,6 +971,9 @@ class AsyncListener(_ListenerBase):
             self._applied += raw.drain(self.hub)
         except Exception as exc:
             waiter.set_exception(exc)
+            return
+        if self.hub.wanted:  # a map awaits its base (just subscribed): probe now
+            waiter.set_result(None)
             return
         if raw.backlog:  # the rest after the loop's other callbacks
             asyncio.get_running_loop().call_soon(self._readable)

@@ -182,8 +182,8 @@ class Hub:
         elif kind == "subscribe":
             for member in self.by_channel.get(channel, ()):
                 if not member.confirmed:
-                    member.confirmed = True
-                    member.state.on_subscribed()
+                    member.state.on_subscribed()  # (first: a probe starting now must see
+                    member.confirmed = True  # the copy reset, not reset it mid-way)
                     self.wanted = True
         elif kind == "unsubscribe":
             self.on_unsubscribed(channel)

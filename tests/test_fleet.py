@@ -412,3 +412,26 @@ def test_a_cluster_nodes_maps_share_one_listener_per_master(ns, kind):
         loop.stop()
         for srv in servers:
             srv.stop()
+
+
+def test_idle_traffic_is_two_commands_per_probe_whatever_the_number_of_maps(fresh_server, ns):
+    """50 idle maps on one node: each probe of its listener costs the server one PING and one
+    HMGET (one synced map's seq, in turn), not one pair per map. Counted by the server."""
+
+    def calls(c: Any) -> dict[str, int]:
+        stats = c.info("commandstats")
+        return {k: v["calls"] for k, v in stats.items() if k in ("cmdstat_ping", "cmdstat_hmget")}
+
+    with syncmap.connect(fresh_server.url) as node, fresh_server.client() as c:
+        maps = [node.map(f"{ns}-{i}", max_staleness=0.3) for i in range(50)]
+        hub = maps[0]._listener.hub
+        wait_until(lambda: all(m._state.synced for m in maps), 5, what="every map synced")
+        wait_until(lambda: hub.token is None, 5, what="no probe in flight")
+        before, probes = calls(c), hub._counter
+        wait_until(lambda: hub._counter >= probes + 20, 10, what="20 probes")
+        wait_until(lambda: hub.token is None, 5, what="no probe in flight")
+        after, done = calls(c), hub._counter - probes
+        pings = after.get("cmdstat_ping", 0) - before.get("cmdstat_ping", 0)
+        hmgets = after.get("cmdstat_hmget", 0) - before.get("cmdstat_hmget", 0)
+        # (one probe may start between reading the server's count and the listener's)
+        assert abs(pings - done) <= 1 and abs(hmgets - done) <= 1, (pings, hmgets, done)

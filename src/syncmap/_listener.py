@@ -122,9 +122,18 @@ async def _track_flushes_async(conn: Any) -> None:
 def _is_flush(reply: list[Any]) -> bool:
     """A flush notice: a null invalidation (RESP3: an ``invalidate`` push; RESP2: a message
     on ``__redis__:invalidate``)."""
-    if reply[0] == b"invalidate":
-        return reply[1] is None
-    return reply[0] == b"message" and reply[1] == FLUSH_CHANNEL and reply[2] is None
+    kind = reply[0].encode() if isinstance(reply[0], str) else reply[0]
+    if kind == b"invalidate":
+        return len(reply) > 1 and reply[1] is None
+    return kind == b"message" and len(reply) > 2 and reply[1] == FLUSH_CHANNEL and reply[2] is None
+
+
+def _on_invalidation(conn: Any, handler: Any) -> None:
+    """Where redis-py's reader (TLS connections) hands a RESP3 ``invalidate`` push: it does
+    not pass it on as a pub/sub message. (RESP2 sends it as a message on the flush channel.)"""
+    setter = getattr(getattr(conn, "_parser", None), "set_invalidation_push_handler", None)
+    if setter is not None:
+        setter(handler)
 
 
 def _hmget(key: str) -> Command:
@@ -430,6 +439,7 @@ class SyncListener(_ListenerBase):
                 self.pubsub = self.client.pubsub()
                 self.pubsub.connection = conn
                 conn.register_connect_callback(self.pubsub.on_connect)
+                _on_invalidation(conn, self._invalidated)
                 self._sock = conn._sock
                 self.pubsub.subscribe(FLUSH_CHANNEL)
                 for channel in self.hub.channels():
@@ -441,6 +451,11 @@ class SyncListener(_ListenerBase):
             self._unsubscribe()
             return None
         raise TypeError(f"unknown listener operation {op!r}")
+
+    def _invalidated(self, push: Any) -> None:
+        """redis-py's reader (TLS, RESP3) met an ``invalidate`` push (lock held)."""
+        if _is_flush(list(push)):
+            self.hub.resync("flush")
 
     def _read_metas(self, keys: tuple[str, ...]) -> list[Any]:
         """Each map's (epoch, seq): one pipeline on a single server; one read per map on a
@@ -854,6 +869,7 @@ class AsyncListener(_ListenerBase):
             pubsub = self.client.pubsub()
             pubsub.connection = conn
             conn.register_connect_callback(pubsub.on_connect)
+            _on_invalidation(conn, self._invalidated)
             # before any subscription is sent: from here on, every reply is _raw's to read
             self._raw_writer = conn._writer
             self._raw = _RawSubscriber.of_stream(self._raw_writer)
@@ -868,6 +884,11 @@ class AsyncListener(_ListenerBase):
             await self._unsubscribe()
             return None
         raise TypeError(f"unknown listener operation {op!r}")
+
+    async def _invalidated(self, push: Any) -> None:
+        """redis-py's reader (TLS, RESP3) met an ``invalidate`` push."""
+        if _is_flush(list(push)):
+            self.hub.resync("flush")
 
     async def _read_metas(self, keys: tuple[str, ...]) -> list[Any]:
         """As :meth:`SyncListener._read_metas` (single reads through the driver: its

@@ -296,6 +296,8 @@ def _child_of_an_asyncio_node(loop: _Loop, anode: Any, am: Any, alock: Any, url:
             except syncmap.NodeForked:
                 out[name] = "NodeForked"
         # the child's own asyncio node works, as a near cache
+        await am.close()  # (in the child: leaves the parent's connections alone)
+        await anode.close()
         node = await syncmap.connect_async(url)
         m = await node.map(am.name)
         assert await m.get("k") == "v0"

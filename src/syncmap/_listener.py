@@ -796,6 +796,8 @@ class AsyncListener(_ListenerBase):
                 self._failure = _error(exc, self.address)
 
     async def close(self) -> None:
+        if self.forked:
+            return  # (the parent's connections and task: left alone, see _after_fork)
         self.closing = True
         self.running.set()
         if self.task is not None:

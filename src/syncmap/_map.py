@@ -637,6 +637,7 @@ class AsyncSyncMap(_MapBase):
             self._member.slot, self._listener_timeout
         )
         self._member.relisten = self._relisten
+        self._relistening: set[asyncio.Task[None]] = set()
         self._next_yield = 0.0  # a local hit yields to the event loop from then on
 
     @classmethod
@@ -653,7 +654,9 @@ class AsyncSyncMap(_MapBase):
         the listener task)."""
         listener = self.node._listener_for(member.slot, self._listener_timeout)
         self._listener = listener
-        asyncio.get_running_loop().create_task(listener.register(member))
+        task = asyncio.get_running_loop().create_task(listener.register(member))
+        self._relistening.add(task)  # (the loop keeps only a weak reference to a task)
+        task.add_done_callback(self._relistening.discard)
 
     async def _run(self, flow: MapFlow[T]) -> T:
         if self._listener.forked:

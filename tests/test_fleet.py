@@ -490,3 +490,90 @@ def test_a_lost_subscriber_connection_drops_every_map_and_all_come_back(fresh_se
         loop.run(scenario())
     finally:
         loop.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_a_map_whose_slot_moves_goes_to_the_new_masters_listener(ns, kind):
+    """A slot moves to another master: the old master unsubscribes the map's channel, the
+    listener reconnects and hands the map to the listener of the new owner, which subscribes
+    it there; the map caches and sees writes again, and a sibling map on the old master
+    carries on on its own listener."""
+    from test_cluster import _assign, _ids, _move_keys
+    from test_cluster_slots import _owner, key_slot
+
+    servers = _start()
+    loop = _Loop()
+    try:
+        url = f"redis+cluster://127.0.0.1:{servers[0].port}"
+        ids = _ids(servers)
+        name = ns.replace("_", "-")[:40]
+        slot = key_slot(name)
+        src = _owner(servers, slot)
+        dst = next(s for s in servers if s is not src)
+        sibling = next(
+            f"{name}-{i}"
+            for i in range(1000)
+            if _owner(servers, key_slot(f"{name}-{i}")) is src and key_slot(f"{name}-{i}") != slot
+        )
+
+        async def scenario() -> None:
+            writer = syncmap.connect(url)
+            if kind == "sync":
+                node: Any = syncmap.connect(url)
+                m, sib = node.map(name, max_staleness=0.5), node.map(sibling, max_staleness=0.5)
+            else:
+                node = await syncmap.connect_async(url)
+                m = await node.map(name, max_staleness=0.5)
+                sib = await node.map(sibling, max_staleness=0.5)
+            assert m._listener is sib._listener
+            old = m._listener
+
+            async def sees(mp: Any, value: Any) -> None:
+                deadline = time.monotonic() + 10
+                while True:
+                    got = mp.get("k")
+                    got = await got if asyncio.iscoroutine(got) else got
+                    if got == value and mp.get_local("k") == value:
+                        return
+                    assert time.monotonic() < deadline, f"{mp.name} never cached {value!r}"
+                    await asyncio.sleep(0.005)
+
+            await asyncio.to_thread(writer.map(name).set, "k", 1)
+            await sees(m, 1)
+
+            def move() -> None:
+                with dst.client() as c:
+                    c.execute_command(
+                        "CLUSTER", "SETSLOT", slot, "IMPORTING", ids[servers.index(src)]
+                    )
+                with src.client() as c:
+                    c.execute_command(
+                        "CLUSTER", "SETSLOT", slot, "MIGRATING", ids[servers.index(dst)]
+                    )
+                _move_keys(src, dst, slot)
+                _assign(servers, slot, ids[servers.index(dst)])
+
+            await asyncio.to_thread(move)
+            await asyncio.to_thread(writer.map(name).set, "k", 2)  # (the writer follows MOVED)
+            await sees(m, 2)
+            assert m._listener is not old and m._listener.home == ("127.0.0.1", dst.port)
+            assert sib._listener is old
+            await asyncio.to_thread(writer.map(sibling).set, "k", 3)
+            await sees(sib, 3)
+            closed = node.close()
+            if asyncio.iscoroutine(closed):
+                await closed
+            writer.close()
+
+        loop.run(scenario())
+    finally:
+        loop.stop()
+        for srv in servers:
+            srv.stop()
+
+
+def _start() -> Any:
+    from test_cluster_slots import _start_cluster
+
+    return _start_cluster()

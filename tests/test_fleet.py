@@ -577,3 +577,31 @@ def _start() -> Any:
     from test_cluster_slots import _start_cluster
 
     return _start_cluster()
+
+
+def test_without_flush_notices_every_probe_reads_every_maps_seq(fresh_server, ns, caplog):
+    """A server that refuses CLIENT TRACKING (here by ACL): the listener says so, and each
+    probe reads every synced map's (epoch, seq) (counted by the server), so a FLUSHALL is
+    still noticed (as another epoch) by each map's next probe."""
+    with fresh_server.client() as c:
+        c.execute_command("ACL", "SETUSER", "default", "-client|tracking")
+    with syncmap.connect(fresh_server.url) as node, fresh_server.client() as c:
+        maps = [node.map(f"{ns}-{i}", max_staleness=0.3) for i in range(20)]
+        hub = maps[0]._listener.hub
+        assert not hub.flush_notices
+        assert "refuses CLIENT TRACKING" in caplog.text
+        for m in maps:
+            m["k"] = "old"
+            cached(m, "k", "old")
+        wait_until(lambda: hub.token is None, 5, what="no probe in flight")
+        before, probes = c.info("commandstats")["cmdstat_hmget"]["calls"], hub._counter
+        wait_until(lambda: hub._counter >= probes + 5, 10, what="5 probes")
+        wait_until(lambda: hub.token is None, 5, what="no probe in flight")
+        hmgets = c.info("commandstats")["cmdstat_hmget"]["calls"] - before
+        done = hub._counter - probes
+        assert abs(hmgets - 20 * done) <= 20, (hmgets, done)  # (a probe may straddle)
+        c.flushall()
+        for m in maps:
+            wait_until(lambda m=m: m.get_local("k") is None, 5, what="the flush noticed")
+            assert m.stats.resync_causes.get("epoch") == 1
+            assert m.get("k") is None

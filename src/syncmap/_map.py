@@ -94,7 +94,10 @@ and is followed by no message, which a seq read at each probe caught:
   data): the subscriber connection turns on ``CLIENT TRACKING`` redirected to itself, OPTIN
   with nothing ever opted in (no key is tracked), and subscribes ``__redis__:invalidate``:
   a flush sends every tracking client a null invalidation (checked on Valkey 9.1 and Redis
-  7.0), and every map of that server drops its copy at once.
+  7.0), and every map of that server drops its copy at once. A server that refuses
+  ``CLIENT TRACKING`` (an ACL, a proxy) is logged, and each probe then reads every synced
+  map's (epoch, seq) instead (one HMGET per map and interval): a flush shows as another
+  epoch.
 * A server restart, a failover to a replica, or a Cluster master's death: the subscriber
   connection breaks (4). A slot that moves to another master: the old one unsubscribes the
   channel (``sunsubscribe``) or answers MOVED; the map subscribes on the new owner (a new

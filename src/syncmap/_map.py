@@ -54,7 +54,8 @@ listeners. Call the moment a write's call returns "acknowledged".
    (``on_stale="server"``, the default) or raises :class:`~syncmap.StaleRead`
    (``on_stale="raise"``). A stalled listener, a half-open connection or a paused server
    therefore never yields a read more than ``max_staleness`` old. At idle a node costs each
-   server one PING and one HMGET per interval, however many maps it has.
+   server one PING and one HMGET per interval, however many maps it has (if the server sends
+   flush notices, below).
 6. **Fresh reads.** ``get(k, fresh=True)`` asks the server only for the entry's version
    (epoch and seq in its record header, one small round trip); the local value is returned if
    it is still current, else the value is fetched. Linearizable.

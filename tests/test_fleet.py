@@ -496,9 +496,10 @@ def test_a_lost_subscriber_connection_drops_every_map_and_all_come_back(fresh_se
 @pytest.mark.parametrize("kind", ["sync", "async"])
 def test_a_map_whose_slot_moves_goes_to_the_new_masters_listener(ns, kind):
     """A slot moves to another master: the old master unsubscribes the map's channel, the
-    listener reconnects and hands the map to the listener of the new owner, which subscribes
-    it there; the map caches and sees writes again, and a sibling map on the old master
-    carries on on its own listener."""
+    listener hands the map to the listener of the new owner (after a MOVED answer to its
+    SSUBSCRIBE, if the slot table did not know yet), which subscribes it there; the map
+    caches and sees writes again. A sibling map on the old master is not disturbed: same
+    listener, no resync, its copy kept."""
     from test_cluster import _assign, _ids, _move_keys
     from test_cluster_slots import _owner, key_slot
 
@@ -541,6 +542,9 @@ def test_a_map_whose_slot_moves_goes_to_the_new_masters_listener(ns, kind):
 
             await asyncio.to_thread(writer.map(name).set, "k", 1)
             await sees(m, 1)
+            await asyncio.to_thread(writer.map(sibling).set, "k", 0)
+            await sees(sib, 0)
+            sib_resyncs = sib.stats.resyncs
 
             def move() -> None:
                 with dst.client() as c:
@@ -559,6 +563,8 @@ def test_a_map_whose_slot_moves_goes_to_the_new_masters_listener(ns, kind):
             await sees(m, 2)
             assert m._listener is not old and m._listener.home == ("127.0.0.1", dst.port)
             assert sib._listener is old
+            assert sib.stats.resyncs == sib_resyncs  # the move did not disturb the sibling
+            assert sib.get_local("k") == 0
             await asyncio.to_thread(writer.map(sibling).set, "k", 3)
             await sees(sib, 3)
             closed = node.close()

@@ -414,8 +414,10 @@ async def test_changes_are_applied_while_the_probe_fails(
     with fresh_server.client() as client:
         client.execute_command("ACL", "SETUSER", "default", "+hmget")
     assert failed >= 4, "the probe failed too rarely: the scenario did not happen"
-    # a busy machine may delay one write that long, not one per failed probe
-    assert len(slow) <= 1, f"{len(slow)} of {writes} writes applied late (ms): {slow}"
+    # A listener that naps after a failed probe holds back the write that lands in the nap
+    # (the writer waits for each write): one late write per failed probe. A busy machine may
+    # delay a write or two as well, not one per failed probe.
+    assert len(slow) <= failed // 2, f"{len(slow)} of {writes} writes applied late (ms): {slow}"
 
 
 @pytest.mark.parametrize("reader", ["raw", "redis-py"])
@@ -439,4 +441,7 @@ async def test_the_probe_survives_its_connection_closed_by_the_server(
     )
     assert failed == 0, f"{failed} probes failed on a connection the server had closed"
     assert writes > 50, f"only {writes} writes: the scenario did not happen"
-    assert len(slow) <= 1, f"{len(slow)} of {writes} writes applied late (ms): {slow}"
+    # a listener held up by the closed connection would delay a write at every fifth (each
+    # kill); a busy machine delays one now and then, not one in a hundred
+    late = max(1, writes // 100)
+    assert len(slow) <= late, f"{len(slow)} of {writes} writes applied late (ms): {slow}"

@@ -7,6 +7,7 @@ acknowledged write (docs/contract.md §1-§2, §4-§5).
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 
 import pytest
@@ -203,6 +204,9 @@ def fills_race_listener(m) -> None:
     m._core.push_values = 0
     m._listener.poll = lambda *now: False  # (blocking map: poll(now); asyncio: poll())
     syncmap._listener.READERS_ACTIVE = 0.0  # (this node's process only)
+    # and a fetch's answer waits 1 ms before it is installed (a slow client, a GIL hand-off):
+    # the window in which the listener thread applies a write's invalidation to the key
+    m._core.fill_hook = lambda key: time.sleep(0.001)
 
 
 def deaf_listener(m) -> None:

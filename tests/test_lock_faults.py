@@ -4,6 +4,7 @@ dropped connections, cancelled releases, and exact mutual exclusion across proce
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -246,3 +247,32 @@ def test_killed_waiter_costs_no_more_than_its_registration(server, client, ns):
     holder.release()
     assert client.get(ns) is None  # not handed to the dead waiter
     node.close()
+
+
+@pytest.mark.parametrize("answer", ["error", "ok"])
+async def test_async_driver_keeps_connections_only_in_their_process(server, client, ns, answer):
+    """A connection given back after an error answer follows the same rule as after any
+    answer (shared with the blocking driver): kept aside only in the process that opened
+    it (a forked child holding its parent's driver returns it to the pool instead)."""
+    from syncmap._core.ops import Command
+    from syncmap._driver import AsyncDriver
+
+    client.set(f"{ns}:text", "not a number")
+    node = await syncmap.connect_async(server.url)
+    try:
+        driver = AsyncDriver(node.client, node.address)
+        driver.conns.idle.clear()
+        driver.conns.pid = -1  # as seen from a forked child
+        command = ("INCR", f"{ns}:text") if answer == "error" else ("GET", f"{ns}:text")
+        if answer == "error":
+            with pytest.raises(syncmap.ServerError):
+                await driver.perform(Command(command))
+        else:
+            assert await driver.perform(Command(command)) == b"not a number"
+        assert driver.conns.idle == []
+        driver.conns.pid = os.getpid()  # in its own process: kept
+        with contextlib.suppress(syncmap.ServerError):
+            await driver.perform(Command(command))
+        assert len(driver.conns.idle) == 1
+    finally:
+        await node.close()

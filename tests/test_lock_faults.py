@@ -147,6 +147,28 @@ def test_a_release_that_timed_out_keeps_the_token_and_can_be_retried(fresh_serve
     node.close()
 
 
+async def test_an_async_release_that_timed_out_keeps_the_token_and_can_be_retried(fresh_server):
+    """The asyncio read's own timer (socket_timeout): a silent server is a ServerUnavailable
+    after it, not a hang and not a CancelledError; the task is not left cancelled."""
+    node = await syncmap.connect_async(fresh_server.url, socket_timeout=0.3)
+    lock = await node.obtain("job", 30)
+    fresh_server.pause()
+    try:
+        started = time.monotonic()
+        with pytest.raises(ServerUnavailable):
+            await lock.release()
+        assert time.monotonic() - started < 5
+        assert lock.token is not None
+        task = asyncio.current_task()
+        assert task is not None and task.cancelling() == 0
+    finally:
+        fresh_server.resume()
+    await lock.release()
+    with fresh_server.client() as c:
+        assert c.get("job") is None
+    await node.close()
+
+
 def test_lock_commands_survive_killed_connections(fresh_server):
     node = syncmap.connect(fresh_server.url)
     lock = node.obtain("job", 30)

@@ -391,13 +391,46 @@ except ImportError:  # pragma: no cover - redis[hiredis] is a dependency
     _HIREDIS_PARSER = _MORE = None
 
 
+class _Expiry:
+    """What ``asyncio.timeout`` does for one read, at half its cost (a timer that cancels the
+    task; ~2 us a read instead of ~4): ``expired(exc)`` tells its cancellation from any
+    other one (and makes the task's cancel count whole again), ``cancel()`` disarms it."""
+
+    __slots__ = ("base", "fired", "handle", "task")
+
+    def __init__(self, seconds: float | None) -> None:
+        self.fired = False
+        self.handle: asyncio.TimerHandle | None = None
+        task = self.task = asyncio.current_task()
+        if seconds is not None and task is not None:
+            self.base = task.cancelling()
+            loop = asyncio.get_running_loop()
+            self.handle = loop.call_at(loop.time() + seconds, self._fire)
+
+    def _fire(self) -> None:
+        self.fired = True
+        assert self.task is not None
+        self.task.cancel()
+
+    def expired(self, exc: BaseException) -> bool:
+        """Whether ``exc`` is this timer's cancellation (and no one else's as well)."""
+        if not self.fired or not isinstance(exc, asyncio.CancelledError):
+            return False
+        assert self.task is not None
+        return self.task.uncancel() <= self.base
+
+    def cancel(self) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
+
+
 async def _reply(conn: Any) -> Any:
     """``await conn.read_response()``, with fewer layers on its common path: a connection of
     redis-py's own class with the hiredis parser is read straight from the parser, within the
-    connection's ``socket_timeout`` (a push frame in between goes to the parser's push
-    handler, as redis-py does); on any failure the connection is closed and the error is
-    redis-py's (``ConnectionError``, ``TimeoutError``), as ``read_response`` does. Any other
-    connection goes through ``read_response``."""
+    connection's ``socket_timeout`` (:class:`_Expiry`; a push frame in between goes to the
+    parser's push handler, as redis-py does); on any failure the connection is closed and the
+    error is redis-py's (``ConnectionError``, ``TimeoutError``), as ``read_response`` does.
+    Any other connection goes through ``read_response``."""
     parser = conn._parser
     if (
         type(parser) is not _HIREDIS_PARSER
@@ -409,23 +442,26 @@ async def _reply(conn: Any) -> Any:
     push = parser._hiredis_PushNotificationType
     reply = reader.gets()  # (a batch's later answers are often in already)
     if reply is _MORE or (push is not None and isinstance(reply, push)):
+        expiry = _Expiry(conn.socket_timeout)
         try:
-            async with asyncio.timeout(conn.socket_timeout):
-                while True:
-                    if reply is _MORE:
-                        await parser.read_from_socket()
-                    elif push is not None and isinstance(reply, push):
-                        await parser.handle_push_response(reply)
-                    else:
-                        break
-                    reply = reader.gets()
+            while True:
+                if reply is _MORE:
+                    await parser.read_from_socket()
+                elif push is not None and isinstance(reply, push):
+                    await parser.handle_push_response(reply)
+                else:
+                    break
+                reply = reader.gets()
         except BaseException as exc:
+            expired = expiry.expired(exc)
             await conn.disconnect(nowait=True)
-            if isinstance(exc, TimeoutError):
+            if expired:
                 raise redis.asyncio.TimeoutError(f"Timeout reading from {conn.host}") from None
             if isinstance(exc, OSError):
                 raise redis.asyncio.ConnectionError(f"Error while reading: {exc}") from exc
             raise
+        finally:
+            expiry.cancel()
     if isinstance(reply, redis.asyncio.ResponseError | redis.asyncio.ConnectionError):
         raise reply
     return reply

@@ -292,8 +292,8 @@ async def test_changes_are_applied_while_the_probe_waits_for_its_answer(
 ):
     """The freshness probe reads the server on a connection of its own. While that answer is
     slow (a reconnect after a killed connection, a busy server), the listener task goes on
-    applying change messages. (It did not: found by tests/soak.py, where a probe's reconnect
-    took ~100 ms and a node read the old value that long after a write was acknowledged.)
+    applying change messages. (Otherwise a probe's slow reconnect, ~100 ms in tests/soak.py,
+    lets a node read the old value that long after a write was acknowledged.)
     The probe's read is held here until the test lets it go."""
     if reader == "redis-py":
         monkeypatch.setattr(_listener._RawSubscriber, "of_stream", classmethod(lambda cls, w: None))
@@ -355,7 +355,7 @@ async def _probe_scenario(
 
     latencies = []
     started = time.monotonic()
-    for i in range(1, 5000):
+    for i in range(1, 200_000):  # (bounded by ``seconds`` first: ~0.4 ms a write here)
         if failed_probes() >= until_failed or time.monotonic() - started > seconds:
             break
         fault(i, failed_probes(), b)
@@ -383,9 +383,9 @@ async def test_changes_are_applied_while_the_probe_fails(
 ):
     """The freshness probe reads the server on a connection of its own; when that read fails
     (here the server refuses it: HMGET is taken away from the user by ACL), the listener goes
-    on applying change messages while it waits to probe again. (It used to sleep 50 ms
-    instead: a write landing then reached the other node up to 50 ms late, every probe
-    interval.)"""
+    on applying change messages while it waits to probe again. (A listener that slept
+    instead, 50 ms, would let a write landing then reach the other node up to 50 ms late,
+    every probe interval.)"""
 
     # HMGET is taken away until a probe has failed, then given back for 0.2 s (two probe
     # intervals: b's copy stays proven fresh), and so on

@@ -36,9 +36,9 @@ from typing import Any
 import hiredis
 import redis
 import redis.asyncio
+from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 from redis.exceptions import MovedError
-from redis.asyncio.retry import Retry as AsyncRetry
 from redis.retry import Retry
 
 from ._core.coherence import Coherence

@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from typing import Any, Final, Protocol, overload
+from typing import Any, ClassVar, Final, Protocol, overload
 
 __all__ = [
     "ABSENT",
@@ -71,9 +71,12 @@ class Entry:
 
 
 class Placeholder:
-    """A reservation for a fetch or write in flight; change messages mark it (``max_seq``)."""
+    """A reservation for a fetch or write in flight; change messages mark it (``max_seq``).
+    Its ``value`` is ``ABSENT``, as a cached miss's: a read that serves only an entry whose
+    value is not ``ABSENT`` (the map's hit path) needs no type check."""
 
     __slots__ = ("generation", "max_seq")
+    value: ClassVar[_Absent] = ABSENT
 
     def __init__(self, generation: int) -> None:
         self.generation = generation

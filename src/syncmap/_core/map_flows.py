@@ -143,7 +143,11 @@ class MapCore:
         self.push_values = push_values  # payloads up to this size ride in change messages
         self.fill_hook: Callable[[str], Any] | None = None  # tests: runs between fetch and install
         self._copy_scalars = codec.name in ("json", "msgpack")
-        self.incr_codec = codec.name if codec.name in ("json", "msgpack") else None
+        # incr runs on the server when the codec stores ints as JSON or msgpack numbers: the
+        # json and msgpack codecs, or a codec that says so (``counters = "json"``)
+        counters = codec.name if codec.name in ("json", "msgpack") else None
+        counters = getattr(codec, "counters", counters)
+        self.incr_codec = counters if counters in ("json", "msgpack") else None
 
     # ---- input checks (before anything is sent) --------------------------------------------
 
@@ -517,10 +521,18 @@ class MapCore:
         raise ServerError("popitem(): gave up after 64 rounds of keys deleted by others")
 
     def setdefault(self, key: object, default: Any, guard: Any = None) -> MapFlow[Any]:
-        k = self.check_key(key)
-        payload = self.encode(default)
-        px = self.px(None)
-        keep = self.local_copy(default, payload)
+        _, value = yield from self._setnx(self.check_key(key), default, self.px(None), guard)
+        return value
+
+    def add(self, key: object, value: Any, ttl: float | None, guard: Any = None) -> MapFlow[bool]:
+        """Write ``key`` only if it is absent; True if it was written."""
+        added, _ = yield from self._setnx(self.check_key(key), value, self.px(ttl), guard)
+        return added
+
+    def _setnx(self, k: str, value: Any, px: int, guard: Any) -> MapFlow[tuple[bool, Any]]:
+        """``(written, value now held)``: ``value`` if absent, else the existing one."""
+        payload = self.encode(value)
+        keep = self.local_copy(value, payload)
 
         def install(status: int, record: Any) -> Any:
             return keep if status == 1 else self.decode_value(record)
@@ -528,7 +540,20 @@ class MapCore:
         status, record = yield from self._write(
             "setnx", k, payload=payload, px=px, guard=guard, install=install
         )
-        return keep if status == 1 else self.decode_value(record)
+        return (True, keep) if status == 1 else (False, self.decode_value(record))
+
+    def touch(self, key: object, ttl: float | None, guard: Any = None) -> MapFlow[bool]:
+        """Give an existing entry a new expiry (``ttl`` None: the map's default, else none),
+        as a write (new seq, change message); False if ``key`` is absent."""
+        k = self.check_key(key)
+        status, _ = yield from self._write(
+            "touch", k, px=self.px(ttl), guard=guard, install=self._install_record
+        )
+        return status == 1
+
+    def _install_record(self, status: int, record: Any) -> Any:
+        """An ``install``: the record the script returned (incr, touch), if it wrote."""
+        return self.decode_value(record) if status == 1 else _NO_INSTALL
 
     def compare_and_set(
         self, key: object, expected: Any, new: Any, ttl: float | None, guard: Any
@@ -602,31 +627,32 @@ class MapCore:
                 yield Sleep(min(0.001 * attempt, 0.05))
         raise ServerError(f"update_item({k!r}): gave up after 64 conflicting attempts")
 
-    def incr(self, key: object, amount: int, guard: Any = None) -> MapFlow[int]:
+    def incr(
+        self, key: object, amount: int, guard: Any = None, create: bool = True
+    ) -> MapFlow[int]:
+        """Add ``amount`` to the counter ``key``: absent counts as 0 (``create``), else
+        :class:`KeyError`."""
         if isinstance(amount, bool) or not isinstance(amount, int) or abs(amount) >= 2**53:
             raise InvalidArgument(f"incr amount must be an int below 2**53, not {amount!r}")
         k = self.check_key(key)
         if self.incr_codec is None:
 
             def add(value: Any) -> int:
+                if value is ABSENT:
+                    raise KeyError(k)
                 if isinstance(value, bool) or not isinstance(value, int):
                     raise InvalidArgument(f"incr: the value of {k!r} is not an integer counter")
                 return value + amount
 
-            result = yield from self.update_item(k, add, 0, None, guard)
+            result = yield from self.update_item(k, add, 0 if create else ABSENT, None, guard)
             return int(result)
-        px = self.px(None)
-        box: list[int] = []
-
-        def install(status: int, record: Any) -> Any:
-            box.append(self.decode_value(record))
-            return box[0]
-
-        yield from self._write(
-            "incr", k, payload=str(amount).encode(), px=px, expected=self.incr_codec,
-            guard=guard, install=install,
+        status, record = yield from self._write(
+            "incr" if create else "incrx", k, payload=str(amount).encode(), px=self.px(None),
+            expected=self.incr_codec, guard=guard, install=self._install_record,
         )  # fmt: skip
-        return box[0]
+        if status != 1:
+            raise KeyError(k)
+        return int(self.decode_value(record))
 
     def get_or_load(
         self, key: object, loader: Callable[[], Any], ttl: float | None, timeout: float

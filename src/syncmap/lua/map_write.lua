@@ -7,7 +7,9 @@
 -- KEYS[1] meta hash {epoch, seq}     KEYS[2] the entry's record     KEYS[3] idx zset
 -- KEYS[4] fences hash                KEYS[5] the entry's load lock  KEYS[6] guard lock
 -- (KEYS[4..5] only for a guarded write or one with a load token; KEYS[6] only when guarded)
--- ARGV[1] op: set | setnx | del | cas | casv | incr
+-- ARGV[1] op: set | setnx | del | cas | casv | incr | incrx | touch
+--   incrx: incr of an existing entry only (absent: condition false);
+--   touch: rewrite an existing entry's payload with a new expiry (px 0: none)
 -- ARGV[2] entry key (for the change message and idx)
 -- ARGV[3] epoch candidate: becomes the epoch only if meta is missing (fresh random per call)
 -- ARGV[4] channel
@@ -16,14 +18,14 @@
 -- ARGV[7] push limit: carry payloads up to this many bytes in the change message (0 = never)
 -- The rest may be left out (a plain set sends none of them: fewer arguments, less garbage):
 -- ARGV[8] cas: expected payload; casv: expected "epoch seq" of the record ("" = absent);
---         incr: codec name (json | msgpack)
+--         incr, incrx: codec name (json | msgpack)
 -- ARGV[9] guard token ("" or none = unguarded)   ARGV[10] guard fence ("" or none = none)
 -- ARGV[11] load token: release the entry's load lock if it holds this token ("" or none)
 -- Returns {epoch or false, seq, status, record or false, pttl}
 --   seq: the write's seq when written, else the map's current seq (version of what was read)
 --   status: 1 written; 0 condition false (nothing written); -1 guard rejected;
 --           -2 incr on a value that is not an integer; -3 foreign data under the record key
---   record: del/setnx/cas/casv: the record before the call; incr: the new record
+--   record: del/setnx/cas/casv: the record before the call; incr/incrx/touch: the new record
 --   pttl: the record's remaining life in ms after the call (-1: none, -2: absent)
 local meta, rec, idx = KEYS[1], KEYS[2], KEYS[3]
 local op, key, channel = ARGV[1], ARGV[2], ARGV[4]
@@ -88,7 +90,11 @@ repeat
     if old_payload ~= expected then refused = 0 end
   elseif op == 'casv' then
     if old_version ~= expected then refused = 0 end
-  elseif op == 'incr' then
+  elseif op == 'incr' or op == 'incrx' then
+    if op == 'incrx' and not existed then
+      refused = 0
+      break
+    end
     local n = 0
     if old_payload then
       if expected == 'msgpack' then
@@ -115,6 +121,8 @@ repeat
     keepttl = existed
   elseif op == 'del' then
     if not existed then refused = 0 end
+  elseif op == 'touch' then
+    if existed then payload = old_payload else refused = 0 end
   else
     return redis.error_reply('map_write: unknown op ' .. tostring(op))
   end
@@ -173,6 +181,6 @@ else
   redis.call('SPUBLISH', channel, 'SM1 ' .. epoch .. ' ' .. seqs .. ' S ' .. key)
 end
 -- record: the one before for cas/casv, the new one for incr, else false
-if op == 'incr' then return {epoch, seq, 1, record, pttl} end
+if op == 'incr' or op == 'incrx' or op == 'touch' then return {epoch, seq, 1, record, pttl} end
 if op == 'cas' or op == 'casv' then return {epoch, seq, 1, before, pttl} end
 return {epoch, seq, 1, false, pttl}

@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing as mp
+import os
 import statistics
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
-from benchmarks._common import ServerProcess, print_table, quick, round_ratios
+from benchmarks._common import ServerProcess, print_table, quick, round_ratios, versions
 
 FORK = mp.get_context("fork")
 CLIENTS = 3
@@ -544,12 +545,20 @@ def bench_asyncio(port: int) -> None:
 
 
 def main() -> None:
+    """``BENCH_THROUGHPUT_ONLY=bulk,server,capacity,asyncio`` runs only those sections."""
+    sections = {"bulk": bench_bulk, "server": bench_server_time, "capacity": bench_capacity,
+                "asyncio": bench_asyncio}  # fmt: skip
+    only = os.environ.get("BENCH_THROUGHPUT_ONLY")
     srv = ServerProcess().start()
     try:
-        bench_bulk(srv.port)
-        bench_server_time(srv.port)
-        bench_capacity(srv.port)
-        bench_asyncio(srv.port)
+        info = srv.client().info("server")
+        print(f"## bench_throughput (server on port {srv.port}{', quick' if quick() else ''})\n")
+        print(f"Measured: {versions('redis', 'hiredis')}; server valkey "
+              f"{info.get('valkey_version', info['redis_version'])}.\n", flush=True)  # fmt: skip
+        for name, fn in sections.items():
+            if only and name not in only.split(","):
+                continue
+            fn(srv.port)
     finally:
         srv.stop()
     print_table(

@@ -188,6 +188,18 @@ def syncmap_json(value: Any) -> bytes:
 # -------------------------------------------------------------------- (2) server time per write
 
 MINIMAL = "redis.call('SET', KEYS[1], ARGV[1])\nredis.call('PUBLISH', ARGV[2], ARGV[3])\nreturn 1"
+# map_write's five commands and nothing else (the floor of its calls) ...
+CALLS_ONLY = (
+    "redis.call('HGET', KEYS[1], 'epoch') redis.call('HINCRBY', KEYS[1], 'seq', 1) "
+    "redis.call('SET', KEYS[2], ARGV[5]) redis.call('ZADD', KEYS[3], '+inf', ARGV[2]) "
+    "redis.call('SPUBLISH', ARGV[4], ARGV[2]) return 1"
+)
+# ... and strings like its record and message, and its reply, without a command
+STRINGS_ONLY = (
+    "local record = 'SM\\1' .. ARGV[3] .. ' ' .. #ARGV[2] .. '\\n' .. ARGV[5] "
+    "local message = 'SM1 ' .. ARGV[3] .. ' ' .. #ARGV[5] .. ' V ' .. #ARGV[2] .. ' ' "
+    ".. ARGV[2] .. ARGV[5] return {ARGV[3], #record, 1, false, #message}"
+)
 
 
 def _map_write_variants() -> dict[str, str]:
@@ -296,6 +308,8 @@ def bench_server_time(port: int) -> None:
     scripts: dict[str, tuple[str, str]] = {"SET + PUBLISH (minimal script)": (MINIMAL, "minimal")}
     scripts.update({name: (src, "write") for name, src in _map_write_variants().items()})
     scripts["return 1, with map_write's arguments"] = ("return 1", "write")
+    scripts["map_write's five commands alone"] = (CALLS_ONLY, "write")
+    scripts["map_write's strings and reply alone (no command)"] = (STRINGS_ONLY, "write")
     scripts["map_set_many, per key (100 keys a call)"] = (script_source("map_set_many"), "many")
     calls = 2_000 if quick() else 20_000
     means: dict[str, list[float]] = {name: [] for name in scripts}

@@ -440,7 +440,11 @@ async def _reply(conn: Any) -> Any:
         return await conn.read_response()
     reader = parser._reader
     push = parser._hiredis_PushNotificationType
-    reply = reader.gets()  # (a batch's later answers are often in already)
+    try:
+        reply = reader.gets()  # (a batch's later answers are often in already)
+    except BaseException:  # (a protocol error: what is left in the buffer cannot be used)
+        await conn.disconnect(nowait=True)
+        raise
     if reply is _MORE or (push is not None and isinstance(reply, push)):
         expiry = _Expiry(conn.socket_timeout)
         try:

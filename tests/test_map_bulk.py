@@ -267,3 +267,20 @@ def test_a_big_bulk_write_carries_values_only_up_to_its_budget(maps, server, ns,
     assert first == ["y" * 10] * map_flows.BATCH_KEYS  # the first chunk: carried values
     assert all(b.get_local(k) is None for k in keys[map_flows.BATCH_KEYS :])
     assert b.get_many(keys) == {k: "y" * 10 for k in keys} and b.stats.resyncs == 0
+
+
+def test_bulk_read_your_writes_with_the_listener_stalled(maps, server, ns):
+    """The writer's own copy takes every key of its bulk writes from the replies, not from
+    its change messages: with its listener stalled, it still reads them locally."""
+    a = maps(server.url, ns, max_staleness=LONG)
+    keys = [f"k{i}" for i in range(N)]
+    a.update({k: 0 for k in keys})
+    a.stall_listener()
+    a.update({k: i for i, k in enumerate(keys)})
+    hits = a.stats.hits
+    assert a.get_many(keys) == {k: i for i, k in enumerate(keys)}
+    assert a.stats.hits - hits == N
+    assert a.delete_many(keys[:10]) == 10
+    assert a.get_many(keys[:12]) == {"k10": 10, "k11": 11}
+    assert a.stats.hits - hits == N + 12
+    a.resume_listener()

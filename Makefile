@@ -7,6 +7,7 @@
 #   make lock         - re-resolve the newest releases pyproject allows and rewrite the lock
 #   make test-latest  - the suite on those newest releases, in .venv-latest (lock untouched)
 #   make test-server SERVER=/path/to/redis-server - the suite against another server binary
+#                    (PYTEST_ARGS="..." passes a selection or options on to pytest)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -38,7 +39,9 @@ test: setup
 
 test-server: setup
 	@test -n "$(SERVER)" || { echo "usage: make test-server SERVER=/path/to/redis-server"; exit 2; }
-	SYNCMAP_SERVER=$(SERVER) $(BIN)/pytest -q
+	@test -x "$(SERVER)" || { echo "test-server: $(SERVER) is not an executable"; exit 2; }
+	$(SERVER) --version
+	SYNCMAP_SERVER=$(SERVER) $(BIN)/pytest -q $(PYTEST_ARGS)
 
 # The newest releases that pyproject allows: a peer's or a dependency's new release is noticed
 # here, on purpose, not by a red CI.

@@ -203,7 +203,11 @@ def _move_keys(src: ServerProcess, dst: ServerProcess, slot: int) -> int:
 
 
 def _assign(servers: list[ServerProcess], slot: int, owner_id: str) -> None:
-    for srv in servers:
+    """CLUSTER SETSLOT NODE on every master, the new owner first: until it is told, the new
+    owner, still importing, answers MOVED back to the old owner, which may already answer MOVED
+    to it, and a client bounces between the two."""
+    ids = _ids(servers)
+    for srv in sorted(servers, key=lambda s: ids[servers.index(s)] != owner_id):
         with srv.client() as c:
             c.execute_command("CLUSTER", "SETSLOT", slot, "NODE", owner_id)
 

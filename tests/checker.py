@@ -314,6 +314,8 @@ class NodeSpec:
     readers: int = 0  # extra threads (tasks, under asyncio) of this node that only read
     reader_rate: float = 0.0  # reads per second of each of them (0: back to back)
     delete_ratio: float = 0.0  # mode "owned": this share of the writes are deletes
+    bulk: bool = False  # mode "owned": each burst is one update() (keys drawn with repeats),
+    # or, for a delete_ratio share of the bursts, one delete_many()
     out_path: str = ""
 
 
@@ -384,6 +386,27 @@ def _steps(spec: NodeSpec, history: _NodeHistory, start_at_ns: int) -> Any:
         if now >= end:
             break
         ops += 1
+        if writable and now >= next_write and spec.mode == "owned" and spec.bulk:
+            delete = rng.random() < spec.delete_ratio
+            batch: list[tuple[str, str | None, Order]] = []
+            for key in [rng.choice(writable) for _ in range(spec.burst)]:
+                seq += 1
+                counters[key] += 1
+                batch.append((key, None if delete else f"{spec.node}:{seq}", (counters[key],)))
+            t0 = _now()
+            acked = True
+            try:
+                if delete:
+                    yield ("delete_many", [key for key, _, _ in batch])
+                else:
+                    yield ("update", [(key, value) for key, value, _ in batch])
+            except Exception as exc:  # may have landed (part or all): no obligation
+                errors[f"write {type(exc).__name__}"] += 1
+                acked = False
+            t1 = _now()
+            writes.extend(Write(spec.node, k, v, order, t0, t1, acked) for k, v, order in batch)
+            next_write = _now() + _gap(rng, spec.write_interval_s)
+            continue
         if writable and now >= next_write:
             key = rng.choice(writable)
             for _ in range(spec.burst):
@@ -444,6 +467,10 @@ async def _node_main(
             result = m.set(step[1], step[2])
         elif step[0] == "del":
             result = m.delete(step[1])
+        elif step[0] == "update":
+            result = m.update(step[1])
+        elif step[0] == "delete_many":
+            result = m.delete_many(step[1])
         else:
             result = m.update_item(step[1], _bump(step[2]))
         return await result if spec.asyncio else result

@@ -8,8 +8,9 @@ Each round starts 3 node processes on one private Valkey (modes alternate: "owne
 one writer each, a fifth of its writes deletes, and "rmw" read-modify-writes on shared keys);
 with ``--asyncio`` some nodes run an AsyncSyncMap (every third round all three); with
 ``--readers N`` every node has N more threads (tasks) that only read, so fills overlap the
-node's own writes. While they run, a fault every 0.4-1.2 s: subscriber, normal or all
-connections killed, the server paused (SIGSTOP) for 50-400 ms, or restarted empty. The
+node's own writes; with ``--bulk`` the "owned" rounds write each burst as one ``update`` (a
+fifth of them: one ``delete_many``). While they run, a fault every 0.4-1.2 s: subscriber,
+normal or all connections killed, the server paused (SIGSTOP) for 50-400 ms, or restarted empty. The
 checker then reports any read staler than the contract allows (100 ms propagation window; a
 restart is a reset every node may take up to the window to notice; a write acknowledged just
 as the server was stopped reaches the others once it runs again, so its window ends 100 ms
@@ -131,6 +132,7 @@ def one_round(
     asyncio_nodes: bool,
     trace_dir: Path | None,
     readers: int = 0,
+    bulk: bool = False,
 ) -> bool:
     rng = random.Random(rnd)
     mode = "owned" if rnd % 2 == 0 else "rmw"
@@ -166,7 +168,7 @@ def one_round(
     name = f"soak{rnd}-{time.monotonic_ns()}"
     specs = checks._specs(server.url, name, mode=mode, duration_s=seconds)
     if mode == "owned":  # a fifth of the writes are deletes
-        specs = [dataclasses.replace(spec, delete_ratio=0.2) for spec in specs]
+        specs = [dataclasses.replace(spec, delete_ratio=0.2, bulk=bulk) for spec in specs]
     if asyncio_nodes:
         specs = checks._asyncio(specs, "abc" if rnd % 3 == 0 else "bc")
     # readers paced so that they last the round (back to back they reach max_ops in ~4 s)
@@ -180,6 +182,7 @@ def one_round(
     report = check(writes, history.reads, checks.WINDOW_REAL)
     acked = sum(1 for w in history.writes if w.acked)
     kinds = ("asyncio" if asyncio_nodes else "blocking") + (f", {readers} readers" * bool(readers))
+    kinds += ", bulk" * (bulk and mode == "owned")
     print(f"round {rnd} ({mode}, {kinds}): {len(history.reads)} reads, {acked} acked writes")
     print("  faults: " + ", ".join(log))
     print("  " + ("no violation" if report.ok else report.summary(limit=5)))
@@ -198,6 +201,9 @@ def main() -> int:
     parser.add_argument("--asyncio", action="store_true", help="AsyncSyncMap nodes too")
     parser.add_argument("--readers", type=int, default=0, help="reading threads per node")
     parser.add_argument("--trace", type=Path, help="trace the listeners into this directory")
+    parser.add_argument(
+        "--bulk", action="store_true", help='"owned" rounds write with update/delete_many'
+    )
     args = parser.parse_args()
     if args.trace is not None:
         args.trace.mkdir(parents=True, exist_ok=True)
@@ -205,7 +211,7 @@ def main() -> int:
     server = ServerProcess().start()
     try:
         results = [
-            one_round(server, rnd, args.seconds, args.asyncio, args.trace, args.readers)
+            one_round(server, rnd, args.seconds, args.asyncio, args.trace, args.readers, args.bulk)
             for rnd in range(args.seed, args.seed + args.rounds)
         ]
     finally:

@@ -4,6 +4,7 @@ dropped connections, cancelled releases, and exact mutual exclusion across proce
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -146,6 +147,28 @@ def test_a_release_that_timed_out_keeps_the_token_and_can_be_retried(fresh_serve
     node.close()
 
 
+async def test_an_async_release_that_timed_out_keeps_the_token_and_can_be_retried(fresh_server):
+    """The asyncio read's own timer (socket_timeout): a silent server is a ServerUnavailable
+    after it, not a hang and not a CancelledError; the task is not left cancelled."""
+    node = await syncmap.connect_async(fresh_server.url, socket_timeout=0.3)
+    lock = await node.obtain("job", 30)
+    fresh_server.pause()
+    try:
+        started = time.monotonic()
+        with pytest.raises(ServerUnavailable):
+            await lock.release()
+        assert time.monotonic() - started < 5
+        assert lock.token is not None
+        task = asyncio.current_task()
+        assert task is not None and task.cancelling() == 0
+    finally:
+        fresh_server.resume()
+    await lock.release()
+    with fresh_server.client() as c:
+        assert c.get("job") is None
+    await node.close()
+
+
 def test_lock_commands_survive_killed_connections(fresh_server):
     node = syncmap.connect(fresh_server.url)
     lock = node.obtain("job", 30)
@@ -246,3 +269,32 @@ def test_killed_waiter_costs_no_more_than_its_registration(server, client, ns):
     holder.release()
     assert client.get(ns) is None  # not handed to the dead waiter
     node.close()
+
+
+@pytest.mark.parametrize("answer", ["error", "ok"])
+async def test_async_driver_keeps_connections_only_in_their_process(server, client, ns, answer):
+    """A connection given back after an error answer follows the same rule as after any
+    answer (shared with the blocking driver): kept aside only in the process that opened
+    it (a forked child holding its parent's driver returns it to the pool instead)."""
+    from syncmap._core.ops import Command
+    from syncmap._driver import AsyncDriver
+
+    client.set(f"{ns}:text", "not a number")
+    node = await syncmap.connect_async(server.url)
+    try:
+        driver = AsyncDriver(node.client, node.address)
+        driver.conns.idle.clear()
+        driver.conns.pid = -1  # as seen from a forked child
+        command = ("INCR", f"{ns}:text") if answer == "error" else ("GET", f"{ns}:text")
+        if answer == "error":
+            with pytest.raises(syncmap.ServerError):
+                await driver.perform(Command(command))
+        else:
+            assert await driver.perform(Command(command)) == b"not a number"
+        assert driver.conns.idle == []
+        driver.conns.pid = os.getpid()  # in its own process: kept
+        with contextlib.suppress(syncmap.ServerError):
+            await driver.perform(Command(command))
+        assert len(driver.conns.idle) == 1
+    finally:
+        await node.close()

@@ -250,3 +250,37 @@ def test_a_server_that_forgot_the_scripts(maps, fresh_server, ns):
         assert a.get_many(keys) == {} and trips[0] == 4  # every key a local cached miss
         a.m._store.clear()
         assert a.get_many(keys) == {} and trips[0] == 6
+
+
+def test_a_big_bulk_write_carries_values_only_up_to_its_budget(maps, server, ns, monkeypatch):
+    """Past PUSH_BUDGET bytes of carried values in one call, the chunks' messages only
+    invalidate: another node updates the first keys in place and drops the later ones."""
+    monkeypatch.setattr(map_flows, "PUSH_BUDGET", 3_000)
+    a = maps(server.url, ns, max_staleness=LONG)
+    b = maps(server.url, ns, max_staleness=LONG)
+    keys = [f"k{i}" for i in range(N)]
+    a.update({k: "x" for k in keys})
+    assert len(b.get_many(keys)) == N
+    a.update({k: "y" * 10 for k in keys})  # 12 bytes encoded: the budget lasts one chunk
+    wait_until(lambda: b.get_local(keys[-1]) is None, 5, what="b drops the later keys")
+    first = [b.get_local(k) for k in keys[: map_flows.BATCH_KEYS]]
+    assert first == ["y" * 10] * map_flows.BATCH_KEYS  # the first chunk: carried values
+    assert all(b.get_local(k) is None for k in keys[map_flows.BATCH_KEYS :])
+    assert b.get_many(keys) == {k: "y" * 10 for k in keys} and b.stats.resyncs == 0
+
+
+def test_bulk_read_your_writes_with_the_listener_stalled(maps, server, ns):
+    """The writer's own copy takes every key of its bulk writes from the replies, not from
+    its change messages: with its listener stalled, it still reads them locally."""
+    a = maps(server.url, ns, max_staleness=LONG)
+    keys = [f"k{i}" for i in range(N)]
+    a.update({k: 0 for k in keys})
+    a.stall_listener()
+    a.update({k: i for i, k in enumerate(keys)})
+    hits = a.stats.hits
+    assert a.get_many(keys) == {k: i for i, k in enumerate(keys)}
+    assert a.stats.hits - hits == N
+    assert a.delete_many(keys[:10]) == 10
+    assert a.get_many(keys[:12]) == {"k10": 10, "k11": 11}
+    assert a.stats.hits - hits == N + 12
+    a.resume_listener()

@@ -382,6 +382,95 @@ async def _send(conn: Any, packed: Any) -> None:
             raise redis.asyncio.ConnectionError(f"Error while writing to socket: {exc}") from exc
 
 
+_PLAIN_READ = redis.asyncio.connection.AbstractConnection.read_response
+_HIREDIS_PARSER: Any
+try:
+    from redis._parsers.hiredis import NOT_ENOUGH_DATA as _MORE
+    from redis._parsers.hiredis import _AsyncHiredisParser as _HIREDIS_PARSER
+except ImportError:  # pragma: no cover - redis[hiredis] is a dependency
+    _HIREDIS_PARSER = _MORE = None
+
+
+class _Expiry:
+    """What ``asyncio.timeout`` does for one read, at half its cost (a timer that cancels the
+    task; ~2 us a read instead of ~4): ``expired(exc)`` tells its cancellation from any
+    other one (and makes the task's cancel count whole again), ``cancel()`` disarms it."""
+
+    __slots__ = ("base", "fired", "handle", "task")
+
+    def __init__(self, seconds: float | None) -> None:
+        self.fired = False
+        self.handle: asyncio.TimerHandle | None = None
+        task = self.task = asyncio.current_task()
+        if seconds is not None and task is not None:
+            self.base = task.cancelling()
+            loop = asyncio.get_running_loop()
+            self.handle = loop.call_at(loop.time() + seconds, self._fire)
+
+    def _fire(self) -> None:
+        self.fired = True
+        assert self.task is not None
+        self.task.cancel()
+
+    def expired(self, exc: BaseException) -> bool:
+        """Whether ``exc`` is this timer's cancellation (and no one else's as well)."""
+        if not self.fired or not isinstance(exc, asyncio.CancelledError):
+            return False
+        assert self.task is not None
+        return self.task.uncancel() <= self.base
+
+    def cancel(self) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
+
+
+async def _reply(conn: Any) -> Any:
+    """``await conn.read_response()``, with fewer layers on its common path: a connection of
+    redis-py's own class with the hiredis parser is read straight from the parser, within the
+    connection's ``socket_timeout`` (:class:`_Expiry`; a push frame in between goes to the
+    parser's push handler, as redis-py does); on any failure the connection is closed and the
+    error is redis-py's (``ConnectionError``, ``TimeoutError``), as ``read_response`` does.
+    Any other connection goes through ``read_response``."""
+    parser = conn._parser
+    if (
+        type(parser) is not _HIREDIS_PARSER
+        or type(conn).read_response is not _PLAIN_READ
+        or not parser._connected
+    ):
+        return await conn.read_response()
+    reader = parser._reader
+    push = parser._hiredis_PushNotificationType
+    try:
+        reply = reader.gets()  # (a batch's later answers are often in already)
+    except BaseException:  # (a protocol error: what is left in the buffer cannot be used)
+        await conn.disconnect(nowait=True)
+        raise
+    if reply is _MORE or (push is not None and isinstance(reply, push)):
+        expiry = _Expiry(conn.socket_timeout)
+        try:
+            while True:
+                if reply is _MORE:
+                    await parser.read_from_socket()
+                elif push is not None and isinstance(reply, push):
+                    await parser.handle_push_response(reply)
+                else:
+                    break
+                reply = reader.gets()
+        except BaseException as exc:
+            expired = expiry.expired(exc)
+            await conn.disconnect(nowait=True)
+            if expired:
+                raise redis.asyncio.TimeoutError(f"Timeout reading from {conn.host}") from None
+            if isinstance(exc, OSError):
+                raise redis.asyncio.ConnectionError(f"Error while reading: {exc}") from exc
+            raise
+        finally:
+            expiry.cancel()
+    if isinstance(reply, redis.asyncio.ResponseError | redis.asyncio.ConnectionError):
+        raise reply
+    return reply
+
+
 class AsyncDriver(_DriverBase):
     """The asyncio twin of :class:`SyncDriver` (same connection handling, awaited)."""
 
@@ -487,14 +576,14 @@ class AsyncDriver(_DriverBase):
             replies: list[Any] = []
             for _ in args:
                 try:
-                    replies.append(await conn.read_response())
+                    replies.append(await _reply(conn))
                 except redis.asyncio.ResponseError as exc:
                     replies.append(exc)
             return replies
         if then is not None:
             await _send(conn, _pack(conn, args, then))
             try:
-                first = await conn.read_response()
+                first = await _reply(conn)
             except redis.asyncio.ResponseError:
                 await conn.disconnect(nowait=True)  # (the server drops the blocked command)
                 raise
@@ -511,7 +600,7 @@ class AsyncDriver(_DriverBase):
         """The answer to ``args``, sent already (a blocking command's within its wait)."""
         wait = _blocking_wait(conn, args)
         if wait is None:
-            return await conn.read_response()
+            return await _reply(conn)
         try:
             async with asyncio.timeout(wait):
                 return await conn.read_response(timeout=math.inf)

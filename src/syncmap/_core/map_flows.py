@@ -33,6 +33,9 @@ _NO_INSTALL: Any = object()
 BATCH_KEYS: Final = 500  # keys per script of a bulk operation (the scripts of one call share a
 # round trip; a script holds the server for ~0.3-1 ms of others' commands)
 BATCH_BYTES: Final = 256 * 1024  # ... and at most this many payload bytes (its change message)
+PUSH_BUDGET = 4 << 20  # bytes of values one bulk write carries in its change messages; the
+# chunks after that only invalidate (every subscriber gets every message at once: a server
+# closes a subscriber connection whose output buffer passes 8 MiB for a minute or 32 MiB)
 
 
 @dataclass(frozen=True, slots=True)
@@ -354,8 +357,11 @@ class MapCore:
         keys, state = self.keys, self.state
         chunks = _chunks(encoded, lambda item: len(item[2]) + len(item[0]))
         scripts = []
+        carried = 0
         for chunk in chunks:
-            args: list[Any] = [self.new_token(), keys.channel, px, self.push_values]
+            push = self.push_values if carried < PUSH_BUDGET else 0
+            carried += sum(len(p) for _, _, p in chunk if len(p) <= push)
+            args: list[Any] = [self.new_token(), keys.channel, px, push]
             for k, _, payload in chunk:
                 args += (k, payload)
             records = [keys.record(k) for k, _, _ in chunk]

@@ -1,0 +1,340 @@
+"""What SyncMap costs at scale, on one private server: (a) one node with many maps, (b) one
+write seen by many subscribed nodes spread over a few processes.
+
+(a) opens 1, 10, 100 and 1,000 maps in one node (a fresh spawned process per count) and
+reports what they add to the node once it is connected: threads (``threading.active_count``),
+server connections (``CLIENT LIST``), idle server commands/s (``INFO commandstats``, all
+commands of all clients, minus this process's own ``INFO``), server CPU at idle, the time to
+open them and the process's RSS. Opening stops after ``OPEN_LIMIT`` seconds and reports how
+many opened.
+
+(b) one writer here; 1, 10 or 100 subscribed nodes (one map, its key cached in every node)
+spread over up to 4 spawned processes, each polling its nodes' local copies. Time from the
+write's invoke until every node has served the new value (p50/p99), and the server's CPU per
+write (``INFO cpu``: user + sys).
+
+Goals (issue 16): 1,000 maps open in one node in under 5 s, with at most 2 threads and
+4 server connections beyond the node's own, and at most 12 idle server commands/s;
+propagation p99 with 100 subscribed nodes within 3x of one node's.
+Every loop is bounded; ``--quick`` shrinks everything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing as mp
+import os
+import random
+import threading
+import time
+from multiprocessing.connection import Connection
+from typing import Any
+
+from benchmarks._common import ServerProcess, percentile, print_table, quick
+
+SPAWN = mp.get_context("spawn")
+OPEN_LIMIT = 60.0  # s: stop opening maps after this long
+MAP_COUNTS = (1, 10, 100, 1000)
+NODE_COUNTS = (1, 10, 100)
+PROCESSES = 4  # (b): subscribed nodes spread over at most this many processes
+POLL_SLEEP = 0.0002  # s: (b)'s readers sleep this long between sweeps over their nodes
+SEEN_TIMEOUT = 2.0  # s: (b) a write not seen by then counts as never seen
+
+# goal -> (measured, met?), filled by the sections, printed last
+GOALS: dict[str, tuple[str, str]] = {}
+
+
+def _goal(name: str, measured: str, met: bool) -> None:
+    GOALS[name] = (measured, "yes" if met else "**no**")
+
+
+def _rss_mb() -> float:
+    """This process's resident set size, MB (``/proc/self/status``; elsewhere its peak)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _info(port: int, section: str) -> dict[str, Any]:
+    import redis
+
+    with redis.Redis(host="127.0.0.1", port=port) as c:
+        return dict(c.info(section))
+
+
+def _total_calls(port: int) -> int:
+    """Every command the server has run (``INFO commandstats``, summed); the ``INFO`` that
+    reads it is not counted in its own answer."""
+    return sum(int(v["calls"]) for v in _info(port, "commandstats").values())
+
+
+def _server_cpu(port: int) -> float:
+    cpu = _info(port, "cpu")
+    return float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
+
+
+def _clients(port: int) -> int:
+    import redis
+
+    with redis.Redis(host="127.0.0.1", port=port) as c:
+        return len(c.client_list())
+
+
+def _recv(pipe: Connection, timeout: float, what: str) -> Any:
+    if not pipe.poll(timeout):
+        raise RuntimeError(f"no answer from the child within {timeout:.0f}s ({what})")
+    return pipe.recv()
+
+
+def _stop(proc: Any) -> None:
+    proc.join(5)
+    if proc.is_alive():
+        proc.kill()
+        proc.join(10)
+
+
+# ------------------------------------------------------------------------- (a) many maps
+
+
+def _maps_child(url: str, n: int, limit: float, pipe: Connection) -> None:
+    """One node; on request, ``n`` maps opened (for at most ``limit`` seconds)."""
+    import syncmap
+
+    node = syncmap.connect(url)
+    node.ping()
+    pipe.send((threading.active_count(), _rss_mb()))
+    pipe.recv()
+    maps = []
+    t0 = time.perf_counter()
+    for i in range(n):
+        if time.perf_counter() - t0 > limit:
+            break
+        maps.append(node.map(f"scale-{n}-{i}"))
+    pipe.send((len(maps), time.perf_counter() - t0))
+    while pipe.recv() == "measure":
+        pipe.send((threading.active_count(), _rss_mb()))
+    os._exit(0)  # closing the maps is not measured (and can take long with many threads)
+
+
+def bench_maps(port: int) -> None:
+    url = f"redis://127.0.0.1:{port}/0"
+    window = 2.0 if quick() else 5.0
+    counts = MAP_COUNTS[:3] if quick() else MAP_COUNTS
+    limit = 10.0 if quick() else OPEN_LIMIT
+    # this process's own commands between two snapshots (the first INFO is counted)
+    own = _total_calls(port)
+    own = _total_calls(port) - own
+    rows: list[list[object]] = []
+    for n in counts:
+        here, there = SPAWN.Pipe()
+        proc = SPAWN.Process(target=_maps_child, args=(url, n, limit, there))
+        proc.start()
+        try:
+            threads0, rss0 = _recv(here, 60, "connect")
+            clients0 = _clients(port)
+            here.send("open")
+            opened, seconds = _recv(here, limit + 60, "open maps")
+            time.sleep(1.0)  # the listeners start and make their first probe
+            here.send("measure")
+            threads1, rss1 = _recv(here, 60, "measure")
+            clients1 = _clients(port)
+            calls0, cpu0, t0 = _total_calls(port), _server_cpu(port), time.monotonic()
+            time.sleep(window)
+            calls1, cpu1, t1 = _total_calls(port), _server_cpu(port), time.monotonic()
+            here.send("exit")
+        finally:
+            _stop(proc)
+        idle = (calls1 - calls0 - own) / (t1 - t0)
+        rows.append(
+            [
+                n,
+                opened if opened == n else f"**{opened}** (in {limit:.0f} s)",
+                seconds,
+                threads1 - threads0,
+                clients1 - clients0,
+                idle,
+                (cpu1 - cpu0) / (t1 - t0) * 1000,
+                rss1,
+                rss1 - rss0,
+            ]
+        )
+        if n == 1000:
+            _goal("1,000 maps open in one node in < 5 s", f"{opened} in {seconds:.1f} s",
+                  opened == n and seconds < 5)  # fmt: skip
+            _goal("... with <= 2 threads beyond the node's own", str(threads1 - threads0),
+                  threads1 - threads0 <= 2)  # fmt: skip
+            _goal("... and <= 4 server connections beyond the node's own",
+                  str(clients1 - clients0), clients1 - clients0 <= 4)  # fmt: skip
+            _goal("... and <= 12 idle server commands/s", f"{idle:.1f}", idle <= 12)
+    print_table(
+        f"(a) One node with many maps (default options): what the maps add to the connected "
+        f"node; idle over {window:.0f} s, 1 s after the last map opened",
+        [
+            "maps",
+            "opened",
+            "time to open, s",
+            "threads",
+            "server connections",
+            "idle server commands/s",
+            "idle server CPU, ms/s",
+            "RSS, MB",
+            "RSS added, MB",
+        ],
+        rows,
+    )
+
+
+# ------------------------------------------------------------------------- (b) many nodes
+
+
+def _nodes_child(url: str, name: str, key: str, count: int, pipe: Connection) -> None:
+    """``count`` nodes on map ``name`` with ``key`` cached; for each value asked, the time
+    (monotonic ns) when the last of them served it, or -1 if one did not in time."""
+    import syncmap
+
+    nodes = [syncmap.connect(url) for _ in range(count)]
+    maps = [node.map(name) for node in nodes]
+    for m in maps:
+        m.get(key)
+    pipe.send("ready")
+    while (value := pipe.recv()) is not None:
+        pending = maps
+        last = -1
+        deadline = time.monotonic() + SEEN_TIMEOUT
+        while pending and time.monotonic() < deadline:
+            still = [m for m in pending if m.get(key) != value]
+            if len(still) < len(pending):
+                last = time.monotonic_ns()
+            pending = still
+            if pending:
+                time.sleep(POLL_SLEEP)
+        pipe.send(-1 if pending else last)
+    os._exit(0)
+
+
+def _spread(nodes: int) -> list[int]:
+    procs = min(PROCESSES, nodes)
+    return [nodes // procs + (1 if i < nodes % procs else 0) for i in range(procs)]
+
+
+def bench_nodes(port: int) -> None:
+    import syncmap
+
+    url = f"redis://127.0.0.1:{port}/0"
+    warm, writes = (5, 30) if quick() else (20, 300)
+    rows: list[list[object]] = []
+    p99s: dict[int, float] = {}
+    for n in NODE_COUNTS:
+        name, key = f"scale-nodes-{n}", "k"
+        rng = random.Random(n)
+        with syncmap.connect(url) as node, node.map(name) as writer:
+            writer[key] = 0
+            pipes: list[Connection] = []
+            procs = []
+            try:
+                for count in _spread(n):
+                    here, there = SPAWN.Pipe()
+                    proc = SPAWN.Process(target=_nodes_child, args=(url, name, key, count, there))
+                    proc.start()
+                    procs.append(proc)
+                    pipes.append(here)
+                for pipe in pipes:
+                    if _recv(pipe, 120, "open nodes") != "ready":
+                        raise RuntimeError("a reader process did not start")
+                time.sleep(1.0)  # every listener has made its first probe
+                cpu_idle0, t_idle0 = _server_cpu(port), time.monotonic()
+                time.sleep(2.0)
+                idle_cpu = (_server_cpu(port) - cpu_idle0) / (time.monotonic() - t_idle0)
+                samples: list[float] = []
+                lost = 0
+                cpu0 = t0 = 0.0
+                for i in range(warm + writes):
+                    if i == warm:
+                        cpu0, t0 = _server_cpu(port), time.monotonic()
+                    time.sleep(rng.uniform(0.001, 0.003))
+                    for pipe in pipes:
+                        pipe.send(i + 1)
+                    start = time.monotonic_ns()
+                    writer[key] = i + 1
+                    seen = [_recv(pipe, SEEN_TIMEOUT + 30, "seen") for pipe in pipes]
+                    if i < warm:
+                        continue
+                    if min(seen) < 0:
+                        lost += 1
+                    else:
+                        samples.append((max(seen) - start) / 1000)
+                cpu1, t1 = _server_cpu(port), time.monotonic()
+            finally:
+                for pipe in pipes:
+                    with contextlib.suppress(OSError):
+                        pipe.send(None)
+                for proc in procs:
+                    _stop(proc)
+        cpu_per_write = (cpu1 - cpu0) / writes * 1e6
+        idle_per_write = idle_cpu * (t1 - t0) / writes * 1e6
+        p99s[n] = percentile(samples, 99)
+        rows.append(
+            [
+                n,
+                len(_spread(n)),
+                percentile(samples, 50),
+                percentile(samples, 99),
+                p99s[n] / p99s[NODE_COUNTS[0]],
+                f"{lost}/{writes}",
+                cpu_per_write,
+                cpu_per_write - idle_per_write,
+                idle_cpu * 1000,
+            ]
+        )
+    top = NODE_COUNTS[-1]
+    ratio = p99s[top] / p99s[NODE_COUNTS[0]]
+    _goal(f"propagation p99 with {top} nodes <= 3x one node's", f"{ratio:.2f}x", ratio <= 3)
+    print_table(
+        f"(b) One write seen by every subscribed node, µs from the write's invoke until the "
+        f"last node served it ({writes} writes, 1-3 ms apart; the readers poll their nodes' "
+        f"local copies, sleeping {POLL_SLEEP * 1e6:.0f} µs between sweeps)",
+        [
+            "subscribed nodes",
+            "processes",
+            "p50",
+            "p99",
+            "p99 x one node's",
+            f"never seen ({SEEN_TIMEOUT:.0f} s)",
+            "server CPU µs per write",
+            "... beyond idle",
+            "idle server CPU, ms/s",
+        ],
+        rows,
+    )
+    print(
+        "*server CPU*: INFO cpu (user + sys) over the timed writes, per write; *beyond idle*:\n"
+        "less the server's CPU at idle with the same nodes (measured over 2 s before the\n"
+        "writes) for as long as the writes took. Nothing is pinned to a CPU.\n"
+    )
+
+
+def main() -> None:
+    srv = ServerProcess().start()
+    try:
+        print(f"## bench_scale (server on port {srv.port}{', quick' if quick() else ''})\n")
+        for fn in (bench_maps, bench_nodes):
+            srv.client().flushall()
+            fn(srv.port)
+        print_table(
+            "bench_scale goals (this run)",
+            ["goal", "measured", "met"],
+            [[k, *v] for k, v in GOALS.items()],
+        )
+    finally:
+        srv.stop()
+
+
+if __name__ == "__main__":
+    main()

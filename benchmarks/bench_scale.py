@@ -205,6 +205,9 @@ def _nodes_child(url: str, name: str, key: str, count: int, pipe: Connection) ->
         m.get(key)
     pipe.send("ready")
     while (value := pipe.recv()) is not None:
+        if value == "cpu":
+            pipe.send(time.process_time())
+            continue
         pending = maps
         last = -1
         deadline = time.monotonic() + SEEN_TIMEOUT
@@ -250,6 +253,7 @@ class _Fleet:
         self.lost = 0
         self.writes = 0
         self.cpu = 0.0  # server CPU (s) over this fleet's timed rounds
+        self.readers_cpu = 0.0  # the reader processes' CPU (s) over them
         self.seconds = 0.0  # how long they took
 
     def wait_ready(self) -> None:
@@ -259,6 +263,7 @@ class _Fleet:
 
     def round(self, count: int, port: int, timed: bool) -> None:
         """``count`` writes, 1-3 ms apart, each awaited until every node served it."""
+        readers0 = self._readers_cpu()
         cpu0, t0 = _server_cpu(port), time.monotonic()
         for _ in range(count):
             time.sleep(self.rng.uniform(0.001, 0.003))
@@ -278,6 +283,12 @@ class _Fleet:
         if timed:
             self.cpu += _server_cpu(port) - cpu0
             self.seconds += time.monotonic() - t0
+            self.readers_cpu += self._readers_cpu() - readers0
+
+    def _readers_cpu(self) -> float:
+        for pipe in self.pipes:
+            pipe.send("cpu")
+        return sum(float(_recv(pipe, 30, "cpu")) for pipe in self.pipes)
 
     def close(self) -> None:
         for pipe in self.pipes:
@@ -327,6 +338,7 @@ def bench_nodes(port: int) -> None:
                 f"{fleet.lost}/{fleet.writes}",
                 cpu_per_write,
                 cpu_per_write - idle_per_write,
+                fleet.readers_cpu / max(1, fleet.writes) * 1e6,
             ]
         )
     top = fleets[-1]
@@ -347,14 +359,16 @@ def bench_nodes(port: int) -> None:
             f"never seen ({SEEN_TIMEOUT:.0f} s)",
             "server CPU µs per write",
             "... beyond idle",
+            "readers' CPU µs per write",
         ],
         rows,
     )
     print(
         "*server CPU*: INFO cpu (user + sys) over a size's rounds, per write; *beyond idle*:\n"
         f"less the server's CPU at idle with every size's nodes up ({idle_cpu * 1000:.1f} ms/s,\n"
-        "measured over 2 s before the rounds) for as long as the rounds took. Nothing is\n"
-        "pinned to a CPU.\n"
+        "measured over 2 s before the rounds) for as long as the rounds took. *readers' CPU*:\n"
+        "the reader processes' CPU time over a size's rounds (their polling included), per\n"
+        f"write. Nothing is pinned to a CPU ({os.cpu_count()} CPUs here).\n"
     )
 
 

@@ -30,7 +30,7 @@ import time
 from multiprocessing.connection import Connection
 from typing import Any
 
-from benchmarks._common import ServerProcess, percentile, print_table, quick
+from benchmarks._common import ServerProcess, goal, percentile, print_goals, print_table, quick
 
 SPAWN = mp.get_context("spawn")
 OPEN_LIMIT = 60.0  # s: stop opening maps after this long
@@ -45,7 +45,7 @@ GOALS: dict[str, tuple[str, str]] = {}
 
 
 def _goal(name: str, measured: str, met: bool) -> None:
-    GOALS[name] = (measured, "yes" if met else "**no**")
+    goal(GOALS, name, measured, met)
 
 
 def _rss_mb() -> float:
@@ -382,11 +382,7 @@ def main() -> None:
         for fn in (bench_maps, bench_nodes):
             srv.client().flushall()
             fn(srv.port)
-        print_table(
-            "bench_scale goals (this run)",
-            ["goal", "measured", "met"],
-            [[k, *v] for k, v in GOALS.items()],
-        )
+        print_goals("bench_scale goals (this run)", GOALS)
     finally:
         srv.stop()
 

@@ -118,9 +118,10 @@ async def test_async_listener_reader_survives_a_killed_subscriber(
 
     await a.close()
     await b.close()
-    assert listener.reader == "none" and listener.task is not None and listener.task.done()
+    assert not listener.hub.members  # the map left the node's listener
     await na.close()
-    await nb.close()
+    await nb.close()  # closing the node closes its listener
+    assert listener.reader == "none" and listener.task is not None and listener.task.done()
     assert registered(loop) == watched  # no reader left on the loop
     assert open_fds() == fds  # no socket left open
 
@@ -188,7 +189,7 @@ async def held_in_its_probe(m: syncmap.AsyncSyncMap) -> AsyncIterator[None]:
         return await perform(op)
 
     listener._perform = holding_the_ping  # type: ignore[method-assign]
-    m._state.last_probe = -1e9  # a probe is due now
+    listener.hub.last_probe = -1e9  # a probe is due now
     try:
         await until(held.is_set, 5, "the listener held in its probe's PING")
         yield
@@ -290,17 +291,18 @@ async def test_async_raw_listener_applies_a_backlog_after_a_stall(server, ns, mo
 async def test_changes_are_applied_while_the_probe_waits_for_its_answer(
     server, ns, reader, monkeypatch
 ):
-    """The freshness probe reads the server on a connection of its own. While that answer is
-    slow (a reconnect after a killed connection, a busy server), the listener task goes on
-    applying change messages. (It did not: found by tests/soak.py, where a probe's reconnect
-    took ~100 ms and a node read the old value that long after a write was acknowledged.)
-    The probe's read is held here until the test lets it go."""
+    """The listener reads a map's base (epoch, seq) on a connection of its own when the map
+    (re)subscribes. While that answer is slow (a reconnect after a killed connection, a busy
+    server), the listener task goes on applying the change messages of the node's other
+    maps. (It did not: found by tests/soak.py, where a probe's reconnect took ~100 ms and a
+    node read the old value that long after a write was acknowledged.) The read of a second
+    map's base is held here until the test lets it go."""
     if reader == "redis-py":
         monkeypatch.setattr(_listener._RawSubscriber, "of_stream", classmethod(lambda cls, w: None))
     na = await syncmap.connect_async(server.url)
     nb = await syncmap.connect_async(server.url)
     a = await na.map(ns, max_staleness=LONG)
-    b = await nb.map(ns, max_staleness=3.0)  # reads stay fresh while the probe is held
+    b = await nb.map(ns, max_staleness=3.0)  # reads stay fresh while the read is held
     assert b._listener.reader == reader
     await a.set("k", 0)
     await cached(b, "k", 0)
@@ -315,17 +317,21 @@ async def test_changes_are_applied_while_the_probe_waits_for_its_answer(
         return await read(op)
 
     monkeypatch.setattr(probe, "perform", slow_read)
-    await asyncio.wait_for(held.wait(), 5)  # the next probe is in flight, and held
+    other = asyncio.ensure_future(nb.map(f"{ns}-other", max_staleness=3.0))
+    await asyncio.wait_for(held.wait(), 5)  # the other map's base read is in flight, and held
     for i in range(1, 4):
         await a.set("k", i)
         await cached(b, "k", i, within=2.0)
     assert not let_go.is_set()
     let_go.set()
-    await until(lambda: b._listener.state.probe_token is None, 5, "the held probe to complete")
+    c = await other
+    await until(lambda: c._state.synced, 5, "the other map to take its base")
+    await until(lambda: b._listener.hub.token is None, 5, "the held probe to complete")
     await a.set("k", 4)
     await cached(b, "k", 4)
     await a.close()
     await b.close()
+    await c.close()
     await na.close()
     await nb.close()
 
@@ -334,9 +340,11 @@ async def _probe_scenario(
     fresh_server, ns, reader, monkeypatch, caplog, fault, until_failed, seconds=6.0
 ):
     """Node a writes k = 1, 2, ... and waits each time until node b (probing every 0.1 s)
-    has applied it; before each write ``fault(i, failed probes so far, b)`` may strike.
-    Ends after ``seconds`` or once ``until_failed`` probes have failed. Returns (failed
-    probes, the writes b applied more than 30 ms after their ack, writes)."""
+    has applied it; before each write ``fault(i, failed probes so far, b, c)`` may strike
+    (``c``: another map of node b, on b's listener, whose base the fault may make the
+    listener read again). Ends after ``seconds`` or once ``until_failed`` probes have
+    failed. Returns (failed probes, the writes b applied more than 30 ms after their ack,
+    writes)."""
     import logging
 
     if reader == "redis-py":
@@ -346,19 +354,22 @@ async def _probe_scenario(
     nb = await syncmap.connect_async(fresh_server.url)
     a = await na.map(ns, max_staleness=LONG)
     b = await nb.map(ns, max_staleness=0.3)  # a probe every 0.1 s
-    assert b._listener.reader == reader
+    c = await nb.map(f"{ns}-c", max_staleness=0.3)
+    assert b._listener.reader == reader and c._listener is b._listener
     await a.set("k", 0)
     await cached(b, "k", 0)
 
     def failed_probes() -> int:  # (a's probes are 20 s apart)
-        return sum(1 for r in caplog.records if "freshness probe" in r.getMessage())
+        return sum(
+            1 for r in caplog.records if r.getMessage().startswith("syncmap: freshness probe:")
+        )
 
     latencies = []
     started = time.monotonic()
     for i in range(1, 5000):
         if failed_probes() >= until_failed or time.monotonic() - started > seconds:
             break
-        fault(i, failed_probes(), b)
+        fault(i, failed_probes(), b, c)
         try:
             await a.set("k", i)
         except (syncmap.OutcomeUnknown, syncmap.ServerUnavailable):
@@ -372,6 +383,7 @@ async def _probe_scenario(
     failed = failed_probes()
     await a.close()
     await b.close()
+    await c.close()
     await na.close()
     await nb.close()
     return failed, slow, len(latencies)
@@ -381,29 +393,25 @@ async def _probe_scenario(
 async def test_changes_are_applied_while_the_probe_fails(
     fresh_server, ns, reader, monkeypatch, caplog
 ):
-    """The freshness probe reads the server on a connection of its own; when that read fails
-    (here the server refuses it: HMGET is taken away from the user by ACL), the listener goes
-    on applying change messages while it waits to probe again. (It used to sleep 50 ms
-    instead: a write landing then reached the other node up to 50 ms late, every probe
-    interval.)"""
+    """A probe fails when it cannot read the base of a map that needs one (here the server
+    refuses HMGET: taken away from the user by ACL, after map c's copy was dropped); the
+    listener goes on applying the node's other maps' change messages, and proving them
+    fresh, while it waits to read c's base again (not a sleep: a write landing then would
+    reach the other node late, every time). c takes its base once HMGET is back."""
+    refusing = {"on": False}
 
-    # HMGET is taken away until a probe has failed, then given back for 0.2 s (two probe
-    # intervals: b's copy stays proven fresh), and so on
-    refusing = {"since": -1, "allowed_at": 0.0}
-
-    def refuse_one_probe_at_a_time(i: int, failed: int, b: syncmap.AsyncSyncMap) -> None:
-        rule = None
-        if refusing["since"] >= 0 and failed > refusing["since"]:
-            rule, refusing["since"], refusing["allowed_at"] = "+hmget", -1, time.monotonic()
-        elif refusing["since"] < 0 and time.monotonic() - refusing["allowed_at"] > 0.2:
-            rule, refusing["since"] = "-hmget", failed
-        if rule is not None:
-            with fresh_server.client() as c:
-                c.execute_command("ACL", "SETUSER", "default", rule)
+    def refuse_hmget(i: int, failed: int, b: syncmap.AsyncSyncMap, c: syncmap.AsyncSyncMap) -> None:
+        if not refusing["on"]:
+            refusing["on"] = True
+            with fresh_server.client() as client:
+                client.execute_command("ACL", "SETUSER", "default", "-hmget")
+            c._state.resync("test")  # c needs its base again: each probe now fails to read it
 
     failed, slow, writes = await _probe_scenario(
-        fresh_server, ns, reader, monkeypatch, caplog, refuse_one_probe_at_a_time, 4
+        fresh_server, ns, reader, monkeypatch, caplog, refuse_hmget, 4
     )
+    with fresh_server.client() as client:
+        client.execute_command("ACL", "SETUSER", "default", "+hmget")
     assert failed >= 4, "the probe failed too rarely: the scenario did not happen"
     # a busy machine may delay one write that long, not one per failed probe
     assert len(slow) <= 1, f"{len(slow)} of {writes} writes applied late (ms): {slow}"
@@ -414,14 +422,16 @@ async def test_the_probe_survives_its_connection_closed_by_the_server(
     fresh_server, ns, reader, monkeypatch, caplog
 ):
     """The server closes every normal connection again and again (the subscriber's untouched)
-    while b's probe is between two reads: its connection sits idle in its pool. The probe's
-    next read must not fail for it: redis-py 8.1's asyncio pool hands out the closed
-    connection unchecked, so the listener retries a failed read at once on a new one.
+    while b's listener is between two reads of a map's base: the probe's connection sits idle
+    in its pool. The next read must not fail for it: redis-py 8.1's asyncio pool hands out
+    the closed connection unchecked, so the listener retries a failed read at once on a new
+    one.
     Changes are applied promptly throughout."""
 
-    def kill(i: int, failed: int, b: syncmap.AsyncSyncMap) -> None:
-        if i % 5 == 0 and b._listener.state.probe_token is None:  # (no probe in flight)
+    def kill(i: int, failed: int, b: syncmap.AsyncSyncMap, c: syncmap.AsyncSyncMap) -> None:
+        if i % 5 == 0 and b._listener.hub.token is None:  # (no probe in flight)
             fresh_server.drop_clients("normal")  # the probe's idle connection among them
+            c._state.resync("test")  # the next probe reads c's base on that connection
 
     failed, slow, writes = await _probe_scenario(
         fresh_server, ns, reader, monkeypatch, caplog, kill, 1, seconds=3.0

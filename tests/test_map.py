@@ -690,26 +690,36 @@ def test_raw_subscriber_drains_in_order_and_keeps_a_backlog(monkeypatch):
         def on_subscribed(self) -> None:
             self.seen.append("subscribed")
 
+        probe_interval = probe_timeout = 1.0
+
+    from syncmap._core.keys import MapKeys
+    from syncmap._core.map_listen import Hub, Member
+
     ours, server_end = socket.socketpair()
     ours.settimeout(1.0)
     raw = _listener._RawSubscriber(ours)
     state = State()
-    assert raw.drain(state, b"ch") == 0 and not raw.backlog  # nothing there: no wait
+    member = Member(state, MapKeys("m"))  # type: ignore[arg-type]
+    member.channel = b"ch"
+    hub = Hub(lambda: 0.0)
+    hub.add(member)
+    hub.token = "t"  # the probe in flight
+    assert raw.drain(hub) == 0 and not raw.backlog  # nothing there: no wait
     wire = b"*3\r\n$10\r\nssubscribe\r\n$2\r\nch\r\n:1\r\n"  # sharded pub/sub
     for i in range(5):
         wire += b"*3\r\n$8\r\nsmessage\r\n$2\r\nch\r\n$2\r\nm%d\r\n" % i
     wire += b"*3\r\n$8\r\nsmessage\r\n$5\r\nother\r\n$1\r\nx\r\n*2\r\n$4\r\npong\r\n$1\r\nt\r\n"
     server_end.sendall(wire[:-7])  # the last event arrives in two pieces
     monkeypatch.setattr(_listener, "DRAIN_LIMIT", 3)
-    assert raw.drain(state, b"ch") == 3 and raw.backlog
-    assert raw.drain(state, b"ch") == 3 and raw.backlog
-    assert raw.drain(state, b"ch") == 1 and not raw.backlog  # half an event: wait for it
+    assert raw.drain(hub) == 3 and raw.backlog
+    assert raw.drain(hub) == 3 and raw.backlog
+    assert raw.drain(hub) == 1 and not raw.backlog  # half an event: wait for it
     server_end.sendall(wire[-7:])
-    assert raw.drain(state, b"ch") == 1
+    assert raw.drain(hub) == 1
     assert state.seen == ["subscribed", b"m0", b"m1", b"m2", b"m3", b"m4", ("pong", "t")]
     server_end.close()
     with pytest.raises(redis.ConnectionError):
-        raw.drain(state, b"ch")
+        raw.drain(hub)
     raw.sock.close()
     ours.close()
 

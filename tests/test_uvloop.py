@@ -417,18 +417,22 @@ def test_closing_maps_and_nodes_leaves_no_connection(fresh_server, ns):
             await maps[0].set("k", 1)
             await served(maps[2], "k", 1)
             await lock.release()
-            assert clients() > baseline + len(maps)  # (a subscriber connection per map, ...)
+            # (a subscriber connection per node: its maps share it, ...)
+            assert clients() > baseline + len(nodes)
             listeners = [m._listener for m in maps]
+            assert len(set(listeners)) == len(nodes)
             for m in maps:
                 await m.close()
+            for listener in listeners:
+                assert not listener.hub.members  # every map left its node's listener
+            for node in nodes:
+                await node.close()  # closing a node closes its listener
             for listener in listeners:
                 assert listener.reader == "none"
                 assert listener.task is not None and listener.task.done()
             await until(
                 lambda: not watcher.client_list(_type="pubsub"), 5, "subscriber connections closed"
             )
-            for node in nodes:
-                await node.close()
             await until(lambda: clients() == baseline, 5, f"{baseline} clients again")
             assert asyncio.all_tasks() == {asyncio.current_task()}
             assert open_sockets() == sockets  # none left open

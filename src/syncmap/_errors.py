@@ -39,6 +39,7 @@ __all__ = [
     "LockError",
     "LockLost",
     "LockNotHeld",
+    "NodeForked",
     "NotObtained",
     "OutcomeUnknown",
     "SerializationError",
@@ -103,6 +104,12 @@ class EmbeddedServerError(SyncMapError):
 
 class StaleRead(SyncMapError):
     """A local read could not be proven fresh within ``max_staleness`` (``on_stale='raise'``)."""
+
+
+class NodeForked(SyncMapError):
+    """An asyncio node (or one of its maps or locks) made before ``os.fork()`` was used in the
+    child: its connections and task belong to the parent's event loop. Call
+    ``connect_async()`` in the child. (A blocking node works across a fork.)"""
 
 
 class GuardRejected(SyncMapError):

@@ -27,28 +27,34 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
+import os
 import select
 import socket
 import threading
 import time
+import weakref
 from typing import Any
 
 import hiredis
 import redis
 import redis.asyncio
+from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 from redis.exceptions import MovedError
-from redis.asyncio.retry import Retry as AsyncRetry
 from redis.retry import Retry
 
 from ._core.coherence import Coherence
-from ._core.keys import MapKeys
 from ._core.map_listen import (
+    FLUSH_CHANNEL,
     MAX_WAIT,
     Event,
+    Hub,
     ListenFlow,
     ListenOp,
+    Member,
     PubsubPing,
+    ReadMetas,
     Receive,
     Subscribe,
     Unsubscribe,
@@ -57,11 +63,70 @@ from ._core.map_listen import (
 )
 from ._core.ops import Command, Sleep
 from ._driver import AsyncDriver
-from ._errors import SyncMapError, translate_redis_error
+from ._errors import ServerError, SyncMapError, translate_redis_error
 
 __all__ = ["AsyncListener", "SyncListener"]
 
 log = logging.getLogger("syncmap.map")
+
+_LISTENERS: weakref.WeakSet[Any] = weakref.WeakSet()  # every listener of this process
+
+
+def _after_fork_in_child() -> None:
+    for listener in list(_LISTENERS):
+        listener._after_fork()
+
+
+_ABANDONED: list[Any] = []  # a forked child's inherited asyncio objects (see AsyncListener)
+
+
+def _forget_members(hub: Hub) -> None:
+    """In a forked child: every map of ``hub`` drops its copy (nothing it holds was seen by a
+    listener of the child), with fresh locks (a thread of the parent may have held one; no
+    thread of the parent runs in the child), and waits for a new subscription."""
+    for member in hub.members:
+        member.state.mutex = threading.RLock()
+        store = member.state.store
+        if hasattr(store, "_lock"):
+            store._lock = threading.Lock()
+        member.confirmed = False
+    hub.unsubscribing.clear()
+    hub.last_probe = -math.inf
+    hub.resync("fork")
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _tracking(client_id: Any) -> tuple[Any, ...]:
+    """The subscriber connection hears of FLUSHALL/FLUSHDB: tracking redirected to itself,
+    OPTIN with nothing ever opted in (no key is tracked; a flush sends a null invalidation
+    to every tracking client, on ``__redis__:invalidate``). Works with RESP2 and RESP3."""
+    return ("CLIENT", "TRACKING", "ON", "REDIRECT", client_id, "OPTIN")
+
+
+def _track_flushes(conn: Any, send: Any, read: Any) -> None:
+    send("CLIENT", "ID")
+    send(*_tracking(read()))
+    read()
+
+
+async def _track_flushes_async(conn: Any) -> None:
+    await conn.send_command("CLIENT", "ID")
+    await conn.send_command(*_tracking(await conn.read_response()))
+    await conn.read_response()
+
+
+def _is_flush(reply: list[Any]) -> bool:
+    """A flush notice: a null invalidation (RESP3: an ``invalidate`` push; RESP2: a message
+    on ``__redis__:invalidate``)."""
+    if reply[0] == b"invalidate":
+        return reply[1] is None
+    return reply[0] == b"message" and reply[1] == FLUSH_CHANNEL and reply[2] is None
+
+
+def _hmget(key: str) -> Command:
+    return Command(("HMGET", key, "epoch", "seq"))
 
 
 def _pool_options(pool: Any, socket_timeout: float, is_async: bool = False) -> dict[str, Any]:
@@ -76,33 +141,31 @@ def _pool_options(pool: Any, socket_timeout: float, is_async: bool = False) -> d
     return options
 
 
-def _event(message: dict[str, Any] | None, channel: bytes) -> Event | None:
+def _event(message: dict[str, Any] | None) -> Event | None:
+    """redis-py's message (TLS connections) as an event of the hub."""
     if message is None:
         return None
     kind = message.get("type")
     if isinstance(kind, bytes):
         kind = kind.decode()
+    channel = message.get("channel")
     data = message.get("data")
-    if kind == "smessage" and message.get("channel") == channel and isinstance(data, bytes):
-        return ("message", data)
-    if kind == "ssubscribe" and message.get("channel") == channel:
-        return ("subscribe", b"")
-    if kind == "sunsubscribe" and message.get("channel") == channel:
-        raise _lost_subscription()
+    if kind == "smessage" and isinstance(channel, bytes) and isinstance(data, bytes):
+        return ("message", channel, data)
+    if ((kind == "message" and channel == FLUSH_CHANNEL) or kind == "invalidate") and data is None:
+        return ("flush", b"", None)
+    if kind == "ssubscribe" and isinstance(channel, bytes):
+        return ("subscribe", channel, None)
+    if kind == "sunsubscribe" and isinstance(channel, bytes):
+        return ("unsubscribe", channel, None)
     if kind == "pong":
-        return ("pong", data if isinstance(data, bytes) else str(data).encode())
+        return ("pong", b"", data.decode() if isinstance(data, bytes) else str(data))
     return None
-
-
-def _lost_subscription() -> redis.ConnectionError:
-    """The server dropped our shard channel (on a Cluster: the map's slot moved to another
-    master): the flow reconnects, and the connection finds the slot's new owner."""
-    return redis.ConnectionError("the server unsubscribed the map's channel (slot moved?)")
 
 
 def _learn(client: Any, exc: BaseException) -> None:
     """On a Cluster, a subscription answered with MOVED names the slot's owner: tell the slot
-    table, so that the next subscriber connection goes there (``syncmap._cluster``)."""
+    table, so that the map subscribes there (``syncmap._cluster``)."""
     if isinstance(exc, MovedError):
         router = client.connection_pool.connection_kwargs.get("syncmap_router")
         if router is not None:
@@ -115,19 +178,39 @@ def _error(exc: Exception, address: str) -> Exception:
     return translate_redis_error(exc, address) or exc
 
 
-class _ListenerBase:
-    client: Any  # the subscriber's redis-py client (set by each listener)
+def _meta_reply(reply: Any, address: str) -> Any:
+    """One HMGET reply of a base read: ``(epoch, seq)``, or the (translated) error."""
+    if isinstance(reply, Exception):
+        return _error(reply, address)
+    return tuple(reply)
 
-    def __init__(self, state: Coherence, keys: MapKeys, address: str) -> None:
-        self.state = state
-        self.keys = keys
+
+class _ListenerBase:
+    """What both runners share: the hub (every map's state), the flow, error handling, and
+    the maps' (un)registration bookkeeping. ``home``: on a Cluster, the master this listener
+    serves (its maps' slots belong there); ``router`` its slot table."""
+
+    client: Any  # the redis-py client of the freshness probe (and the subscriber's pool)
+
+    def __init__(
+        self, client: Any, address: str, timeout: float, router: Any = None, home: Any = None
+    ) -> None:
+        self.hub = Hub(time.monotonic)
         self.address = address
-        self.channel = keys.channel.encode()
+        self.timeout = timeout
+        self.router = router
+        self.home = home
         self.restarts = 0
+        self.started = False
         self.parked = threading.Event()  # tests: set while a stalled listener waits
+        _LISTENERS.add(self)
+
+    @property
+    def states(self) -> list[Coherence]:
+        return [m.state for m in self.hub.members]
 
     def _flow(self) -> ListenFlow[None]:
-        return listen(self.state, self.keys)
+        return listen(self.hub)
 
     def _resume(self, flow: ListenFlow[None], result: Any, exc: Exception | None) -> ListenOp:
         """Feed the flow its operation's result, or the (translated) error; its next one."""
@@ -137,11 +220,33 @@ class _ListenerBase:
         return flow.throw(_error(exc, self.address))
 
     def _failed(self, exc: BaseException) -> float:
-        """The flow itself raised (a bug or unexpected data): log, drop the copy, restart."""
+        """The flow itself raised (a bug or unexpected data): log, drop the copies, restart."""
         self.restarts += 1
-        log.error("syncmap: listener of %r failed; restarting it", self.keys.name, exc_info=exc)
-        self.state.resync("listener_error")
+        log.error("syncmap: listener of %s failed; restarting it", self.address, exc_info=exc)
+        self.hub.resync("listener_error")
         return min(0.02 * 2.0 ** min(self.restarts, 7), 2.0)
+
+    def _strangers(self) -> list[Member]:
+        """On a Cluster: the maps whose slot the table now gives to another master."""
+        if self.router is None or self.home is None:
+            return []
+        table = self.router.table
+        return [
+            m for m in self.hub.members if m.slot is not None and table.owner(m.slot) != self.home
+        ]
+
+    def _hand_over(self, members: list[Member]) -> None:
+        """Give each map whose slot moved to the listener of its new master (no lock held)."""
+        for member in members:
+            self._forget(member)
+            if member.relisten is not None:
+                member.relisten(member)
+
+    def _forget(self, member: Member) -> None:
+        self.hub.remove(member)
+
+    def _read_meta(self, key: str) -> Any:
+        return self.client.execute_command("HMGET", key, "epoch", "seq")
 
 
 DRAIN_LIMIT = 10_000  # events applied in one go at most (the rest: next time)
@@ -155,14 +260,19 @@ BUSY_NAP_MAX = 0.05  # s: each further one twice as long, up to this (and its Re
 
 
 class SyncListener(_ListenerBase):
-    """The listener of a blocking map: one daemon thread, helped by reading threads
-    (:meth:`poll`). ``lock`` guards the subscriber connection: held to read and apply events,
-    to send on it, and to replace it; never while waiting for data."""
+    """The listener of a blocking node's maps on one server: one daemon thread, helped by
+    reading threads (:meth:`poll`). ``lock`` guards the subscriber connection: held to read
+    and apply events, to send on it, and to replace it; never while waiting for data."""
 
     def __init__(
-        self, state: Coherence, keys: MapKeys, client: redis.Redis, address: str, timeout: float
+        self,
+        client: redis.Redis,
+        address: str,
+        timeout: float,
+        router: Any = None,
+        home: Any = None,
     ) -> None:
-        super().__init__(state, keys, address)
+        super().__init__(client, address, timeout, router, home)
         pool = client.connection_pool
         self.client = redis.Redis(
             connection_pool=redis.ConnectionPool(
@@ -170,6 +280,7 @@ class SyncListener(_ListenerBase):
             )
         )
         self.pubsub: Any = None
+        self._sock: Any = None  # the subscriber connection's socket when subscribed
         self.lock = threading.Lock()
         self.failure: Exception | None = None  # a reading thread's drain failed: reconnect
         self.last_poll = -1.0  # when a reading thread last called poll()
@@ -180,12 +291,54 @@ class SyncListener(_ListenerBase):
         self.running = threading.Event()  # cleared by tests to stall the listener
         self.running.set()
         self._nap = BUSY_NAP  # the next nap while map threads apply the events
-        self.thread = threading.Thread(
-            target=self._main, name=f"syncmap-listener-{keys.name}", daemon=True
+        self.thread = self._new_thread()
+
+    def _new_thread(self) -> threading.Thread:
+        return threading.Thread(
+            target=self._main, name=f"syncmap-listener-{self.address}", daemon=True
         )
 
     def start(self) -> None:
+        """Start the thread (once per process: see :meth:`_after_fork`)."""
+        with self.lock:
+            if self.started or self.closing.is_set():
+                return
+            self.started = True
         self.thread.start()
+
+    def register(self, member: Member) -> None:
+        """Listen for ``member``'s map: SSUBSCRIBE its channel on the connection (or on the
+        next one, if there is none right now)."""
+        with self.lock:
+            if self.hub.add(member) and self.pubsub is not None:
+                self._send_locked("SSUBSCRIBE", member.channel)
+        if not self.started:
+            self.start()
+
+    def unregister(self, member: Member) -> None:
+        """Stop listening for ``member``'s map: SUNSUBSCRIBE its channel if no other map of
+        the node listens to it. The map's copy is no longer kept."""
+        with self.lock:
+            if self.hub.remove(member) and self.pubsub is not None:
+                hub = self.hub
+                hub.unsubscribing[member.channel] = hub.unsubscribing.get(member.channel, 0) + 1
+                self._send_locked("SUNSUBSCRIBE", member.channel)
+
+    def _forget(self, member: Member) -> None:
+        with self.lock:
+            self.hub.remove(member)
+
+    def _send_locked(self, *args: Any) -> None:
+        """Send a command on the subscriber connection (lock held); a failure is the listener
+        thread's to handle (it reconnects and subscribes every channel)."""
+        try:
+            conn = self.pubsub.connection
+            if conn is None or conn._sock is not self._sock:
+                raise redis.ConnectionError("the subscriber connection was closed")
+            conn.send_command(*args, check_health=False)
+        except Exception as exc:
+            if self.failure is None:
+                self.failure = _error(exc, self.address)
 
     def close(self, timeout: float = 2.0) -> None:
         self.closing.set()
@@ -193,8 +346,27 @@ class SyncListener(_ListenerBase):
         if self.thread.is_alive() and self.thread is not threading.current_thread():
             self.thread.join(timeout)
         self._unsubscribe()
+        self.hub.resync(None)
         self.client.close()
         self.client.connection_pool.disconnect()  # its own pool (the freshness probe's)
+
+    def _after_fork(self) -> None:
+        """In a forked child: forget the parent's connection without a word on it (its
+        sockets are the parent's), drop every map's copy, and start a thread of the child's
+        own on first use (a map's next server call, which every read now is)."""
+        self.lock = threading.Lock()  # (another thread of the parent may have held it)
+        if self._raw is not None:
+            self._raw.sock.close()  # the child's descriptor only: nothing is sent
+        self.pubsub = self._poller = self._raw = self._sock = None
+        self.failure = None
+        self.last_poll = -1.0
+        self.started = False
+        self.closing = threading.Event()
+        self.running = threading.Event()
+        self.running.set()
+        self.parked = threading.Event()
+        self.thread = self._new_thread()
+        _forget_members(self.hub)
 
     def _main(self) -> None:
         while not self.closing.is_set():
@@ -222,22 +394,39 @@ class SyncListener(_ListenerBase):
     def _perform(self, op: ListenOp) -> Any:
         if isinstance(op, Receive):
             return self._receive(op.timeout)
-        if isinstance(op, Command):
-            return self.client.execute_command(*op.args)
+        if isinstance(op, ReadMetas):
+            return self._read_metas(op.keys)
         if isinstance(op, PubsubPing):
             # On a plain socket, sent without the lock (a send may wait for the GIL: readers
             # would be locked out); sending while another thread reads the socket is fine. Not
             # on TLS (redis-py's reader): one SSL object must not be used by two threads at once.
             with contextlib.nullcontext() if self._raw is not None else self.lock:
-                return self.pubsub.connection.send_command("PING", op.token, check_health=False)
+                conn = self.pubsub.connection
+                if conn is None or conn._sock is not self._sock:  # (redis-py would reconnect
+                    raise redis.ConnectionError("the subscriber connection was closed")  # it)
+                return conn.send_command("PING", op.token, check_health=False)
         if isinstance(op, Sleep):
             self.closing.wait(op.seconds)
             return None
         if isinstance(op, Subscribe):
+            self._hand_over(self._strangers())
             with self.lock:
                 self._unsubscribe_locked()
+                self.failure = None
+                conn = self.client.connection_pool.get_connection()
+                try:
+                    _track_flushes(conn, conn.send_command, conn.read_response)
+                except BaseException:
+                    conn.disconnect()
+                    self.client.connection_pool.release(conn)
+                    raise
                 self.pubsub = self.client.pubsub()
-                self.pubsub.ssubscribe(op.channel)
+                self.pubsub.connection = conn
+                conn.register_connect_callback(self.pubsub.on_connect)
+                self._sock = conn._sock
+                self.pubsub.subscribe(FLUSH_CHANNEL)
+                for channel in self.hub.channels():
+                    self.pubsub.ssubscribe(channel)
                 self._poller = _poller_of(self.pubsub)
                 self._raw = _RawSubscriber.of(self._poller)
             return None
@@ -245,6 +434,23 @@ class SyncListener(_ListenerBase):
             self._unsubscribe()
             return None
         raise TypeError(f"unknown listener operation {op!r}")
+
+    def _read_metas(self, keys: tuple[str, ...]) -> list[Any]:
+        """Each map's (epoch, seq): one pipeline on a single server; one read per map on a
+        Cluster (each is redirected on its own if its slot moved)."""
+        if self.router is None and len(keys) > 1:
+            pipe = self.client.pipeline(transaction=False)
+            for key in keys:
+                pipe.execute_command("HMGET", key, "epoch", "seq")
+            replies = pipe.execute(raise_on_error=False)
+        else:
+            replies = []
+            for key in keys:
+                try:
+                    replies.append(self._read_meta(key))
+                except redis.ResponseError as exc:
+                    replies.append(exc)
+        return [_meta_reply(reply, self.address) for reply in replies]
 
     def _receive(self, timeout: float) -> int:
         """Wait (without the lock) up to ``timeout`` for data, then apply all there is.
@@ -311,10 +517,10 @@ class SyncListener(_ListenerBase):
             error = _error(exc, self.address)
             self.failure = error  # the listener thread reconnects
             if isinstance(error, SyncMapError):
-                self.state.on_disconnect()
+                self.hub.on_disconnect()
             else:
                 log.error("syncmap: applying change messages failed", exc_info=error)
-                self.state.resync("listener_error")
+                self.hub.resync("listener_error")
         finally:
             self.lock.release()
 
@@ -341,16 +547,16 @@ class SyncListener(_ListenerBase):
     def _drain(self) -> int:
         """Read and apply every event already on the connection (lock held)."""
         if self._raw is not None:
-            return self._raw.drain(self.state, self.channel)
+            return self._raw.drain(self.hub)
         pubsub = self.pubsub
         conn = pubsub.connection
-        if conn is None or getattr(conn, "_sock", True) is None:
+        if conn is None or getattr(conn, "_sock", True) is not self._sock:
             raise redis.ConnectionError("the subscriber connection is closed")
-        state, channel, handle = self.state, self.channel, pubsub.handle_message
+        hub, handle = self.hub, pubsub.handle_message
         count = 0
         while count < DRAIN_LIMIT and conn.can_read(timeout=0):
             response = conn.read_response(disconnect_on_error=False, push_request=True)
-            apply_event(state, _event(handle(response), channel))
+            apply_event(hub, _event(handle(response)))
             count += 1
         self._cut_short = count >= DRAIN_LIMIT
         return count
@@ -360,7 +566,7 @@ class SyncListener(_ListenerBase):
             self._unsubscribe_locked()
 
     def _unsubscribe_locked(self) -> None:
-        pubsub, self.pubsub, self._poller = self.pubsub, None, None
+        pubsub, self.pubsub, self._poller, self._sock = self.pubsub, None, None, None
         raw, self._raw, self._cut_short = self._raw, None, False
         if raw is not None:
             raw.sock.close()
@@ -411,9 +617,10 @@ class _RawSubscriber:
         transport.pause_reading()
         return cls(sock)
 
-    def drain(self, state: Coherence, channel: bytes) -> int:
+    def drain(self, hub: Hub) -> int:
         """Apply every complete event already received (RESP2 or RESP3); returns how many."""
         reader, sock, buffer = self.reader, self.sock, self.buffer
+        by_channel = hub.by_channel
         count = 0
         self.backlog = True  # until this drain ends before its limit
         more = True  # the socket may hold more (else: what we read emptied it, no new recv)
@@ -439,16 +646,20 @@ class _RawSubscriber:
             if isinstance(reply, list) and len(reply) >= 2:
                 kind = reply[0]
                 if kind == b"smessage" and len(reply) == 3:
-                    if reply[1] == channel and isinstance(reply[2], bytes):
-                        state.on_message(reply[2])
+                    data = reply[2]
+                    if isinstance(data, bytes):
+                        for member in by_channel.get(reply[1], ()):
+                            member.state.on_message(data)
                 elif kind == b"pong":
-                    state.on_pong(bytes(reply[1]).decode("utf-8", "replace"))
-                elif kind == b"ssubscribe" and reply[1] == channel:
-                    state.on_subscribed()
-                elif kind == b"sunsubscribe" and reply[1] == channel:
-                    raise _lost_subscription()
+                    hub.on_pong(bytes(reply[1]).decode("utf-8", "replace"))
+                elif kind == b"ssubscribe":
+                    hub.event("subscribe", reply[1], None)
+                elif kind == b"sunsubscribe":
+                    hub.on_unsubscribed(reply[1])
+                elif _is_flush(reply):
+                    hub.resync("flush")
             elif isinstance(reply, bytes):  # RESP3: PING's answer is its argument
-                state.on_pong(reply.decode("utf-8", "replace"))
+                hub.on_pong(reply.decode("utf-8", "replace"))
             elif isinstance(reply, hiredis.ReplyError):
                 text = str(reply)
                 if text.startswith("MOVED "):  # a Cluster: the slot's owner is another master
@@ -478,21 +689,21 @@ def _poller_of(pubsub: Any) -> tuple[Any, Any, Any] | None:
 
 
 class AsyncListener(_ListenerBase):
-    """The listener of an asyncio map: one task on the map's event loop. On a plain TCP or
-    Unix socket it reads the subscriber connection itself (:class:`_RawSubscriber`, waiting
-    for data with ``loop.add_reader``): redis-py's transport is paused before the
-    subscription is sent and only sends from then on. Other connections (TLS) are read
-    through redis-py's ``PubSub.get_message``."""
+    """The listener of an asyncio node's maps on one server: one task on the node's event
+    loop. On a plain TCP or Unix socket it reads the subscriber connection itself
+    (:class:`_RawSubscriber`, waiting for data with ``loop.add_reader``): redis-py's
+    transport is paused before the subscriptions are sent and only sends from then on.
+    Other connections (TLS) are read through redis-py's ``PubSub.get_message``."""
 
     def __init__(
         self,
-        state: Coherence,
-        keys: MapKeys,
         client: redis.asyncio.Redis,
         address: str,
         timeout: float,
+        router: Any = None,
+        home: Any = None,
     ) -> None:
-        super().__init__(state, keys, address)
+        super().__init__(client, address, timeout, router, home)
         pool = client.connection_pool
         self.client = redis.asyncio.Redis(
             connection_pool=redis.asyncio.ConnectionPool(
@@ -502,12 +713,13 @@ class AsyncListener(_ListenerBase):
         self._driver = AsyncDriver(self.client, address)  # the freshness probe's reads
         self.pubsub: Any = None
         self._raw: _RawSubscriber | None = None
-        self._raw_writer: Any = None  # the redis-py stream whose socket _raw reads
+        self._raw_writer: Any = None  # the redis-py stream the subscriptions were sent on
         self._watching = False  # _raw's socket is watched by the loop (add_reader)
         self._waiter: asyncio.Future[None] | None = None  # set while _receive_raw waits
         self._failure: Exception | None = None  # met away from a Receive: the next one raises it
         self._applied = 0  # events applied for the current _receive_raw
         self.closing = False
+        self.forked = False  # made before os.fork(), and this is the child: unusable
         self.running = asyncio.Event()  # cleared by tests to stall the listener
         self.running.set()
         self.task: asyncio.Task[None] | None = None
@@ -520,7 +732,33 @@ class AsyncListener(_ListenerBase):
         return "none" if self.pubsub is None else "redis-py"
 
     def start(self) -> None:
-        self.task = asyncio.get_running_loop().create_task(self._main())
+        if not self.started and not self.closing:
+            self.started = True
+            self.task = asyncio.get_running_loop().create_task(self._main())
+
+    async def register(self, member: Member) -> None:
+        """Listen for ``member``'s map (as :meth:`SyncListener.register`)."""
+        if self.hub.add(member) and self.pubsub is not None:
+            await self._send("SSUBSCRIBE", member.channel)
+        self.start()
+
+    async def unregister(self, member: Member) -> None:
+        """Stop listening for ``member``'s map (as :meth:`SyncListener.unregister`)."""
+        if self.hub.remove(member) and self.pubsub is not None:
+            hub = self.hub
+            hub.unsubscribing[member.channel] = hub.unsubscribing.get(member.channel, 0) + 1
+            await self._send("SUNSUBSCRIBE", member.channel)
+
+    async def _send(self, *args: Any) -> None:
+        """Send on the subscriber connection; a failure is left for the next Receive."""
+        try:
+            conn = self.pubsub.connection
+            if conn is None or conn._writer is not self._raw_writer:
+                raise redis.ConnectionError("the subscriber connection was closed")
+            await conn.send_command(*args, check_health=False)
+        except Exception as exc:
+            if self._failure is None:
+                self._failure = _error(exc, self.address)
 
     async def close(self) -> None:
         self.closing = True
@@ -530,7 +768,23 @@ class AsyncListener(_ListenerBase):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self.task
         await self._unsubscribe()
+        self.hub.resync(None)
         await self.client.aclose(close_connection_pool=True)  # (its own pool: the probe's)
+
+    def _after_fork(self) -> None:
+        """In a forked child: an asyncio node does not cross a fork (its connections and task
+        belong to the parent's event loop). Every map's copy is dropped, nothing is sent on
+        the parent's connections, and every later call of the node, its maps and locks
+        raises :class:`~syncmap.NodeForked`."""
+        self.forked = True
+        self.closing = True
+        # Kept, never closed nor collected here: closing an asyncio transport unregisters
+        # its socket from the loop's epoll instance, which the child shares with the parent.
+        _ABANDONED.append((self.pubsub, self._raw, self._raw_writer, self.task, self.client))
+        self._raw = self._raw_writer = self.pubsub = self.task = None
+        self._waiter = None
+        self._watching = False
+        _forget_members(self.hub)
 
     async def _main(self) -> None:
         while not self.closing:
@@ -558,34 +812,68 @@ class AsyncListener(_ListenerBase):
     async def _perform(self, op: ListenOp) -> Any:
         if isinstance(op, Receive):
             return await self._receive(op.timeout)
-        if isinstance(op, Command):
-            # through the driver, as every map and lock command: its connection is checked
-            # before use (redis-py 8.1's asyncio pool hands out ones the server has closed),
-            # and a read whose connection is lost is sent once more, at once
-            command = asyncio.ensure_future(self._driver.perform(op))
+        if isinstance(op, ReadMetas):
+            # the maps' changes keep being applied while the read takes its time
+            command = asyncio.ensure_future(self._read_metas(op.keys))
             try:
                 await self._apply_until(command)
                 return await command
             finally:
                 command.cancel()  # (when the listener is closed meanwhile; else a no-op)
         if isinstance(op, PubsubPing):
-            return await self.pubsub.ping(op.token)
+            conn = self.pubsub.connection
+            if conn is None or conn._writer is not self._raw_writer:  # (redis-py would
+                raise redis.ConnectionError("the subscriber connection was closed")  # reconnect)
+            return await conn.send_command("PING", op.token, check_health=False)
         if isinstance(op, Sleep):
             await asyncio.sleep(op.seconds)
             return None
         if isinstance(op, Subscribe):
+            self._hand_over(self._strangers())
             await self._unsubscribe()
-            self.pubsub = self.client.pubsub()
-            await self.pubsub.connect()
-            # before the subscription is sent: from here on, every reply is _raw's to read
-            self._raw_writer = self.pubsub.connection._writer
+            pool = self.client.connection_pool
+            conn = await pool.get_connection()
+            try:
+                await _track_flushes_async(conn)
+            except BaseException:
+                await conn.disconnect()
+                await pool.release(conn)
+                raise
+            pubsub = self.client.pubsub()
+            pubsub.connection = conn
+            conn.register_connect_callback(pubsub.on_connect)
+            # before any subscription is sent: from here on, every reply is _raw's to read
+            self._raw_writer = conn._writer
             self._raw = _RawSubscriber.of_stream(self._raw_writer)
-            await self.pubsub.ssubscribe(op.channel)
+            self._failure = None
+            self.pubsub = pubsub  # (a map registering from here on sends its own SSUBSCRIBE)
+            channels = self.hub.channels()
+            await pubsub.subscribe(FLUSH_CHANNEL)
+            for channel in channels:
+                await pubsub.ssubscribe(channel)
             return None
         if isinstance(op, Unsubscribe):
             await self._unsubscribe()
             return None
         raise TypeError(f"unknown listener operation {op!r}")
+
+    async def _read_metas(self, keys: tuple[str, ...]) -> list[Any]:
+        """As :meth:`SyncListener._read_metas` (single reads through the driver: its
+        connections are checked before use, and a read is resent once if its connection is
+        lost)."""
+        if self.router is None and len(keys) > 1:
+            pipe = self.client.pipeline(transaction=False)
+            for key in keys:
+                pipe.execute_command("HMGET", key, "epoch", "seq")
+            replies = await pipe.execute(raise_on_error=False)
+            return [_meta_reply(reply, self.address) for reply in replies]
+        found: list[Any] = []
+        for key in keys:
+            try:
+                found.append(tuple(await self._driver.perform(_hmget(key))))
+            except ServerError as exc:
+                found.append(exc)
+        return found
 
     async def _receive(self, timeout: float, until: asyncio.Future[Any] | None = None) -> int:
         """Wait ``timeout`` (or until ``until`` is done), applying the events as they arrive;
@@ -600,7 +888,7 @@ class AsyncListener(_ListenerBase):
         message = await self.pubsub.get_message(timeout=timeout)
         count = 0
         while message is not None:  # the whole batch at once
-            apply_event(self.state, _event(message, self.channel))
+            apply_event(self.hub, _event(message))
             count += 1
             if count >= DRAIN_LIMIT:  # (not one more read: it would be dropped)
                 break
@@ -616,7 +904,7 @@ class AsyncListener(_ListenerBase):
         for the changes. A failure of the subscriber connection is left for the next Receive
         to raise."""
         try:
-            while self.state.synced and not command.done():
+            while self.hub.synced() and not command.done():
                 await self._receive(MAX_WAIT, command)
         except Exception as exc:
             log.debug("syncmap: reading the subscriber connection failed", exc_info=True)
@@ -668,7 +956,7 @@ class AsyncListener(_ListenerBase):
             self._unwatch()
             return
         try:
-            self._applied += raw.drain(self.state, self.channel)
+            self._applied += raw.drain(self.hub)
         except Exception as exc:
             waiter.set_exception(exc)
             return
@@ -690,7 +978,7 @@ class AsyncListener(_ListenerBase):
             self._readable()
             return True
         try:
-            raw.drain(self.state, self.channel)
+            raw.drain(self.hub)
         except Exception as exc:
             self._failure = exc
         return True

@@ -30,8 +30,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fnmatch
+import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from itertools import repeat
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -123,6 +125,16 @@ class _LockBase(Generic[N]):
         self._node = node
         self._last_token: str | None = None  # the latest acquisition's token
         self._lost_token: str | None = None  # the latest acquisition the watchdog found lost
+        _LOCKS.add(self)
+
+    def _after_fork(self) -> None:
+        """In a forked child: the parent holds the lock, not the child. The child forgets the
+        acquisition (it cannot release or renew it: ``LockNotHeld``; ``owned()`` is False;
+        ``locked()`` still tells whether anyone holds it), and no watchdog runs here."""
+        token = self._state.token
+        if token is not None:
+            self._state.forget(token)
+        self._last_token = None
 
     # -- what a holder (and a guarded map write) reads --
 
@@ -230,6 +242,10 @@ class Lock(_LockBase["Node"]):
         self._run = SyncDriver(node.client, node.address).run
         self._stop: threading.Event | None = None
 
+    def _after_fork(self) -> None:
+        super()._after_fork()
+        self._stop = None  # (the parent's watchdog thread: none runs in the child)
+
     def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
         """Take the lock; with ``blocking`` wait (in queue order) up to ``timeout`` seconds."""
         return self._acquire(*self._plan(blocking, timeout))
@@ -303,8 +319,18 @@ class AsyncLock(_LockBase["AsyncNode"]):
         self, node: AsyncNode, name: str | tuple[str, ...], ttl: float = DEFAULT_TTL, **options: Any
     ) -> None:
         super().__init__(node, name, ttl, **options)
-        self._run = AsyncDriver(node.client, node.address).run
+        run = AsyncDriver(node.client, node.address).run
+
+        async def checked(flow: Flow[T]) -> T:
+            node._check_fork()  # an asyncio node does not cross a fork: NodeForked
+            return await run(flow)
+
+        self._run = checked
         self._watch_task: asyncio.Task[None] | None = None
+
+    def _after_fork(self) -> None:
+        super()._after_fork()
+        self._watch_task = None  # (the parent's loop's)
 
     async def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
         return await self._acquire(*self._plan(blocking, timeout))
@@ -357,6 +383,17 @@ class AsyncLock(_LockBase["AsyncNode"]):
     async def __aexit__(self, kind: object, exc: BaseException | None, tb: object) -> None:
         with self._leaving(exc):
             await self.release()
+
+
+_LOCKS: weakref.WeakSet[_LockBase[Any]] = weakref.WeakSet()
+
+
+def _locks_forked() -> None:
+    for lock in list(_LOCKS):
+        lock._after_fork()
+
+
+os.register_at_fork(after_in_child=_locks_forked)
 
 
 # -- redislock's Obtain ------------------------------------------------------------------------

@@ -103,12 +103,14 @@ from collections.abc import (
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
+from ._cluster import key_slot
 from ._codec import Codec, get_codec
 from ._core.coherence import ABSENT, Change, Coherence, Entry
 from ._core.keys import MapKeys
 from ._core.map_flows import Call, MapCore, MapFlow
+from ._core.map_listen import Member
 from ._driver import AsyncDriver, SyncDriver
-from ._errors import InvalidArgument, StaleRead
+from ._errors import InvalidArgument, NodeForked, StaleRead
 from ._listener import READERS_ACTIVE, AsyncListener, SyncListener
 from ._local import SafeHashMap
 
@@ -305,6 +307,8 @@ class _MapBase:
         )
         self._state.decode = self._core.codec.decode
         self._listener_timeout = min(max(self._max_staleness, 0.25), 2.0)
+        slot = None if node._root.router is None else key_slot(keys.meta)
+        self._member = Member(self._state, keys, slot)
         self._hits = 0
         self._misses = 0
         self._closed = False
@@ -367,20 +371,27 @@ class SyncMap(_MapBase, MutableMapping[str, Any]):
         super().__init__(node, name, **options)
         self._driver = _Driver(node.client, node.address)
         self._driver.while_waiting = self._poll_while_waiting
-        self._listener = SyncListener(
-            self._state, self._core.keys, node.client, node.address, self._listener_timeout
-        )
+        self._listener: SyncListener = node._listener_for(self._member.slot, self._listener_timeout)
+        self._member.relisten = self._relisten
         self._next_poll = 0.0  # the read path applies waiting change messages from then on
         self._next_op_poll = 0.0  # the same before a server operation (less often: batches)
         self._op_poll_by = 0.0  # ... and not skipped past this time
         self._quiet = False  # the running operation came after a quiet spell (no polling)
-        self._listener.start()
+        self._listener.register(self._member)
         deadline = time.monotonic() + 2.0  # usually ms: ready to cache right away
         while not self._state.synced and time.monotonic() < deadline:
             time.sleep(0.001)
 
+    def _relisten(self, member: Member) -> None:
+        """(Cluster) The map's slot now lives on another master: listen there."""
+        listener = self.node._listener_for(member.slot, self._listener_timeout)
+        self._listener = listener
+        listener.register(member)
+
     def _run(self, flow: MapFlow[T]) -> T:
         now, listener = self._clock(), self._listener
+        if not listener.started:  # a forked child's first call (every read is one there)
+            listener.start()
         self._quiet = now - listener.last_poll >= READERS_ACTIVE
         listener.last_poll = now  # busy: the listener thread keeps out of the way
         return self._driver.run(flow)  # type: ignore[arg-type]  # it performs Call too
@@ -559,7 +570,7 @@ class SyncMap(_MapBase, MutableMapping[str, Any]):
         """Stop the listener; the local copy is no longer used (server calls still work)."""
         if not self._closed:
             self._closing()
-            self._listener.close()
+            self._listener.unregister(self._member)
 
     def __enter__(self) -> SyncMap:
         return self
@@ -575,21 +586,34 @@ class AsyncSyncMap(_MapBase):
     def __init__(self, node: AsyncNode, name: str, **options: Any) -> None:
         super().__init__(node, name, **options)
         self._driver = _AsyncDriver(node.client, node.address)
-        self._listener = AsyncListener(
-            self._state, self._core.keys, node.client, node.address, self._listener_timeout
+        self._listener: AsyncListener = node._listener_for(
+            self._member.slot, self._listener_timeout
         )
+        self._member.relisten = self._relisten
         self._next_yield = 0.0  # a local hit yields to the event loop from then on
 
     @classmethod
     async def open(cls, node: AsyncNode, name: str, **options: Any) -> AsyncSyncMap:
         self = cls(node, name, **options)
-        self._listener.start()
+        await self._listener.register(self._member)
         deadline = time.monotonic() + 2.0
         while not self._state.synced and time.monotonic() < deadline:
             await asyncio.sleep(0.001)
         return self
 
+    def _relisten(self, member: Member) -> None:
+        """(Cluster) The map's slot now lives on another master: listen there (called from
+        the listener task)."""
+        listener = self.node._listener_for(member.slot, self._listener_timeout)
+        self._listener = listener
+        asyncio.get_running_loop().create_task(listener.register(member))
+
     async def _run(self, flow: MapFlow[T]) -> T:
+        if self._listener.forked:
+            raise NodeForked(
+                f"map {self.name!r}: its asyncio node was made before os.fork(); "
+                "call connect_async() in the child process"
+            )
         return await self._driver.run(flow)  # type: ignore[arg-type]  # it performs Call too
 
     async def get(self, key: Any, default: Any = None, fresh: bool = False) -> Any:
@@ -710,7 +734,8 @@ class AsyncSyncMap(_MapBase):
     async def close(self) -> None:
         if not self._closed:
             self._closing()
-            await self._listener.close()
+            if not self._listener.forked:
+                await self._listener.unregister(self._member)
 
     async def __aenter__(self) -> AsyncSyncMap:
         return self

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
+import weakref
 from typing import TYPE_CHECKING, Any, Self, TypeVar
 from urllib.parse import unquote, urlsplit
 
@@ -25,6 +27,7 @@ from ._driver import AsyncDriver, SyncDriver
 from ._errors import (
     InvalidArgument,
     InvalidURL,
+    NodeForked,
     ServerUnavailable,
     SyncMapError,
     translate_redis_error,
@@ -122,12 +125,46 @@ def resolve_url(url: str | None) -> str:
 
 class _NodeBase:
     """What a sync and an async node share: where the server is, and, on a Cluster, which
-    master runs a map or a lock (``router``; ``None`` for a single server)."""
+    master runs a map or a lock (``router``; ``None`` for a single server).
 
+    The node's maps share one listener per server (per master on a Cluster): one subscriber
+    connection, one thread (one task under asyncio), one freshness probe (see
+    ``syncmap._listener`` and the contract in ``syncmap._map``). The listeners belong to the
+    node the user made (``_root``; the per-master nodes of a Cluster use their root's)."""
+
+    client: Any
     url: str | None
     address: str
     router: ClusterRouter | None
     _shards: dict[int, Any]
+    _root: Any
+    _listeners: dict[Any, Any]
+
+    def _init_listeners(self) -> None:
+        self._root = self
+        self._listeners = {}
+        self._listeners_lock = threading.Lock()
+        _NODES.add(self)
+
+    def _new_listener(self, client: Any, address: str, timeout: float, home: Any) -> Any:
+        raise NotImplementedError
+
+    def _listener_for(self, slot: int | None, timeout: float) -> Any:
+        """The listener for a map (on a Cluster: the one of the master owning ``slot`` now),
+        made on first use; ``timeout``: its connections' socket timeout, if it is new."""
+        root = self._root
+        with root._listeners_lock:
+            if root.router is None:
+                home, client, address = None, self.client, self.address
+            else:
+                home = root.router.table.owner(slot)
+                client = root.router.master_client(home)
+                address = f"{home[0]}:{home[1]}"
+            listener = root._listeners.get(home)
+            if listener is None or _closing(listener):
+                listener = root._new_listener(client, address, timeout, home)
+                root._listeners[home] = listener
+            return listener
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.address}>"
@@ -148,6 +185,7 @@ class _NodeBase:
         node = self._shards.get(id(shard[0]))
         if node is None:
             node = self._shards[id(shard[0])] = type(self)(shard[0], shard[1], self.url)  # type: ignore[call-arg]
+            node._root = self
         return node
 
     def _no_driver(self) -> SyncMapError:
@@ -172,6 +210,12 @@ class Node(_NodeBase):
         self.router = router
         self._shards = {}
         self.driver = None if router is not None else SyncDriver(client, address)  # type: ignore[arg-type]
+        self._init_listeners()
+
+    def _new_listener(self, client: Any, address: str, timeout: float, home: Any) -> Any:
+        from ._listener import SyncListener
+
+        return SyncListener(client, address, timeout, self.router, home)
 
     def run(self, flow: Flow[T]) -> T:
         if self.driver is None:
@@ -213,6 +257,11 @@ class Node(_NodeBase):
         return SyncMap(self._on(MapKeys(name).meta, True), name, **options)
 
     def close(self) -> None:
+        """Close the node's listeners (every map's copy is dropped) and connections."""
+        with self._listeners_lock:
+            listeners, self._listeners = list(self._listeners.values()), {}
+        for listener in listeners:
+            listener.close()
         self._shards.clear()
         if self.router is not None:
             for client in self.router.clients():
@@ -242,13 +291,31 @@ class AsyncNode(_NodeBase):
         self.router = router
         self._shards = {}
         self.driver = None if router is not None else AsyncDriver(client, address)
+        self._init_listeners()
+        self.forked = False  # made before os.fork(), and this is the child
+
+    def _new_listener(self, client: Any, address: str, timeout: float, home: Any) -> Any:
+        from ._listener import AsyncListener
+
+        return AsyncListener(client, address, timeout, self.router, home)
+
+    def _check_fork(self) -> None:
+        """Raise :class:`NodeForked` in a forked child (an asyncio node does not cross a fork:
+        its connections and task belong to the parent's event loop)."""
+        if self._root.forked:
+            raise NodeForked(
+                f"{self.address}: this asyncio node was made before os.fork(); "
+                "call connect_async() in the child process"
+            )
 
     async def run(self, flow: Flow[T]) -> T:
+        self._check_fork()
         if self.driver is None:
             raise self._no_driver()
         return await self.driver.run(flow)
 
     async def ping(self) -> bool:
+        self._check_fork()
         if self.driver is not None:  # (its connections are checked before use)
             return bool(await self.driver.run(_ping()))
         try:
@@ -260,25 +327,35 @@ class AsyncNode(_NodeBase):
         """A distributed lock named ``name`` for asyncio; not yet acquired."""
         from ._lock import AsyncLock
 
+        self._check_fork()
         return AsyncLock(self._on(_lock_key(name), False), name, **options)
 
     async def obtain(self, key: str, ttl: float, **options: Any) -> AsyncLock:
         from ._lock import obtain_async
 
+        self._check_fork()
         return await obtain_async(self._on(_lock_key(key), False), key, ttl, **options)
 
     async def obtain_multi(self, keys: list[str], ttl: float, **options: Any) -> AsyncLock:
         from ._lock import obtain_multi_async
 
+        self._check_fork()
         return await obtain_multi_async(self._on(_lock_key(keys), False), keys, ttl, **options)
 
     async def map(self, name: str, **options: Any) -> AsyncSyncMap:
         """The shared map ``name`` for asyncio, started (subscribed) before it is returned."""
         from ._map import AsyncSyncMap
 
+        self._check_fork()
         return await AsyncSyncMap.open(self._on(MapKeys(name).meta, True), name, **options)
 
     async def close(self) -> None:
+        """Close the node's listeners (every map's copy is dropped) and connections."""
+        listeners, self._listeners = list(self._listeners.values()), {}
+        for listener in listeners:
+            await listener.close()
+        if self._root.forked:
+            return  # (the parent's connections: nothing to close here)
         self._shards.clear()
         if self.router is not None:
             for client in self.router.clients():
@@ -290,6 +367,29 @@ class AsyncNode(_NodeBase):
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+def _closing(listener: Any) -> bool:
+    closing = listener.closing
+    return bool(closing.is_set() if isinstance(closing, threading.Event) else closing)
+
+
+_NODES: weakref.WeakSet[_NodeBase] = weakref.WeakSet()
+
+
+def _nodes_forked() -> None:
+    """In a forked child: locks a thread of the parent may have held are new; an asyncio
+    node is marked (see :class:`~syncmap.NodeForked`)."""
+    for node in list(_NODES):
+        node._listeners_lock = threading.Lock()
+        if isinstance(node, AsyncNode):
+            node.forked = True
+        if node.router is not None:
+            node.router.lock = threading.Lock()
+            node.router._refreshing = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_nodes_forked)
 
 
 def _ping() -> Flow[Any]:

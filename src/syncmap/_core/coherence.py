@@ -8,9 +8,10 @@ What it tracks (for the map's one shard; the server numbers every change of the 
   anything installed in it. ``generation`` moves at every transition, so a fill that started
   under another generation never installs.
 * ``verified_at``: the (injected) clock time at which the local copy was last *proven* to
-  reflect every write acknowledged before it (probe: read the server's seq, then PING over the
-  subscriber connection; the PONG comes after every message published before). Local reads are
-  served only while ``clock() - verified_at <= max_staleness``.
+  reflect every write acknowledged before it (probe: PING over the subscriber connection; the
+  PONG comes after every message published before; a copy with no base reads the server's
+  (epoch, seq) first). Local reads are served only while ``clock() - verified_at <=
+  max_staleness``.
 
 Fill protocol (no fill race): before a fetch or a write the caller puts a :class:`Placeholder`
 in the local store; a change message for that key only *marks* the placeholder with its seq;
@@ -387,11 +388,15 @@ class Coherence:
     def probe_overdue(self) -> bool:
         return self.probe_token is not None and self.clock() - self.probe_t0 > self.probe_timeout
 
-    def start_probe(self) -> str:
-        """Call right before reading the server's (epoch, seq); returns the PING token."""
+    def start_probe(self, token: str | None = None) -> str:
+        """Call when a probe starts (before the server's (epoch, seq) is read, if it is);
+        ``token``: the PING's (the node's listener probes all its maps with one), else a new
+        one. Returns the token."""
         with self.mutex:
-            self._token_counter += 1
-            self.probe_token = f"syncmap-probe-{self._token_counter}"
+            if token is None:
+                self._token_counter += 1
+                token = f"syncmap-probe-{self._token_counter}"
+            self.probe_token = token
             self.probe_t0 = self.last_probe = self.clock()
             self.probe_meta = None
             self._seen = []
@@ -412,14 +417,22 @@ class Coherence:
             self.probe_meta = (epoch, seq)
 
     def on_pong(self, token: str) -> None:
-        """Every message published before the probe's read has now arrived."""
+        """Every message published before the probe started has now arrived. A synced copy
+        is then proven current as of the probe's start (and, if the probe read the server's
+        (epoch, seq), checked against it); an unsynced one takes its base from the read."""
         with self.mutex:
-            if token != self.probe_token or self.probe_meta is None:
+            if token != self.probe_token:
                 return  # a stale or foreign PONG
-            epoch, seq = self.probe_meta
-            t0 = self.probe_t0
+            meta, t0 = self.probe_meta, self.probe_t0
             self.probe_token = None
             self.probe_meta = None
+            if meta is None:
+                if self.synced:
+                    self.verified_at = t0
+                else:
+                    self._seen = []  # no base was read: probe again
+                return
+            epoch, seq = meta
             if self.synced:
                 if epoch != self.epoch:
                     # data lost/reset (or, from no epoch, a first change we never saw)

@@ -1,0 +1,349 @@
+"""One listener per node and server, and nodes across ``os.fork()`` (multiprocessing's
+``fork`` start method): what a prefork server (gunicorn --preload, Celery, multiprocessing)
+does to a node made before it forks."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import threading
+import time
+import traceback
+from typing import Any
+
+import pytest
+
+import syncmap
+from servers import wait_until
+from test_map_support import _Loop
+
+FORK = multiprocessing.get_context("fork")
+
+
+def cached(m: Any, key: str, value: Any, within: float = 5.0) -> None:
+    """Wait until ``m`` serves ``value`` for ``key`` from its local copy."""
+    wait_until(lambda: m.get(key) == value and m.get_local(key) == value, within, what="cached")
+
+
+def _pubsub_clients(server: Any) -> list[dict[str, Any]]:
+    with server.client() as c:
+        return c.client_list(_type="pubsub")
+
+
+# ---- one listener per node ------------------------------------------------------------------
+
+
+def test_a_nodes_maps_share_one_listener_and_keep_their_own_contract(server, ns):
+    """Many maps of one node: one listener (one thread, one subscriber connection), each map
+    with its own max_staleness, zero tolerance per map (a gap drops that map's copy only),
+    and closing a map leaves only its channel."""
+    before = {c["id"] for c in _pubsub_clients(server)}
+    threads = threading.active_count()
+    with syncmap.connect(server.url) as writer, syncmap.connect(server.url) as node:
+        maps = [node.map(f"{ns}-{i}", max_staleness=0.3 + i / 10) for i in range(20)]
+        listener = maps[0]._listener
+        assert all(m._listener is listener for m in maps)
+        assert threading.active_count() == threads + 1
+        mine = _mine(server, before)
+        assert int(mine["ssub"]) == 20 and int(mine["sub"]) == 1  # (sub: flush notices)
+        wmaps = [writer.map(f"{ns}-{i}") for i in range(20)]
+        for i, (w, m) in enumerate(zip(wmaps, maps, strict=True)):
+            w["k"] = i
+            cached(m, "k", i)
+        # each map is proven with its own max_staleness
+        assert listener.hub.interval == pytest.approx(0.1)
+        for m in maps:
+            assert m._state.fresh_until - m._state.verified_at == pytest.approx(m._max_staleness)
+        # a gap in one map's messages drops that map's copy only
+        resyncs = [m.stats.resyncs for m in maps]
+        maps[3]._state.applied -= 1  # as if one of its messages had been lost
+        wmaps[3]["k"] = "next"
+        wait_until(lambda: maps[3].stats.resyncs > resyncs[3], 5, what="the gap noticed")
+        assert maps[3].stats.resync_causes.get("gap") == 1
+        cached(maps[3], "k", "next")
+        assert [m.stats.resyncs for m in maps[4:]] == resyncs[4:]
+        # closing a map leaves its channel only; the others go on
+        maps[0].close()
+        wait_until(lambda: _ssub(server, mine["id"]) == 19, 5, what="SUNSUBSCRIBE")
+        wmaps[1]["k"] = "after"
+        cached(maps[1], "k", "after")
+        assert listener.restarts == 0 and maps[1].stats.resync_causes.get("resubscribe") is None
+    # closing the node closes its listener and connections
+    wait_until(lambda: not _mine(server, before, missing_ok=True), 5, what="the listeners closed")
+    wait_until(lambda: threading.active_count() == threads, 5, what="the listener thread's end")
+
+
+def _ssub(server: Any, client_id: str) -> int:
+    return sum(int(c["ssub"]) for c in _pubsub_clients(server) if c["id"] == client_id)
+
+
+def _mine(server: Any, before: set[Any], missing_ok: bool = False) -> Any:
+    mine = [c for c in _pubsub_clients(server) if c["id"] not in before]
+    if missing_ok:
+        return mine
+    assert len(mine) == 1, mine
+    return mine[0]
+
+
+def test_two_maps_of_one_name_on_one_node(server, ns):
+    """Two maps of one name on one node share the channel: both get every change; closing one
+    keeps the channel for the other."""
+    with syncmap.connect(server.url) as writer, syncmap.connect(server.url) as node:
+        a, b = node.map(ns), node.map(ns)
+        w = writer.map(ns)
+        w["k"] = 1
+        cached(a, "k", 1)
+        cached(b, "k", 1)
+        a.close()
+        w["k"] = 2
+        cached(b, "k", 2)
+        assert b.stats.resyncs == 0
+
+
+async def test_an_asyncio_nodes_maps_share_one_task(server, ns):
+    before = {c["id"] for c in _pubsub_clients(server)}
+    writer = await syncmap.connect_async(server.url)
+    node = await syncmap.connect_async(server.url)
+    tasks = len(asyncio.all_tasks())
+    maps = [await node.map(f"{ns}-{i}") for i in range(10)]
+    assert len({id(m._listener) for m in maps}) == 1
+    assert len(asyncio.all_tasks()) == tasks + 1
+    mine = _mine(server, before)  # (the writer has no map yet: no listener)
+    assert int(mine["ssub"]) == 10
+    w = await writer.map(f"{ns}-3")
+    await w.set("k", "v")
+    deadline = time.monotonic() + 5
+    while maps[3].get_local("k") != "v":
+        assert time.monotonic() < deadline
+        await maps[3].get("k")
+        await asyncio.sleep(0.001)
+    await maps[0].close()
+    deadline = time.monotonic() + 5
+    while _ssub(server, mine["id"]) != 9:  # the map's channel only was left
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.005)
+    await node.close()
+    await writer.close()
+    assert len(asyncio.all_tasks()) == tasks
+
+
+# ---- FLUSHALL / FLUSHDB: the server tells the listener ----------------------------------------
+
+
+@pytest.mark.parametrize("flush", ["FLUSHALL", "FLUSHDB", "FLUSHALL ASYNC", "FLUSHDB other db"])
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_a_flush_drops_every_copy_long_before_max_staleness(fresh_server, ns, flush, kind):
+    """A flush publishes nothing, and a synced map's probe reads no seq (only one map's, in
+    turn): the subscriber connection's CLIENT TRACKING hears of it (a null invalidation) and
+    every map of that server drops its copy at once. max_staleness is 60 s here: nothing
+    else would notice for a minute. (A FLUSHDB of another db drops them too: harmless.)"""
+    args = flush.split()
+    other_db = args[-1] == "db"
+    if other_db:
+        args = ["FLUSHDB"]
+
+    def flush_now() -> None:
+        with fresh_server.client(db=5 if other_db else 0) as c:
+            c.execute_command(*args)
+
+    if kind == "sync":
+        with syncmap.connect(fresh_server.url) as node:
+            maps = [node.map(f"{ns}-{i}", max_staleness=60) for i in range(3)]
+            for m in maps:
+                m["k"] = "old"
+                cached(m, "k", "old")
+            flush_now()
+            for m in maps:
+                wait_until(lambda m=m: m.get_local("k") is None, 5, what="the flush noticed")
+                assert m.stats.resync_causes.get("flush") == 1
+                assert m.get("k") == (None if not other_db else "old")
+        return
+    loop = _Loop()
+    try:
+
+        async def scenario() -> None:
+            node = await syncmap.connect_async(fresh_server.url)
+            maps = [await node.map(f"{ns}-{i}", max_staleness=60) for i in range(3)]
+            for m in maps:
+                await m.set("k", "old")
+                assert await m.get("k") == "old" and m.get_local("k") == "old"
+            await asyncio.to_thread(flush_now)
+            deadline = time.monotonic() + 5
+            while any(m.get_local("k") is not None for m in maps):
+                assert time.monotonic() < deadline, "the flush was not noticed"
+                await asyncio.sleep(0.005)
+            for m in maps:
+                assert m.stats.resync_causes.get("flush") == 1
+                assert await m.get("k") == (None if not other_db else "old")
+            await node.close()
+
+        loop.run(scenario())
+    finally:
+        loop.stop()
+
+
+# ---- fork -----------------------------------------------------------------------------------
+
+
+def _in_child(conn: Any, body: Any, *args: Any) -> None:
+    try:
+        conn.send(("ok", body(*args)))
+    except BaseException:
+        conn.send(("error", traceback.format_exc()))
+    finally:
+        conn.close()
+
+
+def _forked(body: Any, *args: Any, timeout: float = 30.0) -> Any:
+    """Run ``body(*args)`` in a child forked from this process; its result (or its error)."""
+    here, there = FORK.Pipe()
+    child = FORK.Process(target=_in_child, args=(there, body, *args))
+    child.start()
+    there.close()
+    try:
+        if not here.poll(timeout):
+            raise AssertionError("the forked child did not answer")
+        status, value = here.recv()
+    finally:
+        child.join(10)
+        if child.is_alive():
+            child.kill()
+    assert status == "ok", value
+    assert child.exitcode == 0
+    return value
+
+
+def _child_of_a_blocking_node(m: syncmap.SyncMap, lock: syncmap.Lock, url: str) -> dict:
+    out: dict[str, Any] = {}
+    # the lock is the parent's, not the child's
+    out["token"] = lock.token
+    out["owned"] = lock.owned()
+    out["locked"] = lock.locked()  # (anyone: the parent)
+    try:
+        lock.release()
+        out["release"] = "released"
+    except syncmap.LockNotHeld:
+        out["release"] = "LockNotHeld"
+    # no inherited entry is trusted; the first read starts the child's own listener
+    out["local_before"] = m.get_local("k")
+    out["resync_causes"] = dict(m.stats.resync_causes)
+    assert m.get("k") == "v0"
+    cached(m, "k", "v0")  # the child's listener took a base: the copy fills again
+    hits = m.stats.hits
+    for _ in range(2000):
+        assert m.get("k") == "v0"
+    out["hits"] = m.stats.hits - hits
+    out["own_listener"] = m._listener.thread.is_alive() and m._listener.thread.ident
+    # another node's write, seen within max_staleness
+    with syncmap.connect(url) as other:
+        t0 = time.monotonic()
+        other.map(m.name)["k"] = "v1"
+    wait_until(lambda: m.get_local("k") == "v1", m._max_staleness, what="the other node's write")
+    out["seen_after"] = time.monotonic() - t0
+    return out
+
+
+def test_a_blocking_node_made_before_fork_works_in_the_child(server, ns):
+    node = syncmap.connect(server.url)
+    try:
+        m = node.map(ns, max_staleness=0.5)
+        m["k"] = "v0"
+        cached(m, "k", "v0")
+        lock = node.lock(f"{ns}-lock", ttl=30, auto_renew=True)
+        assert lock.acquire()
+        listener, thread, sock = m._listener, m._listener.thread, m._listener._sock
+        ids = {c["id"] for c in _pubsub_clients(server)}
+        resyncs, restarts = m.stats.resyncs, listener.restarts
+
+        out = _forked(_child_of_a_blocking_node, m, lock, server.url)
+
+        assert out["token"] is None and out["owned"] is False and out["locked"] is True
+        assert out["release"] == "LockNotHeld"
+        assert out["local_before"] is None and out["resync_causes"].get("fork") == 1
+        assert out["hits"] >= 1800, out  # a near cache in the child (was: 0 local hits)
+        assert out["own_listener"] and out["own_listener"] != thread.ident
+        # the parent is unaffected: same listener, thread and connection; it keeps its hits,
+        # sees the child's other node's write, and still holds (and renews) its lock
+        assert m._listener is listener and listener._sock is sock and thread.is_alive()
+        assert listener.restarts == restarts and m.stats.resyncs == resyncs
+        assert {c["id"] for c in _pubsub_clients(server)} >= ids  # its subscriber lives on
+        cached(m, "k", "v1")
+        hits = m.stats.hits
+        for _ in range(1000):
+            assert m.get("k") == "v1"
+        assert m.stats.hits - hits >= 900
+        assert lock.owned()
+        lock.release()
+    finally:
+        node.close()
+
+
+def _child_of_an_asyncio_node(loop: _Loop, anode: Any, am: Any, alock: Any, url: str) -> dict:
+    out: dict[str, Any] = {}
+    out["local"] = am.get_local("k")  # nothing inherited is served
+
+    async def scenario() -> None:
+        for name, call in [
+            ("get", lambda: am.get("k")),
+            ("set", lambda: am.set("k", "child")),
+            ("map", lambda: anode.map("other")),
+            ("lock", lambda: alock.release()),
+            ("ping", lambda: anode.ping()),
+        ]:
+            try:
+                await call()
+                out[name] = "worked"
+            except syncmap.NodeForked:
+                out[name] = "NodeForked"
+        # the child's own asyncio node works, as a near cache
+        node = await syncmap.connect_async(url)
+        m = await node.map(am.name)
+        assert await m.get("k") == "v0"
+        hits = m.stats.hits
+        for _ in range(500):
+            await m.get("k")
+        out["own_hits"] = m.stats.hits - hits
+        await node.close()
+
+    asyncio.run(scenario())
+    return out
+
+
+def test_an_asyncio_node_made_before_fork_raises_nodeforked_in_the_child(server, ns):
+    """An asyncio node does not cross a fork (its connections and task belong to the parent's
+    event loop): in the child every call of it, its maps and locks raises NodeForked (never
+    a silent failure, never a stale read), and a node made in the child works. The parent
+    is unaffected."""
+    loop = _Loop()
+    try:
+
+        async def open_() -> tuple[Any, Any, Any]:
+            anode = await syncmap.connect_async(server.url)
+            am = await anode.map(ns, max_staleness=0.5)
+            await am.set("k", "v0")
+            alock = anode.lock(f"{ns}-lock", ttl=30)
+            assert await alock.acquire()
+            return anode, am, alock
+
+        anode, am, alock = loop.run(open_())
+        loop.run(am.get("k"))
+        wait_until(lambda: am.get_local("k") == "v0", 5, what="cached")
+        task = am._listener.task
+
+        out = _forked(_child_of_an_asyncio_node, loop, anode, am, alock, server.url)
+
+        assert out["local"] is None
+        assert {out[k] for k in ("get", "set", "map", "lock", "ping")} == {"NodeForked"}, out
+        assert out["own_hits"] >= 450, out
+        # the parent: same task, still caching, still holding its lock
+        assert am._listener.task is task and not task.done() and not am._listener.forked
+        assert loop.run(am.get("k")) == "v0" and am.get_local("k") == "v0"
+        assert loop.run(alock.owned())
+
+        async def close() -> None:
+            await alock.release()
+            await anode.close()
+
+        loop.run(close())
+    finally:
+        loop.stop()

@@ -197,20 +197,53 @@ def bench_maps(port: int) -> None:
 # ------------------------------------------------------------------------- (b) many nodes
 
 
-def _nodes_child(url: str, name: str, key: str, count: int, pipe: Connection) -> None:
+def _nodes_child(url: str, name: str, key: str, count: int, poll: bool, pipe: Connection) -> None:
     """``count`` nodes on map ``name`` with ``key`` cached; for each value asked, the time
-    (monotonic ns) when the last of them served it, or -1 if one did not in time."""
+    (monotonic ns) when the last of them served it (``poll``: this thread polls every
+    node's ``get``), or received its change message (else: the nodes' listeners alone apply
+    the messages, and tell this thread; nothing polls), or -1 if one did not in time."""
     import syncmap
 
     nodes = [syncmap.connect(url) for _ in range(count)]
     maps = [node.map(name) for node in nodes]
     for m in maps:
         m.get(key)
+    waiting: set[int] = set()  # nodes that have not yet received the awaited change
+    last_heard = [0]  # monotonic ns when the last of them did
+    all_heard = threading.Event()
+    mutex = threading.Lock()
+
+    def watcher(i: int) -> Any:
+        def on_change(change: Any) -> None:  # (in the listener thread, as it receives it)
+            if change.key == key:
+                with mutex:
+                    if i in waiting:
+                        waiting.discard(i)
+                        if not waiting:
+                            last_heard[0] = time.monotonic_ns()
+                            all_heard.set()
+
+        return on_change
+
+    if not poll:
+        for i, m in enumerate(maps):
+            m._state.watchers.append(watcher(i))  # (the hook behind SyncMap.watch)
     pipe.send("ready")
     while (value := pipe.recv()) is not None:
         if value == "cpu":
             pipe.send(time.process_time())
             continue
+        if not poll:
+            with mutex:
+                all_heard.clear()
+                waiting.update(range(count))
+            pipe.send("armed")
+            done = all_heard.wait(SEEN_TIMEOUT)
+            with mutex:
+                waiting.clear()
+            pipe.send(last_heard[0] if done else -1)
+            continue
+        pipe.send("armed")
         pending = maps
         last = -1
         deadline = time.monotonic() + SEEN_TIMEOUT
@@ -231,14 +264,14 @@ def _spread(nodes: int) -> list[int]:
 
 
 class _Fleet:
-    """(b)'s subscribed nodes of one size: a writer node here, ``n`` nodes on map
-    ``scale-nodes-<n>`` over up to ``PROCESSES`` spawned processes."""
+    """(b)'s subscribed nodes of one size: a writer node here, ``n`` nodes on a map of their
+    own over up to ``PROCESSES`` spawned processes (``poll``: see :func:`_nodes_child`)."""
 
-    def __init__(self, url: str, n: int) -> None:
+    def __init__(self, url: str, n: int, poll: bool) -> None:
         import syncmap
 
         self.n, self.key = n, "k"
-        name = f"scale-nodes-{n}"
+        name = f"scale-nodes-{'poll' if poll else 'listen'}-{n}"
         self.node = syncmap.connect(url)
         self.writer = self.node.map(name)
         self.writer[self.key] = 0
@@ -248,7 +281,9 @@ class _Fleet:
         self.procs: list[Any] = []
         for count in _spread(n):
             here, there = SPAWN.Pipe()
-            proc = SPAWN.Process(target=_nodes_child, args=(url, name, self.key, count, there))
+            proc = SPAWN.Process(
+                target=_nodes_child, args=(url, name, self.key, count, poll, there)
+            )
             proc.start()
             self.procs.append(proc)
             self.pipes.append(here)
@@ -273,6 +308,9 @@ class _Fleet:
             self.value += 1
             for pipe in self.pipes:
                 pipe.send(self.value)
+            for pipe in self.pipes:  # (each reader is waiting for it before the write)
+                if _recv(pipe, 30, "armed") != "armed":
+                    raise RuntimeError("a reader process is out of step")
             start = time.monotonic_ns()
             self.writer[self.key] = self.value
             seen = [_recv(pipe, SEEN_TIMEOUT + 30, "seen") for pipe in self.pipes]
@@ -304,7 +342,16 @@ class _Fleet:
 
 
 def bench_nodes(port: int) -> None:
-    """Every size's nodes stay up for the whole section; the sizes take turns in short
+    """Two tables: (b1) a reading thread per process polls its nodes' local copies until
+    each serves the write (what an application sees; the polling costs CPU the listeners
+    then lack), (b2) nothing polls: each node's listener receives the change message and
+    tells a waiting thread (what the listeners alone cost)."""
+    _nodes(port, poll=True)
+    _nodes(port, poll=False)
+
+
+def _nodes(port: int, poll: bool) -> None:
+    """Every size's nodes stay up for the whole table; the sizes take turns in short
     rounds of 10 writes (the starting size rotates), so that a burst of host load longer
     than a cycle falls on every size alike (this machine's load drifts within seconds)."""
     url = f"redis://127.0.0.1:{port}/0"
@@ -312,7 +359,7 @@ def bench_nodes(port: int) -> None:
     fleets: list[_Fleet] = []
     with contextlib.ExitStack() as stack:
         for n in NODE_COUNTS:  # (a failed start stops those started)
-            fleets.append(_Fleet(url, n))
+            fleets.append(_Fleet(url, n, poll))
             stack.callback(fleets[-1].close)
         for fleet in fleets:
             fleet.wait_ready()
@@ -346,12 +393,22 @@ def bench_nodes(port: int) -> None:
         )
     top = fleets[-1]
     ratio = percentile(top.samples, 99) / base
-    _goal(f"propagation p99 with {top.n} nodes <= 3x one node's", f"{ratio:.2f}x", ratio <= 3)
+    label = "b1" if poll else "b2"
+    _goal(
+        f"propagation p99 with {top.n} nodes <= 3x one node's ({label})",
+        f"{ratio:.2f}x",
+        ratio <= 3,
+    )
+    how = (
+        f"served it (the readers poll their nodes' local copies, sleeping "
+        f"{POLL_SLEEP * 1e6:.0f} µs between sweeps)"
+        if poll
+        else "received it (its listener tells a waiting thread; nothing polls)"
+    )
     print_table(
-        f"(b) One write seen by every subscribed node, µs from the write's invoke until the "
-        f"last node served it ({rounds} rounds x {per_round} writes per size, the sizes "
-        f"taking turns; writes 1-3 ms apart; the readers poll their nodes' local copies, "
-        f"sleeping {POLL_SLEEP * 1e6:.0f} µs between sweeps)",
+        f"({label}) One write seen by every subscribed node, µs from the write's invoke until "
+        f"the last node {how}; {rounds} rounds x {per_round} writes per size, the sizes "
+        "taking turns, writes 1-3 ms apart",
         [
             "subscribed nodes",
             "processes",
@@ -370,8 +427,8 @@ def bench_nodes(port: int) -> None:
         "*server CPU*: INFO cpu (user + sys) over a size's rounds, per write; *beyond idle*:\n"
         f"less the server's CPU at idle with every size's nodes up ({idle_cpu * 1000:.1f} ms/s,\n"
         "measured over 2 s before the rounds) for as long as the rounds took. *readers' CPU*:\n"
-        "the reader processes' CPU time over a size's rounds (their polling included), per\n"
-        f"write. Nothing is pinned to a CPU ({os.cpu_count()} CPUs here).\n"
+        "the reader processes' CPU time over a size's rounds (polling included), per write.\n"
+        f"Nothing is pinned to a CPU ({os.cpu_count()} CPUs here).\n"
     )
 
 

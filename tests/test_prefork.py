@@ -39,13 +39,15 @@ KEY = "greeting"
 
 
 class Gunicorn:
-    """A real gunicorn serving tests/prefork_app.py, and an HTTP client for it."""
+    """A real gunicorn serving tests/prefork_app.py (once :meth:`start` is called), and an
+    HTTP client for it."""
 
     def __init__(self, url: str, name: str, tmp: Path) -> None:
         self.port = free_port()
         self.report = tmp / "master.json"
         self.log = tmp / "gunicorn.log"
-        env = {
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.env = {
             **os.environ,
             "PYTHONPATH": os.pathsep.join([str(TESTS), *sys.path]),
             "PREFORK_URL": url,
@@ -54,7 +56,7 @@ class Gunicorn:
             "PREFORK_STALENESS": str(STALENESS),
             "PREFORK_REPORT": str(self.report),
         }
-        cmd = [
+        self.cmd = [
             sys.executable, "-m", "gunicorn",
             "--preload",
             "--workers", str(WORKERS),
@@ -66,9 +68,11 @@ class Gunicorn:
             "--no-control-socket",  # (else every gunicorn of the user shares ~/.gunicorn/)
             "prefork_app:app",
         ]  # fmt: skip
+
+    def start(self) -> None:
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(
-                cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, cwd=TESTS
+                self.cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=self.env, cwd=TESTS
             )
 
     def log_tail(self) -> str:
@@ -85,8 +89,11 @@ class Gunicorn:
             raise AssertionError(f"GET {path}: {exc}\n{self.log_tail()}") from None
 
     def wait_ready(self) -> None:
+        proc = self.proc
+        assert proc is not None, "start() first"
+
         def up() -> bool:
-            if self.proc.poll() is not None:
+            if proc.poll() is not None:
                 raise AssertionError(f"gunicorn exited early:\n{self.log_tail()}")
             try:
                 self.get("/health")
@@ -96,9 +103,11 @@ class Gunicorn:
 
         wait_until(up, timeout=60, interval=0.05, what="gunicorn to answer")
 
-    def stop(self, timeout: float = 30) -> int:
+    def stop(self, timeout: float = 30) -> int | None:
         """SIGTERM (graceful: the master's ``on_exit`` writes its report), then SIGKILL if
-        it has not exited after ``timeout`` seconds."""
+        it has not exited after ``timeout`` seconds. Its exit code (None: never started)."""
+        if self.proc is None:
+            return None
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -158,6 +167,7 @@ class Traffic:
 def test_preloaded_map_is_a_near_cache_in_every_gunicorn_worker(gunicorn, server, ns):
     with syncmap.connect(server.url) as node, node.map(ns) as writer:
         writer[KEY] = "v0"  # what the master reads at import, before it forks
+        gunicorn.start()
         gunicorn.wait_ready()
         writer[KEY] = "v1"  # after the fork: the value every worker must serve from now on
         traffic = Traffic(gunicorn)

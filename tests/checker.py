@@ -15,8 +15,8 @@ Every operation is stamped with the system-wide monotonic clock (``time.monotoni
   but it creates no obligation.
 * :class:`Read` — one read: the token returned, when it was invoked, when it returned.
 
-The rule (DESIGN.md §3.1-3.2)
------------------------------
+The rule (docs/contract.md §1-§2)
+---------------------------------
 A read R of key k on node X must return a value whose order is >= the order of every acked
 write W of k with ``W.ack_ns + window(W, X) < R.invoke_ns``, where ``window`` is 0 when W was
 made by X itself (read-your-writes) and ``window_ns`` otherwise (propagation). A read must also

@@ -21,7 +21,7 @@ violation.
 ``--trace DIR``: every node's listener logs each of its operations (kind, start, end, whether
 the copy was synced, how many changes it had applied, the error) into ``DIR/<pid>.txt``; for a
 stale read, the soak prints the faults around it and every node's operations around the
-write it missed. (How the asyncio listener's stalled probe was found.)
+write it missed.
 """
 
 from __future__ import annotations

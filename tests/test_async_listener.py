@@ -294,9 +294,9 @@ async def test_changes_are_applied_while_the_probe_waits_for_its_answer(
     """The listener reads a map's base (epoch, seq) on a connection of its own when the map
     (re)subscribes. While that answer is slow (a reconnect after a killed connection, a busy
     server), the listener task goes on applying the change messages of the node's other
-    maps. (It did not: found by tests/soak.py, where a probe's reconnect took ~100 ms and a
-    node read the old value that long after a write was acknowledged.) The read of a second
-    map's base is held here until the test lets it go."""
+    maps. (Otherwise a slow reconnect, ~100 ms in tests/soak.py, lets a node read the old
+    value that long after a write was acknowledged.) The read of a second map's base is held
+    here until the test lets it go."""
     if reader == "redis-py":
         monkeypatch.setattr(_listener._RawSubscriber, "of_stream", classmethod(lambda cls, w: None))
     na = await syncmap.connect_async(server.url)
@@ -366,7 +366,7 @@ async def _probe_scenario(
 
     latencies = []
     started = time.monotonic()
-    for i in range(1, 5000):
+    for i in range(1, 200_000):  # (bounded by ``seconds`` first: ~0.4 ms a write here)
         if failed_probes() >= until_failed or time.monotonic() - started > seconds:
             break
         fault(i, failed_probes(), b, c)
@@ -396,8 +396,9 @@ async def test_changes_are_applied_while_the_probe_fails(
     """A probe fails when it cannot read the base of a map that needs one (here the server
     refuses HMGET: taken away from the user by ACL, after map c's copy was dropped); the
     listener goes on applying the node's other maps' change messages, and proving them
-    fresh, while it waits to read c's base again (not a sleep: a write landing then would
-    reach the other node late, every time). c takes its base once HMGET is back."""
+    fresh, while it waits to read c's base again. (A listener that slept instead, 50 ms,
+    would let a write landing then reach the other node up to 50 ms late, every time.) c
+    takes its base once HMGET is back."""
     refusing = {"on": False}
 
     def refuse_hmget(i: int, failed: int, b: syncmap.AsyncSyncMap, c: syncmap.AsyncSyncMap) -> None:

@@ -1,4 +1,5 @@
-"""Cluster readiness (DESIGN §2): every Lua script touches only keys of one hash slot.
+"""Cluster readiness (docs/operations.md, "Cluster"): every Lua script touches only keys of
+one hash slot.
 
 Three layers of proof:
 

@@ -347,3 +347,68 @@ def test_an_asyncio_node_made_before_fork_raises_nodeforked_in_the_child(server,
         loop.run(close())
     finally:
         loop.stop()
+
+
+# ---- a Cluster: one listener per master -----------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_a_cluster_nodes_maps_share_one_listener_per_master(ns, kind):
+    """30 maps over many slots of a 3-master Cluster: one listener (one subscriber connection)
+    per master, each map's channel SSUBSCRIBEd on its slot's master, and every map caches
+    and sees another node's writes."""
+    from test_cluster_slots import _start_cluster
+
+    servers = _start_cluster()
+    url = f"redis+cluster://127.0.0.1:{servers[0].port}"
+    names = [f"{ns[:30]}-{i}" for i in range(30)]
+    loop = _Loop()
+    try:
+
+        def subscribers() -> dict[int, list[int]]:
+            found = {}
+            for srv in servers:
+                with srv.client() as c:
+                    found[srv.port] = [int(x["ssub"]) for x in c.client_list(_type="pubsub")]
+            return found
+
+        async def scenario() -> tuple[int, dict[int, list[int]]]:
+            writer = syncmap.connect(url)
+            if kind == "sync":
+                node: Any = syncmap.connect(url)
+                maps = [node.map(n, max_staleness=0.5) for n in names]
+            else:
+                node = await syncmap.connect_async(url)
+                maps = [await node.map(n, max_staleness=0.5) for n in names]
+            listeners = {id(m._listener) for m in maps}
+            seen = await asyncio.to_thread(subscribers)
+            for i, n in enumerate(names):
+                await asyncio.to_thread(writer.map(n).set, "k", i)
+            for i, m in enumerate(maps):
+                deadline = time.monotonic() + 5
+                while m.get_local("k") != i:
+                    assert time.monotonic() < deadline, f"{m.name} did not cache"
+                    got = m.get("k")
+                    if asyncio.iscoroutine(got):
+                        await got
+                    await asyncio.sleep(0.001)
+            for m in maps:
+                closed = m.close()
+                if asyncio.iscoroutine(closed):
+                    await closed
+            closed = node.close()
+            if asyncio.iscoroutine(closed):
+                await closed
+            writer.close()
+            return len(listeners), seen
+
+        count, seen = loop.run(scenario())
+        assert count == 3  # one per master
+        for port, counts in seen.items():
+            assert len(counts) == 1, (port, counts)  # one subscriber connection per master
+        assert sum(c for counts in seen.values() for c in counts) == 30
+    finally:
+        loop.stop()
+        for srv in servers:
+            srv.stop()

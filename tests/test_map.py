@@ -186,7 +186,7 @@ def test_the_listener_thread_naps_longer_and_longer_while_a_thread_spins_on_hits
             b.get("k")
         naps = list(closing.naps)
         assert naps, "the listener thread never napped while b was read"
-        # 10, 20, 40, then 50 ms each (or less, to the end of a Receive): old code, 60 x 10 ms
+        # 10, 20, 40, then 50 ms each (or less, to the end of a Receive); not 60 x 10 ms
         assert max(naps) >= 0.03, naps
         assert len(naps) <= 30, naps
         assert max(naps) <= _listener.BUSY_NAP_MAX + 1e-9, naps

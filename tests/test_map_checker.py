@@ -2,7 +2,7 @@
 
 Synthetic histories need no server and pin the rule down. The multi-process runs put several
 OS processes, each with its own SyncMap, on one real Valkey and check every read against every
-acknowledged write (DESIGN.md §3.1-3.2, 3.4-3.5).
+acknowledged write (docs/contract.md §1-§2, §4-§5).
 """
 
 from __future__ import annotations
@@ -148,7 +148,7 @@ def test_checker_is_linear_enough(n_reads):
 KEYS = ("k0", "k1", "k2", "k3")
 # Propagation allowed to other nodes (the writer's own node gets zero: read-your-writes). Also
 # used through faults: a lost connection, a resubscribe or a new epoch must drop the local copy
-# at once (§3.4), so the probe's bound (max_staleness, §3.5) is never needed to pass.
+# at once (docs/contract.md §4), so the probe's bound (max_staleness, §5) is never needed.
 WINDOW_REAL = 100 * MS
 MAX_STALENESS = 0.5
 
@@ -300,11 +300,11 @@ def test_threads_of_a_node_read_its_own_writes(server, ns, kind, workload):
     one races the other nodes on the same keys (update_item) and reads too. Every thread of
     a node must see the node's acknowledged writes (window 0). As in ``fills_race_listener``,
     change messages only invalidate (reads fetch often) and only the listener thread applies
-    them, so fills overlap the node's own writes of the same key: before 2379514 a read that
-    installed first hid the write from its own node (the rmw workload caught it in 10 of 12
-    runs: sync every time, asyncio in 2 of 4). The second workload has each key written by one
-    node, a third of its writes deletes (a delete installs "absent" the way a write installs
-    its value); it caught the same bug in 1 of 6 runs: a node's own keys are fetched less."""
+    them, so fills overlap the node's own writes of the same key: a read that installs first
+    must not hide the write from its own node (docs/contract.md §1). The second workload has
+    each key written by one node, a third of its writes deletes (a delete installs "absent"
+    the way a write installs its value); it catches that fault less often than the first: a
+    node's own keys are fetched less."""
     _require_syncmap()
     mode, deletes = ("rmw", 0.0) if workload == "rmw" else ("owned", 0.3)
     specs = [
@@ -337,8 +337,8 @@ def test_fill_race_workload_with_the_guard_has_no_violations(server, ns):
 @pytest.mark.slow
 @pytest.mark.parametrize("sabotage", [no_fill_guard, deaf_listener, lossy_listener])
 def test_broken_syncmap_is_caught(server, ns, sabotage):
-    """A race shows in most runs, not in every one (a fill must overlap an invalidation; one
-    CI run in a dozen had none): up to three runs, and the checker must catch the broken map
+    """A race shows in most runs, not in every one (a fill must overlap an invalidation, and
+    in some runs none does): up to three runs, and the checker must catch the broken map
     in one of them."""
     _require_syncmap()
     for attempt in range(3):
@@ -474,12 +474,12 @@ def ignore_reconnects(m) -> None:
 @pytest.mark.parametrize("fault", ["pubsub_kill", "restart"])
 @pytest.mark.parametrize("sabotage", [None, ignore_reconnects])
 def test_quiet_map_after_fault_is_not_served_stale(fresh_server, ns, fault, sabotage):
-    """DESIGN §3.4 with no traffic to reveal a gap. ``pubsub_kill``: kill every subscriber
-    connection and write at once from this process (the readers' listeners are reconnecting:
-    the message is lost to them). ``restart``: the server restarts empty (a new epoch), nobody
-    writes. Either way a reader must not serve the old value past the propagation window:
-    the lost connection / resubscribe alone must drop its copy. Without that, only the
-    freshness probe (max_staleness / 3 = 0.5 s later) would notice."""
+    """docs/contract.md §4 with no traffic to reveal a gap. ``pubsub_kill``: kill every
+    subscriber connection and write at once from this process (the readers' listeners are
+    reconnecting: the message is lost to them). ``restart``: the server restarts empty (a new
+    epoch), nobody writes. Either way a reader must not serve the old value past the
+    propagation window: the lost connection / resubscribe alone must drop its copy. Without
+    that, only the freshness probe (max_staleness / 3 = 0.5 s later) would notice."""
     import syncmap
     from checker import NodeSpec, Reset, check, run_nodes, sleep_until, with_resets
 

@@ -87,8 +87,8 @@ def test_own_write_wins_over_a_concurrent_read_of_the_same_node(maps, server, ns
     forced: a read fetches the old value and is held; the node writes the key (the write's
     own change message is not processed: the listener is stalled); the held read installs
     its older value before the write's reply is handled. The node must still read its own
-    write. (Before the fix the read's value stayed: CI caught it in the demo, whose
-    ``watch()`` thread reads every changed key while the main thread writes.)"""
+    write. (The demo does this: its ``watch()`` thread reads every changed key while the
+    main thread writes.)"""
     a = maps(server.url, ns, max_staleness=LONG)
     a.set("warm", 0)
     cached(a, "warm", 0)

@@ -1,7 +1,8 @@
 """What the peers' client-side caches do, as bench_map relies on it: each check names the peer
 versions it was checked on and skips outside them (a peer's new release is checked on purpose,
 with ``make test-latest``, never by a red CI). When one skips there, check the peer again,
-widen the range or drop the check, and update benchmarks/_peers_map.py and the README.
+widen the range or drop the check, and update benchmarks/_peers_map.py and
+docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -124,7 +125,7 @@ def test_valkey_py_csc_without_libvalkey_invalidates(server, ns):
 @holds_for("redis", ">=5.1,<8.2")
 def test_redis_py_csc_invalidation_scans_every_entry(server, ns):
     """redis-py before 8.2 deletes an invalidated key by scanning its whole cache (O(local
-    size)); 8.2 no longer does (benchmark (d) measures what it costs now)."""
+    size)); 8.2 and later do not (benchmark (d) measures what it costs)."""
     from redis.cache import CacheConfig, CacheEntry, CacheEntryStatus, CacheKey, DefaultCache
 
     calls = 0

@@ -639,16 +639,16 @@ def _burst_after_a_cut_short_drain(maps, tls, ns, monkeypatch, busy_reader: bool
 def test_a_drain_cut_short_is_finished_without_more_traffic(maps, tls, ns, monkeypatch):
     """A drain stops after DRAIN_LIMIT events (1 here); over TLS the rest may already sit
     above the socket (in redis-py's parser: many messages come in one TLS record), where
-    polling the socket does not see them. Every one must be applied (the asyncio listener
-    used to read one event past the limit and drop it: a lost change, or PONG), at once and
-    with no further traffic (the blocking listener polled the socket only: 50 ms per event)."""
+    polling the socket does not see them. Every one must be applied (a listener that reads
+    one event past the limit and drops it loses a change, or a PONG), at once and with no
+    further traffic (a listener that polls the socket only takes 50 ms per event)."""
     _burst_after_a_cut_short_drain(maps, tls, ns, monkeypatch, busy_reader=False)
 
 
 @pytest.mark.parametrize("maps", ["sync"], indirect=True)
 def test_a_drain_cut_short_is_finished_by_busy_readers(maps, tls, ns, monkeypatch):
     """The same while a thread keeps reading the map: it applies the events (the listener
-    thread keeps out of its way), and it used to see none of those left above the socket."""
+    thread keeps out of its way), including those left above the socket."""
     _burst_after_a_cut_short_drain(maps, tls, ns, monkeypatch, busy_reader=True)
 
 

@@ -223,9 +223,9 @@ def test_a_burst_of_small_and_large_values_all_arrive(server, ns):
 
 def test_a_drain_cut_short_drops_nothing(server, ns, monkeypatch):
     """A drain stops after DRAIN_LIMIT events (1 here) while more wait in redis-py's buffer:
-    each must still be applied, promptly, with no further traffic. (The listener used to
-    read one event past the limit and drop it: every other change message lost, a gap and a
-    resync; or a lost PONG.) The messages pile up while b's listener is stalled."""
+    each must still be applied, promptly, with no further traffic. (A listener that reads
+    one event past the limit and drops it loses every other change message, a gap and a
+    resync; or a PONG.) The messages pile up while b's listener is stalled."""
     monkeypatch.setattr(_listener, "DRAIN_LIMIT", 1)
     burst = 100
 
@@ -270,7 +270,7 @@ def test_a_read_after_a_block_applies_the_waiting_changes_while_the_listener_is_
 
 def test_a_write_on_a_connection_being_closed_is_not_unknown(server, ns):
     """A kept command connection whose transport is closing is not used: the write goes out
-    on a new connection, once. (It used to be written there, dropped by the transport, and
+    on a new connection, once. (Written there, it would be dropped by the transport, and
     the failed send reported as maybe applied: ``OutcomeUnknown``, or on uvloop a bare
     ``RuntimeError``, for a write never sent.) A transport is left closing by a reset the
     loop read (until the next write, as redis-py's ``can_read`` sees no EOF), or, on

@@ -1,8 +1,10 @@
-"""Runners of a map's listener flow (``syncmap._core.map_listen.listen``): a daemon thread for
+"""Runners of a node's listener flow (``syncmap._core.map_listen.listen``), one per node and
+server (per master on a Cluster), shared by the node's maps: a daemon thread for
 :class:`~syncmap.SyncMap`, a task for :class:`~syncmap.AsyncSyncMap`. They only perform the
-flow's operations on a dedicated connection (a subscriber connection plus a client for the
-freshness probe, both with a socket timeout) and restart the flow if it ever fails: the
-listener never dies from bad data or a lost server.
+flow's operations on dedicated connections (a subscriber connection plus a client for the
+freshness probe's reads, both with a socket timeout), send a map's SSUBSCRIBE/SUNSUBSCRIBE
+when it opens or closes, and restart the flow if it ever fails: the listener never dies from
+bad data or a lost server. Across ``os.fork()``, see ``_after_fork``.
 
 Why a reading thread applies change messages too (blocking map): a thread spinning on
 ``m.get`` holds the GIL, and the listener thread, woken by a message, waits up to the switch

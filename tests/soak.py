@@ -64,7 +64,7 @@ def trace(m: Any) -> None:
             error = repr(exc)[:80]
             raise
         finally:
-            state = listener.state
+            state = m._state  # (the listener serves every map of its node)
             out.write(
                 f"{t0} {time.monotonic_ns()} {type(op).__name__} synced={state.synced} "
                 f"applied={state.applied} {error}\n"

@@ -412,3 +412,79 @@ def test_a_cluster_nodes_maps_share_one_listener_per_master(ns, kind):
         loop.stop()
         for srv in servers:
             srv.stop()
+
+
+def test_idle_traffic_is_two_commands_per_probe_whatever_the_number_of_maps(fresh_server, ns):
+    """50 idle maps on one node: each probe of its listener costs the server one PING and one
+    HMGET (one synced map's seq, in turn), not one pair per map. Counted by the server."""
+
+    def calls(c: Any) -> dict[str, int]:
+        stats = c.info("commandstats")
+        return {k: v["calls"] for k, v in stats.items() if k in ("cmdstat_ping", "cmdstat_hmget")}
+
+    with syncmap.connect(fresh_server.url) as node, fresh_server.client() as c:
+        maps = [node.map(f"{ns}-{i}", max_staleness=0.3) for i in range(50)]
+        hub = maps[0]._listener.hub
+        wait_until(lambda: all(m._state.synced for m in maps), 5, what="every map synced")
+        wait_until(lambda: hub.token is None, 5, what="no probe in flight")
+        before, probes = calls(c), hub._counter
+        wait_until(lambda: hub._counter >= probes + 20, 10, what="20 probes")
+        wait_until(lambda: hub.token is None, 5, what="no probe in flight")
+        after, done = calls(c), hub._counter - probes
+        pings = after.get("cmdstat_ping", 0) - before.get("cmdstat_ping", 0)
+        hmgets = after.get("cmdstat_hmget", 0) - before.get("cmdstat_hmget", 0)
+        # (one probe may start between reading the server's count and the listener's)
+        assert abs(pings - done) <= 1 and abs(hmgets - done) <= 1, (pings, hmgets, done)
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_a_lost_subscriber_connection_drops_every_map_and_all_come_back(fresh_server, ns, kind):
+    """The server kills the node's subscriber connection: every map of it drops its copy
+    (before its next local read), the listener reconnects, SSUBSCRIBEs every channel again,
+    reads all the maps' bases (one pipeline), and every map caches again."""
+    loop = _Loop()
+    try:
+
+        async def scenario() -> None:
+            writer = syncmap.connect(fresh_server.url)
+            if kind == "sync":
+                node: Any = syncmap.connect(fresh_server.url)
+                maps = [node.map(f"{ns}-{i}", max_staleness=30) for i in range(20)]
+            else:
+                node = await syncmap.connect_async(fresh_server.url)
+                maps = [await node.map(f"{ns}-{i}", max_staleness=30) for i in range(20)]
+
+            async def read(m: Any, key: str) -> Any:
+                got = m.get(key)
+                return await got if asyncio.iscoroutine(got) else got
+
+            async def all_cached(value: Any) -> None:
+                deadline = time.monotonic() + 5
+                for m in maps:
+                    while not (await read(m, "k") == value and m.get_local("k") == value):
+                        assert time.monotonic() < deadline, f"{m.name} did not cache {value}"
+                        await asyncio.sleep(0.002)
+
+            for m in maps:
+                await asyncio.to_thread(writer.map(m.name).set, "k", 1)
+            await all_cached(1)
+            with fresh_server.client() as c:
+                killed = c.client_kill_filter(_type="pubsub")
+            assert killed >= 1
+            deadline = time.monotonic() + 5
+            while any(m.get_local("k") is not None for m in maps):  # every copy dropped
+                assert time.monotonic() < deadline, "a copy survived the lost connection"
+                await asyncio.sleep(0.002)
+            await all_cached(1)
+            assert all(m.stats.resync_causes.get("disconnect") == 1 for m in maps)
+            for m in maps:
+                await asyncio.to_thread(writer.map(m.name).set, "k", 2)
+            await all_cached(2)
+            closed = node.close()
+            if asyncio.iscoroutine(closed):
+                await closed
+            writer.close()
+
+        loop.run(scenario())
+    finally:
+        loop.stop()

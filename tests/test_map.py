@@ -179,12 +179,12 @@ def test_the_listener_thread_naps_longer_and_longer_while_a_thread_spins_on_hits
         b = nb.map(ns)
         a.set("k", 0)
         wait_until(lambda: b.get("k") == 0 and b.stats.hits > 0, 5, what="b caches k")
-        closing = CountingEvent()
-        b._listener.closing = closing
+        nudge = CountingEvent()  # (what the listener thread naps on)
+        b._listener.nudge = nudge
         spin_until = time.monotonic() + 0.6
         while time.monotonic() < spin_until:
             b.get("k")
-        naps = list(closing.naps)
+        naps = list(nudge.naps)
         assert naps, "the listener thread never napped while b was read"
         # 10, 20, 40, then 50 ms each (or less, to the end of a Receive); not 60 x 10 ms
         assert max(naps) >= 0.03, naps

@@ -540,3 +540,43 @@ def test_quiet_map_after_fault_is_not_served_stale(fresh_server, ns, fault, sabo
         assert report.ok, report.summary() + f"\nerrors {history.errors}\nstats {history.stats}"
     else:
         assert report.kinds().get("stale", 0) > 0, report.summary()
+
+
+def busy_siblings(m) -> None:
+    """Eight more maps on the checked map's node (so on its listener: one subscriber
+    connection, one probe), written to all along by another node of this process, one with
+    a much smaller max_staleness (the listener probes every 20 ms for all of them)."""
+    import threading
+    import time
+
+    import syncmap
+
+    node = m.node._root
+    siblings = [
+        node.map(f"{m.name}-sib{i}", max_staleness=0.06 if i == 0 else 2.0) for i in range(8)
+    ]
+    assert all(s._listener is m._listener for s in siblings)
+    writer = syncmap.connect(node.url)
+    wmaps = [writer.map(s.name) for s in siblings]
+
+    def write() -> None:
+        deadline = time.monotonic() + 6.0  # (bounded: longer than any run)
+        n = 0
+        while time.monotonic() < deadline:
+            wmaps[n % len(wmaps)][f"k{n % 7}"] = n
+            siblings[(n + 3) % len(siblings)].get(f"k{n % 7}")
+            n += 1
+            time.sleep(0.001)
+
+    threading.Thread(target=write, daemon=True).start()
+
+
+@pytest.mark.slow
+def test_a_map_sharing_its_listener_with_busy_siblings_has_no_violations(server, ns):
+    """The checked map's change messages share the subscriber connection with eight busy
+    maps' (dispatched by channel), and its copy is proven by the probe of all nine."""
+    _require_syncmap()
+    history, report = _run(_specs(server.url, ns, setup=busy_siblings), WINDOW_REAL)
+    print(report.summary())
+    _assert_busy(history)
+    assert report.ok, report.summary() + f"\nerrors {history.errors}\nstats {history.stats}"

@@ -742,3 +742,17 @@ def test_connections_cut_then_no_stale_read(maps, tls_own, ns, how):
     a.close()
     b.close()
     wait_until(lambda: proxy.active() == 0, 5, what="every TLS connection closed")
+
+
+def test_a_flush_over_tls_drops_the_copy(maps, tls_own, ns):
+    """The flush notice (CLIENT TRACKING's null invalidation) reaches a listener that reads
+    through redis-py (TLS) too: a FLUSHALL drops the copy long before max_staleness."""
+    m = maps(tls_own.url, ns, max_staleness=LONG)
+    assert_tls_reader(m)
+    m.set("k", "old")
+    served(m, "k", "old")
+    with tls_own.server.client() as c:
+        c.flushall()
+    wait_until(lambda: m.get_local("k") is None, 5, what="the flush noticed")
+    assert m.stats.resync_causes.get("flush") == 1
+    assert m.get("k") is None

@@ -122,9 +122,18 @@ async def _track_flushes_async(conn: Any) -> None:
 def _is_flush(reply: list[Any]) -> bool:
     """A flush notice: a null invalidation (RESP3: an ``invalidate`` push; RESP2: a message
     on ``__redis__:invalidate``)."""
-    if reply[0] == b"invalidate":
-        return reply[1] is None
-    return reply[0] == b"message" and reply[1] == FLUSH_CHANNEL and reply[2] is None
+    kind = reply[0].encode() if isinstance(reply[0], str) else reply[0]
+    if kind == b"invalidate":
+        return len(reply) > 1 and reply[1] is None
+    return kind == b"message" and len(reply) > 2 and reply[1] == FLUSH_CHANNEL and reply[2] is None
+
+
+def _on_invalidation(conn: Any, handler: Any) -> None:
+    """Where redis-py's reader (TLS connections) hands a RESP3 ``invalidate`` push: it does
+    not pass it on as a pub/sub message. (RESP2 sends it as a message on the flush channel.)"""
+    setter = getattr(getattr(conn, "_parser", None), "set_invalidation_push_handler", None)
+    if setter is not None:
+        setter(handler)
 
 
 def _hmget(key: str) -> Command:
@@ -290,6 +299,7 @@ class SyncListener(_ListenerBase):
         self._raw: _RawSubscriber | None = None
         self._cut_short = False  # redis-py's reader: the last drain stopped at DRAIN_LIMIT
         self.closing = threading.Event()
+        self.nudge = threading.Event()  # ends the listener thread's nap early
         self.running = threading.Event()  # cleared by tests to stall the listener
         self.running.set()
         self._nap = BUSY_NAP  # the next nap while map threads apply the events
@@ -314,6 +324,8 @@ class SyncListener(_ListenerBase):
         with self.lock:
             if self.hub.add(member) and self.pubsub is not None:
                 self._send_locked("SSUBSCRIBE", member.channel)
+        if self.hub.wanted:
+            self.nudge.set()  # (its channel was confirmed already: probe now)
         if not self.started:
             self.start()
 
@@ -344,6 +356,7 @@ class SyncListener(_ListenerBase):
 
     def close(self, timeout: float = 2.0) -> None:
         self.closing.set()
+        self.nudge.set()
         self.running.set()
         if self.thread.is_alive() and self.thread is not threading.current_thread():
             self.thread.join(timeout)
@@ -364,6 +377,7 @@ class SyncListener(_ListenerBase):
         self.last_poll = -1.0
         self.started = False
         self.closing = threading.Event()
+        self.nudge = threading.Event()
         self.running = threading.Event()
         self.running.set()
         self.parked = threading.Event()
@@ -425,6 +439,7 @@ class SyncListener(_ListenerBase):
                 self.pubsub = self.client.pubsub()
                 self.pubsub.connection = conn
                 conn.register_connect_callback(self.pubsub.on_connect)
+                _on_invalidation(conn, self._invalidated)
                 self._sock = conn._sock
                 self.pubsub.subscribe(FLUSH_CHANNEL)
                 for channel in self.hub.channels():
@@ -436,6 +451,11 @@ class SyncListener(_ListenerBase):
             self._unsubscribe()
             return None
         raise TypeError(f"unknown listener operation {op!r}")
+
+    def _invalidated(self, push: Any) -> None:
+        """redis-py's reader (TLS, RESP3) met an ``invalidate`` push (lock held)."""
+        if _is_flush(list(push)):
+            self.hub.resync("flush")
 
     def _read_metas(self, keys: tuple[str, ...]) -> list[Any]:
         """Each map's (epoch, seq): one pipeline on a single server; one read per map on a
@@ -469,7 +489,8 @@ class SyncListener(_ListenerBase):
                 # (and need the GIL: waking up often here would compete with them for it)
                 nap = self._nap
                 self._nap = min(2 * nap, BUSY_NAP_MAX)
-                if now >= end or self.closing.wait(min(end - now, nap)):
+                if self.hub.wanted or now >= end or self.nudge.wait(min(end - now, nap)):
+                    self.nudge.clear()  # (a map awaits its base, or close())
                     return 0
                 continue
             self._nap = BUSY_NAP
@@ -514,6 +535,8 @@ class SyncListener(_ListenerBase):
                 waiting = not self._nothing_waiting(poller[2])
             if waiting:
                 self._drain()
+                if self.hub.wanted:  # a map awaits its base: the listener thread probes
+                    self.nudge.set()
         except Exception as exc:
             _learn(self.client, exc)
             error = _error(exc, self.address)
@@ -742,6 +765,8 @@ class AsyncListener(_ListenerBase):
         """Listen for ``member``'s map (as :meth:`SyncListener.register`)."""
         if self.hub.add(member) and self.pubsub is not None:
             await self._send("SSUBSCRIBE", member.channel)
+        if self.hub.wanted and self._waiter is not None:
+            _wake(self._waiter)  # (its channel was confirmed already: probe now)
         self.start()
 
     async def unregister(self, member: Member) -> None:
@@ -844,6 +869,7 @@ class AsyncListener(_ListenerBase):
             pubsub = self.client.pubsub()
             pubsub.connection = conn
             conn.register_connect_callback(pubsub.on_connect)
+            _on_invalidation(conn, self._invalidated)
             # before any subscription is sent: from here on, every reply is _raw's to read
             self._raw_writer = conn._writer
             self._raw = _RawSubscriber.of_stream(self._raw_writer)
@@ -858,6 +884,11 @@ class AsyncListener(_ListenerBase):
             await self._unsubscribe()
             return None
         raise TypeError(f"unknown listener operation {op!r}")
+
+    async def _invalidated(self, push: Any) -> None:
+        """redis-py's reader (TLS, RESP3) met an ``invalidate`` push."""
+        if _is_flush(list(push)):
+            self.hub.resync("flush")
 
     async def _read_metas(self, keys: tuple[str, ...]) -> list[Any]:
         """As :meth:`SyncListener._read_metas` (single reads through the driver: its
@@ -961,6 +992,9 @@ class AsyncListener(_ListenerBase):
             self._applied += raw.drain(self.hub)
         except Exception as exc:
             waiter.set_exception(exc)
+            return
+        if self.hub.wanted:  # a map awaits its base (just subscribed): probe now
+            waiter.set_result(None)
             return
         if raw.backlog:  # the rest after the loop's other callbacks
             asyncio.get_running_loop().call_soon(self._readable)

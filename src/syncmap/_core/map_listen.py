@@ -128,6 +128,7 @@ class Hub:
         self.last_probe = -math.inf
         self.base_retry_at = -math.inf  # a failed base read is retried from then on
         self.unsubscribing: dict[bytes, int] = {}  # SUNSUBSCRIBE sent, confirmation due
+        self.wanted = False  # a map awaits its base: the runner ends its wait early
         self._counter = 0
         self._audited = 0  # the synced maps' (epoch, seq) are read in turn, one per probe
 
@@ -142,6 +143,7 @@ class Hub:
         if any(m.confirmed for m in others):
             member.confirmed = True
             member.state.on_subscribed()
+            self.wanted = True
         return not others
 
     def remove(self, member: Member) -> bool:
@@ -180,8 +182,9 @@ class Hub:
         elif kind == "subscribe":
             for member in self.by_channel.get(channel, ()):
                 if not member.confirmed:
-                    member.confirmed = True
-                    member.state.on_subscribed()
+                    member.state.on_subscribed()  # (first: a probe starting now must see
+                    member.confirmed = True  # the copy reset, not reset it mid-way)
+                    self.wanted = True
         elif kind == "unsubscribe":
             self.on_unsubscribed(channel)
         elif kind == "flush":
@@ -208,6 +211,7 @@ class Hub:
     def resync(self, cause: str | None) -> None:
         """Drop every map's copy (a flush on the server, a stalled or failed listener)."""
         self.token = None
+        self.wanted = True
         for member in self.members:
             member.state.resync(cause)
 
@@ -238,6 +242,7 @@ class Hub:
         """Start a probe: its token, and the members that read their (epoch, seq) for it:
         those with no base, and one synced map in turn (the audit, see the contract)."""
         self._counter += 1
+        self.wanted = False
         token = self.token = f"syncmap-probe-{self._counter}"
         self.t0 = self.last_probe = self.clock()
         reading: list[Member] = []

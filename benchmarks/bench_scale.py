@@ -355,7 +355,7 @@ def _nodes(port: int, poll: bool) -> None:
     rounds of 10 writes (the starting size rotates), so that a burst of host load longer
     than a cycle falls on every size alike (this machine's load drifts within seconds)."""
     url = f"redis://127.0.0.1:{port}/0"
-    rounds, per_round = (3, 10) if quick() else (40, 10)
+    rounds, per_round = (3, 10) if quick() else (100, 10)
     fleets: list[_Fleet] = []
     with contextlib.ExitStack() as stack:
         for n in NODE_COUNTS:  # (a failed start stops those started)

@@ -259,6 +259,13 @@ class _ListenerBase:
     def _read_meta(self, key: str) -> Any:
         return self.client.execute_command("HMGET", key, "epoch", "seq")
 
+    def _pipeline(self, keys: tuple[str, ...]) -> Any:
+        """The base reads of several maps, as one pipeline of the probe's client."""
+        pipe = self.client.pipeline(transaction=False)
+        for key in keys:
+            pipe.execute_command("HMGET", key, "epoch", "seq")
+        return pipe
+
 
 DRAIN_LIMIT = 10_000  # events applied in one go at most (the rest: next time)
 PROBE_STEP = 0.002  # redis-py's reader, during a probe's read: waits this long at a time
@@ -461,10 +468,11 @@ class SyncListener(_ListenerBase):
         """Each map's (epoch, seq): one pipeline on a single server; one read per map on a
         Cluster (each is redirected on its own if its slot moved)."""
         if self.router is None and len(keys) > 1:
-            pipe = self.client.pipeline(transaction=False)
-            for key in keys:
-                pipe.execute_command("HMGET", key, "epoch", "seq")
-            replies = pipe.execute(raise_on_error=False)
+            try:
+                replies = self._pipeline(keys).execute(raise_on_error=False)
+            except (redis.ConnectionError, redis.TimeoutError):  # reads: sent once more, at
+                replies = self._pipeline(keys).execute(raise_on_error=False)  # once (as the
+                # driver does: a pooled connection the server closed fails its first use)
         else:
             replies = []
             for key in keys:
@@ -895,10 +903,10 @@ class AsyncListener(_ListenerBase):
         connections are checked before use, and a read is resent once if its connection is
         lost)."""
         if self.router is None and len(keys) > 1:
-            pipe = self.client.pipeline(transaction=False)
-            for key in keys:
-                pipe.execute_command("HMGET", key, "epoch", "seq")
-            replies = await pipe.execute(raise_on_error=False)
+            try:
+                replies = await self._pipeline(keys).execute(raise_on_error=False)
+            except (redis.ConnectionError, redis.TimeoutError):  # (as SyncListener's)
+                replies = await self._pipeline(keys).execute(raise_on_error=False)
             return [_meta_reply(reply, self.address) for reply in replies]
         found: list[Any] = []
         for key in keys:

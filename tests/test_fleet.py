@@ -296,6 +296,8 @@ def _child_of_an_asyncio_node(loop: _Loop, anode: Any, am: Any, alock: Any, url:
             except syncmap.NodeForked:
                 out[name] = "NodeForked"
         # the child's own asyncio node works, as a near cache
+        await am.close()  # (in the child: leaves the parent's connections alone)
+        await anode.close()
         node = await syncmap.connect_async(url)
         m = await node.map(am.name)
         assert await m.get("k") == "v0"
@@ -488,3 +490,118 @@ def test_a_lost_subscriber_connection_drops_every_map_and_all_come_back(fresh_se
         loop.run(scenario())
     finally:
         loop.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_a_map_whose_slot_moves_goes_to_the_new_masters_listener(ns, kind):
+    """A slot moves to another master: the old master unsubscribes the map's channel, the
+    listener reconnects and hands the map to the listener of the new owner, which subscribes
+    it there; the map caches and sees writes again, and a sibling map on the old master
+    carries on on its own listener."""
+    from test_cluster import _assign, _ids, _move_keys
+    from test_cluster_slots import _owner, key_slot
+
+    servers = _start()
+    loop = _Loop()
+    try:
+        url = f"redis+cluster://127.0.0.1:{servers[0].port}"
+        ids = _ids(servers)
+        name = ns.replace("_", "-")[:40]
+        slot = key_slot(name)
+        src = _owner(servers, slot)
+        dst = next(s for s in servers if s is not src)
+        sibling = next(
+            f"{name}-{i}"
+            for i in range(1000)
+            if _owner(servers, key_slot(f"{name}-{i}")) is src and key_slot(f"{name}-{i}") != slot
+        )
+
+        async def scenario() -> None:
+            writer = syncmap.connect(url)
+            if kind == "sync":
+                node: Any = syncmap.connect(url)
+                m, sib = node.map(name, max_staleness=0.5), node.map(sibling, max_staleness=0.5)
+            else:
+                node = await syncmap.connect_async(url)
+                m = await node.map(name, max_staleness=0.5)
+                sib = await node.map(sibling, max_staleness=0.5)
+            assert m._listener is sib._listener
+            old = m._listener
+
+            async def sees(mp: Any, value: Any) -> None:
+                deadline = time.monotonic() + 10
+                while True:
+                    got = mp.get("k")
+                    got = await got if asyncio.iscoroutine(got) else got
+                    if got == value and mp.get_local("k") == value:
+                        return
+                    assert time.monotonic() < deadline, f"{mp.name} never cached {value!r}"
+                    await asyncio.sleep(0.005)
+
+            await asyncio.to_thread(writer.map(name).set, "k", 1)
+            await sees(m, 1)
+
+            def move() -> None:
+                with dst.client() as c:
+                    c.execute_command(
+                        "CLUSTER", "SETSLOT", slot, "IMPORTING", ids[servers.index(src)]
+                    )
+                with src.client() as c:
+                    c.execute_command(
+                        "CLUSTER", "SETSLOT", slot, "MIGRATING", ids[servers.index(dst)]
+                    )
+                _move_keys(src, dst, slot)
+                _assign(servers, slot, ids[servers.index(dst)])
+
+            await asyncio.to_thread(move)
+            await asyncio.to_thread(writer.map(name).set, "k", 2)  # (the writer follows MOVED)
+            await sees(m, 2)
+            assert m._listener is not old and m._listener.home == ("127.0.0.1", dst.port)
+            assert sib._listener is old
+            await asyncio.to_thread(writer.map(sibling).set, "k", 3)
+            await sees(sib, 3)
+            closed = node.close()
+            if asyncio.iscoroutine(closed):
+                await closed
+            writer.close()
+
+        loop.run(scenario())
+    finally:
+        loop.stop()
+        for srv in servers:
+            srv.stop()
+
+
+def _start() -> Any:
+    from test_cluster_slots import _start_cluster
+
+    return _start_cluster()
+
+
+def test_without_flush_notices_every_probe_reads_every_maps_seq(fresh_server, ns, caplog):
+    """A server that refuses CLIENT TRACKING (here by ACL): the listener says so, and each
+    probe reads every synced map's (epoch, seq) (counted by the server), so a FLUSHALL is
+    still noticed (as another epoch) by each map's next probe."""
+    with fresh_server.client() as c:
+        c.execute_command("ACL", "SETUSER", "default", "-client|tracking")
+    with syncmap.connect(fresh_server.url) as node, fresh_server.client() as c:
+        maps = [node.map(f"{ns}-{i}", max_staleness=0.3) for i in range(20)]
+        hub = maps[0]._listener.hub
+        assert not hub.flush_notices
+        assert "refuses CLIENT TRACKING" in caplog.text
+        for m in maps:
+            m["k"] = "old"
+            cached(m, "k", "old")
+        wait_until(lambda: hub.token is None, 5, what="no probe in flight")
+        before, probes = c.info("commandstats")["cmdstat_hmget"]["calls"], hub._counter
+        wait_until(lambda: hub._counter >= probes + 5, 10, what="5 probes")
+        wait_until(lambda: hub.token is None, 5, what="no probe in flight")
+        hmgets = c.info("commandstats")["cmdstat_hmget"]["calls"] - before
+        done = hub._counter - probes
+        assert abs(hmgets - 20 * done) <= 20, (hmgets, done)  # (a probe may straddle)
+        c.flushall()
+        for m in maps:
+            wait_until(lambda m=m: m.get_local("k") is None, 5, what="the flush noticed")
+            assert m.stats.resync_causes.get("epoch") == 1
+            assert m.get("k") is None

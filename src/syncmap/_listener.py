@@ -107,16 +107,37 @@ def _tracking(client_id: Any) -> tuple[Any, ...]:
     return ("CLIENT", "TRACKING", "ON", "REDIRECT", client_id, "OPTIN")
 
 
-def _track_flushes(conn: Any, send: Any, read: Any) -> None:
-    send("CLIENT", "ID")
-    send(*_tracking(read()))
-    read()
+def _track_flushes(hub: Hub, address: str, send: Any, read: Any) -> None:
+    """Turn on the flush notices (``hub.flush_notices``: whether the server agreed)."""
+    try:
+        send("CLIENT", "ID")
+        send(*_tracking(read()))
+        read()
+    except redis.ResponseError as exc:
+        _no_flush_notices(hub, address, exc)
+    else:
+        hub.flush_notices = True
 
 
-async def _track_flushes_async(conn: Any) -> None:
-    await conn.send_command("CLIENT", "ID")
-    await conn.send_command(*_tracking(await conn.read_response()))
-    await conn.read_response()
+async def _track_flushes_async(hub: Hub, address: str, conn: Any) -> None:
+    try:
+        await conn.send_command("CLIENT", "ID")
+        await conn.send_command(*_tracking(await conn.read_response()))
+        await conn.read_response()
+    except redis.ResponseError as exc:
+        _no_flush_notices(hub, address, exc)
+    else:
+        hub.flush_notices = True
+
+
+def _no_flush_notices(hub: Hub, address: str, exc: Exception) -> None:
+    hub.flush_notices = False
+    log.warning(
+        "syncmap: %s refuses CLIENT TRACKING (%s): no flush notices; each freshness probe "
+        "reads every map's seq instead (one HMGET per map and interval)",
+        address,
+        exc,
+    )
 
 
 def _is_flush(reply: list[Any]) -> bool:
@@ -438,7 +459,7 @@ class SyncListener(_ListenerBase):
                 self.failure = None
                 conn = self.client.connection_pool.get_connection()
                 try:
-                    _track_flushes(conn, conn.send_command, conn.read_response)
+                    _track_flushes(self.hub, self.address, conn.send_command, conn.read_response)
                 except BaseException:
                     conn.disconnect()
                     self.client.connection_pool.release(conn)
@@ -796,6 +817,8 @@ class AsyncListener(_ListenerBase):
                 self._failure = _error(exc, self.address)
 
     async def close(self) -> None:
+        if self.forked:
+            return  # (the parent's connections and task: left alone, see _after_fork)
         self.closing = True
         self.running.set()
         if self.task is not None:
@@ -869,7 +892,7 @@ class AsyncListener(_ListenerBase):
             pool = self.client.connection_pool
             conn = await pool.get_connection()
             try:
-                await _track_flushes_async(conn)
+                await _track_flushes_async(self.hub, self.address, conn)
             except BaseException:
                 await conn.disconnect()
                 await pool.release(conn)

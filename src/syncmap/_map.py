@@ -54,7 +54,8 @@ listeners. Call the moment a write's call returns "acknowledged".
    (``on_stale="server"``, the default) or raises :class:`~syncmap.StaleRead`
    (``on_stale="raise"``). A stalled listener, a half-open connection or a paused server
    therefore never yields a read more than ``max_staleness`` old. At idle a node costs each
-   server one PING and one HMGET per interval, however many maps it has.
+   server one PING and one HMGET per interval, however many maps it has (if the server sends
+   flush notices, below).
 6. **Fresh reads.** ``get(k, fresh=True)`` asks the server only for the entry's version
    (epoch and seq in its record header, one small round trip); the local value is returned if
    it is still current, else the value is fetched. Linearizable.
@@ -94,7 +95,10 @@ and is followed by no message, which a seq read at each probe caught:
   data): the subscriber connection turns on ``CLIENT TRACKING`` redirected to itself, OPTIN
   with nothing ever opted in (no key is tracked), and subscribes ``__redis__:invalidate``:
   a flush sends every tracking client a null invalidation (checked on Valkey 9.1 and Redis
-  7.0), and every map of that server drops its copy at once.
+  7.0), and every map of that server drops its copy at once. A server that refuses
+  ``CLIENT TRACKING`` (an ACL, a proxy) is logged, and each probe then reads every synced
+  map's (epoch, seq) instead (one HMGET per map and interval): a flush shows as another
+  epoch.
 * A server restart, a failover to a replica, or a Cluster master's death: the subscriber
   connection breaks (4). A slot that moves to another master: the old one unsubscribes the
   channel (``sunsubscribe``) or answers MOVED; the map subscribes on the new owner (a new
@@ -637,6 +641,7 @@ class AsyncSyncMap(_MapBase):
             self._member.slot, self._listener_timeout
         )
         self._member.relisten = self._relisten
+        self._relistening: set[asyncio.Task[None]] = set()
         self._next_yield = 0.0  # a local hit yields to the event loop from then on
 
     @classmethod
@@ -653,7 +658,9 @@ class AsyncSyncMap(_MapBase):
         the listener task)."""
         listener = self.node._listener_for(member.slot, self._listener_timeout)
         self._listener = listener
-        asyncio.get_running_loop().create_task(listener.register(member))
+        task = asyncio.get_running_loop().create_task(listener.register(member))
+        self._relistening.add(task)  # (the loop keeps only a weak reference to a task)
+        task.add_done_callback(self._relistening.discard)
 
     async def _run(self, flow: MapFlow[T]) -> T:
         if self._listener.forked:

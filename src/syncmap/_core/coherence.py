@@ -380,14 +380,6 @@ class Coherence:
 
     # ---- probes: proving freshness ---------------------------------------------------------
 
-    def probe_due(self) -> bool:
-        if self.probe_token is not None:
-            return False
-        return not self.synced or self.clock() - self.last_probe >= self.probe_interval
-
-    def probe_overdue(self) -> bool:
-        return self.probe_token is not None and self.clock() - self.probe_t0 > self.probe_timeout
-
     def start_probe(self, token: str | None = None) -> str:
         """Call when a probe starts (before the server's (epoch, seq) is read, if it is);
         ``token``: the PING's (the node's listener probes all its maps with one), else a new

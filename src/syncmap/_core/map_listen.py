@@ -129,6 +129,9 @@ class Hub:
         self.base_retry_at = -math.inf  # a failed base read is retried from then on
         self.unsubscribing: dict[bytes, int] = {}  # SUNSUBSCRIBE sent, confirmation due
         self.wanted = False  # a map awaits its base: the runner ends its wait early
+        # the server sends flush notices (CLIENT TRACKING); if not, every probe reads every
+        # synced map's seq (the only other way to notice a flush in time)
+        self.flush_notices = True
         self._counter = 0
         self._audited = 0  # the synced maps' (epoch, seq) are read in turn, one per probe
 
@@ -254,7 +257,9 @@ class Hub:
             if state.synced or state.probe_token is None:
                 state.start_probe(token)
                 (synced if state.synced else reading).append(member)
-        if synced:
+        if synced and not self.flush_notices:
+            reading.extend(synced)
+        elif synced:
             self._audited += 1
             reading.append(synced[self._audited % len(synced)])
         return token, reading

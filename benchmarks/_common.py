@@ -6,25 +6,38 @@ reports ratios; absolute times are indicative only. Every loop is bounded.
 
 from __future__ import annotations
 
+import asyncio
 import gc
+import importlib.metadata
+import itertools
+import platform
 import statistics
 import sys
 import time
+import timeit
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from servers import ServerProcess
 
 __all__ = [
+    "Bare",
     "ServerProcess",
+    "apaired_bare",
+    "bare_ns",
     "goal",
     "ns_per_call",
+    "paired_bare",
     "percentile",
     "print_goals",
     "print_table",
     "quick",
+    "version",
+    "versions",
 ]
 
 QUICK = "--quick" in sys.argv
@@ -80,6 +93,122 @@ def paired_ns_per_call(
         bases.append(b)
         ratios.append(t / b)
     return statistics.median(times), statistics.median(bases), statistics.median(ratios)
+
+
+def versions(*dists: str) -> str:
+    """``Python 3.11.7, redis 8.2.0, ...``: the interpreter and the installed ``dists``, as
+    measured (a table's peers are named by the versions that ran)."""
+    found = [f"{d} {importlib.metadata.version(d)}" for d in dists]
+    return ", ".join([f"{platform.python_implementation()} {platform.python_version()}", *found])
+
+
+def version(dist: str) -> str:
+    return importlib.metadata.version(dist)
+
+
+# ---- bare calls, timed as timeit times them ---------------------------------------------------
+
+
+def bare_ns(stmt: str, env: dict[str, Any], number: int) -> float:
+    """ns per execution of ``stmt`` timed as ``timeit`` times it: ``timeit.Timer(stmt,
+    globals=env)``, ``number`` times in timeit's own loop, the garbage collector off. Write
+    the call as a caller would, the callable bound in ``env``: ``g("k")`` with ``g = d.get``."""
+    return timeit.Timer(stmt, globals=env).timeit(number) / number * 1e9
+
+
+def _async_inner(expr: str, env: dict[str, Any]) -> Callable[[Any], Any]:
+    """timeit's loop in a coroutine: ``for _i in _it: await <expr>``, ``env`` its globals."""
+    scope = dict(env)
+    exec(f"async def inner(_it):\n    for _i in _it:\n        await {expr}\n", scope)
+    inner: Callable[[Any], Any] = scope["inner"]
+    return inner
+
+
+async def async_bare_ns(expr: str, env: dict[str, Any], number: int) -> float:
+    """ns per ``await <expr>`` in timeit's loop, inside a coroutine (run in the caller's event
+    loop; the garbage collector off): the bare cost of an awaited call."""
+    inner = _async_inner(expr, env)
+    gc_was = gc.isenabled()
+    gc.disable()
+    try:
+        t0 = time.perf_counter()
+        await inner(itertools.repeat(None, number))
+        return (time.perf_counter() - t0) / number * 1e9
+    finally:
+        if gc_was:
+            gc.enable()
+
+
+@dataclass(frozen=True)
+class Bare:
+    """A subject against a base, both bare calls, in paired repeats (each repeat times the
+    base right before the subject): the medians of each one's times, their ratio, and the
+    range of the per-repeat ratios."""
+
+    ns: float
+    base_ns: float
+    lo: float
+    hi: float
+
+    @property
+    def ratio(self) -> float:
+        return self.ns / self.base_ns
+
+    @property
+    def spread(self) -> str:
+        return f"{self.lo:.2f} to {self.hi:.2f}"
+
+
+def _bare(times: list[float], bases: list[float]) -> Bare:
+    ratios = sorted(t / b for t, b in zip(times, bases, strict=True))
+    return Bare(statistics.median(times), statistics.median(bases), ratios[0], ratios[-1])
+
+
+BASE_NUMBER = 1_000_000  # dict.get calls per timing of the base (~15-30 ms)
+
+
+def paired_bare(
+    stmt: str,
+    env: dict[str, Any],
+    number: int,
+    base: tuple[str, dict[str, Any]],
+    repeats: int = 9,
+) -> Bare:
+    """``stmt`` against ``base`` (a statement and its globals, e.g. ``('g("k")', {"g":
+    d.get})``), both timed by :func:`bare_ns`, in ``repeats`` pairs."""
+    if QUICK:
+        number, repeats = max(1, number // 50), 3
+    base_number = BASE_NUMBER // 50 if QUICK else BASE_NUMBER
+    times, bases = [], []
+    for _ in range(repeats):
+        bases.append(bare_ns(base[0], base[1], base_number))
+        times.append(bare_ns(stmt, env, number))
+    return _bare(times, bases)
+
+
+async def apaired_bare(
+    stmt: str,
+    env: dict[str, Any],
+    number: int,
+    base: tuple[str, dict[str, Any]],
+    repeats: int = 9,
+    awaited: bool = False,
+) -> Bare:
+    """As :func:`paired_bare`, inside the running event loop (whose tasks, a map's listener
+    say, run between the repeats); ``awaited``: ``stmt`` is an expression to await, timed by
+    :func:`async_bare_ns`."""
+    if QUICK:
+        number, repeats = max(1, number // 50), 3
+    base_number = BASE_NUMBER // 50 if QUICK else BASE_NUMBER
+    times, bases = [], []
+    for _ in range(repeats):
+        await asyncio.sleep(0.002)
+        bases.append(bare_ns(base[0], base[1], base_number))
+        if awaited:
+            times.append(await async_bare_ns(stmt, env, number))
+        else:
+            times.append(bare_ns(stmt, env, number))
+    return _bare(times, bases)
 
 
 def percentile(values: Sequence[float], pct: float) -> float:

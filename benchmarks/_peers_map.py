@@ -1,20 +1,23 @@
 """The near-caches bench_map compares, behind one small interface, and its worker processes.
 
-A *kind* names one reader/writer pair:
+A *kind* names one reader/writer pair. What each peer does depends on its version: the
+versions measured are the installed ones, which bench_map prints in its header and in its
+peers' row names; the behaviour described here is that of redis-py 8.2.0, valkey-py 6.2.0 and
+cashews 7.6.0 (tests/test_peers_csc.py checks it, for the versions it names):
 
 ============== ==========================================================================
 ``get``        plain redis-py GET/SET (no local copy)
-``redis-csc``  redis-py 8.1 client-side cache (RESP3 + CacheConfig). redis-py refuses every
+``redis-csc``  redis-py's client-side cache (RESP3 + CacheConfig). redis-py refuses every
                server whose HELLO does not say ``server: redis`` with version >= 7.4, so
                Valkey is refused; the workaround is to tell ``CacheProxyConnection`` the
                server's real name (:func:`allow_redis_py_csc`).
-``valkey-csc`` valkey-py 6.2 client-side cache (``protocol=3, cache_enabled=True``); breaks
+``valkey-csc`` valkey-py's client-side cache (``protocol=3, cache_enabled=True``); breaks
                when libvalkey is installed (not installed here).
-``cashews``    cashews 7.6 ``client_side=True`` forced to RESP2 (``?protocol=2``): the only
+``cashews``    cashews ``client_side=True`` forced to RESP2 (``?protocol=2``): the only
                configuration in which it invalidates. A local hit never suspends, so a tight
                read loop starves cashews' own listener task: readers yield once per poll /
                per batch of 16 reads (``await asyncio.sleep(0)``).
-``cashews-r3`` cashews 7.6 as configured by default on redis-py 8 (RESP3): never invalidates.
+``cashews-r3`` cashews as configured by default on redis-py 8 (RESP3): never invalidates.
 ``syncmap``    SyncMap: ``m.get(k)`` from the local copy, ``m[k] = v`` to write.
 ``syncmap-async`` AsyncSyncMap reading (``await m.get(k)``; a local hit yields to the loop
                every 0.25 ms by itself, the reader also once per poll); a blocking SyncMap

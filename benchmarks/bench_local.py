@@ -1,28 +1,34 @@
 """SafeHashMap against dict and cachetools, in one process, same run.
 
-Every case is a zero-argument Python function around the statement under test; the cost of
-calling an empty function is measured too and subtracted, so the table shows what the
-statement itself costs in a caller's code. Each case is timed in several rounds, cases
-interleaved, and the best round is kept (the machine is noisy; ratios hold better than ns).
+Every case is a statement as a caller writes it, timed as ``timeit`` times it (the callable
+bound in the statement's globals: ``g("key-4242")`` with ``g = m.get``), in paired repeats:
+each repeat times a bare ``dict.get`` right before the case (*its dict.get ns*: their
+median). *x dict.get* is the ratio of the two medians; *pair ratios* the range of the
+per-repeat ratios (the host's speed drifts between repeats; a pair shares it). The *harness
+loop* columns are the same statement inside a zero-argument function called in a Python
+loop, the cost of calling an empty function subtracted, best of several rounds: what the
+statement adds to a caller's function.
 """
 
 from __future__ import annotations
 
 import itertools
 import threading
-import time
-from collections.abc import Callable
+from typing import Any
 
 import cachetools
 
-from benchmarks._common import ns_per_call, print_table, quick
+from benchmarks._common import ns_per_call, paired_bare, print_table, quick, versions
 from syncmap import SafeHashMap
 
 SIZE = 10_000
 HOT = "key-4242"
+K = repr(HOT)
+
+Case = tuple[str, str, dict[str, Any], int]  # name, statement, its globals, calls per timing
 
 
-def _cases() -> list[tuple[str, Callable[[], object]]]:
+def _cases() -> list[Case]:
     keys = [f"key-{i}" for i in range(SIZE)]
     lock = threading.Lock()
 
@@ -46,79 +52,102 @@ def _cases() -> list[tuple[str, Callable[[], object]]]:
     lru_next = itertools.count(SIZE).__next__
     safe_next = itertools.count(SIZE).__next__
 
-    def dict_get_locked() -> object:
-        with lock:
-            return plain.get(HOT)
+    def locked(stmt: str) -> str:
+        return f"with lock:\n    {stmt}"
 
-    def lru_get_locked() -> object:
-        with lock:
-            return lru.get(HOT)
+    def e(**names: Any) -> dict[str, Any]:  # a statement's globals
+        return {"lock": lock, **names}
 
-    def ttl_get_locked() -> object:
-        with lock:
-            return ttlc.get(HOT)
-
-    def lru_miss_locked() -> object:
-        with lock:
-            return lru.get("absent")
-
-    def dict_set_locked() -> None:
-        with lock:
-            plain[HOT] = 2
-
-    def lru_set_locked() -> None:
-        with lock:
-            lru[HOT] = 2
-
-    def ttl_set_locked() -> None:
-        with lock:
-            ttlc[HOT] = 2
-
-    def lru_insert_evict_locked() -> None:
-        with lock:
-            lru_full[lru_next()] = 1
-
+    n = 200_000
     return [
-        ("empty call (subtracted from every row)", lambda: None),
-        ("hit: dict.get", lambda: plain.get(HOT)),
-        ("hit: dict.get under threading.Lock", dict_get_locked),
-        ("hit: cachetools LRUCache.get under Lock", lru_get_locked),
-        ("hit: cachetools TTLCache.get under Lock", ttl_get_locked),
-        ("hit: SafeHashMap.get", lambda: unbounded.get(HOT)),
-        ("hit: SafeHashMap.get, ttl", lambda: unbounded_ttl.get(HOT)),
-        ("hit: SafeHashMap.get, maxsize", lambda: bounded.get(HOT)),
-        ("hit: SafeHashMap.get, maxsize + ttl", lambda: bounded_ttl.get(HOT)),
-        ("hit: SafeHashMap[key], maxsize + ttl", lambda: bounded_ttl[HOT]),
-        ("miss: dict.get", lambda: plain.get("absent")),
-        ("miss: cachetools LRUCache.get under Lock", lru_miss_locked),
-        ("miss: SafeHashMap.get, maxsize + ttl", lambda: bounded_ttl.get("absent")),
-        ("set: dict[key] = v under Lock", dict_set_locked),
-        ("set: cachetools LRUCache under Lock", lru_set_locked),
-        ("set: cachetools TTLCache under Lock", ttl_set_locked),
-        ("set: SafeHashMap.set", lambda: unbounded.set(HOT, 2)),
-        ("set: SafeHashMap.set, maxsize + ttl", lambda: bounded_ttl.set(HOT, 2)),
-        ("insert + evict: cachetools LRUCache under Lock", lru_insert_evict_locked),
-        ("insert + evict: SafeHashMap, maxsize", lambda: safe_full.set(safe_next(), 1)),
+        ("hit: dict.get", f"g({K})", e(g=plain.get), n),
+        ("hit: dict.get under threading.Lock", locked(f"g({K})"), e(g=plain.get), n),
+        ("hit: cachetools LRUCache.get under Lock", locked(f"g({K})"), e(g=lru.get), n),
+        ("hit: cachetools TTLCache.get under Lock", locked(f"g({K})"), e(g=ttlc.get), n // 4),
+        ("hit: SafeHashMap.get", f"g({K})", e(g=unbounded.get), n),
+        ("hit: SafeHashMap.get, ttl", f"g({K})", e(g=unbounded_ttl.get), n),
+        ("hit: SafeHashMap.get, maxsize", f"g({K})", e(g=bounded.get), n),
+        ("hit: SafeHashMap.get, maxsize + ttl", f"g({K})", e(g=bounded_ttl.get), n),
+        ("hit: SafeHashMap[key], maxsize + ttl", f"m[{K}]", e(m=bounded_ttl), n),
+        ("miss: dict.get", 'g("absent")', e(g=plain.get), n),
+        ("miss: cachetools LRUCache.get under Lock", locked('g("absent")'), e(g=lru.get), n),
+        ("miss: SafeHashMap.get, maxsize + ttl", 'g("absent")', e(g=bounded_ttl.get), n),
+        ("set: dict[key] = v under Lock", locked(f"d[{K}] = 2"), e(d=plain), n),
+        ("set: cachetools LRUCache under Lock", locked(f"c[{K}] = 2"), e(c=lru), n // 4),
+        ("set: cachetools TTLCache under Lock", locked(f"c[{K}] = 2"), e(c=ttlc), n // 10),
+        ("set: SafeHashMap.set", f"g({K}, 2)", e(g=unbounded.set), n // 4),
+        ("set: SafeHashMap.set, maxsize + ttl", f"g({K}, 2)", e(g=bounded_ttl.set), n // 4),
+        (
+            "insert + evict: cachetools LRUCache under Lock",
+            locked("c[n()] = 1"),
+            e(c=lru_full, n=lru_next),
+            n // 10,
+        ),
+        (
+            "insert + evict: SafeHashMap, maxsize",
+            "g(n(), 1)",
+            e(g=safe_full.set, n=safe_next),
+            n // 10,
+        ),
     ]
+
+
+def _as_function(stmt: str, env: dict[str, Any]) -> Any:
+    """``stmt`` in a zero-argument function whose globals are ``env`` (the harness loop's
+    subject)."""
+    scope = dict(env)
+    body = "\n".join("    " + line for line in stmt.splitlines())
+    exec(f"def case():\n{body}\n", scope)
+    return scope["case"]
+
+
+def _harness_loop(cases: list[Case], rounds: int) -> dict[str, float]:
+    """ns per case in the harness loop, the empty function's cost subtracted, best of
+    ``rounds`` rounds (cases interleaved)."""
+    fns = [("empty", lambda: None)] + [(name, _as_function(s, env)) for name, s, env, _ in cases]
+    best: dict[str, float] = {}
+    for _ in range(rounds):
+        for name, fn in fns:
+            ns = ns_per_call(fn, loops=5_000)
+            best[name] = min(best.get(name, ns), ns)
+    empty = best.pop("empty")
+    return {name: max(ns - empty, 0.1) for name, ns in best.items()}
 
 
 def main() -> None:
     cases = _cases()
-    rounds = 1 if quick() else 20
-    best: dict[str, float] = {}
-    for _ in range(rounds):
-        for name, fn in cases:
-            ns = ns_per_call(fn, loops=5_000)
-            best[name] = min(best.get(name, ns), ns)
-    empty = best.pop(cases[0][0])
-    net = {name: max(ns - empty, 0.1) for name, ns in best.items()}
-    base_dict = net["hit: dict.get"]
-    base_lru = net["hit: cachetools LRUCache.get under Lock"]
-    rows = [[name, ns, ns / base_dict, ns / base_lru] for name, ns in net.items()]
+    base = (f"g({K})", cases[0][2])
+    repeats = 3 if quick() else 9
+    bare = {name: paired_bare(stmt, env, n, base, repeats) for name, stmt, env, n in cases}
+    loop = _harness_loop(cases, 1 if quick() else 10)
+    loop_base = loop["hit: dict.get"]
+    base_lru = bare["hit: cachetools LRUCache.get under Lock"].ns
+    rows = [
+        [
+            name,
+            b.ns,
+            b.base_ns,
+            b.ratio,
+            b.spread,
+            b.ns / base_lru,
+            loop[name],
+            loop[name] / loop_base,
+        ]
+        for name, b in bare.items()
+    ]
     print_table(
-        f"SafeHashMap: ns per operation ({SIZE:,} entries; empty-call cost {empty:.0f} ns "
-        f"subtracted; best of {rounds} rounds; {time.strftime('%Y-%m-%d')})",
-        ["operation", "ns", "x dict.get", "x LRUCache.get+Lock"],
+        f"SafeHashMap: ns per operation ({SIZE:,} entries; bare calls as timeit times them, "
+        f"{repeats} repeats paired with a bare dict.get, medians; {versions('cachetools')})",
+        [
+            "operation",
+            "ns (bare)",
+            "its dict.get ns",
+            "x dict.get",
+            "pair ratios",
+            "x LRUCache.get+Lock",
+            "harness loop ns",
+            "harness loop x dict.get",
+        ],
         rows,
     )
 

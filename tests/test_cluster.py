@@ -127,6 +127,23 @@ def _two_maps(cluster, owner, name, ma, mb) -> None:
     for srv in cluster:
         if srv is not owner:
             assert shard_subscribers(srv, channel) == 0
+    # bulk operations: one round trip to the owner for the whole batch (several scripts)
+    keys = [f"b{i}" for i in range(1_200)]
+    trips = [0]
+    real = ma._driver._call
+
+    def counted(*args, **kwargs):
+        trips[0] += 1
+        return real(*args, **kwargs)
+
+    ma.update({k: 0 for k in keys})  # (the owner learns the scripts)
+    assert ma.delete_many(["none"]) == 0
+    ma._driver._call = counted
+    ma.update({k: i for i, k in enumerate(keys)})
+    assert ma.get_many(keys) == {k: i for i, k in enumerate(keys)}  # local: own writes
+    assert ma.delete_many(keys[::2]) == 600 and trips == [2]
+    wait_until(lambda: mb.get_many(keys) == {k: i for i, k in enumerate(keys) if i % 2}, 5)
+    ma._driver._call = real
     ma.clear()
     wait_until(lambda: len(mb) == 0 and mb.get("k") is None, 5, what="clear seen")
 
@@ -210,8 +227,9 @@ def test_resharding_ask_tryagain_then_moved(ns, monkeypatch):
         ma.incr("n", 1)
         wait_until(lambda: mb.get("k") == 1 and mb.stats.hits > 0, 5, what="b caches k")
 
-        # 1. migrating, every key already at dst: reads follow ASK; a write (several keys,
-        # some missing) gets TRYAGAIN until the move completes: it waits, and is applied once
+        # 1. migrating, every key already at dst: reads and writes of existing entries follow
+        # ASK; a write naming a missing key (a new entry) gets TRYAGAIN until the move
+        # completes: it waits, and is applied once
         with dst.client() as c:
             c.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
         with src.client() as c:
@@ -221,15 +239,17 @@ def test_resharding_ask_tryagain_then_moved(ns, monkeypatch):
             c.get(MapKeys(name).meta)  # (what a plain client sees)
         assert not isinstance(asked.value, redis.exceptions.MovedError)
         assert ma.get("k", fresh=True) == 1  # followed ASK
+        ma._store.clear()
+        assert ma.get_many(["k", "n"]) == {"k": 1, "n": 1}  # a batch: ASK too
+        assert ma.incr("n", 1) == 2  # every key the write names is at dst: ASK
         assert a.router is not None and a.router.table.owner(slot)[1] == src.port  # ASK: no
         # change; a migration stuck beyond TRYAGAIN_WAIT: a clear error, nothing written
         monkeypatch.setattr(_cluster, "TRYAGAIN_WAIT", 0.2)
         with pytest.raises(syncmap.ServerError, match=r"being migrated.*TRYAGAIN"):
-            ma.incr("n", 1)
-        assert ma.get("n", fresh=True) == 1
+            ma.incr("new", 1)
         monkeypatch.setattr(_cluster, "TRYAGAIN_WAIT", 5.0)
         done: list[object] = []
-        writer = threading.Thread(target=lambda: done.append(ma.incr("n", 1)))
+        writer = threading.Thread(target=lambda: done.append(ma.incr("new", 1)))
         writer.start()
         time.sleep(0.2)  # (the writer is held off by TRYAGAIN meanwhile: not a wait-and-hope)
         assert not done
@@ -237,11 +257,14 @@ def test_resharding_ask_tryagain_then_moved(ns, monkeypatch):
         # 2. the slot belongs to dst: MOVED; the table learns; listeners re-subscribe at dst
         _assign(servers, slot, dst_id)
         writer.join(10)
-        assert done == [2]  # TRYAGAIN, then MOVED: applied once
+        assert done == [1]  # TRYAGAIN, then MOVED: applied once (and the refused one never)
         assert ma.incr("n", 1) == 3
         assert a.router.table.owner(slot)[1] == dst.port
         ma.set("after", "moved")
         wait_until(lambda: mb.get("after") == "moved", 5, what="b sees a write after the move")
+        mb.update({"bulk1": 1, "bulk2": 2})  # b's kept connections: MOVED, if not yet moved
+        assert ma.get_many(["bulk1", "bulk2", "k"]) == {"bulk1": 1, "bulk2": 2, "k": 1}
+        assert mb.delete_many(["bulk1", "bulk2"]) == 2
         channel = MapKeys(name).channel
         wait_until(lambda: shard_subscribers(dst, channel) == 2, 10, what="re-subscribed at dst")
         assert shard_subscribers(src, channel) == 0

@@ -40,7 +40,7 @@ from servers import ServerProcess, free_port, wait_until
 from syncmap import _driver
 from syncmap._core.keys import MapKeys, hash_tag
 from syncmap._core.lock import LockKeys
-from syncmap._core.ops import Script
+from syncmap._core.ops import Batch, Script
 from syncmap._scripts import script_source
 
 LUA_DIR = Path(syncmap.__file__).parent / "lua"
@@ -330,6 +330,12 @@ def slot_violations(trace: Trace, oracle: KeyOracle) -> list[str]:
 # ---- wrapping the drivers: the declared Script operations ----------------------------------
 
 
+def _scripts(op: Any) -> list[Script]:
+    if isinstance(op, Batch):
+        return list(op.scripts)
+    return [op] if isinstance(op, Script) else []
+
+
 @pytest.fixture
 def declared(monkeypatch) -> list[Script]:
     """Every Script operation a map or lock driver performs during the test."""
@@ -341,15 +347,13 @@ def declared(monkeypatch) -> list[Script]:
         if is_async:
 
             async def perform(self: Any, op: Any) -> Any:
-                if isinstance(op, Script):
-                    seen.append(op)
+                seen.extend(_scripts(op))
                 return await original(self, op)
 
         else:
 
             def perform(self: Any, op: Any) -> Any:
-                if isinstance(op, Script):
-                    seen.append(op)
+                seen.extend(_scripts(op))
                 return original(self, op)
 
         monkeypatch.setattr(cls, "perform", perform)
@@ -405,6 +409,9 @@ def map_scenario(node: syncmap.Node, other: syncmap.Node, name: str) -> None:
         writer.release()
         with pytest.raises(syncmap.GuardRejected):
             m.set("guarded", "late", guard=writer)
+        m.set_many({"bulk1": 1, "}{bulk2": 2}, ttl=30)
+        assert peer.get_many(["bulk1", "}{bulk2", "none"]) == {"bulk1": 1, "}{bulk2": 2}
+        assert m.delete_many(["bulk1", "}{bulk2", "none"]) == 2
         m.clear()
         assert len(m) == 0
         wait_until(lambda: peer.get("a") is None, 5, what="peer sees the clear")
@@ -626,12 +633,12 @@ def _cluster_client_scripts(rc: redis.cluster.RedisCluster, name: str) -> None:
 
     write_keys = (keys.meta, keys.record("k"), keys.idx, keys.fences, keys.load("k"))
     common = ("E1", keys.channel)
-    reply = run("map_write", write_keys, "set", "k", *common, b"1", 0, "", "", "", "")
+    reply = run("map_write", write_keys, "set", "k", *common, b"1", 0, 0, "", "", "", "")
     assert int(reply[2]) == 1
     assert run("map_get", (keys.meta, keys.record("k")))[2].endswith(b"\n1")
     assert run("map_version", (keys.meta, keys.record("k")))[2].startswith(b"SM\x01")
     assert run("map_len", (keys.idx,)) == 1
-    reply = run("map_write", write_keys, "incr", "k", *common, b"2", 0, "json", "", "", "")
+    reply = run("map_write", write_keys, "incr", "k", *common, b"2", 0, 0, "json")
     assert int(reply[2]) == 1 and reply[3].endswith(b"\n3")
     load_keys = (keys.meta, keys.record("j"), keys.load("j"))
     assert run("map_load", load_keys, "tok", 1000)[0] == 2

@@ -25,6 +25,37 @@ def cached(m: Any, key: str, value: Any, within: float = 5.0) -> None:
     wait_until(lambda: m.get(key) == value and m.get_local(key) == value, within, what="cached")
 
 
+async def _done(value: Any) -> Any:
+    """``value``, awaited if it is a coroutine (one scenario for both kinds of node)."""
+    return await value if asyncio.iscoroutine(value) else value
+
+
+async def _open(url: str, kind: str, names: list[str], **options: Any) -> tuple[Any, list[Any]]:
+    """A blocking or asyncio node (``kind``) and its maps of ``names``."""
+    if kind == "sync":
+        node: Any = syncmap.connect(url)
+        return node, [node.map(n, **options) for n in names]
+    node = await syncmap.connect_async(url)
+    return node, [await node.map(n, **options) for n in names]
+
+
+async def _sees(m: Any, key: str, value: Any, within: float = 10.0) -> None:
+    """Read ``key`` of ``m`` (either kind) until its local copy serves ``value``."""
+    deadline = time.monotonic() + within
+    while not (await _done(m.get(key)) == value and m.get_local(key) == value):
+        assert time.monotonic() < deadline, f"{m.name} never cached {value!r}"
+        await asyncio.sleep(0.002)
+
+
+def _on_loop(scenario: Any) -> Any:
+    """Run the coroutine function ``scenario`` on an event loop of its own thread."""
+    loop = _Loop()
+    try:
+        return loop.run(scenario())
+    finally:
+        loop.stop()
+
+
 def _pubsub_clients(server: Any) -> list[dict[str, Any]]:
     with server.client() as c:
         return c.client_list(_type="pubsub")
@@ -146,40 +177,23 @@ def test_a_flush_drops_every_copy_long_before_max_staleness(fresh_server, ns, fl
         with fresh_server.client(db=5 if other_db else 0) as c:
             c.execute_command(*args)
 
-    if kind == "sync":
-        with syncmap.connect(fresh_server.url) as node:
-            maps = [node.map(f"{ns}-{i}", max_staleness=60) for i in range(3)]
-            for m in maps:
-                m["k"] = "old"
-                cached(m, "k", "old")
-            flush_now()
-            for m in maps:
-                wait_until(lambda m=m: m.get_local("k") is None, 5, what="the flush noticed")
-                assert m.stats.resync_causes.get("flush") == 1
-                assert m.get("k") == (None if not other_db else "old")
-        return
-    loop = _Loop()
-    try:
+    async def scenario() -> None:
+        names = [f"{ns}-{i}" for i in range(3)]
+        node, maps = await _open(fresh_server.url, kind, names, max_staleness=60)
+        for m in maps:
+            await _done(m.set("k", "old"))
+            await _sees(m, "k", "old")
+        await asyncio.to_thread(flush_now)
+        deadline = time.monotonic() + 5
+        while any(m.get_local("k") is not None for m in maps):
+            assert time.monotonic() < deadline, "the flush was not noticed"
+            await asyncio.sleep(0.005)
+        for m in maps:
+            assert m.stats.resync_causes.get("flush") == 1
+            assert await _done(m.get("k")) == (None if not other_db else "old")
+        await _done(node.close())
 
-        async def scenario() -> None:
-            node = await syncmap.connect_async(fresh_server.url)
-            maps = [await node.map(f"{ns}-{i}", max_staleness=60) for i in range(3)]
-            for m in maps:
-                await m.set("k", "old")
-                assert await m.get("k") == "old" and m.get_local("k") == "old"
-            await asyncio.to_thread(flush_now)
-            deadline = time.monotonic() + 5
-            while any(m.get_local("k") is not None for m in maps):
-                assert time.monotonic() < deadline, "the flush was not noticed"
-                await asyncio.sleep(0.005)
-            for m in maps:
-                assert m.stats.resync_causes.get("flush") == 1
-                assert await m.get("k") == (None if not other_db else "old")
-            await node.close()
-
-        loop.run(scenario())
-    finally:
-        loop.stop()
+    _on_loop(scenario)
 
 
 # ---- fork -----------------------------------------------------------------------------------
@@ -365,7 +379,6 @@ def test_a_cluster_nodes_maps_share_one_listener_per_master(ns, kind):
     servers = _start_cluster()
     url = f"redis+cluster://127.0.0.1:{servers[0].port}"
     names = [f"{ns[:30]}-{i}" for i in range(30)]
-    loop = _Loop()
     try:
 
         def subscribers() -> dict[int, list[int]]:
@@ -377,41 +390,25 @@ def test_a_cluster_nodes_maps_share_one_listener_per_master(ns, kind):
 
         async def scenario() -> tuple[int, dict[int, list[int]]]:
             writer = syncmap.connect(url)
-            if kind == "sync":
-                node: Any = syncmap.connect(url)
-                maps = [node.map(n, max_staleness=0.5) for n in names]
-            else:
-                node = await syncmap.connect_async(url)
-                maps = [await node.map(n, max_staleness=0.5) for n in names]
+            node, maps = await _open(url, kind, names, max_staleness=0.5)
             listeners = {id(m._listener) for m in maps}
             seen = await asyncio.to_thread(subscribers)
             for i, n in enumerate(names):
                 await asyncio.to_thread(writer.map(n).set, "k", i)
             for i, m in enumerate(maps):
-                deadline = time.monotonic() + 5
-                while m.get_local("k") != i:
-                    assert time.monotonic() < deadline, f"{m.name} did not cache"
-                    got = m.get("k")
-                    if asyncio.iscoroutine(got):
-                        await got
-                    await asyncio.sleep(0.001)
+                await _sees(m, "k", i)
             for m in maps:
-                closed = m.close()
-                if asyncio.iscoroutine(closed):
-                    await closed
-            closed = node.close()
-            if asyncio.iscoroutine(closed):
-                await closed
+                await _done(m.close())
+            await _done(node.close())
             writer.close()
             return len(listeners), seen
 
-        count, seen = loop.run(scenario())
+        count, seen = _on_loop(scenario)
         assert count == 3  # one per master
         for port, counts in seen.items():
             assert len(counts) == 1, (port, counts)  # one subscriber connection per master
         assert sum(c for counts in seen.values() for c in counts) == 30
     finally:
-        loop.stop()
         for srv in servers:
             srv.stop()
 
@@ -444,66 +441,46 @@ def test_a_lost_subscriber_connection_drops_every_map_and_all_come_back(fresh_se
     """The server kills the node's subscriber connection: every map of it drops its copy
     (before its next local read), the listener reconnects, SSUBSCRIBEs every channel again,
     reads all the maps' bases (one pipeline), and every map caches again."""
-    loop = _Loop()
-    try:
 
-        async def scenario() -> None:
-            writer = syncmap.connect(fresh_server.url)
-            if kind == "sync":
-                node: Any = syncmap.connect(fresh_server.url)
-                maps = [node.map(f"{ns}-{i}", max_staleness=30) for i in range(20)]
-            else:
-                node = await syncmap.connect_async(fresh_server.url)
-                maps = [await node.map(f"{ns}-{i}", max_staleness=30) for i in range(20)]
+    async def scenario() -> None:
+        writer = syncmap.connect(fresh_server.url)
+        names = [f"{ns}-{i}" for i in range(20)]
+        node, maps = await _open(fresh_server.url, kind, names, max_staleness=30)
+        for m in maps:
+            await asyncio.to_thread(writer.map(m.name).set, "k", 1)
+            await _sees(m, "k", 1)
+        with fresh_server.client() as c:
+            killed = c.client_kill_filter(_type="pubsub")
+        assert killed >= 1
+        deadline = time.monotonic() + 5
+        while any(m.get_local("k") is not None for m in maps):  # every copy dropped
+            assert time.monotonic() < deadline, "a copy survived the lost connection"
+            await asyncio.sleep(0.002)
+        for m in maps:
+            await _sees(m, "k", 1)
+        assert all(m.stats.resync_causes.get("disconnect") == 1 for m in maps)
+        for m in maps:
+            await asyncio.to_thread(writer.map(m.name).set, "k", 2)
+        for m in maps:
+            await _sees(m, "k", 2)
+        await _done(node.close())
+        writer.close()
 
-            async def read(m: Any, key: str) -> Any:
-                got = m.get(key)
-                return await got if asyncio.iscoroutine(got) else got
-
-            async def all_cached(value: Any) -> None:
-                deadline = time.monotonic() + 5
-                for m in maps:
-                    while not (await read(m, "k") == value and m.get_local("k") == value):
-                        assert time.monotonic() < deadline, f"{m.name} did not cache {value}"
-                        await asyncio.sleep(0.002)
-
-            for m in maps:
-                await asyncio.to_thread(writer.map(m.name).set, "k", 1)
-            await all_cached(1)
-            with fresh_server.client() as c:
-                killed = c.client_kill_filter(_type="pubsub")
-            assert killed >= 1
-            deadline = time.monotonic() + 5
-            while any(m.get_local("k") is not None for m in maps):  # every copy dropped
-                assert time.monotonic() < deadline, "a copy survived the lost connection"
-                await asyncio.sleep(0.002)
-            await all_cached(1)
-            assert all(m.stats.resync_causes.get("disconnect") == 1 for m in maps)
-            for m in maps:
-                await asyncio.to_thread(writer.map(m.name).set, "k", 2)
-            await all_cached(2)
-            closed = node.close()
-            if asyncio.iscoroutine(closed):
-                await closed
-            writer.close()
-
-        loop.run(scenario())
-    finally:
-        loop.stop()
+    _on_loop(scenario)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["sync", "async"])
 def test_a_map_whose_slot_moves_goes_to_the_new_masters_listener(ns, kind):
     """A slot moves to another master: the old master unsubscribes the map's channel, the
-    listener reconnects and hands the map to the listener of the new owner, which subscribes
-    it there; the map caches and sees writes again, and a sibling map on the old master
-    carries on on its own listener."""
+    listener hands the map to the listener of the new owner (after a MOVED answer to its
+    SSUBSCRIBE, if the slot table did not know yet), which subscribes it there; the map
+    caches and sees writes again. A sibling map on the old master is not disturbed: same
+    listener, no resync, its copy kept."""
     from test_cluster import _assign, _ids, _move_keys
     from test_cluster_slots import _owner, key_slot
 
     servers = _start()
-    loop = _Loop()
     try:
         url = f"redis+cluster://127.0.0.1:{servers[0].port}"
         ids = _ids(servers)
@@ -519,28 +496,18 @@ def test_a_map_whose_slot_moves_goes_to_the_new_masters_listener(ns, kind):
 
         async def scenario() -> None:
             writer = syncmap.connect(url)
-            if kind == "sync":
-                node: Any = syncmap.connect(url)
-                m, sib = node.map(name, max_staleness=0.5), node.map(sibling, max_staleness=0.5)
-            else:
-                node = await syncmap.connect_async(url)
-                m = await node.map(name, max_staleness=0.5)
-                sib = await node.map(sibling, max_staleness=0.5)
+            node, (m, sib) = await _open(url, kind, [name, sibling], max_staleness=0.5)
             assert m._listener is sib._listener
             old = m._listener
 
             async def sees(mp: Any, value: Any) -> None:
-                deadline = time.monotonic() + 10
-                while True:
-                    got = mp.get("k")
-                    got = await got if asyncio.iscoroutine(got) else got
-                    if got == value and mp.get_local("k") == value:
-                        return
-                    assert time.monotonic() < deadline, f"{mp.name} never cached {value!r}"
-                    await asyncio.sleep(0.005)
+                await _sees(mp, "k", value)
 
             await asyncio.to_thread(writer.map(name).set, "k", 1)
             await sees(m, 1)
+            await asyncio.to_thread(writer.map(sibling).set, "k", 0)
+            await sees(sib, 0)
+            sib_resyncs = sib.stats.resyncs
 
             def move() -> None:
                 with dst.client() as c:
@@ -559,16 +526,15 @@ def test_a_map_whose_slot_moves_goes_to_the_new_masters_listener(ns, kind):
             await sees(m, 2)
             assert m._listener is not old and m._listener.home == ("127.0.0.1", dst.port)
             assert sib._listener is old
+            assert sib.stats.resyncs == sib_resyncs  # the move did not disturb the sibling
+            assert sib.get_local("k") == 0
             await asyncio.to_thread(writer.map(sibling).set, "k", 3)
             await sees(sib, 3)
-            closed = node.close()
-            if asyncio.iscoroutine(closed):
-                await closed
+            await _done(node.close())
             writer.close()
 
-        loop.run(scenario())
+        _on_loop(scenario)
     finally:
-        loop.stop()
         for srv in servers:
             srv.stop()
 

@@ -331,6 +331,33 @@ def test_bounded_memory(maps, server, ns):
     assert m.length() == 60
 
 
+def test_hits_refresh_recency_and_count_once(server, ns, monkeypatch):
+    """The blocking map's hit path (get, [], in): a hit makes its key the most recently used
+    one of the local copy, and a cached absence is one hit that gives the default (get),
+    KeyError ([]) or False (in), with no server read. (No poll falls due here, so every hit
+    after the first takes the hit path, not the poll's.)"""
+    monkeypatch.setattr(syncmap._map, "POLL_INTERVAL", LONG)
+    with syncmap.connect(server.url) as node, node.map(ns, maxsize=3, max_staleness=LONG) as m:
+        for k in "abc":
+            m[k] = k  # own writes, installed locally: a is the least recently used
+        assert m.get("c") == "c"  # the first hit sets the hit path's deadline
+        assert m.get("a") == "a"  # a hit: a is the most recent now, b the least
+        m["d"] = "d"  # makes room: drops b
+        hits, misses = m.stats.hits, m.stats.misses
+        assert m["a"] == "a" and m.get("c") == "c" and m.get("d") == "d"
+        assert (m.stats.hits, m.stats.misses) == (hits + 3, misses)
+        assert m["c"] == "c"  # a, d, c
+        m["e"] = "e"  # drops a
+        assert m.get("d") == "d" and m.stats.misses == misses
+        assert m.get("b") == "b" and m.get("a") == "a" and m.stats.misses == misses + 2
+        assert m.get("nope") is None  # fetched: cached as absent
+        hits, misses = m.stats.hits, m.stats.misses
+        assert m.get("nope", 5) == 5 and "nope" not in m
+        with pytest.raises(KeyError):
+            m["nope"]
+        assert (m.stats.hits, m.stats.misses) == (hits + 3, misses)
+
+
 BAD_KEYS = [1, b"bytes", None, ("t",), 1.5, "\ud800"]
 
 
@@ -450,7 +477,7 @@ def test_lost_message_is_detected_with_zero_tolerance(maps, server, ns, client):
     write = client.register_script(script_source("map_write"))
     meta, idx = f"syncmap:{{{ns}}}:meta", f"syncmap:{{{ns}}}:idx"
     keys = [meta, record_key(ns, "k"), idx, f"syncmap:{{{ns}}}:fences", "unused-load"]
-    write(keys=keys, args=["set", "k", "e", "nobody-listens", b'"new"', 0, "", "", "", ""])
+    write(keys=keys, args=["set", "k", "e", "nobody-listens", b'"new"', 0, 0])
     assert b.get("k") == "old"  # not yet detectable: allowed within max_staleness
     seen = b.stats.invalidations
     a.set("other", 1)  # its message carries seq + 2

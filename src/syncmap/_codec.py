@@ -20,7 +20,9 @@ __all__ = ["BytesCodec", "Codec", "JSONCodec", "MsgpackCodec", "PickleCodec", "g
 
 @runtime_checkable
 class Codec(Protocol):
-    """What a map needs from a codec. Write your own by implementing these three members."""
+    """What a map needs from a codec. Write your own by implementing these three members.
+    Optionally, ``counters = "json"`` (or ``"msgpack"``) says the codec stores ints as that
+    format does, so ``incr`` runs on the server (else it is a compare-and-set loop)."""
 
     name: str
 

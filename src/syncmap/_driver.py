@@ -13,6 +13,11 @@ client may come with one that resends any command). Instead:
 * when a connection fails after the request was sent, an *idempotent* operation is resent once
   on a new connection, and any other one raises :class:`~syncmap.OutcomeUnknown`: it may or may
   not have been applied, and resending it could apply it twice (an increment counted twice).
+
+A :class:`~syncmap._core.ops.Batch` is one write of several scripts and one read of their
+answers. Each answer is kept (an error answer as the translated error); a script answered
+NOSCRIPT, MOVED, ASK or TRYAGAIN did not run, and is then performed alone (``EVAL``, the
+cluster's redirects).
 """
 
 from __future__ import annotations
@@ -29,9 +34,10 @@ from typing import Any, TypeVar
 
 import redis
 import redis.asyncio
-from redis.exceptions import NoScriptError
+import redis.asyncio.connection
+from redis.exceptions import AskError, NoScriptError, TryAgainError
 
-from ._core.ops import Command, Flow, Op, Script, Sleep
+from ._core.ops import Batch, Command, Flow, Op, Script, Sleep
 from ._errors import OutcomeUnknown, SyncMapError, translate_redis_error
 from ._scripts import eval_instead, script_command
 
@@ -112,22 +118,49 @@ def _answered(conn: Any) -> bool:
     return _readable(conn)
 
 
-def _then(op: Command | Script) -> tuple[Any, ...] | None:
+_NOT_RUN = (NoScriptError, AskError, TryAgainError)  # (MovedError is an AskError)
+
+
+def _unknown_scripts(replies: list[Any]) -> list[int]:
+    """The scripts of a batch the server answered NOSCRIPT (not run)."""
+    return [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+
+
+def _then(op: Command | Script | Batch) -> tuple[Any, ...] | None:
     """The blocking command sent behind a script in the same write, if any."""
     return op.then if isinstance(op, Script) else None
 
 
-def _command(op: Op) -> tuple[Any, ...]:
-    """The command to send for a server operation."""
+def _command(op: Op) -> Any:
+    """The command to send for a server operation (a batch: the list of its commands)."""
     if isinstance(op, Command):
         return op.args
     if isinstance(op, Script):
         return script_command(op)
+    if isinstance(op, Batch):
+        return [script_command(script) for script in op.scripts]
     raise TypeError(f"unknown operation {op!r}")
 
 
-def _unknown(op: Command | Script, exc: Exception, address: str) -> OutcomeUnknown:
-    what = op.name if isinstance(op, Script) else str(op.args[0])
+def _packed(conn: Any, args: Any) -> Any:
+    """``args`` (one command, or a batch's list of them) as one buffer. A batch's answers are
+    settled by the driver: a cluster connection must not follow a redirect of one of them by
+    resending the whole buffer (``syncmap_sent``: see ``_cluster``)."""
+    if isinstance(args, list):
+        return _pack(conn, *args)
+    return _pack(conn, args)
+
+
+def _sent(conn: Any, args: Any) -> None:
+    if isinstance(args, list) and "syncmap_sent" in conn.__dict__:
+        conn.syncmap_sent = None
+
+
+def _unknown(op: Command | Script | Batch, exc: Exception, address: str) -> OutcomeUnknown:
+    if isinstance(op, Batch):
+        what = f"a batch of {len(op.scripts)} {op.scripts[0].name} scripts"
+    else:
+        what = op.name if isinstance(op, Script) else str(op.args[0])
     return OutcomeUnknown(
         f"lost the connection to {address} after sending {what}; it may or may not have "
         f"been applied ({exc})",
@@ -145,6 +178,20 @@ class _DriverBase:
         if isinstance(exc, SyncMapError):
             return exc
         return translate_redis_error(exc, self.address) or exc
+
+    def _keep(self, conn: Any) -> bool:
+        """Whether a connection given back is kept aside (else it goes back to the pool): at
+        most ``_KEEP_IDLE`` of them, and only in the process that opened them."""
+        conns = self.conns
+        if len(conns.idle) < _KEEP_IDLE and conns.pid == os.getpid():
+            conns.idle.append(conn)
+            return True
+        return False
+
+    def _settled(self, batch: Batch, replies: list[Any]) -> tuple[list[Any], list[int]]:
+        """A batch's answers with the errors translated, and the scripts that did not run."""
+        again = [i for i, reply in enumerate(replies) if isinstance(reply, _NOT_RUN)]
+        return [self._translate(r) if isinstance(r, Exception) else r for r in replies], again
 
 
 class SyncDriver(_DriverBase):
@@ -169,6 +216,23 @@ class SyncDriver(_DriverBase):
                 time.sleep(max(0.0, op.seconds))
             return None
         first = _command(op)
+        if isinstance(op, Batch):
+            try:
+                replies = self._call(op, first)
+                unknown = _unknown_scripts(replies)
+                if unknown:  # (a restarted server, say) all sent again at once, as EVAL
+                    evals = [eval_instead(op.scripts[i], first[i]) for i in unknown]
+                    for i, reply in zip(unknown, self._call(op, evals), strict=True):
+                        replies[i] = reply
+            except Exception as exc:
+                raise self._translate(exc) from exc
+            replies, again = self._settled(op, replies)
+            for i in again:  # redirected: on their own (see _cluster)
+                try:
+                    replies[i] = self.perform(op.scripts[i])
+                except Exception as exc:
+                    replies[i] = exc
+            return replies
         try:
             try:
                 return self._call(op, first)
@@ -179,7 +243,7 @@ class SyncDriver(_DriverBase):
         except Exception as exc:
             raise self._translate(exc) from exc
 
-    def _call(self, op: Command | Script, args: tuple[Any, ...]) -> Any:
+    def _call(self, op: Command | Script | Batch, args: Any) -> Any:
         conn = self._borrow()
         try:
             try:
@@ -220,7 +284,19 @@ class SyncDriver(_DriverBase):
                 raise
         return conn
 
-    def _roundtrip(self, conn: Any, args: tuple[Any, ...], then: tuple[Any, ...] | None) -> Any:
+    def _roundtrip(self, conn: Any, args: Any, then: tuple[Any, ...] | None) -> Any:
+        if isinstance(args, list):  # a batch: every answer, errors included
+            conn.send_packed_command(_packed(conn, args), check_health=False)
+            _sent(conn, args)
+            if self.while_waiting is not None:
+                self.while_waiting(lambda: _answered(conn))
+            replies: list[Any] = []
+            for _ in args:
+                try:
+                    replies.append(conn.read_response())
+                except redis.ResponseError as exc:
+                    replies.append(exc)
+            return replies
         if then is not None:
             conn.send_packed_command(_pack(conn, args, then), check_health=False)
             try:
@@ -242,11 +318,8 @@ class SyncDriver(_DriverBase):
         return conn.read_response(timeout=wait)
 
     def _give_back(self, conn: Any) -> None:
-        conns = self.conns
-        if len(conns.idle) < _KEEP_IDLE and conns.pid == os.getpid():
-            conns.idle.append(conn)
-        else:
-            conns.pool.release(conn)
+        if not self._keep(conn):
+            self.conns.pool.release(conn)
 
     def run(self, flow: Flow[T]) -> T:
         try:
@@ -279,6 +352,36 @@ def _raise_swallowed_cancel() -> None:
         raise asyncio.CancelledError
 
 
+_PLAIN_SEND = redis.asyncio.connection.AbstractConnection.send_packed_command
+
+
+async def _send(conn: Any, packed: Any) -> None:
+    """``conn.send_packed_command(packed, check_health=False)``, without what it costs per
+    write on Python 3.11: its ``asyncio.wait_for`` runs the write in a new task (two more
+    turns of the event loop for the caller). The write goes to the transport, which never
+    blocks; only a write that leaves data in the transport's buffer (a big batch) waits for it
+    to drain, within the connection's ``socket_timeout``. A connection class with a send of
+    its own (a cluster's: see ``_cluster``) or not connected yet goes through redis-py."""
+    if type(conn).send_packed_command is not _PLAIN_SEND or not conn.is_connected:
+        await conn.send_packed_command(packed, check_health=False)
+        return
+    writer = conn._writer
+    transport = writer.transport
+    if transport.is_closing():  # (uvloop refuses such a write with a bare RuntimeError)
+        await conn.disconnect(nowait=True)
+        raise redis.asyncio.ConnectionError("Connection closed by the server before write")
+    writer.writelines(packed)
+    if transport.get_write_buffer_size():
+        try:
+            async with asyncio.timeout(conn.socket_timeout):
+                await writer.drain()
+        except (OSError, TimeoutError) as exc:
+            await conn.disconnect(nowait=True)
+            if isinstance(exc, TimeoutError):
+                raise redis.asyncio.TimeoutError("Timeout writing to socket") from None
+            raise redis.asyncio.ConnectionError(f"Error while writing to socket: {exc}") from exc
+
+
 class AsyncDriver(_DriverBase):
     """The asyncio twin of :class:`SyncDriver` (same connection handling, awaited)."""
 
@@ -287,6 +390,23 @@ class AsyncDriver(_DriverBase):
             await asyncio.sleep(max(0.0, op.seconds))
             return None
         first = _command(op)
+        if isinstance(op, Batch):
+            try:
+                replies = await self._call(op, first)
+                unknown = _unknown_scripts(replies)
+                if unknown:  # (a restarted server, say) all sent again at once, as EVAL
+                    evals = [eval_instead(op.scripts[i], first[i]) for i in unknown]
+                    for i, reply in zip(unknown, await self._call(op, evals), strict=True):
+                        replies[i] = reply
+            except Exception as exc:
+                raise self._translate(exc) from exc
+            replies, again = self._settled(op, replies)
+            for i in again:  # redirected: on their own (see _cluster)
+                try:
+                    replies[i] = await self.perform(op.scripts[i])
+                except Exception as exc:
+                    replies[i] = exc
+            return replies
         try:
             try:
                 return await self._call(op, first)
@@ -297,7 +417,7 @@ class AsyncDriver(_DriverBase):
         except Exception as exc:
             raise self._translate(exc) from exc
 
-    async def _call(self, op: Command | Script, args: tuple[Any, ...]) -> Any:
+    async def _call(self, op: Command | Script | Batch, args: Any) -> Any:
         conn = await self._borrow()
         try:
             try:
@@ -310,18 +430,19 @@ class AsyncDriver(_DriverBase):
                     raise
                 reply = await self._roundtrip(conn, args, _then(op))
         except redis.asyncio.ResponseError:
-            self.conns.idle.append(conn)
+            await self._give_back(conn)
             raise
         except BaseException:
             # redis-py closes the connection on any error mid-command (cancellation too)
             await self.conns.pool.release(conn)
             raise
-        if len(self.conns.idle) < _KEEP_IDLE:
-            self.conns.idle.append(conn)
-        else:
-            await self.conns.pool.release(conn)
+        await self._give_back(conn)
         _raise_swallowed_cancel()
         return reply
+
+    async def _give_back(self, conn: Any) -> None:
+        if not self._keep(conn):
+            await self.conns.pool.release(conn)
 
     async def _borrow(self) -> Any:
         conns = self.conns
@@ -349,6 +470,8 @@ class AsyncDriver(_DriverBase):
             dirty = True
         if dirty:
             await conn.disconnect(nowait=True)
+        if conn.is_connected:
+            return conn
         try:
             await conn.connect()
         except BaseException:
@@ -357,9 +480,19 @@ class AsyncDriver(_DriverBase):
         return conn
 
     @staticmethod
-    async def _roundtrip(conn: Any, args: tuple[Any, ...], then: tuple[Any, ...] | None) -> Any:
+    async def _roundtrip(conn: Any, args: Any, then: tuple[Any, ...] | None) -> Any:
+        if isinstance(args, list):  # a batch: every answer, errors included
+            await _send(conn, _packed(conn, args))
+            _sent(conn, args)
+            replies: list[Any] = []
+            for _ in args:
+                try:
+                    replies.append(await conn.read_response())
+                except redis.asyncio.ResponseError as exc:
+                    replies.append(exc)
+            return replies
         if then is not None:
-            await conn.send_packed_command(_pack(conn, args, then), check_health=False)
+            await _send(conn, _pack(conn, args, then))
             try:
                 first = await conn.read_response()
             except redis.asyncio.ResponseError:
@@ -370,7 +503,7 @@ class AsyncDriver(_DriverBase):
             except redis.asyncio.ConnectionError:
                 await conn.disconnect(nowait=True)
                 return first, None  # the wait's answer is lost: as if it had timed out
-        await conn.send_packed_command(_pack(conn, args), check_health=False)
+        await _send(conn, _pack(conn, args))
         return await AsyncDriver._read(conn, args)
 
     @staticmethod

@@ -36,6 +36,7 @@ import socket
 import threading
 import time
 import weakref
+from collections.abc import Iterable
 from typing import Any
 
 import hiredis
@@ -58,6 +59,7 @@ from ._core.map_listen import (
     PubsubPing,
     ReadMetas,
     Receive,
+    Resubscribe,
     Subscribe,
     Unsubscribe,
     apply_event,
@@ -157,6 +159,11 @@ def _on_invalidation(conn: Any, handler: Any) -> None:
         setter(handler)
 
 
+def _channels_of(members: Iterable[Member]) -> list[bytes]:
+    """The members' channels, once each, in order."""
+    return list(dict.fromkeys(m.channel for m in members))
+
+
 def _hmget(key: str) -> Command:
     return Command(("HMGET", key, "epoch", "seq"))
 
@@ -235,7 +242,20 @@ class _ListenerBase:
         self.restarts = 0
         self.started = False
         self.parked = threading.Event()  # tests: set while a stalled listener waits
+        if router is not None:
+            self.hub.learn = self._learn_moved
         _LISTENERS.add(self)
+
+    def _learn_moved(self, slot: int, where: str) -> None:
+        host, _, port = where.rpartition(":")
+        if port.isdigit():
+            self.router.table.moved(slot, (host, int(port)))
+
+    def _elsewhere(self, member: Member) -> bool:
+        """On a Cluster: whether the map's slot now lives on another master than ours."""
+        if self.router is None or self.home is None or member.slot is None:
+            return False
+        return bool(self.router.table.owner(member.slot) != self.home)
 
     @property
     def states(self) -> list[Coherence]:
@@ -262,10 +282,7 @@ class _ListenerBase:
         """On a Cluster: the maps whose slot the table now gives to another master."""
         if self.router is None or self.home is None:
             return []
-        table = self.router.table
-        return [
-            m for m in self.hub.members if m.slot is not None and table.owner(m.slot) != self.home
-        ]
+        return [m for m in self.hub.members if self._elsewhere(m)]
 
     def _hand_over(self, members: list[Member]) -> None:
         """Give each map whose slot moved to the listener of its new master (no lock held)."""
@@ -451,6 +468,15 @@ class SyncListener(_ListenerBase):
                 return conn.send_command("PING", op.token, check_health=False)
         if isinstance(op, Sleep):
             self.closing.wait(op.seconds)
+            return None
+        if isinstance(op, Resubscribe):
+            with self.lock:
+                lost = self.hub.take_lost()
+            self._hand_over([m for m in lost if self._elsewhere(m)])
+            with self.lock:
+                if self.pubsub is not None:
+                    for channel in _channels_of(m for m in lost if not self._elsewhere(m)):
+                        self._send_locked("SSUBSCRIBE", channel)
             return None
         if isinstance(op, Subscribe):
             self._hand_over(self._strangers())
@@ -717,7 +743,12 @@ class _RawSubscriber:
             elif isinstance(reply, hiredis.ReplyError):
                 text = str(reply)
                 if text.startswith("MOVED "):  # a Cluster: the slot's owner is another master
-                    raise MovedError(text[len("MOVED ") :])
+                    slot, _, where = text[len("MOVED ") :].partition(" ")
+                    if hub.learn is None or not slot.isdigit():
+                        raise MovedError(text[len("MOVED ") :])
+                    hub.learn(int(slot), where)  # (the map subscribes there: Resubscribe)
+                    hub.on_moved(int(slot))
+                    continue
                 raise redis.ResponseError(f"subscriber connection: {text}")
         return count
 
@@ -885,6 +916,13 @@ class AsyncListener(_ListenerBase):
             return await conn.send_command("PING", op.token, check_health=False)
         if isinstance(op, Sleep):
             await asyncio.sleep(op.seconds)
+            return None
+        if isinstance(op, Resubscribe):  # (as SyncListener's)
+            lost = self.hub.take_lost()
+            self._hand_over([m for m in lost if self._elsewhere(m)])
+            if self.pubsub is not None:
+                for channel in _channels_of(m for m in lost if not self._elsewhere(m)):
+                    await self._send("SSUBSCRIBE", channel)
             return None
         if isinstance(op, Subscribe):
             self._hand_over(self._strangers())

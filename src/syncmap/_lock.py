@@ -62,6 +62,7 @@ from ._core.ops import Flow
 from ._core.retry import NoRetry, RetryStrategy, check_backoff, check_strategy
 from ._driver import AsyncDriver, SyncDriver
 from ._errors import InvalidArgument, LockLost, LockNotHeld, NotObtained
+from ._stats import registry
 
 if TYPE_CHECKING:
     from ._node import AsyncNode, Node
@@ -206,8 +207,25 @@ class _LockBase(Generic[N]):
         if self._state.token != token:
             return
         self._lost_token = token
+        registry.lock(self.key).lost_hold()
         if self._on_lost is not None:
             self._on_lost(self)
+
+    def _acquired(self, token: str, started: float) -> None:
+        self._last_token = token
+        registry.lock_acquired(self.key, time.monotonic() - started)
+
+    @contextlib.contextmanager
+    def _releasing(self) -> Iterator[None]:
+        """Around a release: a hold found gone (expired or taken) is a lost hold, unless the
+        watchdog counted it already."""
+        token = self._state.token
+        try:
+            yield
+        except LockNotHeld:
+            if token is not None and self._lost_token != token:
+                registry.lock(self.key).lost_hold()
+            raise
 
     @contextlib.contextmanager
     def _leaving(self, exc: BaseException | None) -> Iterator[None]:
@@ -251,6 +269,7 @@ class Lock(_LockBase["Node"]):
         return self._acquire(*self._plan(blocking, timeout))
 
     def _acquire(self, token: str, backoffs: Iterator[float], deadline: float | None) -> bool:
+        started = time.monotonic()
         try:
             got = self._run(self._acquire_flow(token, backoffs, deadline))
         except BaseException:
@@ -259,7 +278,7 @@ class Lock(_LockBase["Node"]):
                     self._run(leave_flow(self._state, token))
             raise
         if got:
-            self._last_token = token
+            self._acquired(token, started)
             if self._auto_renew:
                 self._start_watchdog(token)
         return got
@@ -267,7 +286,8 @@ class Lock(_LockBase["Node"]):
     def release(self) -> None:
         """Release; raises :class:`LockNotHeld` if it expired or was taken meanwhile."""
         stop = self._stop
-        self._run(release_flow(self._state))
+        with self._releasing():
+            self._run(release_flow(self._state))
         if stop is not None:
             stop.set()
 
@@ -336,6 +356,7 @@ class AsyncLock(_LockBase["AsyncNode"]):
         return await self._acquire(*self._plan(blocking, timeout))
 
     async def _acquire(self, token: str, backoffs: Iterator[float], deadline: float | None) -> bool:
+        started = time.monotonic()
         try:
             got = await self._run(self._acquire_flow(token, backoffs, deadline))
         except BaseException:
@@ -345,7 +366,7 @@ class AsyncLock(_LockBase["AsyncNode"]):
                     await asyncio.shield(cleanup)
             raise
         if got:
-            self._last_token = token
+            self._acquired(token, started)
             if self._auto_renew:
                 self._watch_task = asyncio.create_task(self._watch(token))
         return got
@@ -360,7 +381,8 @@ class AsyncLock(_LockBase["AsyncNode"]):
 
     async def release(self) -> None:
         task = self._watch_task
-        await self._run(release_flow(self._state))
+        with self._releasing():
+            await self._run(release_flow(self._state))
         if task is not None:
             task.cancel()
 

@@ -8,11 +8,14 @@ number (``seq``), writes the entry and publishes ``epoch seq op key`` on the map
 atomically; a write of a value with no TTL whose encoding is at most ``push_values`` bytes
 (default 4096; 0: never) carries that payload in the message too. The ``epoch`` is a random
 id created with the map's server-side metadata: a server restart without persistence, or
-FLUSHALL, yields a new one. Each map keeps a local copy; a node keeps one listener per
-server (per master on a Cluster) for all its maps: one subscriber connection, one thread (one
-task under asyncio), every map's channel SSUBSCRIBEd on it and its messages dispatched to
-that map. Closing a map unsubscribes its channel only; closing the node closes the
-listeners. Call the moment a write's call returns "acknowledged".
+FLUSHALL, yields a new one. A bulk write (``update``, ``set_many``, ``delete_many``) is one
+script per chunk of up to 500 keys, all chunks sent in one round trip: each key written (or
+deleted) gets its own seq, and one message ``epoch seq B changes`` carries the chunk's
+consecutive changes, applied one by one under the same rules. Each map keeps a local copy; a
+node keeps one listener per server (per master on a Cluster) for all its maps: one subscriber
+connection, one thread (one task under asyncio), every map's channel SSUBSCRIBEd on it and its
+messages dispatched to that map. Closing a map unsubscribes its channel only; closing the node
+closes the listeners. Call the moment a write's call returns "acknowledged".
 
 1. **Read-your-writes.** A node's own acknowledged write is installed in its local copy with
    that write's ``seq`` (or, if a newer change of that key was seen meanwhile, not at all and
@@ -29,7 +32,8 @@ listeners. Call the moment a write's call returns "acknowledged".
    so a task spinning on ``get`` does not starve the listener task; a read more than 1 ms
    after the last such turn (the loop was blocked, e.g. by a GC pause) first applies what
    waits on the subscriber socket.
-3. **No fill race.** A fetch (or write) first reserves the key with a placeholder; a change
+3. **No fill race.** A fetch (or write; ``get_many``'s misses and the keys of a bulk write
+   each) first reserves the key with a placeholder; a change
    message only marks the placeholder (a carried value is not installed in it); the fetched
    value is installed only if nothing newer than the read was marked on it, the copy was not
    reset meanwhile, and the key holds its placeholder or an older entry (concurrent fetches
@@ -42,7 +46,8 @@ listeners. Call the moment a write's call returns "acknowledged".
    (below) ahead of the applied one drops that map's local copy *before its next local read
    is served*; a lost subscriber connection, a flush of the server (below) or a stalled
    probe drops the copy of every map of that connection. Nothing is cached again until a
-   probe has set a new base. Foreign messages on the channel are logged and skipped.
+   probe has set a new base. Foreign messages on the channel are logged and skipped. Each
+   change of a batch message counts as one message here.
 5. **Bounded staleness.** Every ``max_staleness / 3`` (the smallest of the node's maps on
    that server) the listener PINGs over the subscriber connection at ``t0``; when the PONG
    arrives, every change published to any channel of that connection before the server
@@ -52,7 +57,9 @@ listeners. Call the moment a write's call returns "acknowledged".
    the changes seen meanwhile. A local read is served only within the map's own
    ``max_staleness`` of the last proof; past it, it goes to the server
    (``on_stale="server"``, the default) or raises :class:`~syncmap.StaleRead`
-   (``on_stale="raise"``). A stalled listener, a half-open connection or a paused server
+   (``on_stale="raise"``). (A blocking map's hit reads the clock once and compares it with
+   one deadline: the earlier of the end of this bound and its next turn to apply waiting
+   messages, see 2.) A stalled listener, a half-open connection or a paused server
    therefore never yields a read more than ``max_staleness`` old. At idle a node costs each
    server one PING and one HMGET per interval, however many maps it has (if the server sends
    flush notices, below).
@@ -61,8 +68,11 @@ listeners. Call the moment a write's call returns "acknowledged".
    it is still current, else the value is fetched. Linearizable.
 7. **Atomic operations** run on the server: ``compare_and_set`` (equality of values; bytes
    first, then the record's version), ``update_item`` (optimistic: read, ``fn``, write if the
-   record's version is unchanged, retried), ``setdefault``, ``pop``, ``incr`` (server-side for
-   the JSON and msgpack codecs, counters up to 2**53).
+   record's version is unchanged, retried), ``setdefault``, ``add`` (write if absent),
+   ``pop``, ``incr`` (server-side for the JSON and msgpack codecs and codecs that store ints
+   as JSON numbers, counters up to 2**53), ``touch`` (a new TTL for an existing entry: a
+   write with its own seq and change message, so no node keeps the entry past its new
+   expiry).
 8. **Single flight.** ``get_or_load(k, loader)`` takes a load lock in the map's hash slot
    (``SET NX PX timeout``); the one node that gets it runs ``loader`` and writes the value
    (releasing the lock in the same script); the others poll (2 ms doubling to 50 ms) until the
@@ -145,15 +155,18 @@ import time
 from collections.abc import (
     AsyncIterator,
     Callable,
+    Coroutine,
     ItemsView,
+    Iterable,
     Iterator,
     Mapping,
     MutableMapping,
     ValuesView,
 )
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final, TypeVar
+from typing import TYPE_CHECKING, Any, Final, ParamSpec, TypeVar
 
+from ._cached import AsyncCachedFunction, CachedFunction, cached, cached_async
 from ._cluster import key_slot
 from ._codec import Codec, get_codec
 from ._core.coherence import ABSENT, Change, Coherence, Entry
@@ -164,6 +177,7 @@ from ._driver import AsyncDriver, SyncDriver
 from ._errors import InvalidArgument, NodeForked, StaleRead
 from ._listener import READERS_ACTIVE, AsyncListener, SyncListener
 from ._local import SafeHashMap
+from ._stats import registry
 
 if TYPE_CHECKING:
     from ._node import AsyncNode, Node
@@ -171,6 +185,8 @@ if TYPE_CHECKING:
 __all__ = ["AsyncSyncMap", "MapChange", "MapStats", "SyncMap"]
 
 T = TypeVar("T")
+P = ParamSpec("P")
+R = TypeVar("R")
 _MISSING: Any = object()
 DEFAULT_MAXSIZE: Final = 100_000
 DEFAULT_PUSH_VALUES: Final = 4096  # bytes: writes of values up to this size carry them
@@ -334,7 +350,7 @@ class _MapBase:
         self.name = name
         self.node = node
         self._store: SafeHashMap[str, Any] = SafeHashMap(maxsize)
-        self._store_get = self._store.get
+        self._lru = maxsize is not None  # the store is an OrderedDict: a hit moves its key
         self._clock = time.monotonic
         self._max_staleness = float(max_staleness)
         self._raise_stale = on_stale == "raise"
@@ -363,6 +379,7 @@ class _MapBase:
         self._hits = 0
         self._misses = 0
         self._closed = False
+        registry.add_map(self)  # (for syncmap.metrics: read at collect time)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r} on {self.node.address}>"
@@ -379,8 +396,15 @@ class _MapBase:
                 return entry.value
             if self._raise_stale:
                 raise StaleRead(self._stale_message())
-        self._misses += 1
         return _MISSING
+
+    def _local_read(self, key: Any) -> Any:
+        """:meth:`_local` for a read that goes to the server when the key is not cached (a
+        miss is counted)."""
+        value = self._local(key)
+        if value is _MISSING:
+            self._misses += 1
+        return value
 
     def _stale_message(self) -> str:
         age = self._clock() - self._state.verified_at
@@ -413,6 +437,7 @@ class _MapBase:
     def _closing(self) -> None:
         self._closed = True
         self._state.resync(None)  # nothing is served or installed locally after close
+        registry.retire_map(self)
 
 
 class SyncMap(_MapBase, MutableMapping[str, Any]):
@@ -425,6 +450,7 @@ class SyncMap(_MapBase, MutableMapping[str, Any]):
         self._listener: SyncListener = node._listener_for(self._member.slot, self._listener_timeout)
         self._member.relisten = self._relisten
         self._next_poll = 0.0  # the read path applies waiting change messages from then on
+        self._read_until = -math.inf  # a local hit is served without more checks until then
         self._next_op_poll = 0.0  # the same before a server operation (less often: batches)
         self._op_poll_by = 0.0  # ... and not skipped past this time
         self._quiet = False  # the running operation came after a quiet spell (no polling)
@@ -472,26 +498,81 @@ class SyncMap(_MapBase, MutableMapping[str, Any]):
 
     # ---- reads ----
 
+    # The hit path of get and [] reads the local store's dict in place, without a call into
+    # it: SafeHashMap.get's lock-free read (see _local.py: the lookup, the entry's deadline,
+    # the LRU touch). It reads the clock once and compares it with one deadline, _read_until:
+    # the earlier of the next poll and fresh_until, as _read last saw them. That deadline can
+    # only be early, never late: the next poll only moves later, and fresh_until only grows,
+    # except when the copy is dropped (Coherence._resync), which empties the store, and
+    # nothing is installed in it again before a new proof moves fresh_until past the old one.
+    # It serves only a value that is not ABSENT, and a Placeholder's value is ABSENT: no
+    # type check. Past the deadline, on a miss, a placeholder or a cached absence, _read
+    # does the rest.
+
     def get(self, key: Any, default: Any = None, fresh: bool = False) -> Any:
         """The value of ``key`` (``default`` if absent): local when fresh, else the server's.
         ``fresh=True``: linearizable, at the cost of one small round trip."""
+        data = self._store._data
+        try:
+            entry, expires = data[key]
+        except (KeyError, TypeError):  # (unhashable: _read names the error)
+            return self._read(key, default, fresh)
+        now = self._clock()
+        if now < self._read_until and now < expires and not fresh:
+            value = entry.value
+            if value is not ABSENT:
+                if self._lru:
+                    try:  # noqa: SIM105 (contextlib.suppress costs more on this hot path)
+                        data.move_to_end(key)  # type: ignore[attr-defined]
+                    except KeyError:  # a writer removed it since our read: the read stands
+                        pass
+                self._hits += 1
+                return value
+        return self._read(key, default, fresh)
+
+    def __getitem__(self, key: str) -> Any:
+        data = self._store._data
+        try:
+            entry, expires = data[key]
+        except (KeyError, TypeError):
+            entry, expires = None, 0.0
+        now = self._clock()
+        if now < self._read_until and now < expires:  # as in get
+            value = entry.value
+            if value is not ABSENT:
+                if self._lru:
+                    try:  # noqa: SIM105
+                        data.move_to_end(key)  # type: ignore[attr-defined]
+                    except KeyError:
+                        pass
+                self._hits += 1
+                return value
+        value = self._read(key, _MISSING, False)
+        if value is _MISSING:
+            raise KeyError(key)
+        return value
+
+    def _read(self, key: Any, default: Any, fresh: bool) -> Any:
+        """``get`` past the hit path: applies the waiting change messages when a poll is due
+        (then reads again), and sets the hit path's deadline; else goes to the server."""
         if not fresh:
             try:
-                entry = self._store_get(key)
+                entry = self._store.get(key)
             except TypeError:
                 entry = None
             if entry.__class__ is Entry:
                 now = self._clock()
-                if now <= self._state.fresh_until:
-                    if now < self._next_poll:
-                        self._hits += 1
-                        value = entry.value
-                        return default if value is ABSENT else value
-                    # due: apply waiting change messages here (see _listener), then read again
-                    self._next_poll = now + POLL_INTERVAL
-                    self._listener.poll(now)
-                    entry = self._store_get(key)
-                    if entry.__class__ is Entry and self._clock() <= self._state.fresh_until:
+                fresh_until = self._state.fresh_until
+                if now <= fresh_until:
+                    if now >= self._next_poll:
+                        # due: apply waiting change messages here (see _listener), read again
+                        self._next_poll = now + POLL_INTERVAL
+                        self._listener.poll(now)
+                        entry = self._store.get(key)
+                        now = self._clock()
+                        fresh_until = self._state.fresh_until
+                    self._read_until = min(self._next_poll, fresh_until)
+                    if entry.__class__ is Entry and now <= fresh_until:
                         self._hits += 1
                         value = entry.value
                         return default if value is ABSENT else value
@@ -499,12 +580,6 @@ class SyncMap(_MapBase, MutableMapping[str, Any]):
                     raise StaleRead(self._stale_message())
         self._misses += 1
         return self._run(self._core.get(key, default, fresh))
-
-    def __getitem__(self, key: str) -> Any:
-        value = self.get(key, _MISSING)
-        if value is _MISSING:
-            raise KeyError(key)
-        return value
 
     def __contains__(self, key: object) -> bool:
         return self.get(key, _MISSING) is not _MISSING
@@ -549,10 +624,29 @@ class SyncMap(_MapBase, MutableMapping[str, Any]):
         return self._run(self._core.popitem(guard))
 
     def update(self, other: Any = (), /, **kwargs: Any) -> None:
-        """Write every pair (a mapping, pairs, keywords), as ``dict.update``. All keys and
-        values are checked and encoded before the first write: bad input writes nothing.
-        Each pair is its own write, not atomic together."""
-        self._run(self._core.update(_pairs(other, kwargs)))
+        """Write every pair (a mapping, pairs, keywords), as ``dict.update``: a bulk write
+        (see :meth:`set_many`) with the map's TTL."""
+        self._run(self._core.set_many(_pairs(other, kwargs), None))
+
+    def set_many(self, pairs: Any, ttl: float | None = None) -> None:
+        """Write every pair of ``pairs`` (a mapping or ``(key, value)`` pairs); ``ttl`` in
+        seconds (default: the map's). One round trip for the whole batch; every key and value
+        is checked and encoded first (bad input writes nothing); each pair is its own change,
+        with its own version, as if written by :meth:`set` in turn."""
+        self._run(self._core.set_many(_pairs(pairs, {}), ttl))
+
+    def get_many(self, keys: Iterable[str]) -> dict[str, Any]:
+        """The keys of ``keys`` that have a value, with it: local entries from the local copy,
+        the others fetched in one round trip (and cached, as :meth:`get` does)."""
+        now = self._clock()
+        if now >= self._next_poll:  # apply waiting change messages first (as get does)
+            self._next_poll = now + POLL_INTERVAL
+            self._listener.poll(now)
+        return self._run(self._core.get_many(keys, self._local_read, _MISSING))
+
+    def delete_many(self, keys: Iterable[str]) -> int:
+        """Remove every key of ``keys`` in one round trip; how many existed."""
+        return self._run(self._core.delete_many(keys))
 
     def items(self) -> ItemsView[str, Any]:
         return _Items(self)
@@ -583,9 +677,19 @@ class SyncMap(_MapBase, MutableMapping[str, Any]):
         ``fn`` may run more than once under contention. Returns the new value."""
         return self._run(self._core.update_item(key, fn, default, ttl, guard))
 
-    def incr(self, key: str, amount: int = 1, *, guard: Any = None) -> int:
-        """Atomically add ``amount`` to the integer counter ``key`` (absent: 0)."""
-        return self._run(self._core.incr(key, amount, guard))
+    def incr(self, key: str, amount: int = 1, *, guard: Any = None, create: bool = True) -> int:
+        """Atomically add ``amount`` to the integer counter ``key`` (absent: 0, or
+        :class:`KeyError` with ``create=False``)."""
+        return self._run(self._core.incr(key, amount, guard, create))
+
+    def add(self, key: str, value: Any, ttl: float | None = None, *, guard: Any = None) -> bool:
+        """Write ``key`` only if it is absent (atomically); True if this call wrote it."""
+        return self._run(self._core.add(key, value, ttl, guard))
+
+    def touch(self, key: str, ttl: float | None = None, *, guard: Any = None) -> bool:
+        """Give an existing ``key`` a new TTL (seconds; None: the map's default, if any, else
+        no expiry), atomically; False if it is absent."""
+        return self._run(self._core.touch(key, ttl, guard))
 
     def get_or_load(
         self, key: str, loader: Callable[[], Any], ttl: float | None = None, timeout: float = 10.0
@@ -596,6 +700,21 @@ class SyncMap(_MapBase, MutableMapping[str, Any]):
         if value is not _MISSING:
             return value
         return self._run(self._core.get_or_load(key, loader, ttl, timeout))
+
+    def cached(
+        self,
+        ttl: float | None = None,
+        *,
+        key: str | Callable[..., str] | None = None,
+        timeout: float = 10.0,
+        early_refresh: float | None = None,
+    ) -> Callable[[Callable[P, R]], CachedFunction[P, R]]:
+        """Decorate a function: its results live in this map, one entry per call's key
+        (module, qualified name and arguments; or ``key=``, a template or a callable), each
+        loaded once across all nodes (:meth:`get_or_load`); ``early_refresh`` (XFetch's
+        beta, with a ``ttl``): recompute hot entries in the background before they expire.
+        See :mod:`syncmap._cached`."""
+        return cached(self, ttl, key, timeout, early_refresh)
 
     def watch(self, timeout: float | None = None) -> Iterator[MapChange]:
         """Yield the map's changes as this node's listener receives them, for ``timeout``
@@ -686,6 +805,7 @@ class AsyncSyncMap(_MapBase):
             value = self._local(key)
             if value is not _MISSING:
                 return default if value is ABSENT else value
+        self._misses += 1
         return await self._run(self._core.get(key, default, fresh))
 
     async def contains(self, key: Any) -> bool:
@@ -720,7 +840,22 @@ class AsyncSyncMap(_MapBase):
 
     async def update(self, other: Any = (), /, **kwargs: Any) -> None:
         """As :meth:`SyncMap.update`."""
-        await self._run(self._core.update(_pairs(other, kwargs)))
+        await self._run(self._core.set_many(_pairs(other, kwargs), None))
+
+    async def set_many(self, pairs: Any, ttl: float | None = None) -> None:
+        """As :meth:`SyncMap.set_many`."""
+        await self._run(self._core.set_many(_pairs(pairs, {}), ttl))
+
+    async def get_many(self, keys: Iterable[str]) -> dict[str, Any]:
+        """As :meth:`SyncMap.get_many`."""
+        if self._clock() >= self._next_yield:  # let the listener task apply what waits
+            self._next_yield = self._clock() + YIELD_INTERVAL
+            await asyncio.sleep(0)
+        return await self._run(self._core.get_many(keys, self._local_read, _MISSING))
+
+    async def delete_many(self, keys: Iterable[str]) -> int:
+        """As :meth:`SyncMap.delete_many`."""
+        return await self._run(self._core.delete_many(keys))
 
     async def items(self) -> list[tuple[str, Any]]:
         """``(key, value)`` pairs: the keys are listed first, then each value is read; a key
@@ -754,8 +889,18 @@ class AsyncSyncMap(_MapBase):
     ) -> Any:
         return await self._run(self._core.update_item(key, fn, default, ttl, guard))
 
-    async def incr(self, key: str, amount: int = 1, *, guard: Any = None) -> int:
-        return await self._run(self._core.incr(key, amount, guard))
+    async def incr(
+        self, key: str, amount: int = 1, *, guard: Any = None, create: bool = True
+    ) -> int:
+        return await self._run(self._core.incr(key, amount, guard, create))
+
+    async def add(
+        self, key: str, value: Any, ttl: float | None = None, *, guard: Any = None
+    ) -> bool:
+        return await self._run(self._core.add(key, value, ttl, guard))
+
+    async def touch(self, key: str, ttl: float | None = None, *, guard: Any = None) -> bool:
+        return await self._run(self._core.touch(key, ttl, guard))
 
     async def get_or_load(
         self, key: str, loader: Callable[[], Any], ttl: float | None = None, timeout: float = 10.0
@@ -765,6 +910,17 @@ class AsyncSyncMap(_MapBase):
         if value is not _MISSING:
             return value
         return await self._run(self._core.get_or_load(key, loader, ttl, timeout))
+
+    def cached(
+        self,
+        ttl: float | None = None,
+        *,
+        key: str | Callable[..., str] | None = None,
+        timeout: float = 10.0,
+        early_refresh: float | None = None,
+    ) -> Callable[[Callable[P, Coroutine[Any, Any, R]]], AsyncCachedFunction[P, R]]:
+        """As :meth:`SyncMap.cached`, for ``async def`` functions."""
+        return cached_async(self, ttl, key, timeout, early_refresh)
 
     async def watch(self, timeout: float | None = None) -> AsyncIterator[MapChange]:
         """As :meth:`SyncMap.watch`: ``async for change in m.watch(timeout=...)``."""

@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from typing import Any, Final, Protocol, overload
+from typing import Any, ClassVar, Final, Protocol, overload
 
 __all__ = [
     "ABSENT",
@@ -39,6 +39,7 @@ __all__ = [
     "LocalStore",
     "Placeholder",
     "parse_change",
+    "parse_changes",
 ]
 
 log = logging.getLogger("syncmap.map")
@@ -71,9 +72,12 @@ class Entry:
 
 
 class Placeholder:
-    """A reservation for a fetch or write in flight; change messages mark it (``max_seq``)."""
+    """A reservation for a fetch or write in flight; change messages mark it (``max_seq``).
+    Its ``value`` is ``ABSENT``, as a cached miss's: a read that serves only an entry whose
+    value is not ``ABSENT`` (the map's hit path) needs no type check."""
 
     __slots__ = ("generation", "max_seq")
+    value: ClassVar[_Absent] = ABSENT
 
     def __init__(self, generation: int) -> None:
         self.generation = generation
@@ -124,6 +128,9 @@ class Change:
 MAGIC: Final = b"SM1 "
 
 
+_BATCH_OPS: Final = {ord("S"): "S", ord("D"): "D", ord("V"): "S"}
+
+
 class MalformedChange(ValueError):
     """A message that claims to be ours (magic prefix) but cannot be decoded."""
 
@@ -152,6 +159,43 @@ def parse_change(data: bytes) -> Change | None:
         )
     except UnicodeDecodeError as exc:
         raise MalformedChange(f"undecodable change message: {exc}") from None
+
+
+def parse_changes(data: bytes) -> list[Change] | None:
+    """The changes of one message, as :func:`parse_change`; a batch message
+    ``SM1 <epoch> <seq> B <changes>`` holds consecutive changes from ``seq`` on, each
+    ``S<len(key)> <key>``, ``D<len(key)> <key>`` or ``V<len(key)> <key><len(value)> <value>``."""
+    if data[:4] != MAGIC or data.split(b" ", 4)[3:4] != [b"B"]:
+        change = parse_change(data)
+        return None if change is None else [change]
+    _, epoch_b, seq_b, _, body = data.split(b" ", 4)
+    if not seq_b.isdigit() or not epoch_b or not body:
+        raise MalformedChange("bad seq, epoch or body in a batch change message")
+    try:
+        epoch = epoch_b.decode("ascii")
+        changes = []
+        seq, pos, end = int(seq_b), 0, len(body)
+        while pos < end:
+            kind = body[pos]
+            sp = body.index(b" ", pos + 1)
+            size = body[pos + 1 : sp]
+            pos = sp + 1 + int(size)
+            if not size.isdigit() or pos > end:
+                raise ValueError("bad key length")
+            key = body[sp + 1 : pos].decode("utf-8")
+            value = None
+            if kind == 86:  # V: a value follows
+                sp = body.index(b" ", pos)
+                size = body[pos:sp]
+                pos = sp + 1 + int(size)
+                if not size.isdigit() or pos > end:
+                    raise ValueError("bad value length")
+                value = body[sp + 1 : pos]
+            changes.append(Change(epoch, seq, _BATCH_OPS[kind], key, value))
+            seq += 1
+    except (KeyError, ValueError, IndexError, UnicodeDecodeError) as exc:
+        raise MalformedChange(f"undecodable batch change message: {exc}") from None
+    return changes
 
 
 class Coherence:
@@ -314,41 +358,49 @@ class Coherence:
             self._resync("disconnect")
 
     def on_message(self, data: bytes) -> None:
-        """One message from the map's channel."""
+        """One message from the map's channel (one change, or a batch of consecutive ones)."""
         try:
-            change = parse_change(data)
+            changes = parse_changes(data)
         except MalformedChange as exc:
             log.warning("malformed change message on %r: %s; dropping the local copy", data, exc)
             with self.mutex:
                 self._resync("malformed")
             return
-        if change is None:
+        if changes is None:
             log.warning("skipped a message that is not syncmap's: %r", data[:200])
             self.skipped += 1
             return
-        for watcher in self.watchers:
-            watcher(change)
+        for change in changes:
+            for watcher in self.watchers:
+                watcher(change)
         with self.mutex:
-            self.invalidations += 1
-            if not self.synced:
-                if self.probe_token is not None:  # on_pong sorts out what the probe's read saw
-                    if len(self._seen) >= self.SEEN_LIMIT:
-                        self._resync(None)
-                    else:
-                        self._seen.append((change.epoch, change.seq))
-                return
-            if change.epoch != self.epoch and not self._adopt_first_epoch(change.epoch, change.seq):
-                self._resync("epoch")
-                return
-            if change.seq != self.applied + 1:
-                self._resync("gap" if change.seq > self.applied else "seq_regress")
-                return
-            self.applied = change.seq
-            if change.op == "C":
-                self.generation += 1
-                self.store.clear()
-                return
-            self._apply(change)
+            for change in changes:
+                if not self._on_change(change):
+                    return
+
+    def _on_change(self, change: Change) -> bool:
+        """(mutex held) One change; False when the rest of its message is moot (resync)."""
+        self.invalidations += 1
+        if not self.synced:
+            if self.probe_token is not None:  # on_pong sorts out what the probe's read saw
+                if len(self._seen) >= self.SEEN_LIMIT:
+                    self._resync(None)
+                    return False
+                self._seen.append((change.epoch, change.seq))
+            return True
+        if change.epoch != self.epoch and not self._adopt_first_epoch(change.epoch, change.seq):
+            self._resync("epoch")
+            return False
+        if change.seq != self.applied + 1:
+            self._resync("gap" if change.seq > self.applied else "seq_regress")
+            return False
+        self.applied = change.seq
+        if change.op == "C":
+            self.generation += 1
+            self.store.clear()
+            return True
+        self._apply(change)
+        return True
 
     def _apply(self, change: Change) -> None:
         """A change of one key at seq ``s``: an entry older than ``s`` takes the new state if

@@ -22,7 +22,7 @@ from .._errors import (
 )
 from .coherence import ABSENT, Coherence, Entry, Placeholder
 from .keys import MapKeys
-from .ops import Command, Op, Script, Sleep
+from .ops import Batch, Command, Op, Script, Sleep
 
 __all__ = ["Call", "MapCore", "MapFlow", "MapOp", "parse_record"]
 
@@ -30,6 +30,9 @@ T = TypeVar("T")
 RECORD_MAGIC: Final = b"SM\x01"
 _SCALARS: Final = (str, int, float, bool, type(None))
 _NO_INSTALL: Any = object()
+BATCH_KEYS: Final = 500  # keys per script of a bulk operation (the scripts of one call share a
+# round trip; a script holds the server for ~0.3-1 ms of others' commands)
+BATCH_BYTES: Final = 256 * 1024  # ... and at most this many payload bytes (its change message)
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +82,32 @@ def _member(member: Any) -> str:
     return member.decode("utf-8") if isinstance(member, bytes) else str(member)
 
 
+def _chunks(items: list[T], size_of: Callable[[T], int] | None = None) -> list[list[T]]:
+    """``items`` cut into the chunks of a bulk operation: at most :data:`BATCH_KEYS` items,
+    and at most :data:`BATCH_BYTES` by ``size_of`` (a single larger item is a chunk alone)."""
+    if size_of is None:
+        return [items[i : i + BATCH_KEYS] for i in range(0, len(items), BATCH_KEYS)]
+    chunks: list[list[T]] = []
+    current: list[T] = []
+    size = 0
+    for item in items:
+        n = size_of(item)
+        if current and (len(current) >= BATCH_KEYS or size + n > BATCH_BYTES):
+            chunks.append(current)
+            current, size = [], 0
+        current.append(item)
+        size += n
+    if current:
+        chunks.append(current)
+    return chunks
+
+
+def _key_list(keys: object, what: str) -> list[Any]:
+    if isinstance(keys, str | bytes) or not isinstance(keys, Iterable):
+        raise InvalidArgument(f"{what} takes an iterable of keys, not {type(keys).__name__}")
+    return list(keys)
+
+
 def _check_ttl(ttl: object) -> float:
     if isinstance(ttl, bool) or not isinstance(ttl, int | float):
         raise InvalidArgument(f"ttl must be a number of seconds or None, not {type(ttl).__name__}")
@@ -114,7 +143,11 @@ class MapCore:
         self.push_values = push_values  # payloads up to this size ride in change messages
         self.fill_hook: Callable[[str], Any] | None = None  # tests: runs between fetch and install
         self._copy_scalars = codec.name in ("json", "msgpack")
-        self.incr_codec = codec.name if codec.name in ("json", "msgpack") else None
+        # incr runs on the server when the codec stores ints as JSON or msgpack numbers: the
+        # json and msgpack codecs, or a codec that says so (``counters = "json"``)
+        counters = codec.name if codec.name in ("json", "msgpack") else None
+        counters = getattr(codec, "counters", counters)
+        self.incr_codec = counters if counters in ("json", "msgpack") else None
 
     # ---- input checks (before anything is sent) --------------------------------------------
 
@@ -259,14 +292,21 @@ class MapCore:
         state = self.state
         ph = state.begin_fill(k)
         started = state.clock()
+        script_keys: tuple[str, ...] = (keys.meta, keys.record(k), keys.idx)
+        args: tuple[Any, ...] = (op, k, self.new_token(), keys.channel, payload, px,
+                                 self.push_values)  # fmt: skip
+        if guard_keys or load_token:
+            script_keys += (keys.fences, keys.load(k), *guard_keys)
+            args += (expected, token, fence, load_token)
+        elif expected:
+            args += (expected,)
         try:
             reply = yield Script(
                 "map_write",
-                (keys.meta, keys.record(k), keys.idx, keys.fences, keys.load(k), *guard_keys),
-                (op, k, self.new_token(), keys.channel, payload, px, expected, token, fence,
-                 load_token, self.push_values),
+                script_keys,
+                args,
                 idempotent=False,  # an incr sent twice counts twice: never resent blindly
-            )  # fmt: skip
+            )
             epoch, seq, status, record = _text(reply[0]), int(reply[1]), int(reply[2]), reply[3]
             if status == -1:
                 raise GuardRejected(
@@ -300,15 +340,149 @@ class MapCore:
             "set", k, payload=payload, px=px, guard=guard, install=lambda status, rec: keep
         )
 
-    def update(self, pairs: Iterable[tuple[object, Any]]) -> MapFlow[None]:
-        """Write each pair in turn. Every key and value is checked and encoded before the
-        first write, so bad input writes nothing. Each pair is its own write (not atomic
-        together): a server failure part-way leaves the earlier pairs written."""
-        checked = [(self.check_key(key), value) for key, value in pairs]
-        encoded = [(k, value, self.encode(value)) for k, value in checked]
-        px = self.px(None)
-        for k, value, payload in encoded:
-            yield from self._set_encoded(k, value, payload, px)
+    def set_many(self, pairs: Iterable[tuple[object, Any]], ttl: float | None) -> MapFlow[None]:
+        """Write every pair: chunks of :data:`BATCH_KEYS` pairs, one ``map_set_many`` script
+        each, all in one round trip. Every key, value and the TTL is checked and encoded
+        before anything is sent, so bad input writes nothing. Each pair is its own change (its
+        own seq); a chunk is atomic, the chunks are not atomic together: a chunk that fails
+        on the server leaves the others written (the first failure is raised)."""
+        encoded = [(k, value, self.encode(value)) for k, value in
+                   [(self.check_key(key), value) for key, value in pairs]]  # fmt: skip
+        px = self.px(ttl)
+        if not encoded:
+            return
+        keys, state = self.keys, self.state
+        chunks = _chunks(encoded, lambda item: len(item[2]) + len(item[0]))
+        scripts = []
+        for chunk in chunks:
+            args: list[Any] = [self.new_token(), keys.channel, px, self.push_values]
+            for k, _, payload in chunk:
+                args += (k, payload)
+            records = [keys.record(k) for k, _, _ in chunk]
+            scripts.append(
+                Script("map_set_many", (keys.meta, keys.idx, *records), tuple(args), False)
+            )
+        phs = [state.begin_fill(k) for k, _, _ in encoded]
+        started = state.clock()
+        replies = yield from self._batch(scripts, encoded, phs)
+        failure, i = None, 0
+        for chunk, reply in zip(chunks, replies, strict=True):
+            if isinstance(reply, Exception):
+                failure = failure or reply
+                for k, _, _ in chunk:
+                    state.abort_fill(k, phs[i])
+                    i += 1
+                continue
+            epoch, seq, pttl = _text(reply[0]), int(reply[1]) - len(chunk), int(reply[2])
+            for k, value, payload in chunk:
+                seq += 1
+                self._install(k, phs[i], self.local_copy(value, payload), seq, epoch, pttl, started)
+                i += 1
+        if failure is not None:
+            raise failure
+
+    def _batch(
+        self, scripts: list[Script], items: list[Any], phs: list[Placeholder | None]
+    ) -> MapFlow[list[Any]]:
+        """Run ``scripts`` in one round trip; if that fails as a whole, the placeholders of
+        ``items`` (keys first) are given up."""
+        try:
+            replies = yield Batch(tuple(scripts))
+        except BaseException:
+            for item, ph in zip(items, phs, strict=True):
+                self.state.abort_fill(item if isinstance(item, str) else item[0], ph)
+            raise
+        return list(replies)
+
+    def get_many(
+        self, keys: object, local: Callable[[str], Any], missing: Any
+    ) -> MapFlow[dict[str, Any]]:
+        """The present keys of ``keys`` and their values: ``local(k)`` first (the map's local
+        read: the value, ``ABSENT``, or ``missing``), the others fetched in chunks of
+        :data:`BATCH_KEYS`, one ``map_get_many`` script each, all in one round trip, and
+        installed as single fetches are (placeholders: no fill race)."""
+        wanted = list(dict.fromkeys([self.check_key(k) for k in _key_list(keys, "get_many")]))
+        found: dict[str, Any] = {}
+        misses = []
+        for k in wanted:
+            value = local(k)
+            if value is missing:
+                misses.append(k)
+            elif value is not ABSENT:
+                found[k] = value
+        if not misses:
+            return found
+        state, meta, record = self.state, self.keys.meta, self.keys.record
+        phs = [state.begin_fill(k) for k in misses]
+        started = state.clock()
+        chunks = _chunks(misses)
+        replies = yield from self._batch(
+            [Script("map_get_many", (meta, *map(record, chunk)), ()) for chunk in chunks],
+            misses,
+            phs,
+        )
+        if self.fill_hook is not None:
+            for k in misses:
+                yield Call(self.fill_hook, (k,))
+        failure: BaseException | None = None
+        i = 0
+        for chunk, reply in zip(chunks, replies, strict=True):
+            for j, k in enumerate(chunk):
+                ph = phs[i + j]
+                try:
+                    if isinstance(reply, Exception):
+                        raise reply
+                    if reply[4][j]:
+                        raise CorruptData(f"map key {k!r} holds a non-string value (foreign data)")
+                    value = self.decode_value(reply[2][j])
+                except Exception as exc:
+                    failure = failure or exc
+                    state.abort_fill(k, ph)
+                    continue
+                self._install(k, ph, value, reply[1], _text(reply[0]), reply[3][j], started)
+                if value is not ABSENT:
+                    found[k] = value
+            i += len(chunk)
+        if failure is not None:
+            raise failure
+        return {k: found[k] for k in wanted if k in found}
+
+    def delete_many(self, keys: object) -> MapFlow[int]:
+        """Delete every key of ``keys`` (all checked before anything is sent); how many
+        existed. Chunks of :data:`BATCH_KEYS`, one ``map_delete_many`` script each, all in
+        one round trip; each deleted key is its own change."""
+        wanted = list(dict.fromkeys([self.check_key(k) for k in _key_list(keys, "delete_many")]))
+        if not wanted:
+            return 0
+        mk, state = self.keys, self.state
+        chunks = _chunks(wanted)
+        scripts = [
+            Script(
+                "map_delete_many",
+                (mk.meta, mk.idx, *map(mk.record, chunk)),
+                (self.new_token(), mk.channel, *chunk),
+                False,
+            )
+            for chunk in chunks
+        ]
+        phs = [state.begin_fill(k) for k in wanted]
+        started = state.clock()
+        replies = yield from self._batch(scripts, wanted, phs)
+        failure, count, i = None, 0, 0
+        for chunk, reply in zip(chunks, replies, strict=True):
+            for k in chunk:
+                if isinstance(reply, Exception):
+                    state.abort_fill(k, phs[i])
+                else:  # every key of the chunk is absent as of the script's seq
+                    self._install(k, phs[i], ABSENT, int(reply[1]), _text(reply[0]), -2, started)
+                i += 1
+            if isinstance(reply, Exception):
+                failure = failure or reply
+            else:
+                count += int(reply[2])
+        if failure is not None:
+            raise failure
+        return count
 
     def delete(self, key: object, guard: Any) -> MapFlow[bool]:
         k = self.check_key(key)
@@ -347,10 +521,18 @@ class MapCore:
         raise ServerError("popitem(): gave up after 64 rounds of keys deleted by others")
 
     def setdefault(self, key: object, default: Any, guard: Any = None) -> MapFlow[Any]:
-        k = self.check_key(key)
-        payload = self.encode(default)
-        px = self.px(None)
-        keep = self.local_copy(default, payload)
+        _, value = yield from self._setnx(self.check_key(key), default, self.px(None), guard)
+        return value
+
+    def add(self, key: object, value: Any, ttl: float | None, guard: Any = None) -> MapFlow[bool]:
+        """Write ``key`` only if it is absent; True if it was written."""
+        added, _ = yield from self._setnx(self.check_key(key), value, self.px(ttl), guard)
+        return added
+
+    def _setnx(self, k: str, value: Any, px: int, guard: Any) -> MapFlow[tuple[bool, Any]]:
+        """``(written, value now held)``: ``value`` if absent, else the existing one."""
+        payload = self.encode(value)
+        keep = self.local_copy(value, payload)
 
         def install(status: int, record: Any) -> Any:
             return keep if status == 1 else self.decode_value(record)
@@ -358,7 +540,20 @@ class MapCore:
         status, record = yield from self._write(
             "setnx", k, payload=payload, px=px, guard=guard, install=install
         )
-        return keep if status == 1 else self.decode_value(record)
+        return (True, keep) if status == 1 else (False, self.decode_value(record))
+
+    def touch(self, key: object, ttl: float | None, guard: Any = None) -> MapFlow[bool]:
+        """Give an existing entry a new expiry (``ttl`` None: the map's default, else none),
+        as a write (new seq, change message); False if ``key`` is absent."""
+        k = self.check_key(key)
+        status, _ = yield from self._write(
+            "touch", k, px=self.px(ttl), guard=guard, install=self._install_record
+        )
+        return status == 1
+
+    def _install_record(self, status: int, record: Any) -> Any:
+        """An ``install``: the record the script returned (incr, touch), if it wrote."""
+        return self.decode_value(record) if status == 1 else _NO_INSTALL
 
     def compare_and_set(
         self, key: object, expected: Any, new: Any, ttl: float | None, guard: Any
@@ -432,31 +627,32 @@ class MapCore:
                 yield Sleep(min(0.001 * attempt, 0.05))
         raise ServerError(f"update_item({k!r}): gave up after 64 conflicting attempts")
 
-    def incr(self, key: object, amount: int, guard: Any = None) -> MapFlow[int]:
+    def incr(
+        self, key: object, amount: int, guard: Any = None, create: bool = True
+    ) -> MapFlow[int]:
+        """Add ``amount`` to the counter ``key``: absent counts as 0 (``create``), else
+        :class:`KeyError`."""
         if isinstance(amount, bool) or not isinstance(amount, int) or abs(amount) >= 2**53:
             raise InvalidArgument(f"incr amount must be an int below 2**53, not {amount!r}")
         k = self.check_key(key)
         if self.incr_codec is None:
 
             def add(value: Any) -> int:
+                if value is ABSENT:
+                    raise KeyError(k)
                 if isinstance(value, bool) or not isinstance(value, int):
                     raise InvalidArgument(f"incr: the value of {k!r} is not an integer counter")
                 return value + amount
 
-            result = yield from self.update_item(k, add, 0, None, guard)
+            result = yield from self.update_item(k, add, 0 if create else ABSENT, None, guard)
             return int(result)
-        px = self.px(None)
-        box: list[int] = []
-
-        def install(status: int, record: Any) -> Any:
-            box.append(self.decode_value(record))
-            return box[0]
-
-        yield from self._write(
-            "incr", k, payload=str(amount).encode(), px=px, expected=self.incr_codec,
-            guard=guard, install=install,
+        status, record = yield from self._write(
+            "incr" if create else "incrx", k, payload=str(amount).encode(), px=self.px(None),
+            expected=self.incr_codec, guard=guard, install=self._install_record,
         )  # fmt: skip
-        return box[0]
+        if status != 1:
+            raise KeyError(k)
+        return int(self.decode_value(record))
 
     def get_or_load(
         self, key: object, loader: Callable[[], Any], ttl: float | None, timeout: float

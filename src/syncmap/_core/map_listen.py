@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -29,6 +29,7 @@ __all__ = [
     "PubsubPing",
     "ReadMetas",
     "Receive",
+    "Resubscribe",
     "Subscribe",
     "Unsubscribe",
     "apply_event",
@@ -48,6 +49,13 @@ class Subscribe:
     """Open a fresh subscriber connection: turn on ``CLIENT TRACKING`` (flush notices), then
     SSUBSCRIBE every channel registered with the hub (the runner asks :meth:`Hub.channels`
     under its lock, so that a map registering meanwhile is subscribed exactly once)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Resubscribe:
+    """SSUBSCRIBE again the maps whose subscription the server dropped (``Hub.take_lost``) on
+    the live connection, or, on a Cluster, hand those whose slot moved to the listener of
+    their new master. The other maps of the connection are not disturbed."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +137,9 @@ class Hub:
         self.base_retry_at = -math.inf  # a failed base read is retried from then on
         self.unsubscribing: dict[bytes, int] = {}  # SUNSUBSCRIBE sent, confirmation due
         self.wanted = False  # a map awaits its base: the runner ends its wait early
+        self.lost: dict[int, Member] = {}  # maps whose subscription the server dropped
+        # (a Cluster) told of a MOVED answer: the slot's new owner, "host:port"
+        self.learn: Callable[[int, str], None] | None = None
         # the server sends flush notices (CLIENT TRACKING); if not, every probe reads every
         # synced map's seq (the only other way to notice a flush in time)
         self.flush_notices = True
@@ -171,6 +182,7 @@ class Hub:
         for member in self.members:
             member.confirmed = False
         self.unsubscribing.clear()
+        self.lost.clear()
         self.token = None
         return list(self.by_channel)
 
@@ -208,8 +220,25 @@ class Hub:
             else:
                 self.unsubscribing[channel] = pending - 1
             return
-        if channel in self.by_channel:  # the server dropped a map's channel (slot moved?)
-            raise _LostSubscription(channel)
+        # the server dropped a map's channel (on a Cluster: the map's slot moved)
+        self._lose(self.by_channel.get(channel, ()))
+
+    def on_moved(self, slot: int) -> None:
+        """The server answered an SSUBSCRIBE with MOVED: that slot lives elsewhere now."""
+        self._lose([m for m in self.members if m.slot == slot])
+
+    def _lose(self, members: Iterable[Member]) -> None:
+        """These maps lost their subscription (the connection lives on): each drops its copy,
+        and the runner subscribes it again (``Resubscribe``), where its slot lives."""
+        for member in members:
+            member.confirmed = False
+            member.state.on_disconnect()
+            self.lost[id(member)] = member
+
+    def take_lost(self) -> list[Member]:
+        """The maps to subscribe again (still registered), once each."""
+        lost, self.lost = self.lost, {}
+        return [m for m in lost.values() if m in self.by_channel.get(m.channel, ())]
 
     def resync(self, cause: str | None) -> None:
         """Drop every map's copy (a flush on the server, a stalled or failed listener)."""
@@ -273,21 +302,13 @@ class Hub:
         return any(m.state.synced for m in self.members)
 
 
-class _LostSubscription(SyncMapError):
-    """The server unsubscribed a map's channel (on a Cluster: the map's slot moved to
-    another master): the listener reconnects, and each map subscribes where its slot lives."""
-
-    def __init__(self, channel: bytes) -> None:
-        super().__init__(f"the server unsubscribed channel {channel!r} (slot moved?)")
-
-
 def apply_event(hub: Hub, event: Event | None) -> None:
     """One event of the subscriber connection, applied to the hub's maps."""
     if event is not None:
         hub.event(*event)
 
 
-ListenOp = Op | Subscribe | Unsubscribe | Receive | PubsubPing | ReadMetas
+ListenOp = Op | Subscribe | Unsubscribe | Receive | PubsubPing | ReadMetas | Resubscribe
 ListenFlow = Generator[ListenOp, Any, T]
 
 MAX_WAIT = 0.05  # the runner checks for close() at least this often
@@ -301,6 +322,8 @@ def listen(hub: Hub, *, max_backoff: float = 2.0) -> ListenFlow[None]:
         try:
             yield Subscribe()
             while True:
+                if hub.lost:
+                    yield Resubscribe()
                 if hub.probe_overdue():
                     log.warning("syncmap: no PONG from the subscriber connection; reconnecting")
                     hub.resync("probe_timeout")

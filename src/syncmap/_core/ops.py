@@ -11,7 +11,7 @@ from collections.abc import Generator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-__all__ = ["Command", "Flow", "Op", "Script", "Sleep"]
+__all__ = ["Batch", "Command", "Flow", "Op", "Script", "Sleep"]
 
 T = TypeVar("T")
 
@@ -49,11 +49,27 @@ class Script:
 
 
 @dataclass(frozen=True, slots=True)
+class Batch:
+    """Run several scripts in one round trip (sent in one write, answered in order). The
+    result is a list with one entry per script: its reply, or the (translated) error it
+    answered, so the flow can settle each one. A script answered NOSCRIPT, MOVED, ASK or
+    TRYAGAIN did not run: the driver runs it again on its own. When the connection fails,
+    the batch is resent once if every script in it is idempotent, else
+    :class:`~syncmap.OutcomeUnknown` is raised for the whole batch."""
+
+    scripts: tuple[Script, ...]
+
+    @property
+    def idempotent(self) -> bool:
+        return all(s.idempotent for s in self.scripts)
+
+
+@dataclass(frozen=True, slots=True)
 class Sleep:
     """Wait ``seconds`` (a thread sleeps; a task awaits)."""
 
     seconds: float
 
 
-Op = Command | Script | Sleep
+Op = Command | Script | Batch | Sleep
 Flow = Generator[Op, Any, T]

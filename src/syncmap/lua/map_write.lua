@@ -1,30 +1,35 @@
 -- map_write: one change of one SyncMap entry, atomically: guard check, epoch, seq, record, index,
 -- change message. Record = "SM\1" .. epoch .. " " .. seq .. "\n" .. payload.
 -- Change message (on the channel) = "SM1 " .. epoch .. " " .. seq .. " " .. op .. " " .. key, op S or D;
--- or, for a write with no expiry whose payload is at most ARGV[11] bytes, the value too:
+-- or, for a write with no expiry whose payload is at most ARGV[7] bytes, the value too:
 -- "SM1 " .. epoch .. " " .. seq .. " V " .. #key .. " " .. key .. payload.
 --
 -- KEYS[1] meta hash {epoch, seq}     KEYS[2] the entry's record     KEYS[3] idx zset
--- KEYS[4] fences hash                KEYS[5] the entry's load lock  KEYS[6] guard lock (if guarded)
--- ARGV[1] op: set | setnx | del | cas | casv | incr
+-- KEYS[4] fences hash                KEYS[5] the entry's load lock  KEYS[6] guard lock
+-- (KEYS[4..5] only for a guarded write or one with a load token; KEYS[6] only when guarded)
+-- ARGV[1] op: set | setnx | del | cas | casv | incr | incrx | touch
+--   incrx: incr of an existing entry only (absent: condition false);
+--   touch: rewrite an existing entry's payload with a new expiry (px 0: none)
 -- ARGV[2] entry key (for the change message and idx)
 -- ARGV[3] epoch candidate: becomes the epoch only if meta is missing (fresh random per call)
 -- ARGV[4] channel
 -- ARGV[5] payload (set, setnx, cas, casv) or increment (incr)
 -- ARGV[6] px: expiry in ms, 0 = none (incr keeps an existing entry's expiry)
--- ARGV[7] cas: expected payload; casv: expected "epoch seq" of the record ("" = absent);
---         incr: codec name (json | msgpack)
--- ARGV[8] guard token ("" = unguarded)   ARGV[9] guard fence ("" = none)
--- ARGV[10] load token: release the entry's load lock if it holds this token ("" = none)
--- ARGV[11] push limit: carry payloads up to this many bytes in the change message (0 = never)
+-- ARGV[7] push limit: carry payloads up to this many bytes in the change message (0 = never)
+-- The rest may be left out (a plain set sends none of them: fewer arguments, less garbage):
+-- ARGV[8] cas: expected payload; casv: expected "epoch seq" of the record ("" = absent);
+--         incr, incrx: codec name (json | msgpack)
+-- ARGV[9] guard token ("" or none = unguarded)   ARGV[10] guard fence ("" or none = none)
+-- ARGV[11] load token: release the entry's load lock if it holds this token ("" or none)
 -- Returns {epoch or false, seq, status, record or false, pttl}
 --   seq: the write's seq when written, else the map's current seq (version of what was read)
 --   status: 1 written; 0 condition false (nothing written); -1 guard rejected;
 --           -2 incr on a value that is not an integer; -3 foreign data under the record key
---   record: del/setnx/cas/casv: the record before the call; incr: the new record
+--   record: del/setnx/cas/casv: the record before the call; incr/incrx/touch: the new record
 --   pttl: the record's remaining life in ms after the call (-1: none, -2: absent)
 local meta, rec, idx = KEYS[1], KEYS[2], KEYS[3]
-local op, key, channel, guard = ARGV[1], ARGV[2], ARGV[4], ARGV[8]
+local op, key, channel = ARGV[1], ARGV[2], ARGV[4]
+local expected, guard, fence, load = ARGV[8] or '', ARGV[9] or '', ARGV[10] or '', ARGV[11] or ''
 -- Straight-line code, no closures or helper functions: this script runs on every write, and
 -- every object it makes is garbage that the server's Lua collector sweeps (a step of it runs
 -- in every 50th script call, and delays that call's reply and change message).
@@ -43,9 +48,9 @@ repeat
       refused = -1
       break
     end
-    if ARGV[9] ~= '' then
+    if fence ~= '' then
       local seen = redis.call('HGET', KEYS[4], KEYS[6])
-      if seen and tonumber(ARGV[9]) < tonumber(seen) then
+      if seen and tonumber(fence) < tonumber(seen) then
         refused = -1
         break
       end
@@ -82,13 +87,17 @@ repeat
   if op == 'setnx' then
     if existed then refused = 0 end
   elseif op == 'cas' then
-    if old_payload ~= ARGV[7] then refused = 0 end
+    if old_payload ~= expected then refused = 0 end
   elseif op == 'casv' then
-    if old_version ~= ARGV[7] then refused = 0 end
-  elseif op == 'incr' then
+    if old_version ~= expected then refused = 0 end
+  elseif op == 'incr' or op == 'incrx' then
+    if op == 'incrx' and not existed then
+      refused = 0
+      break
+    end
     local n = 0
     if old_payload then
-      if ARGV[7] == 'msgpack' then
+      if expected == 'msgpack' then
         local ok, v = pcall(cmsgpack.unpack, old_payload)
         if not ok or type(v) ~= 'number' or v ~= math.floor(v) then
           refused = -2
@@ -108,10 +117,12 @@ repeat
       refused = -2
       break
     end
-    if ARGV[7] == 'msgpack' then payload = cmsgpack.pack(n) else payload = string.format('%d', n) end
+    if expected == 'msgpack' then payload = cmsgpack.pack(n) else payload = string.format('%d', n) end
     keepttl = existed
   elseif op == 'del' then
     if not existed then refused = 0 end
+  elseif op == 'touch' then
+    if existed then payload = old_payload else refused = 0 end
   else
     return redis.error_reply('map_write: unknown op ' .. tostring(op))
   end
@@ -130,13 +141,13 @@ if not epoch then
 end
 local seq = redis.call('HINCRBY', meta, 'seq', 1)
 local seqs = string.format('%d', seq)
-if guard ~= '' and ARGV[9] ~= '' then
+if guard ~= '' and fence ~= '' then
   local seen = redis.call('HGET', KEYS[4], KEYS[6])
-  if not seen or tonumber(ARGV[9]) > tonumber(seen) then
-    redis.call('HSET', KEYS[4], KEYS[6], ARGV[9])
+  if not seen or tonumber(fence) > tonumber(seen) then
+    redis.call('HSET', KEYS[4], KEYS[6], fence)
   end
 end
-if ARGV[10] ~= '' and redis.call('GET', KEYS[5]) == ARGV[10] then
+if load ~= '' and redis.call('GET', KEYS[5]) == load then
   redis.call('DEL', KEYS[5])
 end
 
@@ -164,12 +175,12 @@ if pttl > 0 then
 else
   redis.call('ZADD', idx, '+inf', key)
 end
-if pttl < 0 and #payload <= (tonumber(ARGV[11]) or 0) then
+if pttl < 0 and #payload <= (tonumber(ARGV[7]) or 0) then
   redis.call('SPUBLISH', channel, 'SM1 ' .. epoch .. ' ' .. seqs .. ' V ' .. #key .. ' ' .. key .. payload)
 else
   redis.call('SPUBLISH', channel, 'SM1 ' .. epoch .. ' ' .. seqs .. ' S ' .. key)
 end
 -- record: the one before for cas/casv, the new one for incr, else false
-if op == 'incr' then return {epoch, seq, 1, record, pttl} end
+if op == 'incr' or op == 'incrx' or op == 'touch' then return {epoch, seq, 1, record, pttl} end
 if op == 'cas' or op == 'casv' then return {epoch, seq, 1, before, pttl} end
 return {epoch, seq, 1, false, pttl}

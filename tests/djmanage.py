@@ -1,0 +1,10 @@
+"""``manage.py`` of the test project (tests/djproject): ``python tests/djmanage.py runserver``."""
+
+import os
+import sys
+
+if __name__ == "__main__":
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "djproject.settings")
+    from django.core.management import execute_from_command_line
+
+    execute_from_command_line(sys.argv)

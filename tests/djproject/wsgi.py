@@ -1,0 +1,8 @@
+"""WSGI entry of the test project (``gunicorn djproject.wsgi``, with tests/ on the path)."""
+
+import os
+
+from django.core.wsgi import get_wsgi_application
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "djproject.settings")
+application = get_wsgi_application()

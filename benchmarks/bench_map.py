@@ -412,8 +412,8 @@ def _split_cpus() -> tuple[frozenset[int], frozenset[int]]:
     readers, as if each reader ran on a machine of its own. Unpinned on 2 CPUs, the writer,
     the server and a reader that polls without ever blocking compete for the CPUs: the p99 of
     every such peer, valkey-py's and SyncMap's alike, then measures that contention, not the
-    peer (docs/benchmarks.md, "Why pin", has the unpinned figures). Both empty (nothing pinned) if ``BENCH_PIN=0``, if
-    the platform cannot pin, or with fewer than 2 CPUs."""
+    peer (docs/benchmarks.md, "Why pin", has the unpinned figures). Both empty (nothing
+    pinned) if ``BENCH_PIN=0``, if the platform cannot pin, or with fewer than 2 CPUs."""
     if os.environ.get("BENCH_PIN", "1") == "0" or not hasattr(os, "sched_setaffinity"):
         return frozenset(), frozenset()
     cpus = sorted(os.sched_getaffinity(0))

@@ -274,7 +274,7 @@ def test_a_blocking_node_made_before_fork_works_in_the_child(server, ns):
         assert out["token"] is None and out["owned"] is False and out["locked"] is True
         assert out["release"] == "LockNotHeld"
         assert out["local_before"] is None and out["resync_causes"].get("fork") == 1
-        assert out["hits"] >= 1800, out  # a near cache in the child (was: 0 local hits)
+        assert out["hits"] >= 1800, out  # a near cache in the child
         assert out["own_listener"] and out["own_listener"] != thread.ident
         # the parent is unaffected: same listener, thread and connection; it keeps its hits,
         # sees the child's other node's write, and still holds (and renews) its lock

@@ -84,6 +84,7 @@ def test_get_many_mixes_local_hits_and_one_fetch(maps, server, ns):
     b = maps(server.url, ns, max_staleness=LONG)
     a.update({f"k{i}": i for i in range(N)})
     assert b.get("k0") == 0 and b.get("k1") == 1  # two local entries in b
+    assert b.get_many(["never"]) == {}  # (the server learns the script: EVAL, once)
     trips = count_round_trips(b)
     hits = b.stats.hits
     wanted = [f"k{i}" for i in range(N)] + ["absent", "k0"]

@@ -202,12 +202,13 @@ def generate(path: Path) -> str:
     for old, _ in replacements:
         if not any(old in "\n".join(lines[a:b]) for a, b, _ in sources.values()):
             raise SystemExit(f"unasync: {path.name}: replacement text not found: {old!r}")
-    # replace from the bottom up, so earlier line numbers hold
+    made = {}
+    for name, (first, end, indent) in sources.items():
+        made[name] = (unasync("\n".join(lines[first:end]), replacements).split("\n"), indent)
+    # replaced from the bottom up, so that earlier line numbers hold
     for name, (first, end, indent) in sorted(targets.items(), key=lambda t: -t[1][0]):
-        s_first, s_end, s_indent = sources[name]
-        body = _reindent(lines[s_first:s_end], s_indent, "")
-        made = unasync("\n".join(body), replacements).split("\n")
-        lines[first:end] = _reindent(made, "", indent)
+        body, source_indent = made[name]
+        lines[first:end] = _reindent(body, source_indent, indent)
     return _format(path, "\n".join(lines))
 
 

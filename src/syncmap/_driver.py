@@ -199,7 +199,7 @@ class SyncDriver(_DriverBase):
     on an event that a release sets)."""
 
     def __init__(
-        self, client: redis.Redis, address: str, sleep: Callable[[float], object] | None = None
+        self, client: Any, address: str, sleep: Callable[[float], object] | None = None
     ) -> None:
         super().__init__(client, address)
         self.sleep = sleep

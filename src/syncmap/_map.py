@@ -459,6 +459,11 @@ class SyncMap(_MapBase, MutableMapping[str, Any]):
         while not self._state.synced and time.monotonic() < deadline:
             time.sleep(0.001)
 
+    @classmethod
+    def open(cls, node: Node, name: str, **options: Any) -> SyncMap:
+        """The map, started (as ``AsyncSyncMap.open``: ``node.map(name)`` calls it)."""
+        return cls(node, name, **options)
+
     def _relisten(self, member: Member) -> None:
         """(Cluster) The map's slot now lives on another master: listen there."""
         listener = self.node._listener_for(member.slot, self._listener_timeout)

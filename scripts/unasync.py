@@ -35,7 +35,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "src" / "syncmap"
-MODULES = ["_cluster.py", "_lock.py", "_map.py", "_node.py"]
+MODULES = ["_cluster.py", "_driver.py", "_lock.py", "_map.py", "_node.py"]
 
 # Token substitutions, in order, on whole words.
 TOKENS: list[tuple[str, str]] = [
@@ -112,9 +112,19 @@ TEXTS: dict[str, list[tuple[str, str]]] = {
             '        result is stored (``ttl``) and returned to every waiting node."""',
         ),
     ],
+    "_driver.py": [
+        (
+            '    """The asyncio twin of :class:`SyncDriver` (same connection handling, '
+            'awaited)."""',
+            '    """Runs flows in the calling thread. ``sleep`` replaces ``Sleep`` (e.g. a '
+            "watchdog waits\n"
+            '    on an event that a release sets)."""',
+        ),
+    ],
     "_cluster.py": [
         (
-            '    """The asyncio twin of :class:`_SyncRedirecting` (same plan, awaited)."""',
+            '    """Mixin for a redis-py asyncio ``Connection`` class '
+            '(see the module docstring)."""',
             '    """Mixin for a redis-py ``Connection`` class (see the module docstring)."""',
         ),
     ],

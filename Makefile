@@ -2,7 +2,7 @@
 #   make demo   - set up, then run the demo on the embedded Valkey
 #   make test   - set up, then run the whole test suite (real Valkey servers)
 #
-# The blocking code of the lock, the node, the map and the cluster redirects is generated from
+# The blocking code of the lock, the node, the map, the driver and the cluster redirects is made from
 # the asyncio code: python scripts/unasync.py rewrites it; `make test` fails when it is stale.
 #
 # The development and CI environment is exactly what requirements-dev.lock pins (every

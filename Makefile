@@ -2,6 +2,9 @@
 #   make demo   - set up, then run the demo on the embedded Valkey
 #   make test   - set up, then run the whole test suite (real Valkey servers)
 #
+# The blocking code of the lock, the node, the map, the driver and the cluster redirects is made from
+# the asyncio code: python scripts/unasync.py rewrites it; `make test` fails when it is stale.
+#
 # The development and CI environment is exactly what requirements-dev.lock pins (every
 # package, pip and the build backend included); pyproject.toml keeps the library's own ranges.
 #   make lock         - re-resolve the newest releases pyproject allows and rewrite the lock
@@ -29,8 +32,9 @@ demo: setup
 	$(BIN)/syncmap demo
 
 checks:
-	$(B)/ruff check src tests benchmarks
-	$(B)/ruff format --check src tests benchmarks
+	$(B)/python scripts/unasync.py --check
+	$(B)/ruff check src tests benchmarks scripts
+	$(B)/ruff format --check src tests benchmarks scripts
 	$(B)/mypy
 	$(B)/pytest -q
 

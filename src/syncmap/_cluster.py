@@ -225,14 +225,115 @@ class _Redirecting:
         return self.syncmap_router.target(self.syncmap_slot, here) != here
 
 
-class _SyncRedirecting(_Redirecting):
+class _RedirectingIO(_Redirecting):
+    """What a blocking connection does its own way: whether it is connected, and telling the
+    router of a lost master (in the calling thread)."""
+
+    def _syncmap_connected(self) -> bool:
+        return self._sock is not None  # type: ignore[attr-defined]
+
+    def _syncmap_lost(self, address: Address, since: float) -> None:
+        self.syncmap_router.lost(address, since)
+
+
+class _AsyncRedirectingIO(_Redirecting):
+    """What an asyncio connection does its own way: whether it is connected, and telling the
+    router of a lost master (blocking: in a thread)."""
+
+    def _syncmap_connected(self) -> bool:
+        return bool(self.is_connected)  # type: ignore[attr-defined]
+
+    async def _syncmap_lost(self, address: Address, since: float) -> None:
+        await asyncio.to_thread(self.syncmap_router.lost, address, since)
+
+
+# The redirecting connections: written once for asyncio; the blocking one is generated from it.
+
+
+# unasync: source redirecting
+class _AsyncRedirecting(_AsyncRedirectingIO):
+    """Mixin for a redis-py asyncio ``Connection`` class (see the module docstring)."""
+
+    async def connect_check_health(self, *args: Any, **kwargs: Any) -> Any:
+        """Connect where the slot table says (see :meth:`ClusterRouter.target`); if that
+        fails, let the router re-read the table and, if it names another master, try there
+        once."""
+        if self._syncmap_connected():
+            return None
+        router, slot = self.syncmap_router, self.syncmap_slot
+        self.host, self.port = router.target(slot, (self.host, self.port))
+        since = time.monotonic()
+        try:
+            return await super().connect_check_health(*args, **kwargs)  # type: ignore[misc]
+        except (redis.ConnectionError, redis.TimeoutError):
+            failed = (self.host, self.port)
+            await self._syncmap_lost(failed, since)
+            target = router.target(slot, failed)
+            if target == failed:
+                raise
+        self.host, self.port = target
+        return await super().connect_check_health(*args, **kwargs)  # type: ignore[misc]
+
+    async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        if self._syncmap_connected() and self._elsewhere():
+            await self.disconnect()  # type: ignore[attr-defined]
+        self.syncmap_sent = command
+        await super().send_packed_command(command, check_health)  # type: ignore[misc]
+
+    async def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().read_response(*args, **kwargs)  # type: ignore[misc]
+        except _FOLLOWED as exc:
+            return await self._redirect(exc, args, kwargs)
+        except (redis.ConnectionError, redis.TimeoutError):  # broke (or froze): the master
+            await self._syncmap_lost((self.host, self.port), time.monotonic())  # may be gone
+            raise
+        finally:
+            self.syncmap_sent = None
+
+    async def _plain_read(self, args: Any, kwargs: Any) -> Any:
+        return await super().read_response(*args, **kwargs)  # type: ignore[misc]
+
+    async def _redirect(self, exc: Exception, args: Any, kwargs: Any) -> Any:
+        packed, router = self.syncmap_sent, self.syncmap_router
+        if packed is None:  # not a command of ours (a subscriber's read): the caller's
+            raise exc
+        packed = [packed] if isinstance(packed, str | bytes) else list(packed)
+        plan = _Redirects(router.table, f"{self.host}:{self.port}")
+        while True:
+            target, asking, pause = plan.next(exc)
+            await asyncio.sleep(pause)
+            # MOVED of a connection bound to the slot: reconnect it to the new owner
+            here = target is None or (not asking and _same_slot(exc, self.syncmap_slot))
+            pool = None if here or target is None else router.async_pool(target)
+            conn: Any = self if pool is None else await pool.get_connection()
+            try:
+                if target is not None and conn is self:  # reconnects to the owner
+                    await conn.disconnect()  # type: ignore[attr-defined]
+                await conn.send_packed_command([_ASKING, *packed] if asking else packed, False)
+                conn.syncmap_sent = None
+                if asking:
+                    await conn._plain_read((), {})
+                return await conn._plain_read(args, kwargs)
+            except _FOLLOWED as again:
+                exc = again
+            finally:
+                if pool is not None:
+                    await pool.release(conn)
+
+
+# unasync: end
+
+
+# unasync: generated redirecting (from the asyncio code by scripts/unasync.py: do not edit)
+class _SyncRedirecting(_RedirectingIO):
     """Mixin for a redis-py ``Connection`` class (see the module docstring)."""
 
     def connect_check_health(self, *args: Any, **kwargs: Any) -> Any:
         """Connect where the slot table says (see :meth:`ClusterRouter.target`); if that
         fails, let the router re-read the table and, if it names another master, try there
         once."""
-        if self._sock:  # type: ignore[attr-defined]
+        if self._syncmap_connected():
             return None
         router, slot = self.syncmap_router, self.syncmap_slot
         self.host, self.port = router.target(slot, (self.host, self.port))
@@ -241,7 +342,7 @@ class _SyncRedirecting(_Redirecting):
             return super().connect_check_health(*args, **kwargs)  # type: ignore[misc]
         except (redis.ConnectionError, redis.TimeoutError):
             failed = (self.host, self.port)
-            router.lost(failed, since)
+            self._syncmap_lost(failed, since)
             target = router.target(slot, failed)
             if target == failed:
                 raise
@@ -249,7 +350,7 @@ class _SyncRedirecting(_Redirecting):
         return super().connect_check_health(*args, **kwargs)  # type: ignore[misc]
 
     def send_packed_command(self, command: Any, check_health: bool = True) -> None:
-        if self._sock is not None and self._elsewhere():  # type: ignore[attr-defined]
+        if self._syncmap_connected() and self._elsewhere():
             self.disconnect()  # type: ignore[attr-defined]
         self.syncmap_sent = command
         super().send_packed_command(command, check_health)  # type: ignore[misc]
@@ -260,7 +361,7 @@ class _SyncRedirecting(_Redirecting):
         except _FOLLOWED as exc:
             return self._redirect(exc, args, kwargs)
         except (redis.ConnectionError, redis.TimeoutError):  # broke (or froze): the master
-            self.syncmap_router.lost((self.host, self.port), time.monotonic())  # may be gone
+            self._syncmap_lost((self.host, self.port), time.monotonic())  # may be gone
             raise
         finally:
             self.syncmap_sent = None
@@ -282,8 +383,8 @@ class _SyncRedirecting(_Redirecting):
             pool = None if here or target is None else router.sync_pool(target)
             conn: Any = self if pool is None else pool.get_connection()
             try:
-                if target is not None and conn is self:
-                    conn.disconnect()  # type: ignore[attr-defined]  # reconnects to the owner
+                if target is not None and conn is self:  # reconnects to the owner
+                    conn.disconnect()  # type: ignore[attr-defined]
                 conn.send_packed_command([_ASKING, *packed] if asking else packed, False)
                 conn.syncmap_sent = None
                 if asking:
@@ -296,72 +397,7 @@ class _SyncRedirecting(_Redirecting):
                     pool.release(conn)
 
 
-class _AsyncRedirecting(_Redirecting):
-    """The asyncio twin of :class:`_SyncRedirecting` (same plan, awaited)."""
-
-    async def connect_check_health(self, *args: Any, **kwargs: Any) -> Any:
-        if self.is_connected:  # type: ignore[attr-defined]
-            return None
-        router, slot = self.syncmap_router, self.syncmap_slot
-        self.host, self.port = router.target(slot, (self.host, self.port))
-        since = time.monotonic()
-        try:
-            return await super().connect_check_health(*args, **kwargs)  # type: ignore[misc]
-        except (redis.ConnectionError, redis.TimeoutError):
-            failed = (self.host, self.port)
-            await asyncio.to_thread(router.lost, failed, since)  # (blocking: a thread)
-            target = router.target(slot, failed)
-            if target == failed:
-                raise
-        self.host, self.port = target
-        return await super().connect_check_health(*args, **kwargs)  # type: ignore[misc]
-
-    async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
-        if self.is_connected and self._elsewhere():  # type: ignore[attr-defined]
-            await self.disconnect()  # type: ignore[attr-defined]
-        self.syncmap_sent = command
-        await super().send_packed_command(command, check_health)  # type: ignore[misc]
-
-    async def read_response(self, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return await super().read_response(*args, **kwargs)  # type: ignore[misc]
-        except _FOLLOWED as exc:
-            return await self._redirect(exc, args, kwargs)
-        except (redis.ConnectionError, redis.TimeoutError):
-            lost = (self.host, self.port)
-            await asyncio.to_thread(self.syncmap_router.lost, lost, time.monotonic())
-            raise
-        finally:
-            self.syncmap_sent = None
-
-    async def _plain_read(self, args: Any, kwargs: Any) -> Any:
-        return await super().read_response(*args, **kwargs)  # type: ignore[misc]
-
-    async def _redirect(self, exc: Exception, args: Any, kwargs: Any) -> Any:
-        packed, router = self.syncmap_sent, self.syncmap_router
-        if packed is None:
-            raise exc
-        packed = [packed] if isinstance(packed, str | bytes) else list(packed)
-        plan = _Redirects(router.table, f"{self.host}:{self.port}")
-        while True:
-            target, asking, pause = plan.next(exc)
-            await asyncio.sleep(pause)
-            here = target is None or (not asking and _same_slot(exc, self.syncmap_slot))
-            pool = None if here or target is None else router.async_pool(target)
-            conn: Any = self if pool is None else await pool.get_connection()
-            try:
-                if target is not None and conn is self:
-                    await conn.disconnect()  # type: ignore[attr-defined]
-                await conn.send_packed_command([_ASKING, *packed] if asking else packed, False)
-                conn.syncmap_sent = None
-                if asking:
-                    await conn._plain_read((), {})
-                return await conn._plain_read(args, kwargs)
-            except _FOLLOWED as again:
-                exc = again
-            finally:
-                if pool is not None:
-                    await pool.release(conn)
+# unasync: end
 
 
 _CLASSES: dict[tuple[type, type], type] = {}

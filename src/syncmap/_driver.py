@@ -1,5 +1,9 @@
 """The two drivers that run core flows: one blocking, one asyncio. Everything else is shared.
 
+How a flow runs (perform, the EVAL fallback, the resend of an idempotent operation) is written
+once, for asyncio; the blocking driver's is generated from it (``scripts/unasync.py``). Only
+the I/O differs, in two small per-kind classes (``_DriverIO``, ``_AsyncDriverIO``).
+
 Each turns an :mod:`~syncmap._core.ops` operation into a server round trip and feeds the
 result (or the translated error) back into the flow. redis-py errors become syncmap errors here.
 
@@ -194,12 +198,12 @@ class _DriverBase:
         return [self._translate(r) if isinstance(r, Exception) else r for r in replies], again
 
 
-class SyncDriver(_DriverBase):
-    """Runs flows in the calling thread. ``sleep`` replaces ``Sleep`` (e.g. a watchdog waits
-    on an event that a release sets)."""
+class _DriverIO(_DriverBase):
+    """The blocking driver's I/O: connections borrowed and given back in the calling
+    thread."""
 
     def __init__(
-        self, client: redis.Redis, address: str, sleep: Callable[[float], object] | None = None
+        self, client: Any, address: str, sleep: Callable[[float], object] | None = None
     ) -> None:
         super().__init__(client, address)
         self.sleep = sleep
@@ -207,63 +211,6 @@ class SyncDriver(_DriverBase):
         # the answer is there already: work that can overlap the server's (a map applies its
         # waiting change messages there, unless the answer is in). Must not raise.
         self.while_waiting: Callable[[Callable[[], bool]], object] | None = None
-
-    def perform(self, op: Op) -> Any:
-        if isinstance(op, Sleep):
-            if self.sleep is not None:
-                self.sleep(op.seconds)
-            else:
-                time.sleep(max(0.0, op.seconds))
-            return None
-        first = _command(op)
-        if isinstance(op, Batch):
-            try:
-                replies = self._call(op, first)
-                unknown = _unknown_scripts(replies)
-                if unknown:  # (a restarted server, say) all sent again at once, as EVAL
-                    evals = [eval_instead(op.scripts[i], first[i]) for i in unknown]
-                    for i, reply in zip(unknown, self._call(op, evals), strict=True):
-                        replies[i] = reply
-            except Exception as exc:
-                raise self._translate(exc) from exc
-            replies, again = self._settled(op, replies)
-            for i in again:  # redirected: on their own (see _cluster)
-                try:
-                    replies[i] = self.perform(op.scripts[i])
-                except Exception as exc:
-                    replies[i] = exc
-            return replies
-        try:
-            try:
-                return self._call(op, first)
-            except NoScriptError:
-                if not isinstance(op, Script):
-                    raise
-                return self._call(op, eval_instead(op, first))
-        except Exception as exc:
-            raise self._translate(exc) from exc
-
-    def _call(self, op: Command | Script | Batch, args: Any) -> Any:
-        conn = self._borrow()
-        try:
-            try:
-                reply = self._roundtrip(conn, args, _then(op))
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
-                conn.disconnect()
-                if not op.idempotent:
-                    raise _unknown(op, exc, self.address) from exc
-                if isinstance(exc, redis.TimeoutError):
-                    raise
-                reply = self._roundtrip(conn, args, _then(op))
-        except redis.ResponseError:
-            self._give_back(conn)
-            raise
-        except BaseException:
-            conn.disconnect()
-            self._give_back(conn)
-            raise
-        self._give_back(conn)
-        return reply
 
     def _borrow(self) -> Any:
         """A connected connection: a kept one (reconnected if the server closed it or it holds
@@ -321,18 +268,20 @@ class SyncDriver(_DriverBase):
         if not self._keep(conn):
             self.conns.pool.release(conn)
 
-    def run(self, flow: Flow[T]) -> T:
-        try:
-            op = next(flow)
-            while True:
-                try:
-                    result = self.perform(op)
-                except Exception as exc:
-                    op = flow.throw(exc)
-                else:
-                    op = flow.send(result)
-        except StopIteration as stop:
-            return stop.value  # type: ignore[no-any-return]
+    def _sleep(self, seconds: float) -> None:
+        if self.sleep is not None:
+            self.sleep(seconds)
+        else:
+            time.sleep(max(0.0, seconds))
+
+    @staticmethod
+    def _disconnect(conn: Any) -> None:
+        conn.disconnect()
+
+    def _discard(self, conn: Any) -> None:
+        """A connection interrupted mid-command: closed, then given back."""
+        conn.disconnect()
+        self._give_back(conn)
 
 
 _CANCELS: contextvars.ContextVar[int] = contextvars.ContextVar("syncmap_cancels", default=0)
@@ -471,63 +420,9 @@ async def _reply(conn: Any) -> Any:
     return reply
 
 
-class AsyncDriver(_DriverBase):
-    """The asyncio twin of :class:`SyncDriver` (same connection handling, awaited)."""
-
-    async def perform(self, op: Op) -> Any:
-        if isinstance(op, Sleep):
-            await asyncio.sleep(max(0.0, op.seconds))
-            return None
-        first = _command(op)
-        if isinstance(op, Batch):
-            try:
-                replies = await self._call(op, first)
-                unknown = _unknown_scripts(replies)
-                if unknown:  # (a restarted server, say) all sent again at once, as EVAL
-                    evals = [eval_instead(op.scripts[i], first[i]) for i in unknown]
-                    for i, reply in zip(unknown, await self._call(op, evals), strict=True):
-                        replies[i] = reply
-            except Exception as exc:
-                raise self._translate(exc) from exc
-            replies, again = self._settled(op, replies)
-            for i in again:  # redirected: on their own (see _cluster)
-                try:
-                    replies[i] = await self.perform(op.scripts[i])
-                except Exception as exc:
-                    replies[i] = exc
-            return replies
-        try:
-            try:
-                return await self._call(op, first)
-            except NoScriptError:
-                if not isinstance(op, Script):
-                    raise
-                return await self._call(op, eval_instead(op, first))
-        except Exception as exc:
-            raise self._translate(exc) from exc
-
-    async def _call(self, op: Command | Script | Batch, args: Any) -> Any:
-        conn = await self._borrow()
-        try:
-            try:
-                reply = await self._roundtrip(conn, args, _then(op))
-            except (redis.asyncio.ConnectionError, redis.asyncio.TimeoutError) as exc:
-                await conn.disconnect(nowait=True)
-                if not op.idempotent:
-                    raise _unknown(op, exc, self.address) from exc
-                if isinstance(exc, redis.asyncio.TimeoutError):
-                    raise
-                reply = await self._roundtrip(conn, args, _then(op))
-        except redis.asyncio.ResponseError:
-            await self._give_back(conn)
-            raise
-        except BaseException:
-            # redis-py closes the connection on any error mid-command (cancellation too)
-            await self.conns.pool.release(conn)
-            raise
-        await self._give_back(conn)
-        _raise_swallowed_cancel()
-        return reply
+class _AsyncDriverIO(_DriverBase):
+    """The asyncio driver's I/O: connections borrowed and given back awaiting, the transport
+    written and the hiredis parser read directly (``_send``, ``_reply``)."""
 
     async def _give_back(self, conn: Any) -> None:
         if not self._keep(conn):
@@ -608,9 +503,86 @@ class AsyncDriver(_DriverBase):
             message = f"no answer to {args[0]} within {wait:.1f} s"
             raise redis.asyncio.TimeoutError(message) from None
 
+    @staticmethod
+    async def _sleep(seconds: float) -> None:
+        await asyncio.sleep(max(0.0, seconds))
+
+    @staticmethod
+    async def _disconnect(conn: Any) -> None:
+        await conn.disconnect(nowait=True)
+
+    async def _discard(self, conn: Any) -> None:
+        """A connection interrupted mid-command: back to the pool (redis-py closes the
+        connection on any error mid-command, cancellation too)."""
+        await self.conns.pool.release(conn)
+
+
+# The drivers' flow running: written once for asyncio; the blocking one is generated from it.
+
+
+# unasync: source driver
+class AsyncDriver(_AsyncDriverIO):
+    """The asyncio twin of :class:`SyncDriver` (same connection handling, awaited)."""
+
+    async def perform(self, op: Op) -> Any:
+        if isinstance(op, Sleep):
+            await self._sleep(op.seconds)
+            return None
+        first = _command(op)
+        if isinstance(op, Batch):
+            try:
+                replies = await self._call(op, first)
+                unknown = _unknown_scripts(replies)
+                if unknown:  # (a restarted server, say) all sent again at once, as EVAL
+                    evals = [eval_instead(op.scripts[i], first[i]) for i in unknown]
+                    for i, reply in zip(unknown, await self._call(op, evals), strict=True):
+                        replies[i] = reply
+            except Exception as exc:
+                raise self._translate(exc) from exc
+            replies, again = self._settled(op, replies)
+            for i in again:  # redirected: on their own (see _cluster)
+                try:
+                    replies[i] = await self.perform(op.scripts[i])
+                except Exception as exc:
+                    replies[i] = exc
+            return replies
+        try:
+            try:
+                return await self._call(op, first)
+            except NoScriptError:
+                if not isinstance(op, Script):
+                    raise
+                return await self._call(op, eval_instead(op, first))
+        except Exception as exc:
+            raise self._translate(exc) from exc
+
+    async def _call(self, op: Command | Script | Batch, args: Any) -> Any:
+        conn = await self._borrow()
+        try:
+            try:
+                reply = await self._roundtrip(conn, args, _then(op))
+            except (redis.asyncio.ConnectionError, redis.asyncio.TimeoutError) as exc:
+                await self._disconnect(conn)
+                if not op.idempotent:
+                    raise _unknown(op, exc, self.address) from exc
+                if isinstance(exc, redis.asyncio.TimeoutError):
+                    raise
+                reply = await self._roundtrip(conn, args, _then(op))
+        except redis.asyncio.ResponseError:
+            await self._give_back(conn)
+            raise
+        except BaseException:
+            await self._discard(conn)
+            raise
+        await self._give_back(conn)
+        _raise_swallowed_cancel()  # unasync: drop
+        return reply
+
     async def run(self, flow: Flow[T]) -> T:
-        task = asyncio.current_task()
-        baseline = _CANCELS.set(task.cancelling() if task is not None else 0)
+        """Run ``flow``: perform each operation it yields, send back the result (or throw
+        the error), until it returns."""
+        task = asyncio.current_task()  # unasync: drop
+        baseline = _CANCELS.set(task.cancelling() if task is not None else 0)  # unasync: drop
         try:
             op = next(flow)
             while True:
@@ -622,5 +594,85 @@ class AsyncDriver(_DriverBase):
                     op = flow.send(result)
         except StopIteration as stop:
             return stop.value  # type: ignore[no-any-return]
-        finally:
-            _CANCELS.reset(baseline)
+        finally:  # unasync: drop
+            _CANCELS.reset(baseline)  # unasync: drop
+
+
+# unasync: end
+
+
+# unasync: generated driver (from the asyncio code by scripts/unasync.py: do not edit)
+class SyncDriver(_DriverIO):
+    """Runs flows in the calling thread. ``sleep`` replaces ``Sleep`` (e.g. a watchdog waits
+    on an event that a release sets)."""
+
+    def perform(self, op: Op) -> Any:
+        if isinstance(op, Sleep):
+            self._sleep(op.seconds)
+            return None
+        first = _command(op)
+        if isinstance(op, Batch):
+            try:
+                replies = self._call(op, first)
+                unknown = _unknown_scripts(replies)
+                if unknown:  # (a restarted server, say) all sent again at once, as EVAL
+                    evals = [eval_instead(op.scripts[i], first[i]) for i in unknown]
+                    for i, reply in zip(unknown, self._call(op, evals), strict=True):
+                        replies[i] = reply
+            except Exception as exc:
+                raise self._translate(exc) from exc
+            replies, again = self._settled(op, replies)
+            for i in again:  # redirected: on their own (see _cluster)
+                try:
+                    replies[i] = self.perform(op.scripts[i])
+                except Exception as exc:
+                    replies[i] = exc
+            return replies
+        try:
+            try:
+                return self._call(op, first)
+            except NoScriptError:
+                if not isinstance(op, Script):
+                    raise
+                return self._call(op, eval_instead(op, first))
+        except Exception as exc:
+            raise self._translate(exc) from exc
+
+    def _call(self, op: Command | Script | Batch, args: Any) -> Any:
+        conn = self._borrow()
+        try:
+            try:
+                reply = self._roundtrip(conn, args, _then(op))
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                self._disconnect(conn)
+                if not op.idempotent:
+                    raise _unknown(op, exc, self.address) from exc
+                if isinstance(exc, redis.TimeoutError):
+                    raise
+                reply = self._roundtrip(conn, args, _then(op))
+        except redis.ResponseError:
+            self._give_back(conn)
+            raise
+        except BaseException:
+            self._discard(conn)
+            raise
+        self._give_back(conn)
+        return reply
+
+    def run(self, flow: Flow[T]) -> T:
+        """Run ``flow``: perform each operation it yields, send back the result (or throw
+        the error), until it returns."""
+        try:
+            op = next(flow)
+            while True:
+                try:
+                    result = self.perform(op)
+                except Exception as exc:
+                    op = flow.throw(exc)
+                else:
+                    op = flow.send(result)
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
+
+
+# unasync: end

@@ -244,14 +244,8 @@ class _LockBase(Generic[N]):
             raise LockLost(f"lock {self.key!r} was lost during the block")
 
 
-class Lock(_LockBase["Node"]):
-    """A distributed lock with ``threading.Lock``'s protocol (``acquire``/``release``/``with``).
-
-    Make one with ``node.lock(name, ttl=30.0, ...)``; ``node.obtain(name, ttl)`` returns one
-    already held. Options: ``metadata`` (stored after the token, as redislock does),
-    ``poll_interval`` (fallback poll while queued; wake-ups are pushed on release),
-    ``auto_renew``/``max_hold``/``on_lost`` (watchdog).
-    """
+class _LockShell(_LockBase["Node"]):
+    """How a blocking lock waits: in the calling thread, with a watchdog thread."""
 
     def __init__(
         self, node: Node, name: str | tuple[str, ...], ttl: float = DEFAULT_TTL, **options: Any
@@ -264,48 +258,10 @@ class Lock(_LockBase["Node"]):
         super()._after_fork()
         self._stop = None  # (the parent's watchdog thread: none runs in the child)
 
-    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
-        """Take the lock; with ``blocking`` wait (in queue order) up to ``timeout`` seconds."""
-        return self._acquire(*self._plan(blocking, timeout))
-
-    def _acquire(self, token: str, backoffs: Iterator[float], deadline: float | None) -> bool:
-        started = time.monotonic()
-        try:
-            got = self._run(self._acquire_flow(token, backoffs, deadline))
-        except BaseException:
-            if len(self.keys) == 1:
-                with contextlib.suppress(Exception):
-                    self._run(leave_flow(self._state, token))
-            raise
-        if got:
-            self._acquired(token, started)
-            if self._auto_renew:
-                self._start_watchdog(token)
-        return got
-
-    def release(self) -> None:
-        """Release; raises :class:`LockNotHeld` if it expired or was taken meanwhile."""
-        stop = self._stop
-        with self._releasing():
-            self._run(release_flow(self._state))
-        if stop is not None:
-            stop.set()
-
-    def refresh(self, ttl: float | None = None) -> None:
-        """Extend the lock to ``ttl`` seconds (default: its TTL) from now."""
-        self._run(refresh_flow(self._state, None if ttl is None else check_ttl(ttl)))
-
-    def ttl(self) -> float:
-        """Remaining seconds of the lock; 0.0 when it is not held (by this holder)."""
-        return max(0, self._run(pttl_flow(self._state))) / 1000
-
-    def owned(self) -> bool:
-        """Whether this holder holds it now (asks the server)."""
-        return self._run(owned_flow(self._state))
-
-    def locked(self) -> bool:
-        """Whether anyone holds it now (asks the server)."""
-        return self._run(locked_flow(self._state))
+    def _leave(self, token: str) -> None:
+        """An interrupted acquisition leaves the queue (best effort)."""
+        with contextlib.suppress(Exception):
+            self._run(leave_flow(self._state, token))
 
     def _start_watchdog(self, token: str) -> None:
         stop = self._stop = threading.Event()
@@ -323,17 +279,14 @@ class Lock(_LockBase["Node"]):
             target=watch, name=f"syncmap-lock-watchdog:{self.key}", daemon=True
         ).start()
 
-    def __enter__(self) -> Lock:
-        self.acquire()
-        return self
-
-    def __exit__(self, kind: object, exc: BaseException | None, tb: object) -> None:
-        with self._leaving(exc):
-            self.release()
+    def _stopper(self) -> Callable[[], object] | None:
+        """What stops the running watchdog, if any."""
+        stop = self._stop
+        return None if stop is None else stop.set
 
 
-class AsyncLock(_LockBase["AsyncNode"]):
-    """The asyncio form of :class:`Lock`: ``await lock.acquire()``, ``async with lock:``."""
+class _AsyncLockShell(_LockBase["AsyncNode"]):
+    """How an asyncio lock waits: awaiting, with a watchdog task."""
 
     def __init__(
         self, node: AsyncNode, name: str | tuple[str, ...], ttl: float = DEFAULT_TTL, **options: Any
@@ -352,24 +305,15 @@ class AsyncLock(_LockBase["AsyncNode"]):
         super()._after_fork()
         self._watch_task = None  # (the parent's loop's)
 
-    async def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
-        return await self._acquire(*self._plan(blocking, timeout))
+    async def _leave(self, token: str) -> None:
+        """An interrupted acquisition leaves the queue (best effort), even when the
+        interruption is a cancellation."""
+        cleanup = asyncio.ensure_future(self._run(leave_flow(self._state, token)))
+        with contextlib.suppress(BaseException):
+            await asyncio.shield(cleanup)
 
-    async def _acquire(self, token: str, backoffs: Iterator[float], deadline: float | None) -> bool:
-        started = time.monotonic()
-        try:
-            got = await self._run(self._acquire_flow(token, backoffs, deadline))
-        except BaseException:
-            if len(self.keys) == 1:
-                cleanup = asyncio.ensure_future(self._run(leave_flow(self._state, token)))
-                with contextlib.suppress(BaseException):
-                    await asyncio.shield(cleanup)
-            raise
-        if got:
-            self._acquired(token, started)
-            if self._auto_renew:
-                self._watch_task = asyncio.create_task(self._watch(token))
-        return got
+    def _start_watchdog(self, token: str) -> None:
+        self._watch_task = asyncio.create_task(self._watch(token))
 
     async def _watch(self, token: str) -> None:
         try:
@@ -379,23 +323,59 @@ class AsyncLock(_LockBase["AsyncNode"]):
         if lost:
             self._mark_lost(token)
 
-    async def release(self) -> None:
+    def _stopper(self) -> Callable[[], object] | None:
+        """What stops the running watchdog, if any."""
         task = self._watch_task
+        return None if task is None else task.cancel
+
+
+# The public locks: written once for asyncio; the blocking one is generated from it.
+
+
+# unasync: source lock
+class AsyncLock(_AsyncLockShell):
+    """The asyncio form of :class:`Lock`: ``await lock.acquire()``, ``async with lock:``."""
+
+    async def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        """Take the lock; with ``blocking`` wait (in queue order) up to ``timeout`` seconds."""
+        return await self._acquire(*self._plan(blocking, timeout))
+
+    async def _acquire(self, token: str, backoffs: Iterator[float], deadline: float | None) -> bool:
+        started = time.monotonic()
+        try:
+            got = await self._run(self._acquire_flow(token, backoffs, deadline))
+        except BaseException:
+            if len(self.keys) == 1:
+                await self._leave(token)
+            raise
+        if got:
+            self._acquired(token, started)
+            if self._auto_renew:
+                self._start_watchdog(token)
+        return got
+
+    async def release(self) -> None:
+        """Release; raises :class:`LockNotHeld` if it expired or was taken meanwhile."""
+        stop = self._stopper()
         with self._releasing():
             await self._run(release_flow(self._state))
-        if task is not None:
-            task.cancel()
+        if stop is not None:
+            stop()
 
     async def refresh(self, ttl: float | None = None) -> None:
+        """Extend the lock to ``ttl`` seconds (default: its TTL) from now."""
         await self._run(refresh_flow(self._state, None if ttl is None else check_ttl(ttl)))
 
     async def ttl(self) -> float:
+        """Remaining seconds of the lock; 0.0 when it is not held (by this holder)."""
         return max(0, await self._run(pttl_flow(self._state))) / 1000
 
     async def owned(self) -> bool:
+        """Whether this holder holds it now (asks the server)."""
         return await self._run(owned_flow(self._state))
 
     async def locked(self) -> bool:
+        """Whether anyone holds it now (asks the server)."""
         return await self._run(locked_flow(self._state))
 
     async def __aenter__(self) -> AsyncLock:
@@ -405,6 +385,73 @@ class AsyncLock(_LockBase["AsyncNode"]):
     async def __aexit__(self, kind: object, exc: BaseException | None, tb: object) -> None:
         with self._leaving(exc):
             await self.release()
+
+
+# unasync: end
+
+
+# unasync: generated lock (from the asyncio code by scripts/unasync.py: do not edit)
+class Lock(_LockShell):
+    """A distributed lock with ``threading.Lock``'s protocol (``acquire``/``release``/``with``).
+
+    Make one with ``node.lock(name, ttl=30.0, ...)``; ``node.obtain(name, ttl)`` returns one
+    already held. Options: ``metadata`` (stored after the token, as redislock does),
+    ``poll_interval`` (fallback poll while queued; wake-ups are pushed on release),
+    ``auto_renew``/``max_hold``/``on_lost`` (watchdog).
+    """
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        """Take the lock; with ``blocking`` wait (in queue order) up to ``timeout`` seconds."""
+        return self._acquire(*self._plan(blocking, timeout))
+
+    def _acquire(self, token: str, backoffs: Iterator[float], deadline: float | None) -> bool:
+        started = time.monotonic()
+        try:
+            got = self._run(self._acquire_flow(token, backoffs, deadline))
+        except BaseException:
+            if len(self.keys) == 1:
+                self._leave(token)
+            raise
+        if got:
+            self._acquired(token, started)
+            if self._auto_renew:
+                self._start_watchdog(token)
+        return got
+
+    def release(self) -> None:
+        """Release; raises :class:`LockNotHeld` if it expired or was taken meanwhile."""
+        stop = self._stopper()
+        with self._releasing():
+            self._run(release_flow(self._state))
+        if stop is not None:
+            stop()
+
+    def refresh(self, ttl: float | None = None) -> None:
+        """Extend the lock to ``ttl`` seconds (default: its TTL) from now."""
+        self._run(refresh_flow(self._state, None if ttl is None else check_ttl(ttl)))
+
+    def ttl(self) -> float:
+        """Remaining seconds of the lock; 0.0 when it is not held (by this holder)."""
+        return max(0, self._run(pttl_flow(self._state))) / 1000
+
+    def owned(self) -> bool:
+        """Whether this holder holds it now (asks the server)."""
+        return self._run(owned_flow(self._state))
+
+    def locked(self) -> bool:
+        """Whether anyone holds it now (asks the server)."""
+        return self._run(locked_flow(self._state))
+
+    def __enter__(self) -> Lock:
+        self.acquire()
+        return self
+
+    def __exit__(self, kind: object, exc: BaseException | None, tb: object) -> None:
+        with self._leaving(exc):
+            self.release()
+
+
+# unasync: end
 
 
 _LOCKS: weakref.WeakSet[_LockBase[Any]] = weakref.WeakSet()
@@ -447,18 +494,7 @@ def _obtained(lock: L, got: bool) -> L:
     return lock
 
 
-def obtain(node: Node, key: str, ttl: float, **options: Any) -> Lock:
-    """redislock's Obtain: a held :class:`Lock`, or :class:`NotObtained`."""
-    lock, plan = _obtaining(Lock, node, key, ttl, options)
-    return _obtained(lock, lock._acquire(*plan))
-
-
-def obtain_multi(node: Node, keys: list[str], ttl: float, **options: Any) -> Lock:
-    """Obtain every key or none (all in one hash slot, e.g. ``{order:42}:a``)."""
-    lock, plan = _obtaining(Lock, node, _multi(keys), ttl, options)
-    return _obtained(lock, lock._acquire(*plan))
-
-
+# unasync: source obtain
 async def obtain_async(node: AsyncNode, key: str, ttl: float, **options: Any) -> AsyncLock:
     """The asyncio form of :func:`obtain`."""
     lock, plan = _obtaining(AsyncLock, node, key, ttl, options)
@@ -471,6 +507,25 @@ async def obtain_multi_async(
     """The asyncio form of :func:`obtain_multi`."""
     lock, plan = _obtaining(AsyncLock, node, _multi(keys), ttl, options)
     return _obtained(lock, await lock._acquire(*plan))
+
+
+# unasync: end
+
+
+# unasync: generated obtain (from the asyncio code by scripts/unasync.py: do not edit)
+def obtain(node: Node, key: str, ttl: float, **options: Any) -> Lock:
+    """redislock's Obtain: a held :class:`Lock`, or :class:`NotObtained`."""
+    lock, plan = _obtaining(Lock, node, key, ttl, options)
+    return _obtained(lock, lock._acquire(*plan))
+
+
+def obtain_multi(node: Node, keys: list[str], ttl: float, **options: Any) -> Lock:
+    """Obtain every key or none (all in one hash slot, e.g. ``{order:42}:a``)."""
+    lock, plan = _obtaining(Lock, node, _multi(keys), ttl, options)
+    return _obtained(lock, lock._acquire(*plan))
+
+
+# unasync: end
 
 
 # -- listing (the ``syncmap locks`` command) ---------------------------------------------------

@@ -331,6 +331,11 @@ class SyncMap(_MapBase, MutableMapping[str, Any]):
         while not self._state.synced and time.monotonic() < deadline:
             time.sleep(0.001)
 
+    @classmethod
+    def open(cls, node: Node, name: str, **options: Any) -> SyncMap:
+        """The map, started (as ``AsyncSyncMap.open``: ``node.map(name)`` calls it)."""
+        return cls(node, name, **options)
+
     def _relisten(self, member: Member) -> None:
         """(Cluster) The map's slot now lives on another master: listen there."""
         listener = self.node._listener_for(member.slot, self._listener_timeout)
@@ -464,20 +469,34 @@ class SyncMap(_MapBase, MutableMapping[str, Any]):
 
     # ---- writes ----
 
-    def set(self, key: str, value: Any, ttl: float | None = None, guard: Any = None) -> None:
-        """Write ``key``; ``ttl`` in seconds (default: the map's); ``guard``: a held Lock."""
-        self._run(self._core.set(key, value, ttl, guard))
-
     def __setitem__(self, key: str, value: Any) -> None:
         self._run(self._core.set(key, value, None, None))
-
-    def delete(self, key: str, guard: Any = None) -> bool:
-        """Remove ``key``; True if it existed."""
-        return self._run(self._core.delete(key, guard))
 
     def __delitem__(self, key: str) -> None:
         if not self._run(self._core.delete(key, None)):
             raise KeyError(key)
+
+    def _catch_up(self) -> None:
+        """Before a bulk read: apply waiting change messages first (as get does)."""
+        now = self._clock()
+        if now >= self._next_poll:
+            self._next_poll = now + POLL_INTERVAL
+            self._listener.poll(now)
+
+    def items(self) -> ItemsView[str, Any]:
+        return _Items(self)
+
+    def values(self) -> ValuesView[Any]:
+        return _Values(self)
+
+    # unasync: generated writes (from the asyncio code by scripts/unasync.py: do not edit)
+    def set(self, key: str, value: Any, ttl: float | None = None, guard: Any = None) -> None:
+        """Write ``key``; ``ttl`` in seconds (default: the map's); ``guard``: a held Lock."""
+        self._run(self._core.set(key, value, ttl, guard))
+
+    def delete(self, key: str, guard: Any = None) -> bool:
+        """Remove ``key``; True if it existed."""
+        return self._run(self._core.delete(key, guard))
 
     def pop(self, key: str, default: Any = _MISSING, *, guard: Any = None) -> Any:
         value = self._run(self._core.pop(key, ABSENT, guard))
@@ -510,21 +529,12 @@ class SyncMap(_MapBase, MutableMapping[str, Any]):
     def get_many(self, keys: Iterable[str]) -> dict[str, Any]:
         """The keys of ``keys`` that have a value, with it: local entries from the local copy,
         the others fetched in one round trip (and cached, as :meth:`get` does)."""
-        now = self._clock()
-        if now >= self._next_poll:  # apply waiting change messages first (as get does)
-            self._next_poll = now + POLL_INTERVAL
-            self._listener.poll(now)
+        self._catch_up()
         return self._run(self._core.get_many(keys, self._local_read, _MISSING))
 
     def delete_many(self, keys: Iterable[str]) -> int:
         """Remove every key of ``keys`` in one round trip; how many existed."""
         return self._run(self._core.delete_many(keys))
-
-    def items(self) -> ItemsView[str, Any]:
-        return _Items(self)
-
-    def values(self) -> ValuesView[Any]:
-        return _Values(self)
 
     def clear(self) -> None:
         """Remove every entry (one script; every node drops its copy)."""
@@ -573,6 +583,8 @@ class SyncMap(_MapBase, MutableMapping[str, Any]):
             return value
         return self._run(self._core.get_or_load(key, loader, ttl, timeout))
 
+    # unasync: end
+
     def cached(
         self,
         ttl: float | None = None,
@@ -614,11 +626,14 @@ class SyncMap(_MapBase, MutableMapping[str, Any]):
             self._closing()
             self._listener.unregister(self._member)
 
+    # unasync: generated enter (from the asyncio code by scripts/unasync.py: do not edit)
     def __enter__(self) -> SyncMap:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    # unasync: end
 
 
 class AsyncSyncMap(_MapBase):
@@ -689,10 +704,13 @@ class AsyncSyncMap(_MapBase):
     async def keys(self) -> list[str]:
         return await self._run(self._core.key_list())
 
+    # unasync: source writes
     async def set(self, key: str, value: Any, ttl: float | None = None, guard: Any = None) -> None:
+        """Write ``key``; ``ttl`` in seconds (default: the map's); ``guard``: a held Lock."""
         await self._run(self._core.set(key, value, ttl, guard))
 
     async def delete(self, key: str, guard: Any = None) -> bool:
+        """Remove ``key``; True if it existed."""
         return await self._run(self._core.delete(key, guard))
 
     async def pop(self, key: str, default: Any = _MISSING, *, guard: Any = None) -> Any:
@@ -707,27 +725,89 @@ class AsyncSyncMap(_MapBase):
         return await self._run(self._core.setdefault(key, default, guard))
 
     async def popitem(self, *, guard: Any = None) -> tuple[str, Any]:
-        """As :meth:`SyncMap.popitem`."""
+        """Remove and return some ``(key, value)`` (atomically: no other node can change the
+        value between the read and the removal); KeyError when the map is empty."""
         return await self._run(self._core.popitem(guard))
 
     async def update(self, other: Any = (), /, **kwargs: Any) -> None:
-        """As :meth:`SyncMap.update`."""
+        """Write every pair (a mapping, pairs, keywords), as ``dict.update``: a bulk write
+        (see :meth:`set_many`) with the map's TTL."""
         await self._run(self._core.set_many(_pairs(other, kwargs), None))
 
     async def set_many(self, pairs: Any, ttl: float | None = None) -> None:
-        """As :meth:`SyncMap.set_many`."""
+        """Write every pair of ``pairs`` (a mapping or ``(key, value)`` pairs); ``ttl`` in
+        seconds (default: the map's). One round trip for the whole batch; every key and value
+        is checked and encoded first (bad input writes nothing); each pair is its own change,
+        with its own version, as if written by :meth:`set` in turn."""
         await self._run(self._core.set_many(_pairs(pairs, {}), ttl))
 
     async def get_many(self, keys: Iterable[str]) -> dict[str, Any]:
-        """As :meth:`SyncMap.get_many`."""
-        if self._clock() >= self._next_yield:  # let the listener task apply what waits
-            self._next_yield = self._clock() + YIELD_INTERVAL
-            await asyncio.sleep(0)
+        """The keys of ``keys`` that have a value, with it: local entries from the local copy,
+        the others fetched in one round trip (and cached, as :meth:`get` does)."""
+        await self._catch_up()
         return await self._run(self._core.get_many(keys, self._local_read, _MISSING))
 
     async def delete_many(self, keys: Iterable[str]) -> int:
-        """As :meth:`SyncMap.delete_many`."""
+        """Remove every key of ``keys`` in one round trip; how many existed."""
         return await self._run(self._core.delete_many(keys))
+
+    async def clear(self) -> None:
+        """Remove every entry (one script; every node drops its copy)."""
+        await self._run(self._core.clear())
+
+    async def compare_and_set(
+        self, key: str, expected: Any, new: Any, ttl: float | None = None, guard: Any = None
+    ) -> bool:
+        """Set ``key`` to ``new`` if its value equals ``expected`` (absent never matches)."""
+        return await self._run(self._core.compare_and_set(key, expected, new, ttl, guard))
+
+    async def update_item(
+        self,
+        key: str,
+        fn: Callable[[Any], Any],
+        default: Any = None,
+        ttl: float | None = None,
+        *,
+        guard: Any = None,
+    ) -> Any:
+        """Atomically replace the value ``v`` of ``key`` (``default`` if absent) by ``fn(v)``;
+        ``fn`` may run more than once under contention. Returns the new value."""
+        return await self._run(self._core.update_item(key, fn, default, ttl, guard))
+
+    async def incr(
+        self, key: str, amount: int = 1, *, guard: Any = None, create: bool = True
+    ) -> int:
+        """Atomically add ``amount`` to the integer counter ``key`` (absent: 0, or
+        :class:`KeyError` with ``create=False``)."""
+        return await self._run(self._core.incr(key, amount, guard, create))
+
+    async def add(
+        self, key: str, value: Any, ttl: float | None = None, *, guard: Any = None
+    ) -> bool:
+        """Write ``key`` only if it is absent (atomically); True if this call wrote it."""
+        return await self._run(self._core.add(key, value, ttl, guard))
+
+    async def touch(self, key: str, ttl: float | None = None, *, guard: Any = None) -> bool:
+        """Give an existing ``key`` a new TTL (seconds; None: the map's default, if any, else
+        no expiry), atomically; False if it is absent."""
+        return await self._run(self._core.touch(key, ttl, guard))
+
+    async def get_or_load(
+        self, key: str, loader: Callable[[], Any], ttl: float | None = None, timeout: float = 10.0
+    ) -> Any:
+        """As :meth:`SyncMap.get_or_load`; ``loader`` may be a coroutine function."""
+        value = await self.get(key, _MISSING)
+        if value is not _MISSING:
+            return value
+        return await self._run(self._core.get_or_load(key, loader, ttl, timeout))
+
+    # unasync: end
+
+    async def _catch_up(self) -> None:
+        """Before a bulk read: let the listener task apply what waits."""
+        if self._clock() >= self._next_yield:
+            self._next_yield = self._clock() + YIELD_INTERVAL
+            await asyncio.sleep(0)
 
     async def items(self) -> list[tuple[str, Any]]:
         """``(key, value)`` pairs: the keys are listed first, then each value is read; a key
@@ -741,47 +821,6 @@ class AsyncSyncMap(_MapBase):
 
     async def values(self) -> list[Any]:
         return [value for _, value in await self.items()]
-
-    async def clear(self) -> None:
-        await self._run(self._core.clear())
-
-    async def compare_and_set(
-        self, key: str, expected: Any, new: Any, ttl: float | None = None, guard: Any = None
-    ) -> bool:
-        return await self._run(self._core.compare_and_set(key, expected, new, ttl, guard))
-
-    async def update_item(
-        self,
-        key: str,
-        fn: Callable[[Any], Any],
-        default: Any = None,
-        ttl: float | None = None,
-        *,
-        guard: Any = None,
-    ) -> Any:
-        return await self._run(self._core.update_item(key, fn, default, ttl, guard))
-
-    async def incr(
-        self, key: str, amount: int = 1, *, guard: Any = None, create: bool = True
-    ) -> int:
-        return await self._run(self._core.incr(key, amount, guard, create))
-
-    async def add(
-        self, key: str, value: Any, ttl: float | None = None, *, guard: Any = None
-    ) -> bool:
-        return await self._run(self._core.add(key, value, ttl, guard))
-
-    async def touch(self, key: str, ttl: float | None = None, *, guard: Any = None) -> bool:
-        return await self._run(self._core.touch(key, ttl, guard))
-
-    async def get_or_load(
-        self, key: str, loader: Callable[[], Any], ttl: float | None = None, timeout: float = 10.0
-    ) -> Any:
-        """As :meth:`SyncMap.get_or_load`; ``loader`` may be a coroutine function."""
-        value = await self.get(key, _MISSING)
-        if value is not _MISSING:
-            return value
-        return await self._run(self._core.get_or_load(key, loader, ttl, timeout))
 
     def cached(
         self,
@@ -819,8 +858,11 @@ class AsyncSyncMap(_MapBase):
             if not self._listener.forked:
                 await self._listener.unregister(self._member)
 
+    # unasync: source enter
     async def __aenter__(self) -> AsyncSyncMap:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+    # unasync: end

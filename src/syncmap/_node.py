@@ -194,6 +194,117 @@ class _NodeBase:
         )
 
 
+# The nodes: written once for asyncio; the blocking one is generated from it.
+
+
+# unasync: source node
+class AsyncNode(_NodeBase):
+    """An asyncio connection to the server. Make one with :func:`connect_async`."""
+
+    def __init__(
+        self,
+        client: redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster,
+        address: str,
+        url: str | None = None,
+        router: ClusterRouter | None = None,
+    ) -> None:
+        self.client: Any = client
+        self.address = address
+        self.url = url
+        self.router = router
+        self._shards = {}
+        self.driver = None if router is not None else AsyncDriver(client, address)
+        self._init_listeners()
+        self.forked = False  # made before os.fork(), and this is the child  # unasync: drop
+
+    def _new_listener(self, client: Any, address: str, timeout: float, home: Any) -> Any:
+        from ._listener import AsyncListener
+
+        return AsyncListener(client, address, timeout, self.router, home)
+
+    # unasync: drop begin
+    def _check_fork(self) -> None:
+        """Raise :class:`NodeForked` in a forked child (an asyncio node does not cross a fork:
+        its connections and task belong to the parent's event loop)."""
+        if self._root.forked:
+            raise NodeForked(
+                f"{self.address}: this asyncio node was made before os.fork(); "
+                "call connect_async() in the child process"
+            )
+
+    # unasync: drop end
+    async def run(self, flow: Flow[T]) -> T:
+        self._check_fork()  # unasync: drop
+        if self.driver is None:
+            raise self._no_driver()
+        return await self.driver.run(flow)
+
+    async def ping(self) -> bool:
+        self._check_fork()  # unasync: drop
+        if self.driver is not None:  # (its connections are checked before use)
+            return bool(await self.driver.run(_ping()))
+        try:
+            return bool(await self.client.ping())
+        except Exception as exc:
+            raise _translated(exc, self.address) from exc
+
+    def lock(self, name: str, **options: Any) -> AsyncLock:
+        """A distributed lock named ``name`` for asyncio; not yet acquired."""
+        from ._lock import AsyncLock
+
+        self._check_fork()  # unasync: drop
+        return AsyncLock(self._on(_lock_key(name), False), name, **options)
+
+    async def obtain(self, key: str, ttl: float, **options: Any) -> AsyncLock:
+        """redislock's Obtain: a held :class:`AsyncLock`, or :class:`NotObtained`. Options:
+        those of :meth:`lock`, ``retry`` (a retry strategy), ``timeout``, and ``token`` (your
+        own token instead of a random one: its holder may obtain the lock again)."""
+        from ._lock import obtain_async
+
+        self._check_fork()  # unasync: drop
+        return await obtain_async(self._on(_lock_key(key), False), key, ttl, **options)
+
+    async def obtain_multi(self, keys: list[str], ttl: float, **options: Any) -> AsyncLock:
+        """Obtain several keys atomically (all or none)."""
+        from ._lock import obtain_multi_async
+
+        self._check_fork()  # unasync: drop
+        return await obtain_multi_async(self._on(_lock_key(keys), False), keys, ttl, **options)
+
+    async def map(self, name: str, **options: Any) -> AsyncSyncMap:
+        """The shared map ``name`` for asyncio, started (subscribed) before it is returned."""
+        from ._map import AsyncSyncMap
+
+        self._check_fork()  # unasync: drop
+        return await AsyncSyncMap.open(self._on(MapKeys(name).meta, True), name, **options)
+
+    async def close(self) -> None:
+        """Close the node's listeners (every map's copy is dropped) and connections."""
+        with self._listeners_lock:
+            listeners, self._listeners = list(self._listeners.values()), {}
+        for listener in listeners:
+            await listener.close()
+        # unasync: drop begin
+        if self._root.forked:
+            return  # (the parent's connections: nothing to close here)
+        # unasync: drop end
+        self._shards.clear()
+        if self.router is not None:
+            for client in self.router.clients():
+                await client.aclose()
+        await self.client.aclose()
+
+    async def __aenter__(self) -> AsyncNode:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+# unasync: end
+
+
+# unasync: generated node (from the asyncio code by scripts/unasync.py: do not edit)
 class Node(_NodeBase):
     """A blocking connection to the server. Make one with :func:`connect`."""
 
@@ -209,7 +320,7 @@ class Node(_NodeBase):
         self.url = url
         self.router = router
         self._shards = {}
-        self.driver = None if router is not None else SyncDriver(client, address)  # type: ignore[arg-type]
+        self.driver = None if router is not None else SyncDriver(client, address)
         self._init_listeners()
 
     def _new_listener(self, client: Any, address: str, timeout: float, home: Any) -> Any:
@@ -237,9 +348,9 @@ class Node(_NodeBase):
         return Lock(self._on(_lock_key(name), False), name, **options)
 
     def obtain(self, key: str, ttl: float, **options: Any) -> Lock:
-        """redislock's Obtain: a held :class:`Lock`, or :class:`NotObtained`. Options: those
-        of :meth:`lock`, ``retry`` (a retry strategy), ``timeout``, and ``token`` (your own
-        token instead of a random one: its holder may obtain the lock again)."""
+        """redislock's Obtain: a held :class:`Lock`, or :class:`NotObtained`. Options:
+        those of :meth:`lock`, ``retry`` (a retry strategy), ``timeout``, and ``token`` (your
+        own token instead of a random one: its holder may obtain the lock again)."""
         from ._lock import obtain
 
         return obtain(self._on(_lock_key(key), False), key, ttl, **options)
@@ -254,7 +365,7 @@ class Node(_NodeBase):
         """The shared map ``name``, with a local copy in this process (see :class:`SyncMap`)."""
         from ._map import SyncMap
 
-        return SyncMap(self._on(MapKeys(name).meta, True), name, **options)
+        return SyncMap.open(self._on(MapKeys(name).meta, True), name, **options)
 
     def close(self) -> None:
         """Close the node's listeners (every map's copy is dropped) and connections."""
@@ -275,98 +386,7 @@ class Node(_NodeBase):
         self.close()
 
 
-class AsyncNode(_NodeBase):
-    """An asyncio connection to the server. Make one with :func:`connect_async`."""
-
-    def __init__(
-        self,
-        client: redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster,
-        address: str,
-        url: str | None = None,
-        router: ClusterRouter | None = None,
-    ) -> None:
-        self.client: Any = client
-        self.address = address
-        self.url = url
-        self.router = router
-        self._shards = {}
-        self.driver = None if router is not None else AsyncDriver(client, address)
-        self._init_listeners()
-        self.forked = False  # made before os.fork(), and this is the child
-
-    def _new_listener(self, client: Any, address: str, timeout: float, home: Any) -> Any:
-        from ._listener import AsyncListener
-
-        return AsyncListener(client, address, timeout, self.router, home)
-
-    def _check_fork(self) -> None:
-        """Raise :class:`NodeForked` in a forked child (an asyncio node does not cross a fork:
-        its connections and task belong to the parent's event loop)."""
-        if self._root.forked:
-            raise NodeForked(
-                f"{self.address}: this asyncio node was made before os.fork(); "
-                "call connect_async() in the child process"
-            )
-
-    async def run(self, flow: Flow[T]) -> T:
-        self._check_fork()
-        if self.driver is None:
-            raise self._no_driver()
-        return await self.driver.run(flow)
-
-    async def ping(self) -> bool:
-        self._check_fork()
-        if self.driver is not None:  # (its connections are checked before use)
-            return bool(await self.driver.run(_ping()))
-        try:
-            return bool(await self.client.ping())
-        except Exception as exc:
-            raise _translated(exc, self.address) from exc
-
-    def lock(self, name: str, **options: Any) -> AsyncLock:
-        """A distributed lock named ``name`` for asyncio; not yet acquired."""
-        from ._lock import AsyncLock
-
-        self._check_fork()
-        return AsyncLock(self._on(_lock_key(name), False), name, **options)
-
-    async def obtain(self, key: str, ttl: float, **options: Any) -> AsyncLock:
-        from ._lock import obtain_async
-
-        self._check_fork()
-        return await obtain_async(self._on(_lock_key(key), False), key, ttl, **options)
-
-    async def obtain_multi(self, keys: list[str], ttl: float, **options: Any) -> AsyncLock:
-        from ._lock import obtain_multi_async
-
-        self._check_fork()
-        return await obtain_multi_async(self._on(_lock_key(keys), False), keys, ttl, **options)
-
-    async def map(self, name: str, **options: Any) -> AsyncSyncMap:
-        """The shared map ``name`` for asyncio, started (subscribed) before it is returned."""
-        from ._map import AsyncSyncMap
-
-        self._check_fork()
-        return await AsyncSyncMap.open(self._on(MapKeys(name).meta, True), name, **options)
-
-    async def close(self) -> None:
-        """Close the node's listeners (every map's copy is dropped) and connections."""
-        listeners, self._listeners = list(self._listeners.values()), {}
-        for listener in listeners:
-            await listener.close()
-        if self._root.forked:
-            return  # (the parent's connections: nothing to close here)
-        self._shards.clear()
-        if self.router is not None:
-            for client in self.router.clients():
-                await client.aclose()
-        await self.client.aclose()
-
-    async def __aenter__(self) -> AsyncNode:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
+# unasync: end
 
 
 def _closing(listener: Any) -> bool:

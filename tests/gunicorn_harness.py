@@ -4,7 +4,8 @@ concurrent traffic spread over its workers, and the checks both tests make of ev
 local copy: hit ratio after warm-up, and another node's write seen within ``max_staleness``.
 
 The app's read endpoint answers JSON with at least the worker's ``pid``, the ``value`` read
-and the map's stats ``hits``, ``misses`` and ``invalidations``.
+and the map's stats ``hits``, ``misses`` and ``invalidations``; its load endpoint (see
+:func:`check_single_flight`) answers ``pid`` and ``value``.
 """
 
 from __future__ import annotations
@@ -208,3 +209,15 @@ class Traffic:
 
     def close(self) -> None:
         self.pool.shutdown()
+
+
+def check_single_flight(g: Gunicorn, path: str, loads: Callable[[], int]) -> list[Answer]:
+    """``2 * WORKERS`` concurrent requests to ``path``, a get-or-load of a missing key whose
+    loader holds its worker a while (0.5 s) and counts its runs (``loads()`` reads the
+    count): every worker takes part, all get one value, and the loader ran once."""
+    with ThreadPoolExecutor(2 * WORKERS) as pool:
+        answers = list(pool.map(lambda _: g.get(path), range(2 * WORKERS)))
+    assert len({a["pid"] for a in answers}) == WORKERS, answers
+    assert len({a["value"] for a in answers}) == 1, answers
+    assert loads() == 1, f"the loader ran {loads()} times: {answers}"
+    return answers

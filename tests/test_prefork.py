@@ -3,10 +3,11 @@ tests/prefork_app.py, which makes its node and map at import time in the master 
 the key there) before gunicorn forks the workers; and the same without ``--preload``, where
 each worker imports the app and makes its own node.
 
-Every worker must serve the map from its local copy (hit ratio >= 90% after warm-up) and see
-another node's writes (this test's); with ``--preload``, no worker serves the value the
-master cached before the fork once it was overwritten, and the master keeps its own hits and
-its listener (it reports from gunicorn's ``on_exit`` hook, after the workers are gone).
+Every worker must serve the map from its local copy (hit ratio >= 90% after warm-up), see
+another node's writes (this test's), and run a ``get_or_load`` loader asked by all of them at
+once only once; with ``--preload``, no worker serves the value the master cached before the
+fork once it was overwritten, and the master keeps its own hits and its listener (it reports
+from gunicorn's ``on_exit`` hook, after the workers are gone).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from collections.abc import Iterator
 import pytest
 
 import syncmap
-from gunicorn_harness import TESTS, Gunicorn, Traffic
+from gunicorn_harness import TESTS, Gunicorn, Traffic, check_single_flight
 
 pytestmark = pytest.mark.slow
 
@@ -52,7 +53,7 @@ def gunicorn(server, ns, tmp_path, request) -> Iterator[Gunicorn]:
 
 
 @pytest.mark.parametrize("gunicorn", [True, False], ids=["preload", "no-preload"], indirect=True)
-def test_the_map_is_a_near_cache_in_every_gunicorn_worker(gunicorn, server, ns):
+def test_the_map_is_a_near_cache_in_every_gunicorn_worker(gunicorn, server, ns, client):
     """With ``--preload`` the map is made in the master and inherited by the workers across
     the fork; without, each worker imports the app and makes its own node."""
     with syncmap.connect(server.url) as node, node.map(ns) as writer:
@@ -86,6 +87,11 @@ def test_the_map_is_a_near_cache_in_every_gunicorn_worker(gunicorn, server, ns):
                 assert a["invalidations"] > base[pid]["invalidations"], f"worker {pid}: {a}"
         finally:
             traffic.close()
+
+        # get_or_load asked by every worker at once: the loader runs once
+        hot = f"{ns}-hot"
+        check_single_flight(gunicorn, f"/load?key={hot}", lambda: int(client.get(f"{hot}:loads")))
+        client.delete(f"{hot}:loads")
 
         # the master (the process that preloaded the app and forked): still a near cache
         # with its own listener, and it has seen the last write

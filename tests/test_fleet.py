@@ -10,6 +10,7 @@ import os
 import threading
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -331,6 +332,29 @@ def test_get_or_load_runs_once_across_children_of_one_node(server, ns, client):
         assert int(client.get(f"{key}:loads")) == 1
         assert m.get(key) == pids[0]  # the parent sees the child's value
     client.delete(f"{key}:loads")
+
+
+def _round_trips_in_child(m: syncmap.SyncMap, n: int) -> int:
+    for i in range(n):  # each a write and a read of the server, checked
+        key = f"{os.getpid()}-{i}"
+        m[key] = i
+        assert m.get(key, fresh=True) == i, key
+    return n
+
+
+def test_children_of_one_node_never_share_its_connections(server, ns):
+    """Children forked from one node at once, each making its first server calls (the
+    workers of a ``--preload``-ed gunicorn answering their first requests): none sends on a
+    connection the parent opened (two processes writing on one socket read each other's
+    answers), while the parent keeps using its own."""
+    with syncmap.connect(server.url) as node:
+        m = node.map(ns)
+        for round_ in range(5):
+            # the parent's map keeps connections aside: several threads' calls at once
+            with ThreadPoolExecutor(4) as pool:
+                list(pool.map(lambda i, v=round_: m.set(f"parent-{i}", v), range(16)))
+            assert _forked_together(3, _round_trips_in_child, m, 20) == [20] * 3
+            assert m.get("parent-0", fresh=True) == round_
 
 
 def _child_of_an_asyncio_node(loop: _Loop, anode: Any, am: Any, alock: Any, url: str) -> dict:

@@ -172,7 +172,16 @@ class _DriverBase:
     def __init__(self, client: Any, address: str) -> None:
         self.client = client
         self.address = address
-        self.conns = _connections(client)
+        self._conns = _connections(client)
+
+    @property
+    def conns(self) -> _Connections:
+        """This process's connections: a forked child never borrows those its parent set
+        aside (both would write on one socket and read each other's answers)."""
+        conns = self._conns
+        if conns.pid != os.getpid():
+            conns = self._conns = _connections(self.client)
+        return conns
 
     def _translate(self, exc: Exception) -> Exception:
         if isinstance(exc, SyncMapError):

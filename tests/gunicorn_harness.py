@@ -207,17 +207,37 @@ class Traffic:
 
         self.until(all_seen, timeout=staleness + 10, what=f"every worker to serve {value!r}")
 
+    def check_writes_seen(
+        self,
+        write: Callable[[Any], object],
+        values: list[Any],
+        staleness: float,
+        base: dict[int, Answer],
+    ) -> None:
+        """Each of ``values`` written in turn by another node (``write(value)``) is served by
+        every worker (by ``staleness`` at the latest); the workers keep their hit ratios
+        since ``base`` (see :meth:`check_hit_ratios`) and each has heard invalidations."""
+        for value in values:
+            write(value)
+            self.wait_every_worker_serves(value, time.monotonic(), staleness)
+        self.check_hit_ratios(base)
+        for pid, a in self.latest.items():
+            assert a["invalidations"] > base[pid]["invalidations"], f"worker {pid}: {a}"
+
     def close(self) -> None:
         self.pool.shutdown()
 
 
-def check_single_flight(g: Gunicorn, path: str, loads: Callable[[], int]) -> list[Answer]:
+def check_single_flight(g: Gunicorn, path: str, client: Any, counter: str) -> list[Answer]:
     """``2 * WORKERS`` concurrent requests to ``path``, a get-or-load of a missing key whose
-    loader holds its worker a while (0.5 s) and counts its runs (``loads()`` reads the
-    count): every worker takes part, all get one value, and the loader ran once."""
+    loader holds its worker a while (0.5 s) and counts its runs on the server (``client``,
+    key ``counter``, deleted after): every worker takes part, all get one value, and the
+    loader ran once."""
     with ThreadPoolExecutor(2 * WORKERS) as pool:
         answers = list(pool.map(lambda _: g.get(path), range(2 * WORKERS)))
+    loads = int(client.get(counter) or 0)
+    client.delete(counter)
     assert len({a["pid"] for a in answers}) == WORKERS, answers
     assert len({a["value"] for a in answers}) == 1, answers
-    assert loads() == 1, f"the loader ran {loads()} times: {answers}"
+    assert loads == 1, f"the loader ran {loads} times: {answers}"
     return answers

@@ -190,9 +190,9 @@ class _DriverBase:
 
     def _keep(self, conn: Any) -> bool:
         """Whether a connection given back is kept aside (else it goes back to the pool): at
-        most ``_KEEP_IDLE`` of them, and only in the process that opened them."""
+        most ``_KEEP_IDLE`` of them, in this process's connections (:attr:`conns`)."""
         conns = self.conns
-        if len(conns.idle) < _KEEP_IDLE and conns.pid == os.getpid():
+        if len(conns.idle) < _KEEP_IDLE:
             conns.idle.append(conn)
             return True
         return False

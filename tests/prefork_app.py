@@ -9,7 +9,9 @@ and ``PREFORK_REPORT`` (where the master writes its report when gunicorn stops, 
 
 Endpoints (JSON): ``/read`` reads the key once (``?hold=S`` then holds the worker S seconds,
 so that concurrent requests spread over the workers) and returns the worker's pid, the value
-and the map's stats; ``/health`` answers without reading.
+and the map's stats; ``/load?key=K`` is ``get_or_load(K)`` with a loader that counts its runs
+on the server (in ``K:loads``) and holds its worker 0.5 s; ``/health`` answers without
+reading.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 from urllib.parse import parse_qs
+
+import redis
 
 import syncmap
 
@@ -45,6 +49,13 @@ def _stats() -> dict[str, Any]:
     }
 
 
+def _load(key: str) -> str:
+    with redis.Redis.from_url(URL) as r:
+        r.incr(f"{key}:loads")
+    time.sleep(0.5)
+    return f"loaded-by-{os.getpid()}"
+
+
 def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
     path = environ.get("PATH_INFO", "/")
     if path == "/health":
@@ -55,6 +66,9 @@ def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[byte
         hold = parse_qs(environ.get("QUERY_STRING", "")).get("hold")
         if hold:
             time.sleep(min(float(hold[0]), 0.1))
+    elif path == "/load":
+        key = parse_qs(environ.get("QUERY_STRING", ""))["key"][0]
+        body = {"pid": os.getpid(), "value": shared.get_or_load(key, lambda: _load(key))}
     else:
         start_response("404 Not Found", [("Content-Type", "text/plain")])
         return [b"not found\n"]

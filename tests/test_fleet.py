@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import os
 import threading
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
+import redis
 
 import syncmap
 from servers import wait_until
@@ -210,21 +213,35 @@ def _in_child(conn: Any, body: Any, *args: Any) -> None:
 
 def _forked(body: Any, *args: Any, timeout: float = 30.0) -> Any:
     """Run ``body(*args)`` in a child forked from this process; its result (or its error)."""
-    here, there = FORK.Pipe()
-    child = FORK.Process(target=_in_child, args=(there, body, *args))
-    child.start()
-    there.close()
+    return _forked_together(1, body, *args, timeout=timeout)[0]
+
+
+def _forked_together(n: int, body: Any, *args: Any, timeout: float = 30.0) -> list[Any]:
+    """Run ``body(*args)`` in ``n`` children forked from this process one after the other,
+    running at once; their results (or the first error)."""
+    children = []
+    for _ in range(n):
+        here, there = FORK.Pipe()
+        child = FORK.Process(target=_in_child, args=(there, body, *args))
+        child.start()
+        there.close()
+        children.append((child, here))
+    results = []
+    deadline = time.monotonic() + timeout
     try:
-        if not here.poll(timeout):
-            raise AssertionError("the forked child did not answer")
-        status, value = here.recv()
+        for _child, here in children:
+            if not here.poll(max(0.0, deadline - time.monotonic())):
+                raise AssertionError("a forked child did not answer")
+            status, value = here.recv()
+            assert status == "ok", value
+            results.append(value)
     finally:
-        child.join(10)
-        if child.is_alive():
-            child.kill()
-    assert status == "ok", value
-    assert child.exitcode == 0
-    return value
+        for child, _here in children:
+            child.join(10)
+            if child.is_alive():
+                child.kill()
+    assert all(child.exitcode == 0 for child, _ in children)
+    return results
 
 
 def _child_of_a_blocking_node(m: syncmap.SyncMap, lock: syncmap.Lock, url: str) -> dict:
@@ -290,6 +307,54 @@ def test_a_blocking_node_made_before_fork_works_in_the_child(server, ns):
         lock.release()
     finally:
         node.close()
+
+
+def _load_in_child(m: syncmap.SyncMap, key: str, url: str) -> int:
+    def load() -> int:
+        with redis.Redis.from_url(url) as r:
+            r.incr(f"{key}:loads")
+        time.sleep(0.5)  # (the other children ask meanwhile)
+        return os.getpid()
+
+    return int(m.get_or_load(key, load))
+
+
+def test_get_or_load_runs_once_across_children_of_one_node(server, ns, client):
+    """Children forked from one node (the workers of a ``--preload``-ed gunicorn), asking
+    ``get_or_load`` of one key at once: its loader runs once (each child makes its own
+    tokens: none takes a sibling's load lock for its own)."""
+    key = f"{ns}-hot"
+    with syncmap.connect(server.url) as node:
+        m = node.map(ns)
+        m["k"] = "v0"  # the parent has used the map (its listener runs)
+        pids = _forked_together(3, _load_in_child, m, key, server.url)
+        assert len(set(pids)) == 1, pids  # (the loader's pid: one child's)
+        assert int(client.get(f"{key}:loads")) == 1
+        assert m.get(key) == pids[0]  # the parent sees the child's value
+    client.delete(f"{key}:loads")
+
+
+def _round_trips_in_child(m: syncmap.SyncMap, n: int) -> int:
+    for i in range(n):  # each a write and a read of the server, checked
+        key = f"{os.getpid()}-{i}"
+        m[key] = i
+        assert m.get(key, fresh=True) == i, key
+    return n
+
+
+def test_children_of_one_node_never_share_its_connections(server, ns):
+    """Children forked from one node at once, each making its first server calls (the
+    workers of a ``--preload``-ed gunicorn answering their first requests): none sends on a
+    connection the parent opened (two processes writing on one socket read each other's
+    answers), while the parent keeps using its own."""
+    with syncmap.connect(server.url) as node:
+        m = node.map(ns)
+        for round_ in range(5):
+            # the parent's map keeps connections aside: several threads' calls at once
+            with ThreadPoolExecutor(4) as pool:
+                list(pool.map(lambda i, v=round_: m.set(f"parent-{i}", v), range(16)))
+            assert _forked_together(3, _round_trips_in_child, m, 20) == [20] * 3
+            assert m.get("parent-0", fresh=True) == round_
 
 
 def _child_of_an_asyncio_node(loop: _Loop, anode: Any, am: Any, alock: Any, url: str) -> dict:

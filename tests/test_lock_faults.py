@@ -274,8 +274,9 @@ def test_killed_waiter_costs_no_more_than_its_registration(server, client, ns):
 @pytest.mark.parametrize("answer", ["error", "ok"])
 async def test_async_driver_keeps_connections_only_in_their_process(server, client, ns, answer):
     """A connection given back after an error answer follows the same rule as after any
-    answer (shared with the blocking driver): kept aside only in the process that opened
-    it (a forked child holding its parent's driver returns it to the pool instead)."""
+    answer (shared with the blocking driver): kept aside in the process's own connections. A
+    driver holding another process's (a forked child's, its parent's) neither borrows from
+    them nor gives back to them."""
     from syncmap._core.ops import Command
     from syncmap._driver import AsyncDriver
 
@@ -283,18 +284,21 @@ async def test_async_driver_keeps_connections_only_in_their_process(server, clie
     node = await syncmap.connect_async(server.url)
     try:
         driver = AsyncDriver(node.client, node.address)
-        driver.conns.idle.clear()
-        driver.conns.pid = -1  # as seen from a forked child
         command = ("INCR", f"{ns}:text") if answer == "error" else ("GET", f"{ns}:text")
+        with contextlib.suppress(syncmap.ServerError):
+            await driver.perform(Command(command))
+        parents = driver.conns
+        assert len(parents.idle) == 1  # in its own process: kept
+        kept = list(parents.idle)
+        parents.pid = -1  # as seen from a forked child
         if answer == "error":
             with pytest.raises(syncmap.ServerError):
                 await driver.perform(Command(command))
         else:
             assert await driver.perform(Command(command)) == b"not a number"
-        assert driver.conns.idle == []
-        driver.conns.pid = os.getpid()  # in its own process: kept
-        with contextlib.suppress(syncmap.ServerError):
-            await driver.perform(Command(command))
-        assert len(driver.conns.idle) == 1
+        assert parents.idle == kept  # neither borrowed nor given back
+        own = driver.conns
+        assert own is not parents and own.pid == os.getpid()
+        assert len(own.idle) == 1 and own.idle[0] not in kept
     finally:
         await node.close()

@@ -176,7 +176,16 @@ class _DriverBase:
     def __init__(self, client: Any, address: str) -> None:
         self.client = client
         self.address = address
-        self.conns = _connections(client)
+        self._conns = _connections(client)
+
+    @property
+    def conns(self) -> _Connections:
+        """This process's connections: a forked child never borrows those its parent set
+        aside (both would write on one socket and read each other's answers)."""
+        conns = self._conns
+        if conns.pid != os.getpid():
+            conns = self._conns = _connections(self.client)
+        return conns
 
     def _translate(self, exc: Exception) -> Exception:
         if isinstance(exc, SyncMapError):
@@ -185,9 +194,9 @@ class _DriverBase:
 
     def _keep(self, conn: Any) -> bool:
         """Whether a connection given back is kept aside (else it goes back to the pool): at
-        most ``_KEEP_IDLE`` of them, and only in the process that opened them."""
+        most ``_KEEP_IDLE`` of them, in this process's connections (:attr:`conns`)."""
         conns = self.conns
-        if len(conns.idle) < _KEEP_IDLE and conns.pid == os.getpid():
+        if len(conns.idle) < _KEEP_IDLE:
             conns.idle.append(conn)
             return True
         return False

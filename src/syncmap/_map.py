@@ -14,6 +14,7 @@ import asyncio
 import inspect
 import itertools
 import math
+import os
 import queue
 import secrets
 import threading
@@ -162,15 +163,24 @@ def _check_options(
 
 
 class _Tokens:
-    """Unique tokens (epoch candidates, load tokens): a random prefix per map and a counter,
-    no system call per write."""
+    """Unique tokens (epoch candidates, load tokens): a random prefix and a counter, no system
+    call per write. One per process, shared by its maps: a forked child draws a new prefix
+    (else the children of one parent would make the same tokens, and each would take the
+    others' load locks as its own: a get_or_load loader run in every child)."""
 
     def __init__(self) -> None:
+        self._reseed()
+        os.register_at_fork(after_in_child=self._reseed)
+
+    def _reseed(self) -> None:
         self._prefix = secrets.token_hex(8)
         self._count = itertools.count(1)
 
     def __call__(self) -> str:
         return f"{self._prefix}{next(self._count):x}"
+
+
+_tokens: Final = _Tokens()
 
 
 class _Driver(SyncDriver):
@@ -235,7 +245,7 @@ class _MapBase:
             keys,
             self._state,
             get_codec(codec),
-            new_token=_Tokens(),
+            new_token=_tokens,
             default_ttl=ttl,
             max_key_bytes=max_key_bytes,
             max_value_bytes=max_value_bytes,

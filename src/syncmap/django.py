@@ -18,7 +18,8 @@ reaches every process's copy within ``max_staleness``.
 * Django makes a backend instance per thread (and async context) and calls ``close()`` after
   each request. All instances of one process with the same LOCATION and OPTIONS share one
   node and one map, opened at their first use (not at import: a ``--preload``-ed gunicorn
-  master forks before any connection exists); ``close()`` does nothing.
+  master forks before any connection exists, unless the app uses the cache while it loads);
+  a forked child opens its own. ``close()`` does nothing.
 * Values are pickled, as by every Django backend, except ints (up to 2**53), which are stored
   as decimal text so that ``incr``/``decr`` run on the server. The local copy keeps values of
   mutable types pickled and every read unpickles a fresh object, as Django's backends return

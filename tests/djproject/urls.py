@@ -9,4 +9,5 @@ urlpatterns = [
     path("aget/<str:key>/", views.aget_value),
     path("load/<str:key>/", views.load_once),
     path("page/", views.cached_page),
+    path("worker/<str:key>/", views.worker_read),
 ]

@@ -1,6 +1,10 @@
 """Views that use the cache as applications do: ``django.core.cache.cache`` (a backend
-instance per thread), async views with ``aget``/``aset``, ``get_or_set``, ``cache_page``."""
+instance per thread), async views with ``aget``/``aset``, ``get_or_set``, ``cache_page``;
+and ``worker_read``, a read that reports the process and its map's stats (for prefork
+servers)."""
 
+import os
+import sys
 import threading
 import time
 import uuid
@@ -22,6 +26,7 @@ def _state(value: object) -> JsonResponse:
             "map": id(cache.map),
             "instance": id(cache),
             "thread": threading.get_ident(),
+            "pid": os.getpid(),
         }
     )
 
@@ -60,3 +65,26 @@ def load_once(request: HttpRequest, key: str) -> JsonResponse:
 @cache_page(60)
 def cached_page(request: HttpRequest) -> HttpResponse:
     return HttpResponse(f"page {uuid.uuid4().hex}")
+
+
+def worker_read(request: HttpRequest, key: str) -> JsonResponse:
+    """``cache.get(key)`` in this process (``?hold=S`` then holds it S seconds, at most 0.1,
+    so that concurrent requests spread over a prefork server's workers): the value, the pid,
+    the pid that loaded the WSGI app (djproject.wsgi) and the map's stats."""
+    value = cache.get(key)
+    stats = cache.map.stats
+    hold = request.GET.get("hold")
+    if hold:
+        time.sleep(min(float(hold), 0.1))
+    wsgi = sys.modules.get("djproject.wsgi")
+    return JsonResponse(
+        {
+            "pid": os.getpid(),
+            "loaded_by": getattr(wsgi, "LOADED_BY", None),
+            "value": value,
+            "hits": stats.hits,
+            "misses": stats.misses,
+            "invalidations": stats.invalidations,
+            "resyncs": stats.resyncs,
+        }
+    )

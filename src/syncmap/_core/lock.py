@@ -43,6 +43,7 @@ from typing import Any
 from .._errors import InvalidArgument, LockNotHeld, ServerError, ServerUnavailable, TooLarge
 from .keys import PREFIX, hash_tag, validate_name
 from .ops import Command, Flow, Script, Sleep
+from .replies import PTTL_NOT_HELD, AcquireReply, ReleaseStatus
 from .retry import check_backoff
 
 __all__ = [
@@ -291,7 +292,7 @@ def acquire_flow(
     while True:
         if pause is None:
             args: tuple[Any, ...] = (value, token, state.ttl_ms, "try", 0, registrations)
-            got, fence = yield Script("lock_acquire", (*keys, wake), args)
+            got, fence = AcquireReply.parse((yield Script("lock_acquire", (*keys, wake), args)))
             if got:
                 state.took(token, (fence,))
             return bool(got)
@@ -302,11 +303,12 @@ def acquire_flow(
         if queued:
             # queue and wait in one write: one round trip instead of two (no second send,
             # no second command for the server to read, while the holder is at work)
-            (got, fence), woken = yield Script(
+            raw, woken = yield Script(
                 "lock_acquire", (*keys, wake), args, idempotent=False, then=blpop
             )
         else:
-            got, fence = yield Script("lock_acquire", (*keys, wake), args)
+            raw = yield Script("lock_acquire", (*keys, wake), args)
+        got, fence = AcquireReply.parse(raw)
         if got:  # taken at once (a wait sent behind the script popped this same fence)
             state.took(token, (fence,))
             state.contended = False
@@ -342,8 +344,8 @@ def leave_flow(state: LockState, token: str) -> Flow[None]:
     ``token`` meanwhile (its caller never learnt so), release it to the next waiter."""
     value = token + state.metadata
     args = (value, token, 0, "leave", 0, state.keys.registration_prefixes[0])
-    got, fence = yield Script(
-        "lock_acquire", (*state.keys.script_keys, state.keys.wake(token)), args
+    got, fence = AcquireReply.parse(
+        (yield Script("lock_acquire", (*state.keys.script_keys, state.keys.wake(token)), args))
     )
     if got:
         yield Script(
@@ -364,7 +366,7 @@ def release_flow(state: LockState) -> Flow[None]:
         "lock_release", state.keys.script_keys, _release_args(state, token, state.fence, value)
     )
     state.forget(token)
-    if answer == 0:
+    if answer == ReleaseStatus.NOT_HELD:
         raise LockNotHeld(
             f"lock {state.keys.names[0]!r} was no longer held (it expired or was taken) "
             "when it was released"
@@ -381,15 +383,15 @@ def refresh_flow(state: LockState, ttl_ms: int | None = None) -> Flow[None]:
 
 
 def pttl_flow(state: LockState) -> Flow[int]:
-    """Remaining TTL in ms (the shortest of the names); -3 when not held."""
+    """Remaining TTL in ms (the shortest of the names); :data:`PTTL_NOT_HELD` when not held."""
     if state.value is None:
-        return -3
+        return PTTL_NOT_HELD
     answer = yield Script("lock_pttl", state.keys.names, (state.value,))
     return int(answer)
 
 
 def owned_flow(state: LockState) -> Flow[bool]:
-    return (yield from pttl_flow(state)) != -3
+    return (yield from pttl_flow(state)) != PTTL_NOT_HELD
 
 
 def locked_flow(state: LockState) -> Flow[bool]:

@@ -44,7 +44,7 @@ from .._errors import InvalidArgument, LockNotHeld, ServerError, ServerUnavailab
 from .keys import PREFIX, hash_tag, validate_name
 from .ops import Command, Flow, Script, Sleep
 from .replies import PTTL_NOT_HELD, AcquireReply, ReleaseStatus
-from .retry import check_backoff
+from .validate import check_seconds
 
 __all__ = [
     "MAX_METADATA_BYTES",
@@ -86,15 +86,8 @@ def new_token() -> str:
 
 
 def check_ttl(ttl: object, what: str = "ttl") -> int:
-    """A TTL in seconds (int or float, at least 1 ms) as whole milliseconds."""
-    if isinstance(ttl, bool) or not isinstance(ttl, int | float):
-        raise InvalidArgument(f"{what} must be a number of seconds, not {type(ttl).__name__}")
-    if not math.isfinite(ttl) or ttl <= 0:
-        raise InvalidArgument(f"{what} must be a finite number of seconds > 0, not {ttl!r}")
-    ms = math.ceil(ttl * 1000)
-    if ms > MAX_TTL_MS:
-        raise InvalidArgument(f"{what} of {ttl!r} s is over the limit of {MAX_TTL_MS // 1000} s")
-    return ms
+    """A TTL in seconds (> 0, at most :data:`MAX_TTL_MS`) as whole milliseconds."""
+    return math.ceil(check_seconds(ttl, what, high=MAX_TTL_MS / 1000) * 1000)
 
 
 MIN_TOKEN_CHARS = 8
@@ -133,15 +126,16 @@ def check_timeout(blocking: object, timeout: object) -> float | None:
     """``threading.Lock.acquire``'s rules: seconds to wait, or ``None`` for ever."""
     if not isinstance(blocking, bool):
         raise InvalidArgument(f"blocking must be a bool, not {type(blocking).__name__}")
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
-        raise InvalidArgument(f"timeout must be a number of seconds, not {type(timeout).__name__}")
-    if timeout == -1:
+    seconds = check_seconds(
+        timeout, "timeout", low=-1, low_ok=True, expected="-1 or a finite number >= 0"
+    )
+    if seconds == -1:
         return None if blocking else 0.0
     if not blocking:
         raise InvalidArgument("can't specify a timeout for a non-blocking call")
-    if not math.isfinite(timeout) or timeout < 0:
+    if seconds < 0:
         raise InvalidArgument(f"timeout must be -1 or a finite number >= 0, not {timeout!r}")
-    return float(timeout)
+    return seconds
 
 
 def check_names(names: object) -> tuple[str, ...]:
@@ -259,7 +253,7 @@ def _next_pause(backoffs: Iterator[float], deadline: float | None, clock: Clock)
     pause = next(backoffs, None)
     if pause is None:
         return None
-    pause = check_backoff(pause)
+    pause = check_seconds(pause, "backoff", low_ok=True)
     if pause <= 0:
         return None
     if deadline is not None:

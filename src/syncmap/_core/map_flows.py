@@ -35,6 +35,7 @@ from .replies import (
     WriteReply,
     WriteStatus,
 )
+from .validate import check_seconds
 
 __all__ = ["Call", "MapCore", "MapFlow", "MapOp", "parse_record"]
 
@@ -118,11 +119,8 @@ def _key_list(keys: object, what: str) -> list[Any]:
 
 
 def _check_ttl(ttl: object) -> float:
-    if isinstance(ttl, bool) or not isinstance(ttl, int | float):
-        raise InvalidArgument(f"ttl must be a number of seconds or None, not {type(ttl).__name__}")
-    if not (0 < ttl < math.inf) or ttl * 1000 >= 2**53:
-        raise InvalidArgument(f"ttl must be a finite number of seconds > 0, got {ttl!r}")
-    return float(ttl)
+    """A TTL > 0 whose milliseconds a Lua number holds exactly."""
+    return check_seconds(ttl, "ttl", high=(2**53 - 1) / 1000, or_none=True)
 
 
 class MapCore:
@@ -681,12 +679,7 @@ class MapCore:
     ) -> MapFlow[Any]:
         if not callable(loader):
             raise InvalidArgument(f"loader must be callable, not {type(loader).__name__}")
-        if (
-            isinstance(timeout, bool)
-            or not isinstance(timeout, int | float)
-            or not (0 < timeout < math.inf)
-        ):
-            raise InvalidArgument(f"timeout must be a number of seconds > 0, got {timeout!r}")
+        check_seconds(timeout, "timeout")
         k = self.check_key(key)
         px = self.px(ttl)
         state = self.state

@@ -38,7 +38,7 @@ import redis.asyncio.connection
 from redis.exceptions import AskError, NoScriptError, TryAgainError
 
 from ._core.ops import Batch, Command, Flow, Op, Script, Sleep
-from ._errors import OutcomeUnknown, SyncMapError, translate_redis_error
+from ._errors import OutcomeUnknown, translated
 from ._scripts import eval_instead, script_command
 
 __all__ = ["AsyncDriver", "SyncDriver"]
@@ -174,11 +174,6 @@ class _DriverBase:
         self.address = address
         self.conns = _connections(client)
 
-    def _translate(self, exc: Exception) -> Exception:
-        if isinstance(exc, SyncMapError):
-            return exc
-        return translate_redis_error(exc, self.address) or exc
-
     def _keep(self, conn: Any) -> bool:
         """Whether a connection given back is kept aside (else it goes back to the pool): at
         most ``_KEEP_IDLE`` of them, and only in the process that opened them."""
@@ -191,7 +186,9 @@ class _DriverBase:
     def _settled(self, batch: Batch, replies: list[Any]) -> tuple[list[Any], list[int]]:
         """A batch's answers with the errors translated, and the scripts that did not run."""
         again = [i for i, reply in enumerate(replies) if isinstance(reply, _NOT_RUN)]
-        return [self._translate(r) if isinstance(r, Exception) else r for r in replies], again
+        return [
+            translated(r, self.address) if isinstance(r, Exception) else r for r in replies
+        ], again
 
 
 class SyncDriver(_DriverBase):
@@ -225,7 +222,7 @@ class SyncDriver(_DriverBase):
                     for i, reply in zip(unknown, self._call(op, evals), strict=True):
                         replies[i] = reply
             except Exception as exc:
-                raise self._translate(exc) from exc
+                raise translated(exc, self.address) from exc
             replies, again = self._settled(op, replies)
             for i in again:  # redirected: on their own (see _cluster)
                 try:
@@ -241,7 +238,7 @@ class SyncDriver(_DriverBase):
                     raise
                 return self._call(op, eval_instead(op, first))
         except Exception as exc:
-            raise self._translate(exc) from exc
+            raise translated(exc, self.address) from exc
 
     def _call(self, op: Command | Script | Batch, args: Any) -> Any:
         conn = self._borrow()
@@ -488,7 +485,7 @@ class AsyncDriver(_DriverBase):
                     for i, reply in zip(unknown, await self._call(op, evals), strict=True):
                         replies[i] = reply
             except Exception as exc:
-                raise self._translate(exc) from exc
+                raise translated(exc, self.address) from exc
             replies, again = self._settled(op, replies)
             for i in again:  # redirected: on their own (see _cluster)
                 try:
@@ -504,7 +501,7 @@ class AsyncDriver(_DriverBase):
                     raise
                 return await self._call(op, eval_instead(op, first))
         except Exception as exc:
-            raise self._translate(exc) from exc
+            raise translated(exc, self.address) from exc
 
     async def _call(self, op: Command | Script | Batch, args: Any) -> Any:
         conn = await self._borrow()

@@ -67,7 +67,7 @@ from ._core.map_listen import (
 )
 from ._core.ops import Command, Sleep
 from ._driver import AsyncDriver
-from ._errors import ServerError, SyncMapError, translate_redis_error
+from ._errors import ServerError, SyncMapError, translated
 
 __all__ = ["AsyncListener", "SyncListener"]
 
@@ -211,16 +211,10 @@ def _learn(client: Any, exc: BaseException) -> None:
             router.table.moved(exc.slot_id, (exc.host, int(exc.port)))
 
 
-def _error(exc: Exception, address: str) -> Exception:
-    if isinstance(exc, SyncMapError):
-        return exc
-    return translate_redis_error(exc, address) or exc
-
-
 def _meta_reply(reply: Any, address: str) -> Any:
     """One HMGET reply of a base read: ``(epoch, seq)``, or the (translated) error."""
     if isinstance(reply, Exception):
-        return _error(reply, address)
+        return translated(reply, address)
     return tuple(reply)
 
 
@@ -269,7 +263,7 @@ class _ListenerBase:
         if exc is None:
             return flow.send(result)
         _learn(self.client, exc)
-        return flow.throw(_error(exc, self.address))
+        return flow.throw(translated(exc, self.address))
 
     def _failed(self, exc: BaseException) -> float:
         """The flow itself raised (a bug or unexpected data): log, drop the copies, restart."""
@@ -397,7 +391,7 @@ class SyncListener(_ListenerBase):
             conn.send_command(*args, check_health=False)
         except Exception as exc:
             if self.failure is None:
-                self.failure = _error(exc, self.address)
+                self.failure = translated(exc, self.address)
 
     def close(self, timeout: float = 2.0) -> None:
         self.closing.set()
@@ -594,7 +588,7 @@ class SyncListener(_ListenerBase):
                     self.nudge.set()
         except Exception as exc:
             _learn(self.client, exc)
-            error = _error(exc, self.address)
+            error = translated(exc, self.address)
             self.failure = error  # the listener thread reconnects
             if isinstance(error, SyncMapError):
                 self.hub.on_disconnect()
@@ -845,7 +839,7 @@ class AsyncListener(_ListenerBase):
             await conn.send_command(*args, check_health=False)
         except Exception as exc:
             if self._failure is None:
-                self._failure = _error(exc, self.address)
+                self._failure = translated(exc, self.address)
 
     async def close(self) -> None:
         if self.forked:

@@ -30,7 +30,7 @@ from ._errors import (
     NodeForked,
     ServerUnavailable,
     SyncMapError,
-    translate_redis_error,
+    translated,
 )
 
 if TYPE_CHECKING:
@@ -228,7 +228,7 @@ class Node(_NodeBase):
         try:
             return bool(self.client.ping())
         except Exception as exc:
-            raise _translated(exc, self.address) from exc
+            raise translated(exc, self.address) from exc
 
     def lock(self, name: str, **options: Any) -> Lock:
         """A distributed lock named ``name`` (see :class:`syncmap.Lock`); not yet acquired."""
@@ -321,7 +321,7 @@ class AsyncNode(_NodeBase):
         try:
             return bool(await self.client.ping())
         except Exception as exc:
-            raise _translated(exc, self.address) from exc
+            raise translated(exc, self.address) from exc
 
     def lock(self, name: str, **options: Any) -> AsyncLock:
         """A distributed lock named ``name`` for asyncio; not yet acquired."""
@@ -410,12 +410,6 @@ def _lock_key(name: Any) -> str:
     return name
 
 
-def _translated(exc: Exception, address: str) -> Exception:
-    if isinstance(exc, SyncMapError):
-        return exc
-    return translate_redis_error(exc, address) or exc
-
-
 def _client_options(kwargs: dict[str, Any]) -> dict[str, Any]:
     opts: dict[str, Any] = {"socket_connect_timeout": 5.0, "health_check_interval": 0}
     opts.update(kwargs)
@@ -475,14 +469,8 @@ def _prepare_cluster(url: Any, options: dict[str, Any], is_async: bool) -> tuple
     except (ValueError, TypeError) as exc:
         raise InvalidURL(f"bad server URL {address!r}: {exc}") from None
     except (redis.RedisError, RedisClusterException) as exc:  # the sync client discovers
-        raise _unreachable(exc, address) from exc  # the cluster at once
+        raise translated(exc, address) from exc  # the cluster at once
     return client, address, url
-
-
-def _unreachable(exc: Exception, address: str) -> Exception:
-    if isinstance(exc, RedisClusterException):  # (not a RedisError)
-        return ServerUnavailable(f"cannot reach the cluster at {address}: {exc}", address)
-    return _translated(exc, address)
 
 
 def connect(
@@ -537,7 +525,7 @@ async def connect_async(
             if resolved is not None:
                 await client.aclose()
             if isinstance(exc, redis.RedisError | RedisClusterException):
-                raise _unreachable(exc, address) from exc
+                raise translated(exc, address) from exc
             raise
         return AsyncNode(client, address, resolved, router)
     client, address, resolved = await asyncio.to_thread(

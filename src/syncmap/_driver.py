@@ -174,6 +174,9 @@ class _DriverBase:
         self.address = address
         self.conns = _connections(client)
 
+    def _translate(self, exc: Exception) -> Exception:
+        return translated(exc, self.address)  # (the one boundary, bound to this address)
+
     def _keep(self, conn: Any) -> bool:
         """Whether a connection given back is kept aside (else it goes back to the pool): at
         most ``_KEEP_IDLE`` of them, and only in the process that opened them."""
@@ -186,9 +189,7 @@ class _DriverBase:
     def _settled(self, batch: Batch, replies: list[Any]) -> tuple[list[Any], list[int]]:
         """A batch's answers with the errors translated, and the scripts that did not run."""
         again = [i for i, reply in enumerate(replies) if isinstance(reply, _NOT_RUN)]
-        return [
-            translated(r, self.address) if isinstance(r, Exception) else r for r in replies
-        ], again
+        return [self._translate(r) if isinstance(r, Exception) else r for r in replies], again
 
 
 class SyncDriver(_DriverBase):
@@ -222,7 +223,7 @@ class SyncDriver(_DriverBase):
                     for i, reply in zip(unknown, self._call(op, evals), strict=True):
                         replies[i] = reply
             except Exception as exc:
-                raise translated(exc, self.address) from exc
+                raise self._translate(exc) from exc
             replies, again = self._settled(op, replies)
             for i in again:  # redirected: on their own (see _cluster)
                 try:
@@ -238,7 +239,7 @@ class SyncDriver(_DriverBase):
                     raise
                 return self._call(op, eval_instead(op, first))
         except Exception as exc:
-            raise translated(exc, self.address) from exc
+            raise self._translate(exc) from exc
 
     def _call(self, op: Command | Script | Batch, args: Any) -> Any:
         conn = self._borrow()
@@ -485,7 +486,7 @@ class AsyncDriver(_DriverBase):
                     for i, reply in zip(unknown, await self._call(op, evals), strict=True):
                         replies[i] = reply
             except Exception as exc:
-                raise translated(exc, self.address) from exc
+                raise self._translate(exc) from exc
             replies, again = self._settled(op, replies)
             for i in again:  # redirected: on their own (see _cluster)
                 try:
@@ -501,7 +502,7 @@ class AsyncDriver(_DriverBase):
                     raise
                 return await self._call(op, eval_instead(op, first))
         except Exception as exc:
-            raise translated(exc, self.address) from exc
+            raise self._translate(exc) from exc
 
     async def _call(self, op: Command | Script | Batch, args: Any) -> Any:
         conn = await self._borrow()

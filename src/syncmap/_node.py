@@ -32,6 +32,7 @@ from ._errors import (
     SyncMapError,
     translated,
 )
+from ._errors import translated as _translated  # (the name the Node classes call it by)
 
 if TYPE_CHECKING:
     from ._lock import AsyncLock, Lock
@@ -228,7 +229,7 @@ class Node(_NodeBase):
         try:
             return bool(self.client.ping())
         except Exception as exc:
-            raise translated(exc, self.address) from exc
+            raise _translated(exc, self.address) from exc
 
     def lock(self, name: str, **options: Any) -> Lock:
         """A distributed lock named ``name`` (see :class:`syncmap.Lock`); not yet acquired."""
@@ -321,7 +322,7 @@ class AsyncNode(_NodeBase):
         try:
             return bool(await self.client.ping())
         except Exception as exc:
-            raise translated(exc, self.address) from exc
+            raise _translated(exc, self.address) from exc
 
     def lock(self, name: str, **options: Any) -> AsyncLock:
         """A distributed lock named ``name`` for asyncio; not yet acquired."""

@@ -68,6 +68,7 @@ from ._core.map_listen import (
 from ._core.ops import Command, Sleep
 from ._driver import AsyncDriver
 from ._errors import ServerError, SyncMapError, translated
+from ._redis_compat import connection_options, parser_of, sock_of, stream_buffered, writer_of
 
 __all__ = ["AsyncListener", "SyncListener"]
 
@@ -154,7 +155,7 @@ def _is_flush(reply: list[Any]) -> bool:
 def _on_invalidation(conn: Any, handler: Any) -> None:
     """Where redis-py's reader (TLS connections) hands a RESP3 ``invalidate`` push: it does
     not pass it on as a pub/sub message. (RESP2 sends it as a message on the flush channel.)"""
-    setter = getattr(getattr(conn, "_parser", None), "set_invalidation_push_handler", None)
+    setter = getattr(parser_of(conn), "set_invalidation_push_handler", None)
     if setter is not None:
         setter(handler)
 
@@ -169,7 +170,7 @@ def _hmget(key: str) -> Command:
 
 
 def _pool_options(pool: Any, socket_timeout: float, is_async: bool = False) -> dict[str, Any]:
-    options = dict(pool.connection_kwargs)
+    options = connection_options(pool)
     retry = AsyncRetry(NoBackoff(), 0) if is_async else Retry(NoBackoff(), 0)
     options.update(
         socket_timeout=socket_timeout,
@@ -206,7 +207,7 @@ def _learn(client: Any, exc: BaseException) -> None:
     """On a Cluster, a subscription answered with MOVED names the slot's owner: tell the slot
     table, so that the map subscribes there (``syncmap._cluster``)."""
     if isinstance(exc, MovedError):
-        router = client.connection_pool.connection_kwargs.get("syncmap_router")
+        router = connection_options(client.connection_pool).get("syncmap_router")
         if router is not None:
             router.table.moved(exc.slot_id, (exc.host, int(exc.port)))
 
@@ -386,7 +387,7 @@ class SyncListener(_ListenerBase):
         thread's to handle (it reconnects and subscribes every channel)."""
         try:
             conn = self.pubsub.connection
-            if conn is None or conn._sock is not self._sock:
+            if conn is None or sock_of(conn) is not self._sock:
                 raise redis.ConnectionError("the subscriber connection was closed")
             conn.send_command(*args, check_health=False)
         except Exception as exc:
@@ -457,7 +458,7 @@ class SyncListener(_ListenerBase):
             # on TLS (redis-py's reader): one SSL object must not be used by two threads at once.
             with contextlib.nullcontext() if self._raw is not None else self.lock:
                 conn = self.pubsub.connection
-                if conn is None or conn._sock is not self._sock:  # (redis-py would reconnect
+                if conn is None or sock_of(conn) is not self._sock:  # (redis-py would reconnect
                     raise redis.ConnectionError("the subscriber connection was closed")  # it)
                 return conn.send_command("PING", op.token, check_health=False)
         if isinstance(op, Sleep):
@@ -488,7 +489,7 @@ class SyncListener(_ListenerBase):
                 self.pubsub.connection = conn
                 conn.register_connect_callback(self.pubsub.on_connect)
                 _on_invalidation(conn, self._invalidated)
-                self._sock = conn._sock
+                self._sock = sock_of(conn)
                 self.pubsub.subscribe(FLUSH_CHANNEL)
                 for channel in self.hub.channels():
                     self.pubsub.ssubscribe(channel)
@@ -544,7 +545,7 @@ class SyncListener(_ListenerBase):
                 continue
             self._nap = BUSY_NAP
             poller = self._poller
-            if poller is not None and poller[1] is not getattr(self.pubsub.connection, "_sock", 0):
+            if poller is not None and poller[1] is not _sock_or_none(self.pubsub):
                 poller = self._poller = _poller_of(self.pubsub)  # redis-py reconnected it
             if poller is None:  # no poll(2) (or no socket: the drain below raises)
                 self.closing.wait(min(timeout, 0.001))
@@ -624,7 +625,7 @@ class SyncListener(_ListenerBase):
             return self._raw.drain(self.hub)
         pubsub = self.pubsub
         conn = pubsub.connection
-        if conn is None or getattr(conn, "_sock", True) is not self._sock:
+        if conn is None or sock_of(conn) is not self._sock:
             raise redis.ConnectionError("the subscriber connection is closed")
         hub, handle = self.hub, pubsub.handle_message
         count = 0
@@ -686,7 +687,7 @@ class _RawSubscriber:
             return None
         if not _watches_fds(asyncio.get_running_loop()):
             return None
-        if getattr(getattr(writer, "_reader", None), "_buffer", None):
+        if stream_buffered(writer):
             return None  # (data before the subscription: none expected; redis-py reads it)
         transport.pause_reading()
         return cls(sock)
@@ -754,11 +755,17 @@ def _watches_fds(loop: asyncio.AbstractEventLoop) -> bool:
     return isinstance(loop, asyncio.SelectorEventLoop) or type(loop).__module__.startswith("uvloop")
 
 
+def _sock_or_none(pubsub: Any) -> Any:
+    """The socket of a pub/sub's connection (``None``: no connection, or not connected)."""
+    conn = pubsub.connection
+    return None if conn is None else sock_of(conn)
+
+
 def _poller_of(pubsub: Any) -> tuple[Any, Any, Any] | None:
     """``(poll object for the listener thread, socket, poll object for the lock holder)`` for
     the subscriber socket (a poll object must not be used by two threads at once); ``None``
     if there is no socket to poll (or no poll(2))."""
-    sock = getattr(pubsub.connection, "_sock", None)
+    sock = _sock_or_none(pubsub)
     if sock is None or not hasattr(select, "poll"):
         return None
     pollers = select.poll(), select.poll()
@@ -834,7 +841,7 @@ class AsyncListener(_ListenerBase):
         """Send on the subscriber connection; a failure is left for the next Receive."""
         try:
             conn = self.pubsub.connection
-            if conn is None or conn._writer is not self._raw_writer:
+            if conn is None or writer_of(conn) is not self._raw_writer:
                 raise redis.ConnectionError("the subscriber connection was closed")
             await conn.send_command(*args, check_health=False)
         except Exception as exc:
@@ -905,7 +912,7 @@ class AsyncListener(_ListenerBase):
                 command.cancel()  # (when the listener is closed meanwhile; else a no-op)
         if isinstance(op, PubsubPing):
             conn = self.pubsub.connection
-            if conn is None or conn._writer is not self._raw_writer:  # (redis-py would
+            if conn is None or writer_of(conn) is not self._raw_writer:  # (redis-py would
                 raise redis.ConnectionError("the subscriber connection was closed")  # reconnect)
             return await conn.send_command("PING", op.token, check_health=False)
         if isinstance(op, Sleep):
@@ -934,7 +941,7 @@ class AsyncListener(_ListenerBase):
             conn.register_connect_callback(pubsub.on_connect)
             _on_invalidation(conn, self._invalidated)
             # before any subscription is sent: from here on, every reply is _raw's to read
-            self._raw_writer = conn._writer
+            self._raw_writer = writer_of(conn)
             self._raw = _RawSubscriber.of_stream(self._raw_writer)
             self._failure = None
             self.pubsub = pubsub  # (a map registering from here on sends its own SSUBSCRIBE)
@@ -1016,7 +1023,7 @@ class AsyncListener(_ListenerBase):
         parse), not a wake-up of the listener task and a step of its flow. (As a reading
         thread does for the blocking map, during its listener thread's wait.)"""
         conn = self.pubsub.connection
-        if conn is None or conn._writer is not self._raw_writer:  # redis-py dropped it
+        if conn is None or writer_of(conn) is not self._raw_writer:  # redis-py dropped it
             raise redis.ConnectionError("the subscriber connection was closed")
         loop = asyncio.get_running_loop()
         waiter = self._waiter = loop.create_future()

@@ -33,6 +33,7 @@ from ._errors import (
     translated,
 )
 from ._errors import translated as _translated  # (the name the Node classes call it by)
+from ._redis_compat import connection_options
 
 if TYPE_CHECKING:
     from ._lock import AsyncLock, Lock
@@ -422,7 +423,7 @@ def _prepare(
 ) -> tuple[Any, str, str | None]:
     """(client, address, url) for a URL, ``None`` or a ready client of ``ready_type``."""
     if isinstance(url, ready_type):
-        kw = url.connection_pool.connection_kwargs
+        kw = connection_options(url.connection_pool)
         address = kw.get("path") or f"{kw.get('host', '?')}:{kw.get('port', '?')}"
         return url, str(address), None
     resolved = resolve_url(url)
@@ -444,9 +445,9 @@ def _cluster_router(client: Any, is_async: bool) -> ClusterRouter:
     redis_client = getattr(first, "redis_connection", None)
     if redis_client is not None:  # sync: each node has a redis.Redis
         pool = redis_client.connection_pool
-        kwargs, conn_class = dict(pool.connection_kwargs), pool.connection_class
+        kwargs, conn_class = connection_options(pool), pool.connection_class
     else:  # asyncio: each node keeps its connection class and options
-        kwargs, conn_class = dict(first.connection_kwargs), first.connection_class
+        kwargs, conn_class = connection_options(first), first.connection_class
     options = {k: v for k, v in kwargs.items() if k not in ("host", "port")}
     options["connection_class"] = conn_class
     options.setdefault("socket_connect_timeout", 5.0)

@@ -48,6 +48,7 @@ from redis.exceptions import MovedError
 from redis.retry import Retry
 
 from ._core.coherence import Coherence
+from ._core.hooks import ListenerHooks, asyncio_listener_hooks, blocking_listener_hooks
 from ._core.map_listen import (
     FLUSH_CHANNEL,
     MAX_WAIT,
@@ -236,7 +237,6 @@ class _ListenerBase:
         self.home = home
         self.restarts = 0
         self.started = False
-        self.parked = threading.Event()  # tests: set while a stalled listener waits
         if router is not None:
             self.hub.learn = self._learn_moved
         _LISTENERS.add(self)
@@ -322,6 +322,7 @@ class SyncListener(_ListenerBase):
         timeout: float,
         router: Any = None,
         home: Any = None,
+        hooks: ListenerHooks[threading.Event] | None = None,
     ) -> None:
         super().__init__(client, address, timeout, router, home)
         pool = client.connection_pool
@@ -340,8 +341,7 @@ class SyncListener(_ListenerBase):
         self._cut_short = False  # redis-py's reader: the last drain stopped at DRAIN_LIMIT
         self.closing = threading.Event()
         self.nudge = threading.Event()  # ends the listener thread's nap early
-        self.running = threading.Event()  # cleared by tests to stall the listener
-        self.running.set()
+        self.hooks = blocking_listener_hooks() if hooks is None else hooks
         self._nap = BUSY_NAP  # the next nap while map threads apply the events
         self.thread = self._new_thread()
 
@@ -397,7 +397,7 @@ class SyncListener(_ListenerBase):
     def close(self, timeout: float = 2.0) -> None:
         self.closing.set()
         self.nudge.set()
-        self.running.set()
+        self.hooks.running.set()
         if self.thread.is_alive() and self.thread is not threading.current_thread():
             self.thread.join(timeout)
         self._unsubscribe()
@@ -418,9 +418,7 @@ class SyncListener(_ListenerBase):
         self.started = False
         self.closing = threading.Event()
         self.nudge = threading.Event()
-        self.running = threading.Event()
-        self.running.set()
-        self.parked = threading.Event()
+        self.hooks = blocking_listener_hooks()
         self.thread = self._new_thread()
         _forget_members(self.hub)
 
@@ -435,10 +433,11 @@ class SyncListener(_ListenerBase):
         op = next(flow)
         try:
             while not self.closing.is_set():
-                if not self.running.is_set():
-                    self.parked.set()
-                    self.running.wait()
-                    self.parked.clear()
+                hooks = self.hooks
+                if not hooks.running.is_set():
+                    hooks.parked.set()
+                    hooks.running.wait()
+                    hooks.parked.clear()
                 try:
                     result, error = self._perform(op), None
                 except Exception as exc:
@@ -573,7 +572,7 @@ class SyncListener(_ListenerBase):
         # may be waiting for the GIL; waiting here hands it over, so it finishes at once. (A
         # plain try first: a timed acquire costs several times more, and this runs often.)
         lock = self.lock
-        if not self.running.is_set() or (
+        if not self.hooks.running.is_set() or (
             not lock.acquire(False) and not lock.acquire(timeout=LOCK_WAIT)
         ):
             return
@@ -788,6 +787,7 @@ class AsyncListener(_ListenerBase):
         timeout: float,
         router: Any = None,
         home: Any = None,
+        hooks: ListenerHooks[asyncio.Event] | None = None,
     ) -> None:
         super().__init__(client, address, timeout, router, home)
         pool = client.connection_pool
@@ -806,8 +806,7 @@ class AsyncListener(_ListenerBase):
         self._applied = 0  # events applied for the current _receive_raw
         self.closing = False
         self.forked = False  # made before os.fork(), and this is the child: unusable
-        self.running = asyncio.Event()  # cleared by tests to stall the listener
-        self.running.set()
+        self.hooks = asyncio_listener_hooks() if hooks is None else hooks
         self.task: asyncio.Task[None] | None = None
 
     @property
@@ -852,7 +851,7 @@ class AsyncListener(_ListenerBase):
         if self.forked:
             return  # (the parent's connections and task: left alone, see _after_fork)
         self.closing = True
-        self.running.set()
+        self.hooks.running.set()
         if self.task is not None:
             self.task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -887,10 +886,11 @@ class AsyncListener(_ListenerBase):
         op = next(flow)
         try:
             while not self.closing:
-                if not self.running.is_set():
-                    self.parked.set()
-                    await self.running.wait()
-                    self.parked.clear()
+                hooks = self.hooks
+                if not hooks.running.is_set():
+                    hooks.parked.set()
+                    await hooks.running.wait()
+                    hooks.parked.clear()
                 try:
                     result, error = await self._perform(op), None
                 except Exception as exc:
@@ -1077,7 +1077,7 @@ class AsyncListener(_ListenerBase):
         through its callback; while the listener task is elsewhere (its probe, a step of its
         flow), here, and a failure is left for its next Receive to raise."""
         raw = self._raw
-        if raw is None or self.closing or not self.running.is_set() or self._failure:
+        if raw is None or self.closing or not self.hooks.running.is_set() or self._failure:
             return False
         waiter = self._waiter
         if waiter is not None and not waiter.done():

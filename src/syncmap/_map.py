@@ -170,6 +170,7 @@ from ._cached import AsyncCachedFunction, CachedFunction, cached, cached_async
 from ._cluster import key_slot
 from ._codec import Codec, get_codec
 from ._core.coherence import ABSENT, Change, Coherence, Entry
+from ._core.hooks import MapHooks
 from ._core.keys import MapKeys
 from ._core.map_flows import Call, MapCore, MapFlow
 from ._core.map_listen import Member
@@ -361,8 +362,8 @@ class _MapBase:
             threading.RLock(),
             self._max_staleness,
             probe_timeout=max(3 * self._max_staleness, 2.0),
+            hooks=MapHooks(fill_guard=bool(_fill_guard)),
         )
-        self._state.fill_guard = bool(_fill_guard)
         self._core = MapCore(
             keys,
             self._state,

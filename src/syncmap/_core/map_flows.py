@@ -148,7 +148,6 @@ class MapCore:
         self.max_key_bytes = max_key_bytes
         self.max_value_bytes = max_value_bytes
         self.push_values = push_values  # payloads up to this size ride in change messages
-        self.fill_hook: Callable[[str], Any] | None = None  # tests: runs between fetch and install
         self._copy_scalars = codec.name in ("json", "msgpack")
         # incr runs on the server when the codec stores ints as JSON or msgpack numbers: the
         # json and msgpack codecs, or a codec that says so (``counters = "json"``)
@@ -259,8 +258,9 @@ class MapCore:
             if reply.foreign:
                 raise CorruptData(f"map key {k!r} holds a non-string value (foreign data)")
             value = self.decode_value(reply.record)
-            if self.fill_hook is not None:
-                yield Call(self.fill_hook, (k,))
+            fill_hook = self.state.hooks.fill_hook
+            if fill_hook is not None:
+                yield Call(fill_hook, (k,))
         except BaseException:
             state.abort_fill(k, ph)
             raise
@@ -437,9 +437,10 @@ class MapCore:
             misses,
             phs,
         )
-        if self.fill_hook is not None:
+        fill_hook = state.hooks.fill_hook
+        if fill_hook is not None:
             for k in misses:
-                yield Call(self.fill_hook, (k,))
+                yield Call(fill_hook, (k,))
         failure: BaseException | None = None
         i = 0
         for chunk, raw in zip(chunks, replies, strict=True):

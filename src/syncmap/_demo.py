@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from ._node import Node, connect
@@ -180,12 +180,6 @@ class _Child:
     node_id: str
     proc: subprocess.Popen[bytes]
     killed: bool = False
-
-
-@dataclass
-class DemoResult:
-    ok: bool
-    report: dict[str, Any] = field(default_factory=dict)
 
 
 def _spawn(

@@ -58,7 +58,6 @@ __all__ = [
     "check_timeout",
     "check_ttl",
     "leave_flow",
-    "lock_keys",
     "locked_flow",
     "new_token",
     "owned_flow",
@@ -197,10 +196,6 @@ class LockKeys:
 
     def registration(self, token: str) -> str:
         return self.registration_prefixes[0] + token
-
-
-def lock_keys(names: tuple[str, ...]) -> LockKeys:
-    return LockKeys(names)
 
 
 # -- state -------------------------------------------------------------------------------------

@@ -29,9 +29,11 @@ __all__ = [
     "ServerProcess",
     "apaired_bare",
     "bare_ns",
+    "goal",
     "ns_per_call",
     "paired_bare",
     "percentile",
+    "print_goals",
     "print_table",
     "quick",
     "version",
@@ -226,6 +228,17 @@ def print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[obje
     text = "\n".join(lines) + "\n"
     print(text, flush=True)
     return text
+
+
+def goal(goals: dict[str, tuple[str, str]], name: str, measured: str, met: bool) -> None:
+    """Record in ``goals`` whether goal ``name`` was met in this run, and its measure."""
+    goals[name] = (measured, "yes" if met else "**no**")
+
+
+def print_goals(title: str, goals: dict[str, tuple[str, str]]) -> None:
+    """The goals recorded with :func:`goal`, as a table (nothing if there are none)."""
+    if goals:
+        print_table(title, ["goal", "measured", "met"], [[k, *v] for k, v in goals.items()])
 
 
 def _fmt(cell: object) -> str:

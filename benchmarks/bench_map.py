@@ -24,10 +24,12 @@ from benchmarks._common import (
     Bare,
     ServerProcess,
     apaired_bare,
+    goal,
     ns_per_call,
     paired_bare,
     paired_ns_per_call,
     percentile,
+    print_goals,
     print_table,
     quick,
     version,
@@ -41,7 +43,7 @@ GOALS: dict[str, tuple[str, str]] = {}
 
 
 def _goal(name: str, measured: str, met: bool) -> None:
-    GOALS[name] = (measured, "yes" if met else "**no**")
+    goal(GOALS, name, measured, met)
 
 
 def syncmap_available() -> str | None:
@@ -784,12 +786,7 @@ def main() -> None:
                 continue
             srv.client().flushall()
             fn(srv.port)
-        if GOALS:
-            print_table(
-                "bench_map goals (this run)",
-                ["goal", "measured", "met"],
-                [[k, *v] for k, v in GOALS.items()],
-            )
+        print_goals("bench_map goals (this run)", GOALS)
     finally:
         srv.stop()
 

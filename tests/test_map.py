@@ -367,6 +367,26 @@ def test_hits_refresh_recency_and_count_once(server, ns, monkeypatch):
         assert (m.stats.hits, m.stats.misses) == (hits + 3, misses)
 
 
+def test_the_hit_path_follows_the_local_copy_when_it_is_dropped(server, ns, monkeypatch):
+    """Dropping the local copy swaps its store for a new one; the hit path reads the new one
+    (it keeps the store's dict itself): once the key is cached again, hits take the hit path,
+    not the slower one."""
+    monkeypatch.setattr(syncmap._map, "POLL_INTERVAL", LONG)
+    with syncmap.connect(server.url) as node, node.map(ns, max_staleness=LONG) as m:
+        m["k"] = 1
+        assert m.get("k") == 1  # sets the hit path's deadline
+        m._state.resync("test")  # the copy is dropped: a new store
+        wait_until(lambda: m._state.synced, 5, what="a new base")
+        assert m.get("k") == 1  # fetched and cached again
+        assert m.get("k") == 1  # (sets the deadline again)
+        slow = []
+        real = m._read
+        monkeypatch.setattr(m, "_read", lambda *args: slow.append(args) or real(*args))
+        for _ in range(10):
+            assert m.get("k") == 1 and m["k"] == 1
+        assert slow == [], f"{len(slow)} of 20 hits took the slow path"
+
+
 BAD_KEYS = [1, b"bytes", None, ("t",), 1.5, "\ud800"]
 
 

@@ -263,12 +263,15 @@ def _run(specs, window_ns: int, **kw):
     return history, report
 
 
-def _assert_busy(history, min_reads: int = 5_000, min_writes: int = 50) -> None:
+def _assert_busy(history, min_reads: int = 5_000, min_writes: int = 50, mixed: bool = True) -> None:
+    """The workload happened: enough reads and acked writes, and (``mixed``) nodes read each
+    other's writes often."""
     acked = [x for x in history.writes if x.acked]
     assert len(history.reads) >= min_reads, (len(history.reads), history.errors)
     assert len(acked) >= min_writes, (len(acked), history.errors)
-    others = sum(1 for r in history.reads if isinstance(r.value, str) and r.value[0] != r.node)
-    assert others > min_reads // 10, "nodes hardly ever read each other's writes"
+    if mixed:
+        others = sum(1 for r in history.reads if isinstance(r.value, str) and r.value[0] != r.node)
+        assert others > min_reads // 10, "nodes hardly ever read each other's writes"
 
 
 @pytest.mark.slow
@@ -441,7 +444,9 @@ def test_lost_batch_changes_are_caught(server, ns):
     history, report = _run(
         _specs(server.url, ns, bulk=True, delete_ratio=0.2, setup=lossy_batches), WINDOW_REAL
     )
-    _assert_busy(history)
+    # (not ``mixed``: the sabotage itself keeps nodes from seeing each other's batches; the
+    # stale reads below show the workload reached it)
+    _assert_busy(history, mixed=False)
     assert report.kinds().get("stale", 0) > 0, report.summary()
 
 

@@ -110,6 +110,7 @@ class SafeHashMap(MutableMapping[K, V], Generic[K, V]):
         "_lock",
         "_maxsize",
         "_misses",
+        "_on_new_store",
         "_seq",
         "_timer",
         "_touch",
@@ -135,7 +136,14 @@ class SafeHashMap(MutableMapping[K, V], Generic[K, V]):
         self._expiry: list[tuple[float, int, K]] = []
         self._seq = itertools.count()
         self._hits = self._misses = self._evictions = self._expirations = 0
+        self._on_new_store: Callable[[dict[K, tuple[V, float]]], None] | None = None
         self._new_store()
+
+    def follow_store(self, callback: Callable[[dict[K, tuple[V, float]]], None]) -> None:
+        """Call ``callback(store)`` now and with each new store (``clear`` swaps it): for a
+        reader that keeps the store's dict itself (SyncMap's hit path)."""
+        self._on_new_store = callback
+        callback(self._data)
 
     def _new_store(self) -> None:
         # Unbounded maps need no recency order: a plain dict reads faster than an OrderedDict.
@@ -146,6 +154,8 @@ class SafeHashMap(MutableMapping[K, V], Generic[K, V]):
             ordered: OrderedDict[K, tuple[V, float]] = OrderedDict()
             self._data = ordered
             self._touch = ordered.move_to_end
+        if self._on_new_store is not None:
+            self._on_new_store(self._data)
 
     @property
     def maxsize(self) -> int | None:

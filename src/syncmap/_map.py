@@ -1,145 +1,11 @@
 """SyncMap: a map shared by every node, with a local copy in each for dict-speed reads.
 
-Consistency contract (what holds, and how)
-==========================================
-
-The server holds the truth. Every write is one Lua script that bumps the map's sequence
-number (``seq``), writes the entry and publishes ``epoch seq op key`` on the map's channel,
-atomically; a write of a value with no TTL whose encoding is at most ``push_values`` bytes
-(default 4096; 0: never) carries that payload in the message too. The ``epoch`` is a random
-id created with the map's server-side metadata: a server restart without persistence, or
-FLUSHALL, yields a new one. A bulk write (``update``, ``set_many``, ``delete_many``) is one
-script per chunk of up to 500 keys, all chunks sent in one round trip: each key written (or
-deleted) gets its own seq, and one message ``epoch seq B changes`` carries the chunk's
-consecutive changes, applied one by one under the same rules. Each map keeps a local copy; a
-node keeps one listener per server (per master on a Cluster) for all its maps: one subscriber
-connection, one thread (one task under asyncio), every map's channel SSUBSCRIBEd on it and its
-messages dispatched to that map. Closing a map unsubscribes its channel only; closing the node
-closes the listeners. Call the moment a write's call returns "acknowledged".
-
-1. **Read-your-writes.** A node's own acknowledged write is installed in its local copy with
-   that write's ``seq`` (or, if a newer change of that key was seen meanwhile, not at all and
-   the next read goes to the server). It never reads an older value after that.
-2. **Propagation.** Every other node applies the change message as soon as it arrives: an
-   entry older than the message's seq ``s`` takes the new state if the message says what it
-   is (the value it carries, decoded, at version ``s``; absent after a delete), else it is
-   dropped. A key that is not in the local copy is never added, and entries at ``s`` or newer
-   are left alone. Cost per message: O(1), never a scan of the local copy. The listener
-   thread applies messages, and so does a reading thread (blocking map): a local hit applies
-   whatever is waiting on the subscriber connection (for every map of the node on that
-   server) every 0.05 ms, so a thread spinning on ``get`` does not wait for the listener
-   thread to get the GIL. Under asyncio a local hit yields to the event loop every 0.25 ms,
-   so a task spinning on ``get`` does not starve the listener task; a read more than 1 ms
-   after the last such turn (the loop was blocked, e.g. by a GC pause) first applies what
-   waits on the subscriber socket.
-3. **No fill race.** A fetch (or write; ``get_many``'s misses and the keys of a bulk write
-   each) first reserves the key with a placeholder; a change
-   message only marks the placeholder (a carried value is not installed in it); the fetched
-   value is installed only if nothing newer than the read was marked on it, the copy was not
-   reset meanwhile, and the key holds its placeholder or an older entry (concurrent fetches
-   and writes of one key in one node share a placeholder; the newest result wins). A value
-   read before a concurrent write is never installed after that write's invalidation was
-   processed, nor over the node's own write.
-4. **Lost invalidations: zero tolerance, per map.** Messages must arrive as ``applied + 1``.
-   A gap, a seq going backwards, another epoch, a malformed message of ours, a
-   (re)subscription of the map's channel, a reply carrying another epoch, or a seq read
-   (below) ahead of the applied one drops that map's local copy *before its next local read
-   is served*; a lost subscriber connection, a flush of the server (below) or a stalled
-   probe drops the copy of every map of that connection. Nothing is cached again until a
-   probe has set a new base. Foreign messages on the channel are logged and skipped. Each
-   change of a batch message counts as one message here.
-5. **Bounded staleness.** Every ``max_staleness / 3`` (the smallest of the node's maps on
-   that server) the listener PINGs over the subscriber connection at ``t0``; when the PONG
-   arrives, every change published to any channel of that connection before the server
-   took the PING has arrived (and been applied) too, so every map whose copy is synced is
-   proven current as of ``t0``. A map that has no base yet (just subscribed, or dropped)
-   reads its (epoch, seq) between ``t0`` and the PING, and takes that base at the PONG, with
-   the changes seen meanwhile. A local read is served only within the map's own
-   ``max_staleness`` of the last proof; past it, it goes to the server
-   (``on_stale="server"``, the default) or raises :class:`~syncmap.StaleRead`
-   (``on_stale="raise"``). (A blocking map's hit reads the clock once and compares it with
-   one deadline: the earlier of the end of this bound and its next turn to apply waiting
-   messages, see 2.) A stalled listener, a half-open connection or a paused server
-   therefore never yields a read more than ``max_staleness`` old. At idle a node costs each
-   server one PING and one HMGET per interval, however many maps it has (if the server sends
-   flush notices, below).
-6. **Fresh reads.** ``get(k, fresh=True)`` asks the server only for the entry's version
-   (epoch and seq in its record header, one small round trip); the local value is returned if
-   it is still current, else the value is fetched. Linearizable.
-7. **Atomic operations** run on the server: ``compare_and_set`` (equality of values; bytes
-   first, then the record's version), ``update_item`` (optimistic: read, ``fn``, write if the
-   record's version is unchanged, retried), ``setdefault``, ``add`` (write if absent),
-   ``pop``, ``incr`` (server-side for the JSON and msgpack codecs and codecs that store ints
-   as JSON numbers, counters up to 2**53), ``touch`` (a new TTL for an existing entry: a
-   write with its own seq and change message, so no node keeps the entry past its new
-   expiry).
-8. **Single flight.** ``get_or_load(k, loader)`` takes a load lock in the map's hash slot
-   (``SET NX PX timeout``); the one node that gets it runs ``loader`` and writes the value
-   (releasing the lock in the same script); the others poll (2 ms doubling to 50 ms) until the
-   value exists, or take over if the loader failed; :class:`~syncmap.NotObtained` after
-   ``timeout``.
-9. **Guarded writes.** ``set(..., guard=lock)`` (and ``delete``, ``pop``, ``popitem``,
-   ``setdefault``, ``compare_and_set``, ``update_item``, ``incr``) is rejected by the server
-   (:class:`~syncmap.GuardRejected`) unless the lock key still holds the lock's token and the
-   lock's fence is not older than the highest fence that already wrote to this map. The
-   lock's key must share the map's hash slot on a Cluster: name it with the map's hash tag,
-   e.g. ``"{mymap}:writer"``.
-10. **Bounded memory.** The local copy holds at most ``maxsize`` entries (LRU); an entry's
-    TTL is honoured on the server (PX) and locally (its deadline never later than the
-    server's).
-11. **At most once.** A write whose connection fails after it was sent is never resent (the
-    drivers, not redis-py's ``Retry``, decide): it raises :class:`~syncmap.OutcomeUnknown`
-    and its placeholder is dropped, so the key's next read goes to the server (or takes the
-    write's change message, if it was applied).
-
-Why a synced map's probe reads no seq (the argument for points 4 and 5). A map's
-messages are published by the write's own script (atomically with the seq bump) on the
-map's shard channel, and the subscriber connection receives them in order and without loss
-for as long as it lives: pub/sub drops messages only by dropping the connection (a
-subscriber over its output buffer limit is disconnected), and a lost connection drops
-every copy (4). Each message carries (epoch, seq), so a change missed for any other reason
-is caught by the next message of that map. What remains is a change that publishes nothing
-and is followed by no message, which a seq read at each probe caught:
-
-* FLUSHALL / FLUSHDB (any db, also ASYNC; also a replica's full resync, which empties its
-  data): the subscriber connection turns on ``CLIENT TRACKING`` redirected to itself, OPTIN
-  with nothing ever opted in (no key is tracked), and subscribes ``__redis__:invalidate``:
-  a flush sends every tracking client a null invalidation (checked on Valkey 9.1 and Redis
-  7.0), and every map of that server drops its copy at once. A server that refuses
-  ``CLIENT TRACKING`` (an ACL, a proxy) is logged, and each probe then reads every synced
-  map's (epoch, seq) instead (one HMGET per map and interval): a flush shows as another
-  epoch.
-* A server restart, a failover to a replica, or a Cluster master's death: the subscriber
-  connection breaks (4). A slot that moves to another master: the old one unsubscribes the
-  channel (``sunsubscribe``) or answers MOVED; the map subscribes on the new owner (a new
-  base). An eviction of the map's ``meta`` key: the next write makes a new epoch (4).
-* Writes that bypass syncmap's scripts: DEL or RENAME of the map's keys, SWAPDB (which
-  sends no invalidation), eviction of entries under ``maxmemory``: outside the contract (as
-  before: a seq read never saw an evicted entry either). As a safety net against these and
-  against bugs, each probe also reads the (epoch, seq) of one synced map in turn (every
-  probe with one map, as before): a copy behind the server's seq, or of another epoch, is
-  dropped. With ``n`` maps on one server, such a change is caught within ``n`` probe
-  intervals, not within ``max_staleness``.
-
-Across ``os.fork()`` (gunicorn ``--preload``, Celery's prefork pool, multiprocessing's
-``fork``): a blocking node and its maps made before the fork work in the child as a near
-cache. The child never sends on the parent's connections (they are dropped in the child
-only); every map's copy is dropped (cause ``"fork"``: nothing in it was seen by a listener
-of the child), and the child's own listener starts with the map's next server call, which
-every read is until it caches again. The parent is unaffected. A :class:`~syncmap.Lock` the
-parent holds is not held in the child (releasing or refreshing it raises
-:class:`~syncmap.LockNotHeld`; its auto-renew runs in the parent only). An asyncio node does
-not cross a fork (its connections and task belong to the parent's event loop): in the child,
-its calls and those of its maps and locks raise :class:`~syncmap.NodeForked`, and no local
-read is served from it; connect again in the child.
-
-Server layout (all keys share the hash tag ``{<map name>}``; see ``_core/keys.py``): ``meta``
-hash (epoch, seq), one string per entry (``"SM\\x01" epoch " " seq "\\n"`` + codec payload:
-anything else there is foreign data, :class:`~syncmap.CorruptData`), an ``idx`` zset of live
-keys for ``len`` and iteration, a ``fences`` hash, per-key load locks, and the channel.
-
-Not covered: values returned by ``get`` are the cached objects themselves (treat them as
-read-only); keys are ``str``; ``len``/iteration/``clear`` read the whole index in one step.
+The consistency contract, numbered, and how each point is enforced, lives in one place:
+``docs/contract.md``. Code comments cite it as "contract §N". In short: every write is one Lua
+script that bumps the map's seq, writes the entry and publishes the change atomically (§1-§2);
+fetches are guarded by placeholders (§3); gaps, epochs and lost connections drop the copy
+(§4); one probe per node and server bounds staleness (§5); and a node crosses ``os.fork()``
+as described under "Across fork".
 """
 
 from __future__ import annotations
@@ -192,6 +58,7 @@ R = TypeVar("R")
 _MISSING: Any = object()
 DEFAULT_MAXSIZE: Final = 100_000
 DEFAULT_PUSH_VALUES: Final = 4096  # bytes: writes of values up to this size carry them
+_monotonic: Final = time.monotonic  # the map's clock (a global: cheaper to call on hits)
 POLL_INTERVAL: Final = 0.00005  # s: how often a local hit applies waiting change messages
 # (one check costs ~3 µs when nothing waits: ~6% of a thread spinning on hits; at 0.1 ms,
 # a hit cost ~5% less and another node's write took ~60-80 µs longer to show, p50 to p95)
@@ -352,8 +219,10 @@ class _MapBase:
         self.name = name
         self.node = node
         self._store: SafeHashMap[str, Any] = SafeHashMap(maxsize)
+        self._data: dict[str, tuple[Any, float]] = {}  # the store's dict, for the hit path
+        self._store.follow_store(self._follow)
         self._lru = maxsize is not None  # the store is an OrderedDict: a hit moves its key
-        self._clock = time.monotonic
+        self._clock = _monotonic
         self._max_staleness = float(max_staleness)
         self._raise_stale = on_stale == "raise"
         self._state = Coherence(
@@ -385,6 +254,9 @@ class _MapBase:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r} on {self.node.address}>"
+
+    def _follow(self, data: dict[str, tuple[Any, float]]) -> None:
+        self._data = data  # (set with the swap, under the store's lock)
 
     def _local(self, key: Any) -> Any:
         """The local copy's value (``ABSENT`` for a cached miss), or ``_MISSING``."""
@@ -443,7 +315,7 @@ class _MapBase:
 
 
 class SyncMap(_MapBase, MutableMapping[str, Any]):
-    """The blocking map. Make one with ``node.map(name, ...)``; see the module docstring."""
+    """The blocking map. Make one with ``node.map(name, ...)``; its contract: docs/contract.md."""
 
     def __init__(self, node: Node, name: str, **options: Any) -> None:
         super().__init__(node, name, **options)
@@ -514,12 +386,12 @@ class SyncMap(_MapBase, MutableMapping[str, Any]):
     def get(self, key: Any, default: Any = None, fresh: bool = False) -> Any:
         """The value of ``key`` (``default`` if absent): local when fresh, else the server's.
         ``fresh=True``: linearizable, at the cost of one small round trip."""
-        data = self._store._data
+        data = self._data
         try:
             entry, expires = data[key]
         except (KeyError, TypeError):  # (unhashable: _read names the error)
             return self._read(key, default, fresh)
-        now = self._clock()
+        now = _monotonic()  # (a module global: cheaper than self._clock here)
         if now < self._read_until and now < expires and not fresh:
             value = entry.value
             if value is not ABSENT:
@@ -533,12 +405,12 @@ class SyncMap(_MapBase, MutableMapping[str, Any]):
         return self._read(key, default, fresh)
 
     def __getitem__(self, key: str) -> Any:
-        data = self._store._data
+        data = self._data
         try:
             entry, expires = data[key]
         except (KeyError, TypeError):
             entry, expires = None, 0.0
-        now = self._clock()
+        now = _monotonic()  # (a module global: cheaper than self._clock here)
         if now < self._read_until and now < expires:  # as in get
             value = entry.value
             if value is not ABSENT:

@@ -48,7 +48,7 @@ from redis.exceptions import MovedError
 from redis.retry import Retry
 
 from ._core.coherence import Coherence
-from ._core.hooks import ListenerHooks, asyncio_listener_hooks, blocking_listener_hooks
+from ._core.hooks import ListenerHooks
 from ._core.map_listen import (
     FLUSH_CHANNEL,
     MAX_WAIT,
@@ -159,6 +159,18 @@ def _on_invalidation(conn: Any, handler: Any) -> None:
     setter = getattr(parser_of(conn), "set_invalidation_push_handler", None)
     if setter is not None:
         setter(handler)
+
+
+def _blocking_hooks() -> ListenerHooks[threading.Event]:
+    running = threading.Event()
+    running.set()
+    return ListenerHooks(running, threading.Event())
+
+
+def _asyncio_hooks() -> ListenerHooks[asyncio.Event]:
+    running = asyncio.Event()
+    running.set()
+    return ListenerHooks(running, threading.Event())
 
 
 def _channels_of(members: Iterable[Member]) -> list[bytes]:
@@ -341,7 +353,7 @@ class SyncListener(_ListenerBase):
         self._cut_short = False  # redis-py's reader: the last drain stopped at DRAIN_LIMIT
         self.closing = threading.Event()
         self.nudge = threading.Event()  # ends the listener thread's nap early
-        self.hooks = blocking_listener_hooks() if hooks is None else hooks
+        self.hooks = _blocking_hooks() if hooks is None else hooks
         self._nap = BUSY_NAP  # the next nap while map threads apply the events
         self.thread = self._new_thread()
 
@@ -418,7 +430,7 @@ class SyncListener(_ListenerBase):
         self.started = False
         self.closing = threading.Event()
         self.nudge = threading.Event()
-        self.hooks = blocking_listener_hooks()
+        self.hooks = _blocking_hooks()
         self.thread = self._new_thread()
         _forget_members(self.hub)
 
@@ -806,7 +818,7 @@ class AsyncListener(_ListenerBase):
         self._applied = 0  # events applied for the current _receive_raw
         self.closing = False
         self.forked = False  # made before os.fork(), and this is the child: unusable
-        self.hooks = asyncio_listener_hooks() if hooks is None else hooks
+        self.hooks = _asyncio_hooks() if hooks is None else hooks
         self.task: asyncio.Task[None] | None = None
 
     @property

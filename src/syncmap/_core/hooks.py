@@ -1,19 +1,15 @@
 """The points where tests sabotage or stall syncmap (to show what a mechanism prevents), as one
-object per map and one per listener, given to it when it is made. Production code leaves
-the defaults, which do nothing.
+object per map and one per listener, given to it when it is made. Production code never
+changes them, and as made they do nothing (no sabotage; ``running`` set: no stall).
 """
 
 from __future__ import annotations
 
-import asyncio
-import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from dataclasses import dataclass
+from typing import Any, Generic, Protocol, TypeVar
 
-__all__ = ["ListenerHooks", "MapHooks", "asyncio_listener_hooks", "blocking_listener_hooks"]
-
-E = TypeVar("E", threading.Event, asyncio.Event)
+__all__ = ["Flag", "ListenerHooks", "MapHooks"]
 
 
 @dataclass(eq=False, slots=True)
@@ -29,24 +25,23 @@ class MapHooks:
     on an asyncio map): widens or holds the window of the fill race."""
 
 
+class Flag(Protocol):
+    """What the listener hooks' events offer (``threading.Event``, ``asyncio.Event``)."""
+
+    def is_set(self) -> bool: ...
+    def set(self) -> None: ...
+    def clear(self) -> None: ...
+
+
+E = TypeVar("E", bound=Flag)
+
+
 @dataclass(eq=False, slots=True)
 class ListenerHooks(Generic[E]):
-    """A listener's stall point. Clearing ``running`` stalls the listener before its next
-    operation, and reading threads (or the raw reader's callback) apply nothing meanwhile;
-    ``parked`` is set while it waits. An asyncio listener's ``running`` is an
-    :class:`asyncio.Event` (cleared and set in its loop)."""
+    """A listener's stall point (the listener makes its events: a ``threading.Event`` for
+    ``parked``, and one of its own kind for ``running``, set). Clearing ``running`` stalls the
+    listener before its next operation, and reading threads (or the raw reader's callback)
+    apply nothing meanwhile; ``parked`` is set while it waits."""
 
     running: E
-    parked: threading.Event = field(default_factory=threading.Event)
-
-
-def blocking_listener_hooks() -> ListenerHooks[threading.Event]:
-    running = threading.Event()
-    running.set()
-    return ListenerHooks(running)
-
-
-def asyncio_listener_hooks() -> ListenerHooks[asyncio.Event]:
-    running = asyncio.Event()
-    running.set()
-    return ListenerHooks(running)
+    parked: Flag

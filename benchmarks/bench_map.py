@@ -701,14 +701,14 @@ def syncmap_invalidation(port: int, size: int, n: int, reps: int = 5) -> tuple[f
             rm.get(k)  # every key cached: each write invalidates a held entry
         batch = keys[1 + rep * n : 1 + (rep + 1) * n] if size > (reps + 1) * n else keys[1 : n + 1]
         base = rm.stats.invalidations
-        listener.running.clear()  # hold the listener: the batch waits in its socket
-        if not listener.parked.wait(5):
+        listener.hooks.running.clear()  # hold the listener: the batch waits in its socket
+        if not listener.hooks.parked.wait(5):
             raise RuntimeError("SyncMap listener did not pause")
         for k in batch:
             wm[k] = rep + 1
         time.sleep(0.005)  # (loopback: the messages left the server before the last ack)
         drained.clear()
-        listener.running.set()
+        listener.hooks.running.set()
         applied(base + n)
         held.append(sum(drained) / 1e6)
         for k in keys:

@@ -258,10 +258,10 @@ async def test_async_raw_listener_applies_a_backlog_after_a_stall(server, ns, mo
         assert b._listener.reader == "raw"
         await a.set("k", 0)
         await cached(b, "k", 0)
-        b._listener.running.clear()
+        b._listener.hooks.running.clear()
 
         async def parked() -> bool:
-            return b._listener.parked.is_set()
+            return b._listener.hooks.parked.is_set()
 
         await until(parked, 5, "b's listener parked")
         seen = b.stats.invalidations
@@ -273,7 +273,7 @@ async def test_async_raw_listener_applies_a_backlog_after_a_stall(server, ns, mo
 
         await until(unwatched, 5, "the loop stopped watching b's subscriber socket")
         assert b.stats.invalidations == seen
-        b._listener.running.set()
+        b._listener.hooks.running.set()
 
         async def applied() -> bool:
             return b.stats.invalidations >= seen + 20

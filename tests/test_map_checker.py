@@ -191,8 +191,8 @@ def no_fill_guard(m) -> None:
     thread does not step aside for busy map threads, which it does when they apply messages
     themselves)."""
     coherence = _coherence_of(m)
-    assert coherence.fill_guard is True
-    coherence.fill_guard = False
+    assert coherence.hooks.fill_guard is True
+    coherence.hooks.fill_guard = False
     fills_race_listener(m)
 
 
@@ -206,7 +206,7 @@ def fills_race_listener(m) -> None:
     syncmap._listener.READERS_ACTIVE = 0.0  # (this node's process only)
     # and a fetch's answer waits 1 ms before it is installed (a slow client, a GIL hand-off):
     # the window in which the listener thread applies a write's invalidation to the key
-    m._core.fill_hook = lambda key: time.sleep(0.001)
+    _coherence_of(m).hooks.fill_hook = lambda key: time.sleep(0.001)
 
 
 def deaf_listener(m) -> None:

@@ -145,7 +145,7 @@ def test_a_fill_does_not_install_into_another_fills_placeholder():
 
 def test_fill_guard_off_installs_phantoms():
     st, _ = synced()
-    st.fill_guard = False
+    st.hooks.fill_guard = False
     ph = st.begin_fill("k")
     st.on_message(msg("E", 11, "k"))
     assert st.finish_fill("k", ph, "old", 10, "E")  # the race the placeholder prevents

@@ -63,7 +63,7 @@ def test_no_fill_race_forced_interleaving(maps, server, ns, guarded):
     cached(a, "warm", 0)
     b.set("k", "old")
     hold, fetched, release = fill_holder(a, "k")
-    a.m._core.fill_hook = hold
+    a.m._state.hooks.fill_hook = hold
     result = {}
     reader = threading.Thread(target=lambda: result.setdefault("v", a.get("k")))
     reader.start()
@@ -73,7 +73,7 @@ def test_no_fill_race_forced_interleaving(maps, server, ns, guarded):
     wait_until(lambda: a.stats.invalidations > seen, 5, what="a processed the invalidation")
     release.set()
     reader.join(5)
-    a.m._core.fill_hook = None
+    a.m._state.hooks.fill_hook = None
     assert result["v"] == "old"  # the read itself was concurrent with the write: fine
     if guarded:
         assert a.get("k") == "new"
@@ -101,7 +101,7 @@ def test_own_write_wins_over_a_concurrent_read_of_the_same_node(maps, server, ns
     def read():
         result["v"] = a.get("k")
 
-    a.m._core.fill_hook = hold
+    a.m._state.hooks.fill_hook = hold
     reader = threading.Thread(target=read)
     orig = a.m._driver.perform
 
@@ -135,7 +135,7 @@ def test_own_write_wins_over_a_concurrent_read_of_the_same_node(maps, server, ns
         reader.join(5)
     finally:
         release.set()
-        a.m._core.fill_hook = None
+        a.m._state.hooks.fill_hook = None
         a.m._driver.perform = orig
     assert result["v"] == "old"  # the read was concurrent with the write: fine
     hits = a.stats.hits

@@ -50,11 +50,11 @@ class SyncHandle:
         return list(self.m)
 
     def stall_listener(self) -> None:
-        self.m._listener.running.clear()
-        wait_until(self.m._listener.parked.is_set, 5, what="listener parked")
+        self.m._listener.hooks.running.clear()
+        wait_until(self.m._listener.hooks.parked.is_set, 5, what="listener parked")
 
     def resume_listener(self) -> None:
-        self.m._listener.running.set()
+        self.m._listener.hooks.running.set()
 
     def close(self) -> None:
         self.m.close()
@@ -81,11 +81,11 @@ class AsyncHandle:
         return call
 
     def stall_listener(self) -> None:
-        self.loop.loop.call_soon_threadsafe(self.m._listener.running.clear)
-        wait_until(self.m._listener.parked.is_set, 5, what="listener parked")
+        self.loop.loop.call_soon_threadsafe(self.m._listener.hooks.running.clear)
+        wait_until(self.m._listener.hooks.parked.is_set, 5, what="listener parked")
 
     def resume_listener(self) -> None:
-        self.loop.loop.call_soon_threadsafe(self.m._listener.running.set)
+        self.loop.loop.call_soon_threadsafe(self.m._listener.hooks.running.set)
 
     def close(self) -> None:
         self.loop.run(self.m.close())

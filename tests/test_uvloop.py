@@ -100,8 +100,8 @@ async def two_maps(url: str, name: str) -> AsyncIterator[list[syncmap.AsyncSyncM
 
 
 async def stall(m: syncmap.AsyncSyncMap) -> None:
-    m._listener.running.clear()
-    await until(m._listener.parked.is_set, 5, "the listener parked")
+    m._listener.hooks.running.clear()
+    await until(m._listener.hooks.parked.is_set, 5, "the listener parked")
 
 
 # ---- maps ---------------------------------------------------------------------------------
@@ -239,7 +239,7 @@ def test_a_drain_cut_short_drops_nothing(server, ns, monkeypatch):
                 await a.set("k", value)
             await until(server.pubsub_output_flushed, 5, "messages sent")
             assert b.stats.invalidations == seen
-            b._listener.running.set()
+            b._listener.hooks.running.set()
             await applied(b, seen + burst)
             await served(b, "k", burst)
             assert b.stats.resyncs == 0 and b.stats.invalidations == seen + burst

@@ -40,6 +40,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Final, Generic, ParamSpec, TypeVar
 
+from ._core.validate import check_seconds
 from ._errors import InvalidArgument
 
 if TYPE_CHECKING:
@@ -355,13 +356,9 @@ def _check(ttl: object, key: object, timeout: object, early_refresh: object) -> 
         raise InvalidArgument(
             f"key must be a format string or a callable, not {type(key).__name__}"
         )
-    for name, value in (("ttl", ttl), ("timeout", timeout)):
-        if value is None and name == "ttl":
-            continue
-        if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-            raise InvalidArgument(
-                f"cached(): {name} must be a number of seconds > 0, not {value!r}"
-            )
+    if ttl is not None:
+        check_seconds(ttl, "cached(): ttl", or_none=True)
+    check_seconds(timeout, "cached(): timeout")
 
 
 def cached(

@@ -23,8 +23,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -202,7 +203,31 @@ def _cmd_lock(args: argparse.Namespace) -> int:
         raise _Fail("--ttl must be positive")
     if args.wait is not None and args.wait < 0:
         raise _Fail("--wait must be >= 0")
-    metadata = json.dumps(
+    with connect(args.url) as node:
+        lost = threading.Event()
+        lock = node.lock(
+            args.name,
+            ttl=args.ttl,
+            auto_renew=True,
+            on_lost=lambda *_: lost.set(),
+            metadata=_lock_metadata(command),
+        )
+        if not _acquire(lock, args.wait):
+            print(f"syncmap: lock {args.name!r} is held elsewhere", file=sys.stderr)
+            return EXIT_LOCK_BUSY
+        try:
+            return _run_holding(command, args, lambda: lost.is_set() or lock.lost)
+        finally:
+            try:
+                if lock.owned():
+                    lock.release()
+            except LockNotHeld:
+                pass
+
+
+def _lock_metadata(command: list[str]) -> str:
+    """Who holds the lock (``syncmap locks`` shows it): host, pid, since when, the command."""
+    return json.dumps(
         {
             "host": socket.gethostname(),
             "pid": os.getpid(),
@@ -211,67 +236,51 @@ def _cmd_lock(args: argparse.Namespace) -> int:
         },
         separators=(",", ":"),
     )
-    with connect(args.url) as node:
-        lost = False
 
-        def on_lost(*_: object) -> None:
-            nonlocal lost
-            lost = True
 
-        lock = node.lock(
-            args.name, ttl=args.ttl, auto_renew=True, on_lost=on_lost, metadata=metadata
-        )
-        if args.wait is None:
-            acquired = lock.acquire()
-        elif args.wait == 0:
-            acquired = lock.acquire(blocking=False)
-        else:
-            acquired = lock.acquire(timeout=args.wait)
-        if not acquired:
-            print(f"syncmap: lock {args.name!r} is held elsewhere", file=sys.stderr)
-            return EXIT_LOCK_BUSY
-        try:
+def _acquire(lock: Any, wait: float | None) -> bool:
+    """``--wait``: none given, wait for ever; 0, fail at once; else wait that long."""
+    if wait is None:
+        return bool(lock.acquire())
+    if wait == 0:
+        return bool(lock.acquire(blocking=False))
+    return bool(lock.acquire(timeout=wait))
+
+
+def _run_holding(command: list[str], args: argparse.Namespace, lost: Callable[[], bool]) -> int:
+    """Run ``command`` while the lock is held, forwarding SIGTERM and SIGINT to it; stop it
+    (``--grace``) if the lock is lost. Its exit code (a signal's: 128 + the signal)."""
+    try:
+        child = subprocess.Popen(command)
+    except OSError as exc:
+        print(f"syncmap: cannot run {command[0]!r}: {exc}", file=sys.stderr)
+        return EXIT_NOT_STARTED
+
+    def forward(signum: int, _frame: object) -> None:
+        child.send_signal(signum)
+
+    old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while True:
             try:
-                child = subprocess.Popen(command)
-            except OSError as exc:
-                print(f"syncmap: cannot run {command[0]!r}: {exc}", file=sys.stderr)
-                return EXIT_NOT_STARTED
-            forwarded: list[int] = []
-
-            def forward(signum: int, _frame: object) -> None:
-                forwarded.append(signum)
-                child.send_signal(signum)
-
-            old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
-            try:
-                while True:
-                    try:
-                        code = child.wait(timeout=0.05)
-                        break
-                    except subprocess.TimeoutExpired:
-                        pass
-                    if lost or lock.lost:
-                        _stop_child(child, args.grace)
-                        print(
-                            f"syncmap: lock {args.name!r} was lost; the command was stopped",
-                            file=sys.stderr,
-                        )
-                        return EXIT_LOCK_LOST
-            finally:
-                for s, h in old.items():
-                    signal.signal(s, h)
-            if lost or lock.lost:
+                code = child.wait(timeout=0.05)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            if lost():
+                _stop_child(child, args.grace)
                 print(
-                    f"syncmap: lock {args.name!r} was lost while the command ran", file=sys.stderr
+                    f"syncmap: lock {args.name!r} was lost; the command was stopped",
+                    file=sys.stderr,
                 )
                 return EXIT_LOCK_LOST
-            return code if code >= 0 else 128 - code
-        finally:
-            try:
-                if lock.owned():
-                    lock.release()
-            except LockNotHeld:
-                pass
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    if lost():
+        print(f"syncmap: lock {args.name!r} was lost while the command ran", file=sys.stderr)
+        return EXIT_LOCK_LOST
+    return code if code >= 0 else 128 - code
 
 
 def _stop_child(child: subprocess.Popen[bytes], grace: float) -> None:

@@ -25,7 +25,8 @@ import sys
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from ._node import Node, connect
@@ -43,121 +44,164 @@ def _now_ns() -> int:
 # --------------------------------------------------------------------------- node process
 
 
-def node_main(argv: list[str]) -> int:
-    url, map_name, lock_name, node_id, seconds, expected = argv[:6]
-    deadline = time.monotonic() + float(seconds)
-    node = connect(url)
-    progress_key = f"syncmap-demo:{{{map_name}}}:progress"
-    m = node.map(map_name, max_staleness=MAX_STALENESS)
-    lock = node.lock(lock_name, ttl=1.0)
-    rng = random.Random(f"{node_id}-{os.getpid()}")
-    own_last: dict[str, int] = {}
-    ops = reads = writes = locked = atomic = switches = ryw_violations = 0
-    stale_checks = stale_reads = 0
-    my_slot = f"probe:{int(node_id.split('-')[0]) % 8}"
-    acks_key = f"syncmap-demo:{{{map_name}}}:acks:"
-    latencies: list[int] = []
-    watcher = threading.Thread(
-        target=_watch_probes, args=(m, node_id, float(seconds) + 1, latencies), daemon=True
-    )
-    watcher.start()
-    writes_seq = 0
-    last_report = time.monotonic()
+class _DemoNode:
+    """One node process of the demo: its map, lock and counters, and one step of the
+    workload at a time (the counters go to the parent through the server: :meth:`report`)."""
 
-    def report(**extra: Any) -> None:
-        stats = m.stats
+    def __init__(self, url: str, map_name: str, lock_name: str, node_id: str) -> None:
+        self.node = connect(url)
+        self.node_id = node_id
+        self.progress_key = f"syncmap-demo:{{{map_name}}}:progress"
+        self.done_key = f"syncmap-demo:{{{map_name}}}:done"
+        self.acks_key = f"syncmap-demo:{{{map_name}}}:acks:"
+        self.m = self.node.map(map_name, max_staleness=MAX_STALENESS)
+        self.lock = self.node.lock(lock_name, ttl=1.0)
+        self.rng = random.Random(f"{node_id}-{os.getpid()}")
+        self.my_slot = f"probe:{int(node_id.split('-')[0]) % 8}"
+        self.own_last: dict[str, int] = {}
+        self.latencies: list[int] = []
+        self.writes_seq = 0
+        self.ops = self.reads = self.writes = self.locked = self.atomic = self.switches = 0
+        self.ryw_violations = self.stale_checks = self.stale_reads = 0
+
+    def report(self, **extra: Any) -> None:
+        stats = self.m.stats
         counts = {
             "pid": os.getpid(),
-            "ops": ops,
-            "reads": reads,
-            "writes": writes,
-            "locked": locked,
-            "atomic": atomic,
-            "switches": switches,
+            "ops": self.ops,
+            "reads": self.reads,
+            "writes": self.writes,
+            "locked": self.locked,
+            "atomic": self.atomic,
+            "switches": self.switches,
             "hits": stats.hits,
             "misses": stats.misses,
-            "ryw_violations": ryw_violations,
-            "stale_checks": stale_checks,
-            "stale_reads": stale_reads,
-            "latencies_us": [x / 1000 for x in latencies[-2000:]],
+            "ryw_violations": self.ryw_violations,
+            "stale_checks": self.stale_checks,
+            "stale_reads": self.stale_reads,
+            "latencies_us": [x / 1000 for x in self.latencies[-2000:]],
         }
-        node.client.hset(progress_key, node_id, json.dumps({**counts, **extra}))
+        self.node.client.hset(self.progress_key, self.node_id, json.dumps({**counts, **extra}))
 
-    try:
-        while time.monotonic() < deadline:
-            roll = rng.random()
-            key = f"k{rng.randrange(KEYS)}"
-            if roll < 0.80:
-                value = m.get(key)
-                reads += 1
-                if (
-                    isinstance(value, dict)
-                    and value.get("w") == node_id
-                    and value.get("n", 0) < own_last.get(key, 0)
-                ):
-                    ryw_violations += 1
-            elif roll < 0.93:
-                writes_seq += 1
-                m[key] = {"w": node_id, "n": writes_seq}
-                own_last[key] = writes_seq
-                writes += 1
-            elif roll < 0.965:
-                with lock:
-                    current = m.get("locked_counter", 0, fresh=True)
-                    owner = m.get("last_owner", None, fresh=True)
-                    m.set("locked_counter", int(current) + 1, guard=lock)
-                    if owner != node_id:
-                        m.set("last_owner", node_id, guard=lock)
-                        switches += 1
-                locked += 1
-                node.client.hincrby(progress_key, f"{node_id}:locked_acks", 1)
-            else:
-                m.incr("atomic_counter")
-                atomic += 1
-                node.client.hincrby(progress_key, f"{node_id}:atomic_acks", 1)
-            ops += 1
-            if rng.random() < 0.02:
-                # probe: its value is the writer's clock before the write; the ack time goes
-                # to a side list, so readers can check the staleness bound (below)
-                t = _now_ns()
-                m[my_slot] = {"w": node_id, "t": t}
-                node.client.lpush(acks_key + my_slot, f"{t} {_now_ns()}")
-                node.client.ltrim(acks_key + my_slot, 0, 199)
-            if roll < 0.80 and rng.random() < 0.05:
-                # bounded staleness: a local read must reflect every write acknowledged more
-                # than max_staleness before the read began
-                slot = f"probe:{rng.randrange(8)}"
-                if slot != my_slot:
-                    began = _now_ns()
-                    seen = m.get(slot)
-                    seen_t = int(seen["t"]) if isinstance(seen, dict) else -1
-                    limit = began - int(MAX_STALENESS * 1e9)
-                    for raw in node.client.lrange(acks_key + slot, 0, 199):
-                        t_w, t_ack = (int(x) for x in raw.split())
-                        if t_ack < limit and t_w > seen_t:
-                            stale_reads += 1
-                            break
-                    stale_checks += 1
-            now = time.monotonic()
-            if now - last_report >= 0.25:
-                report()
-                last_report = now
-        # Barrier: wait until every node stopped writing; then, by the contract, once
-        # max_staleness has passed every local read reflects every acknowledged write.
-        done_key = f"syncmap-demo:{{{map_name}}}:done"
-        node.client.incr(done_key)
+    def step(self) -> None:
+        """One operation (80% reads, 13% writes, 3.5% locked updates, 3.5% atomic
+        increments), sometimes followed by a probe write and a staleness check."""
+        rng = self.rng
+        roll = rng.random()
+        key = f"k{rng.randrange(KEYS)}"
+        if roll < 0.80:
+            self._read(key)
+        elif roll < 0.93:
+            self._write(key)
+        elif roll < 0.965:
+            self._locked_update()
+        else:
+            self._atomic_increment()
+        self.ops += 1
+        if rng.random() < 0.02:
+            self._probe()
+        if roll < 0.80 and rng.random() < 0.05:
+            self._check_staleness(f"probe:{rng.randrange(8)}")
+
+    def _read(self, key: str) -> None:
+        value = self.m.get(key)
+        self.reads += 1
+        if (
+            isinstance(value, dict)
+            and value.get("w") == self.node_id
+            and value.get("n", 0) < self.own_last.get(key, 0)
+        ):
+            self.ryw_violations += 1
+
+    def _write(self, key: str) -> None:
+        self.writes_seq += 1
+        self.m[key] = {"w": self.node_id, "n": self.writes_seq}
+        self.own_last[key] = self.writes_seq
+        self.writes += 1
+
+    def _locked_update(self) -> None:
+        m, lock = self.m, self.lock
+        with lock:
+            current = m.get("locked_counter", 0, fresh=True)
+            owner = m.get("last_owner", None, fresh=True)
+            m.set("locked_counter", int(current) + 1, guard=lock)
+            if owner != self.node_id:
+                m.set("last_owner", self.node_id, guard=lock)
+                self.switches += 1
+        self.locked += 1
+        self.node.client.hincrby(self.progress_key, f"{self.node_id}:locked_acks", 1)
+
+    def _atomic_increment(self) -> None:
+        self.m.incr("atomic_counter")
+        self.atomic += 1
+        self.node.client.hincrby(self.progress_key, f"{self.node_id}:atomic_acks", 1)
+
+    def _probe(self) -> None:
+        """A probe: its value is the writer's clock before the write; the ack time goes to a
+        side list, so readers can check the staleness bound (:meth:`_check_staleness`)."""
+        t = _now_ns()
+        self.m[self.my_slot] = {"w": self.node_id, "t": t}
+        client = self.node.client
+        client.lpush(self.acks_key + self.my_slot, f"{t} {_now_ns()}")
+        client.ltrim(self.acks_key + self.my_slot, 0, 199)
+
+    def _check_staleness(self, slot: str) -> None:
+        """Bounded staleness: a local read must reflect every write acknowledged more than
+        max_staleness before the read began."""
+        if slot == self.my_slot:
+            return
+        began = _now_ns()
+        seen = self.m.get(slot)
+        seen_t = int(seen["t"]) if isinstance(seen, dict) else -1
+        limit = began - int(MAX_STALENESS * 1e9)
+        for raw in self.node.client.lrange(self.acks_key + slot, 0, 199):
+            t_w, t_ack = (int(x) for x in raw.split())
+            if t_ack < limit and t_w > seen_t:
+                self.stale_reads += 1
+                break
+        self.stale_checks += 1
+
+    def finish(self, expected: int) -> None:
+        """Barrier: wait until every node stopped writing; then, by the contract, once
+        max_staleness has passed every local read reflects every acknowledged write."""
+        client = self.node.client
+        client.incr(self.done_key)
         barrier_deadline = time.monotonic() + 20
-        while int(node.client.get(done_key) or 0) < int(expected):
+        while int(client.get(self.done_key) or 0) < expected:
             if time.monotonic() > barrier_deadline:
                 break
             time.sleep(0.02)
         time.sleep(MAX_STALENESS * 1.2)
-        view = {k: m.get(k) for k in sorted(m.keys())}
-        report(done=True, view=view)
-    finally:
+        view = {k: self.m.get(k) for k in sorted(self.m.keys())}
+        self.report(done=True, view=view)
+
+    def close(self) -> None:
         with contextlib.suppress(Exception):
-            m.close()
-        node.close()
+            self.m.close()
+        self.node.close()
+
+
+def node_main(argv: list[str]) -> int:
+    url, map_name, lock_name, node_id, seconds, expected = argv[:6]
+    deadline = time.monotonic() + float(seconds)
+    demo = _DemoNode(url, map_name, lock_name, node_id)
+    watcher = threading.Thread(
+        target=_watch_probes,
+        args=(demo.m, node_id, float(seconds) + 1, demo.latencies),
+        daemon=True,
+    )
+    watcher.start()
+    last_report = time.monotonic()
+    try:
+        while time.monotonic() < deadline:
+            demo.step()
+            now = time.monotonic()
+            if now - last_report >= 0.25:
+                demo.report()
+                last_report = now
+        demo.finish(int(expected))
+    finally:
+        demo.close()
     return 0
 
 
@@ -180,12 +224,6 @@ class _Child:
     node_id: str
     proc: subprocess.Popen[bytes]
     killed: bool = False
-
-
-@dataclass
-class DemoResult:
-    ok: bool
-    report: dict[str, Any] = field(default_factory=dict)
 
 
 def _spawn(
@@ -235,7 +273,6 @@ def run_demo(url: str | None, nodes: int = 4, seconds: float = 10.0, as_json: bo
     started = time.monotonic()
     kill_at = started + seconds * 0.4
     killed_id: str | None = None
-    replacement: _Child | None = None
     tty = out.isatty()
     last_ops: dict[str, tuple[float, int]] = {}
     try:
@@ -243,14 +280,9 @@ def run_demo(url: str | None, nodes: int = 4, seconds: float = 10.0, as_json: bo
             time.sleep(0.5)
             now = time.monotonic()
             if killed_id is None and now >= kill_at and nodes > 1:
-                victim = children[0]
-                victim.proc.send_signal(signal.SIGKILL)
-                victim.proc.wait()
-                victim.killed = True
-                killed_id = victim.node_id
+                killed_id = _kill(children[0])
                 remaining = max(1.0, seconds - (now - started))
-                replacement = _spawn(target, map_name, lock_name, "0-b", remaining, nodes)
-                children.append(replacement)
+                children.append(_spawn(target, map_name, lock_name, "0-b", remaining, nodes))
                 print(f"  killed node {killed_id} (SIGKILL); started node 0-b", file=out)
             line = _progress_line(node, progress_key, now - started, killed_id, last_ops)
             if tty:
@@ -265,17 +297,30 @@ def run_demo(url: str | None, nodes: int = 4, seconds: float = 10.0, as_json: bo
                 c.proc.kill()
                 c.proc.wait()
     report = _report(node, map_name, progress_key, children, killed_id, time.monotonic() - started)
-    node.client.delete(
-        progress_key,
-        f"syncmap-demo:{{{map_name}}}:done",
-        *(f"syncmap-demo:{{{map_name}}}:acks:probe:{i}" for i in range(8)),
-    )
+    _clean_up(node, map_name, progress_key)
     node.close()
     if as_json:
         print(json.dumps(report, indent=2))
     else:
         _print_report(report, out)
     return 0 if report["ok"] else 1
+
+
+def _kill(victim: _Child) -> str:
+    """SIGKILL one node process (mid-run, as a crash); its node id."""
+    victim.proc.send_signal(signal.SIGKILL)
+    victim.proc.wait()
+    victim.killed = True
+    return victim.node_id
+
+
+def _clean_up(node: Node, map_name: str, progress_key: str) -> None:
+    """Delete the demo's own keys (progress, barrier, probe acks)."""
+    node.client.delete(
+        progress_key,
+        f"syncmap-demo:{{{map_name}}}:done",
+        *(f"syncmap-demo:{{{map_name}}}:acks:probe:{i}" for i in range(8)),
+    )
 
 
 def _text(raw: bytes | str) -> str:
@@ -321,13 +366,7 @@ def _report(
     raw = {_text(k): v for k, v in node.client.hgetall(progress_key).items()}
     per_node = {k: json.loads(v) for k, v in raw.items() if ":" not in k}
     acks = {k: int(v) for k, v in raw.items() if ":" in k}
-    m = node.map(map_name)
-    try:
-        server_view = {k: m.get(k, fresh=True) for k in sorted(m.keys())}
-        locked_counter = int(m.get("locked_counter", 0, fresh=True))
-        atomic_counter = int(m.get("atomic_counter", 0, fresh=True))
-    finally:
-        m.close()
+    server_view, locked_counter, atomic_counter = _server_state(node, map_name)
     locked_acked = sum(v for k, v in acks.items() if k.endswith(":locked_acks"))
     atomic_acked = sum(v for k, v in acks.items() if k.endswith(":atomic_acks"))
     in_flight = 1 if killed_id else 0
@@ -335,8 +374,8 @@ def _report(
     finished = [d for k, d in per_node.items() if d.get("done")]
     views_equal = all(d.get("view") == server_view for d in finished)
     exits_ok = all(c.proc.returncode == 0 for c in children if not c.killed)
-    hits = sum(d.get("hits", 0) for d in per_node.values())
-    misses = sum(d.get("misses", 0) for d in per_node.values())
+    total = _totals(per_node)
+    hits, misses = total("hits"), total("misses")
     checks = {
         "locked counter == acknowledged increments": locked_acked
         <= locked_counter
@@ -344,12 +383,8 @@ def _report(
         "atomic counter == acknowledged increments": atomic_acked
         <= atomic_counter
         <= atomic_acked + in_flight,
-        "no read older than the node's own acknowledged write": sum(
-            d.get("ryw_violations", 0) for d in per_node.values()
-        )
-        == 0,
-        "no read staler than max_staleness": sum(d.get("stale_reads", 0) for d in per_node.values())
-        == 0,
+        "no read older than the node's own acknowledged write": total("ryw_violations") == 0,
+        "no read staler than max_staleness": total("stale_reads") == 0,
         "all nodes end with identical maps": views_equal and len(finished) >= 1,
         "every surviving node exited cleanly": exits_ok,
     }
@@ -358,18 +393,15 @@ def _report(
         "seconds": round(elapsed, 2),
         "nodes": len(per_node),
         "killed": killed_id,
-        "operations": sum(d.get("ops", 0) for d in per_node.values()),
+        "operations": total("ops"),
         "hit_ratio": round(hits / (hits + misses), 4) if hits + misses else None,
         "propagation_us": {
             "samples": len(latencies),
             "p50": round(_pct(latencies, 50), 1) if latencies else None,
             "p99": round(_pct(latencies, 99), 1) if latencies else None,
         },
-        "staleness_checks": sum(d.get("stale_checks", 0) for d in per_node.values()),
-        "lock": {
-            "acquisitions": sum(d.get("locked", 0) for d in per_node.values()),
-            "owner_switches": sum(d.get("switches", 0) for d in per_node.values()),
-        },
+        "staleness_checks": total("stale_checks"),
+        "lock": {"acquisitions": total("locked"), "owner_switches": total("switches")},
         "counters": {
             "locked": {"value": locked_counter, "acknowledged": locked_acked},
             "atomic": {"value": atomic_counter, "acknowledged": atomic_acked},
@@ -377,6 +409,23 @@ def _report(
         },
         "checks": checks,
     }
+
+
+def _server_state(node: Node, map_name: str) -> tuple[dict[str, Any], int, int]:
+    """The map as the server holds it, and its two counters (fresh reads)."""
+    m = node.map(map_name)
+    try:
+        server_view = {k: m.get(k, fresh=True) for k in sorted(m.keys())}
+        locked_counter = int(m.get("locked_counter", 0, fresh=True))
+        atomic_counter = int(m.get("atomic_counter", 0, fresh=True))
+    finally:
+        m.close()
+    return server_view, locked_counter, atomic_counter
+
+
+def _totals(per_node: dict[str, dict[str, Any]]) -> Callable[[str], int]:
+    """``total(field)``: the sum of a counter over every node's last report."""
+    return lambda field: sum(d.get(field, 0) for d in per_node.values())
 
 
 def _print_report(r: dict[str, Any], out: Any) -> None:

@@ -42,7 +42,19 @@ import redis.asyncio.connection
 from redis.exceptions import AskError, NoScriptError, TryAgainError
 
 from ._core.ops import Batch, Command, Flow, Op, Script, Sleep
-from ._errors import OutcomeUnknown, SyncMapError, translate_redis_error
+from ._errors import OutcomeUnknown, translated
+from ._redis_compat import (
+    HIREDIS_PARSER,
+    NOT_ENOUGH_DATA,
+    PLAIN_ASYNC_READ,
+    PLAIN_ASYNC_SEND,
+    parser_connected,
+    parser_of,
+    parser_reader,
+    push_type,
+    sock_of,
+    writer_of,
+)
 from ._scripts import eval_instead, script_command
 
 __all__ = ["AsyncDriver", "SyncDriver"]
@@ -98,7 +110,7 @@ def _readable(conn: Any) -> bool:
     """Whether the connection's socket has something to read, or is closed: one ``poll(0)``
     on a poll object kept with the connection, a few times cheaper than redis-py's
     ``can_read``. ``False`` without a socket."""
-    return _polled(conn, conn._sock)
+    return _polled(conn, sock_of(conn))
 
 
 def _polled(conn: Any, sock: Any) -> bool:
@@ -188,9 +200,7 @@ class _DriverBase:
         return conns
 
     def _translate(self, exc: Exception) -> Exception:
-        if isinstance(exc, SyncMapError):
-            return exc
-        return translate_redis_error(exc, self.address) or exc
+        return translated(exc, self.address)  # (the one boundary, bound to this address)
 
     def _keep(self, conn: Any) -> bool:
         """Whether a connection given back is kept aside (else it goes back to the pool): at
@@ -232,7 +242,7 @@ class _DriverIO(_DriverBase):
             return conns.pool.get_connection()
         if _readable(conn):  # idle, yet readable: the server closed it or sent something unasked
             conn.disconnect()
-        if conn._sock is None:
+        if sock_of(conn) is None:
             try:
                 conn.connect()
             except BaseException:
@@ -310,9 +320,6 @@ def _raise_swallowed_cancel() -> None:
         raise asyncio.CancelledError
 
 
-_PLAIN_SEND = redis.asyncio.connection.AbstractConnection.send_packed_command
-
-
 async def _send(conn: Any, packed: Any) -> None:
     """``conn.send_packed_command(packed, check_health=False)``, without what it costs per
     write on Python 3.11: its ``asyncio.wait_for`` runs the write in a new task (two more
@@ -320,10 +327,10 @@ async def _send(conn: Any, packed: Any) -> None:
     blocks; only a write that leaves data in the transport's buffer (a big batch) waits for it
     to drain, within the connection's ``socket_timeout``. A connection class with a send of
     its own (a cluster's: see ``_cluster``) or not connected yet goes through redis-py."""
-    if type(conn).send_packed_command is not _PLAIN_SEND or not conn.is_connected:
+    if type(conn).send_packed_command is not PLAIN_ASYNC_SEND or not conn.is_connected:
         await conn.send_packed_command(packed, check_health=False)
         return
-    writer = conn._writer
+    writer = writer_of(conn)
     transport = writer.transport
     if transport.is_closing():  # (uvloop refuses such a write with a bare RuntimeError)
         await conn.disconnect(nowait=True)
@@ -338,15 +345,6 @@ async def _send(conn: Any, packed: Any) -> None:
             if isinstance(exc, TimeoutError):
                 raise redis.asyncio.TimeoutError("Timeout writing to socket") from None
             raise redis.asyncio.ConnectionError(f"Error while writing to socket: {exc}") from exc
-
-
-_PLAIN_READ = redis.asyncio.connection.AbstractConnection.read_response
-_HIREDIS_PARSER: Any
-try:
-    from redis._parsers.hiredis import NOT_ENOUGH_DATA as _MORE
-    from redis._parsers.hiredis import _AsyncHiredisParser as _HIREDIS_PARSER
-except ImportError:  # pragma: no cover - redis[hiredis] is a dependency
-    _HIREDIS_PARSER = _MORE = None
 
 
 class _Expiry:
@@ -389,25 +387,25 @@ async def _reply(conn: Any) -> Any:
     parser's push handler, as redis-py does); on any failure the connection is closed and the
     error is redis-py's (``ConnectionError``, ``TimeoutError``), as ``read_response`` does.
     Any other connection goes through ``read_response``."""
-    parser = conn._parser
+    parser = parser_of(conn)
     if (
-        type(parser) is not _HIREDIS_PARSER
-        or type(conn).read_response is not _PLAIN_READ
-        or not parser._connected
+        type(parser) is not HIREDIS_PARSER
+        or type(conn).read_response is not PLAIN_ASYNC_READ
+        or not parser_connected(parser)
     ):
         return await conn.read_response()
-    reader = parser._reader
-    push = parser._hiredis_PushNotificationType
+    reader = parser_reader(parser)
+    push = push_type(parser)
     try:
         reply = reader.gets()  # (a batch's later answers are often in already)
     except BaseException:  # (a protocol error: what is left in the buffer cannot be used)
         await conn.disconnect(nowait=True)
         raise
-    if reply is _MORE or (push is not None and isinstance(reply, push)):
+    if reply is NOT_ENOUGH_DATA or (push is not None and isinstance(reply, push)):
         expiry = _Expiry(conn.socket_timeout)
         try:
             while True:
-                if reply is _MORE:
+                if reply is NOT_ENOUGH_DATA:
                     await parser.read_from_socket()
                 elif push is not None and isinstance(reply, push):
                     await parser.handle_push_response(reply)
@@ -456,7 +454,7 @@ class _AsyncDriverIO(_DriverBase):
             # refuse the write with a bare RuntimeError)
             dirty = conn.is_connected and (
                 await conn.can_read()
-                or (transport := conn._writer.transport).is_closing()
+                or (transport := writer_of(conn).transport).is_closing()
                 or _polled(conn, transport.get_extra_info("socket"))
             )
         except (redis.asyncio.ConnectionError, OSError):

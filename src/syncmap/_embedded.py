@@ -227,57 +227,81 @@ def supervise(folder: Path, idle_seconds: float, foreground: bool = False) -> in
         "--daemonize", "no",
     ]  # fmt: skip
     server = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, start_new_session=not foreground)
-    stopping = False
+    stopping: list[bool] = []  # (non-empty once SIGTERM or SIGINT came)
 
     def _stop(signum: int, frame: object) -> None:
-        nonlocal stopping
-        stopping = True
+        stopping.append(True)
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
-    deadline = time.monotonic() + START_TIMEOUT
-    while not _ping(port):
-        if server.poll() is not None or time.monotonic() > deadline:
-            print(f"valkey-server failed to start (exit {server.poll()})", file=sys.stderr)
-            server.kill()
-            return 1
-        time.sleep(0.01)
+    if not _started(server, port):
+        return 1
     url = f"redis://127.0.0.1:{port}/0"
     tmp = folder / f"server.json.{os.getpid()}"
     tmp.write_text(json.dumps({"pid": os.getpid(), "port": port, "url": url}))
     os.replace(tmp, folder / "server.json")
     if foreground:
         print(url, flush=True)
-    idle_since: float | None = None
     try:
-        while not stopping and server.poll() is None:
-            time.sleep(0.2)
-            if idle_seconds <= 0:
-                continue
-            clients = _connected_clients(port)
-            now = time.monotonic()
-            if clients is None or clients > 0:
-                idle_since = None
-            elif idle_since is None:
-                idle_since = now
-            elif now - idle_since >= idle_seconds:
-                with _locked(folder):
-                    if _connected_clients(port) == 0:
-                        break
-                    idle_since = None
+        _serve(server, port, folder, idle_seconds, stopping)
     finally:
-        info = _read_info(folder)
-        if info is not None and info.pid == os.getpid():
-            with contextlib.suppress(FileNotFoundError):
-                (folder / "server.json").unlink()
-        if server.poll() is None:
-            server.terminate()
-            try:
-                server.wait(10)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
+        _shut_down(server, folder)
     return 0
+
+
+def _started(server: subprocess.Popen[bytes], port: int) -> bool:
+    """Wait (at most ``START_TIMEOUT``) for the server to answer; if it does not, kill it."""
+    deadline = time.monotonic() + START_TIMEOUT
+    while not _ping(port):
+        if server.poll() is not None or time.monotonic() > deadline:
+            print(f"valkey-server failed to start (exit {server.poll()})", file=sys.stderr)
+            server.kill()
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def _serve(
+    server: subprocess.Popen[bytes],
+    port: int,
+    folder: Path,
+    idle_seconds: float,
+    stopping: list[bool],
+) -> None:
+    """Return when told to stop, when the server exits, or when no client was connected for
+    ``idle_seconds`` (confirmed once more under the folder's lock, which
+    :func:`ensure_embedded` takes too); ``idle_seconds <= 0``: never idle."""
+    idle_since: float | None = None
+    while not stopping and server.poll() is None:
+        time.sleep(0.2)
+        if idle_seconds <= 0:
+            continue
+        clients = _connected_clients(port)
+        now = time.monotonic()
+        if clients is None or clients > 0:
+            idle_since = None
+        elif idle_since is None:
+            idle_since = now
+        elif now - idle_since >= idle_seconds:
+            with _locked(folder):
+                if _connected_clients(port) == 0:
+                    return
+                idle_since = None
+
+
+def _shut_down(server: subprocess.Popen[bytes], folder: Path) -> None:
+    """Withdraw ``server.json`` (if it is still this supervisor's) and stop the server."""
+    info = _read_info(folder)
+    if info is not None and info.pid == os.getpid():
+        with contextlib.suppress(FileNotFoundError):
+            (folder / "server.json").unlink()
+    if server.poll() is None:
+        server.terminate()
+        try:
+            server.wait(10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
 
 
 def idle_seconds_from_env() -> float:

@@ -20,15 +20,11 @@
           ├── LockNotHeld                    release/refresh of a lock this holder no longer owns
           └── LockLost                       a held lock expired or was taken while in use
 
-redis-py's exceptions are translated at one boundary (:func:`translate_redis_error`); no
+redis-py's exceptions are translated at one boundary (:func:`translated`); no
 builtin name (``TimeoutError``, ``ConnectionError``) is shadowed.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from typing import TypeVar
 
 __all__ = [
     "CorruptData",
@@ -132,18 +128,15 @@ class LockLost(LockError):
     """A lock held in a ``with`` block expired or was taken by another holder meanwhile."""
 
 
-T = TypeVar("T")
-
-
-def _address_of(exc: BaseException) -> str | None:
-    return getattr(exc, "_syncmap_address", None)
-
-
-def translate_redis_error(exc: BaseException, address: str | None = None) -> SyncMapError | None:
-    """Map a redis-py exception onto syncmap's tree; ``None`` if it is not one of redis-py's."""
+def translated(exc: Exception, address: str | None = None) -> Exception:
+    """The one boundary where redis-py's exceptions become syncmap's: the exception to raise
+    (``raise translated(exc, address) from exc``) or to hand on for ``exc``. A syncmap error,
+    or an exception that is not redis-py's, is returned as it is."""
+    if isinstance(exc, SyncMapError):
+        return exc
     import redis.exceptions as rexc
 
-    where = address or _address_of(exc) or "the server"
+    where = address or "the server"
     if isinstance(exc, rexc.AuthenticationError | rexc.AuthorizationError):
         return ServerUnavailable(f"authentication failed at {where}: {exc}", address)
     if isinstance(exc, rexc.ConnectionError | rexc.TimeoutError):
@@ -152,23 +145,6 @@ def translate_redis_error(exc: BaseException, address: str | None = None) -> Syn
         return ServerError(f"server at {where} answered with an error: {exc}")
     if isinstance(exc, rexc.RedisError):
         return ServerError(f"redis client error talking to {where}: {exc}")
-    return None
-
-
-@contextmanager
-def redis_errors(address: str | None = None) -> Iterator[None]:
-    """The one boundary where redis-py exceptions become syncmap exceptions."""
-    try:
-        yield
-    except SyncMapError:
-        raise
-    except Exception as exc:
-        translated = translate_redis_error(exc, address)
-        if translated is None:
-            raise
-        raise translated from exc
-
-
-def wrap(fn: Callable[[], T], address: str | None = None) -> T:
-    with redis_errors(address):
-        return fn()
+    if isinstance(exc, rexc.RedisClusterException):  # (not a RedisError)
+        return ServerUnavailable(f"cannot reach the cluster at {where}: {exc}", address)
+    return exc

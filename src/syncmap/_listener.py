@@ -48,6 +48,7 @@ from redis.exceptions import MovedError
 from redis.retry import Retry
 
 from ._core.coherence import Coherence
+from ._core.hooks import ListenerHooks
 from ._core.map_listen import (
     FLUSH_CHANNEL,
     MAX_WAIT,
@@ -67,7 +68,8 @@ from ._core.map_listen import (
 )
 from ._core.ops import Command, Sleep
 from ._driver import AsyncDriver
-from ._errors import ServerError, SyncMapError, translate_redis_error
+from ._errors import ServerError, SyncMapError, translated
+from ._redis_compat import connection_options, parser_of, sock_of, stream_buffered, writer_of
 
 __all__ = ["AsyncListener", "SyncListener"]
 
@@ -154,9 +156,21 @@ def _is_flush(reply: list[Any]) -> bool:
 def _on_invalidation(conn: Any, handler: Any) -> None:
     """Where redis-py's reader (TLS connections) hands a RESP3 ``invalidate`` push: it does
     not pass it on as a pub/sub message. (RESP2 sends it as a message on the flush channel.)"""
-    setter = getattr(getattr(conn, "_parser", None), "set_invalidation_push_handler", None)
+    setter = getattr(parser_of(conn), "set_invalidation_push_handler", None)
     if setter is not None:
         setter(handler)
+
+
+def _blocking_hooks() -> ListenerHooks[threading.Event]:
+    running = threading.Event()
+    running.set()
+    return ListenerHooks(running, threading.Event())
+
+
+def _asyncio_hooks() -> ListenerHooks[asyncio.Event]:
+    running = asyncio.Event()
+    running.set()
+    return ListenerHooks(running, threading.Event())
 
 
 def _channels_of(members: Iterable[Member]) -> list[bytes]:
@@ -169,7 +183,7 @@ def _hmget(key: str) -> Command:
 
 
 def _pool_options(pool: Any, socket_timeout: float, is_async: bool = False) -> dict[str, Any]:
-    options = dict(pool.connection_kwargs)
+    options = connection_options(pool)
     retry = AsyncRetry(NoBackoff(), 0) if is_async else Retry(NoBackoff(), 0)
     options.update(
         socket_timeout=socket_timeout,
@@ -206,21 +220,15 @@ def _learn(client: Any, exc: BaseException) -> None:
     """On a Cluster, a subscription answered with MOVED names the slot's owner: tell the slot
     table, so that the map subscribes there (``syncmap._cluster``)."""
     if isinstance(exc, MovedError):
-        router = client.connection_pool.connection_kwargs.get("syncmap_router")
+        router = connection_options(client.connection_pool).get("syncmap_router")
         if router is not None:
             router.table.moved(exc.slot_id, (exc.host, int(exc.port)))
-
-
-def _error(exc: Exception, address: str) -> Exception:
-    if isinstance(exc, SyncMapError):
-        return exc
-    return translate_redis_error(exc, address) or exc
 
 
 def _meta_reply(reply: Any, address: str) -> Any:
     """One HMGET reply of a base read: ``(epoch, seq)``, or the (translated) error."""
     if isinstance(reply, Exception):
-        return _error(reply, address)
+        return translated(reply, address)
     return tuple(reply)
 
 
@@ -241,7 +249,6 @@ class _ListenerBase:
         self.home = home
         self.restarts = 0
         self.started = False
-        self.parked = threading.Event()  # tests: set while a stalled listener waits
         if router is not None:
             self.hub.learn = self._learn_moved
         _LISTENERS.add(self)
@@ -269,7 +276,7 @@ class _ListenerBase:
         if exc is None:
             return flow.send(result)
         _learn(self.client, exc)
-        return flow.throw(_error(exc, self.address))
+        return flow.throw(translated(exc, self.address))
 
     def _failed(self, exc: BaseException) -> float:
         """The flow itself raised (a bug or unexpected data): log, drop the copies, restart."""
@@ -327,6 +334,7 @@ class SyncListener(_ListenerBase):
         timeout: float,
         router: Any = None,
         home: Any = None,
+        hooks: ListenerHooks[threading.Event] | None = None,
     ) -> None:
         super().__init__(client, address, timeout, router, home)
         pool = client.connection_pool
@@ -345,8 +353,7 @@ class SyncListener(_ListenerBase):
         self._cut_short = False  # redis-py's reader: the last drain stopped at DRAIN_LIMIT
         self.closing = threading.Event()
         self.nudge = threading.Event()  # ends the listener thread's nap early
-        self.running = threading.Event()  # cleared by tests to stall the listener
-        self.running.set()
+        self.hooks = _blocking_hooks() if hooks is None else hooks
         self._nap = BUSY_NAP  # the next nap while map threads apply the events
         self.thread = self._new_thread()
 
@@ -392,17 +399,17 @@ class SyncListener(_ListenerBase):
         thread's to handle (it reconnects and subscribes every channel)."""
         try:
             conn = self.pubsub.connection
-            if conn is None or conn._sock is not self._sock:
+            if conn is None or sock_of(conn) is not self._sock:
                 raise redis.ConnectionError("the subscriber connection was closed")
             conn.send_command(*args, check_health=False)
         except Exception as exc:
             if self.failure is None:
-                self.failure = _error(exc, self.address)
+                self.failure = translated(exc, self.address)
 
     def close(self, timeout: float = 2.0) -> None:
         self.closing.set()
         self.nudge.set()
-        self.running.set()
+        self.hooks.running.set()
         if self.thread.is_alive() and self.thread is not threading.current_thread():
             self.thread.join(timeout)
         self._unsubscribe()
@@ -423,9 +430,7 @@ class SyncListener(_ListenerBase):
         self.started = False
         self.closing = threading.Event()
         self.nudge = threading.Event()
-        self.running = threading.Event()
-        self.running.set()
-        self.parked = threading.Event()
+        self.hooks = _blocking_hooks()
         self.thread = self._new_thread()
         _forget_members(self.hub)
 
@@ -440,10 +445,11 @@ class SyncListener(_ListenerBase):
         op = next(flow)
         try:
             while not self.closing.is_set():
-                if not self.running.is_set():
-                    self.parked.set()
-                    self.running.wait()
-                    self.parked.clear()
+                hooks = self.hooks
+                if not hooks.running.is_set():
+                    hooks.parked.set()
+                    hooks.running.wait()
+                    hooks.parked.clear()
                 try:
                     result, error = self._perform(op), None
                 except Exception as exc:
@@ -463,7 +469,7 @@ class SyncListener(_ListenerBase):
             # on TLS (redis-py's reader): one SSL object must not be used by two threads at once.
             with contextlib.nullcontext() if self._raw is not None else self.lock:
                 conn = self.pubsub.connection
-                if conn is None or conn._sock is not self._sock:  # (redis-py would reconnect
+                if conn is None or sock_of(conn) is not self._sock:  # (redis-py would reconnect
                     raise redis.ConnectionError("the subscriber connection was closed")  # it)
                 return conn.send_command("PING", op.token, check_health=False)
         if isinstance(op, Sleep):
@@ -494,7 +500,7 @@ class SyncListener(_ListenerBase):
                 self.pubsub.connection = conn
                 conn.register_connect_callback(self.pubsub.on_connect)
                 _on_invalidation(conn, self._invalidated)
-                self._sock = conn._sock
+                self._sock = sock_of(conn)
                 self.pubsub.subscribe(FLUSH_CHANNEL)
                 for channel in self.hub.channels():
                     self.pubsub.ssubscribe(channel)
@@ -550,7 +556,7 @@ class SyncListener(_ListenerBase):
                 continue
             self._nap = BUSY_NAP
             poller = self._poller
-            if poller is not None and poller[1] is not getattr(self.pubsub.connection, "_sock", 0):
+            if poller is not None and poller[1] is not _sock_or_none(self.pubsub):
                 poller = self._poller = _poller_of(self.pubsub)  # redis-py reconnected it
             if poller is None:  # no poll(2) (or no socket: the drain below raises)
                 self.closing.wait(min(timeout, 0.001))
@@ -578,7 +584,7 @@ class SyncListener(_ListenerBase):
         # may be waiting for the GIL; waiting here hands it over, so it finishes at once. (A
         # plain try first: a timed acquire costs several times more, and this runs often.)
         lock = self.lock
-        if not self.running.is_set() or (
+        if not self.hooks.running.is_set() or (
             not lock.acquire(False) and not lock.acquire(timeout=LOCK_WAIT)
         ):
             return
@@ -594,7 +600,7 @@ class SyncListener(_ListenerBase):
                     self.nudge.set()
         except Exception as exc:
             _learn(self.client, exc)
-            error = _error(exc, self.address)
+            error = translated(exc, self.address)
             self.failure = error  # the listener thread reconnects
             if isinstance(error, SyncMapError):
                 self.hub.on_disconnect()
@@ -630,7 +636,7 @@ class SyncListener(_ListenerBase):
             return self._raw.drain(self.hub)
         pubsub = self.pubsub
         conn = pubsub.connection
-        if conn is None or getattr(conn, "_sock", True) is not self._sock:
+        if conn is None or sock_of(conn) is not self._sock:
             raise redis.ConnectionError("the subscriber connection is closed")
         hub, handle = self.hub, pubsub.handle_message
         count = 0
@@ -692,7 +698,7 @@ class _RawSubscriber:
             return None
         if not _watches_fds(asyncio.get_running_loop()):
             return None
-        if getattr(getattr(writer, "_reader", None), "_buffer", None):
+        if stream_buffered(writer):
             return None  # (data before the subscription: none expected; redis-py reads it)
         transport.pause_reading()
         return cls(sock)
@@ -760,11 +766,17 @@ def _watches_fds(loop: asyncio.AbstractEventLoop) -> bool:
     return isinstance(loop, asyncio.SelectorEventLoop) or type(loop).__module__.startswith("uvloop")
 
 
+def _sock_or_none(pubsub: Any) -> Any:
+    """The socket of a pub/sub's connection (``None``: no connection, or not connected)."""
+    conn = pubsub.connection
+    return None if conn is None else sock_of(conn)
+
+
 def _poller_of(pubsub: Any) -> tuple[Any, Any, Any] | None:
     """``(poll object for the listener thread, socket, poll object for the lock holder)`` for
     the subscriber socket (a poll object must not be used by two threads at once); ``None``
     if there is no socket to poll (or no poll(2))."""
-    sock = getattr(pubsub.connection, "_sock", None)
+    sock = _sock_or_none(pubsub)
     if sock is None or not hasattr(select, "poll"):
         return None
     pollers = select.poll(), select.poll()
@@ -787,6 +799,7 @@ class AsyncListener(_ListenerBase):
         timeout: float,
         router: Any = None,
         home: Any = None,
+        hooks: ListenerHooks[asyncio.Event] | None = None,
     ) -> None:
         super().__init__(client, address, timeout, router, home)
         pool = client.connection_pool
@@ -805,8 +818,7 @@ class AsyncListener(_ListenerBase):
         self._applied = 0  # events applied for the current _receive_raw
         self.closing = False
         self.forked = False  # made before os.fork(), and this is the child: unusable
-        self.running = asyncio.Event()  # cleared by tests to stall the listener
-        self.running.set()
+        self.hooks = _asyncio_hooks() if hooks is None else hooks
         self.task: asyncio.Task[None] | None = None
 
     @property
@@ -840,18 +852,18 @@ class AsyncListener(_ListenerBase):
         """Send on the subscriber connection; a failure is left for the next Receive."""
         try:
             conn = self.pubsub.connection
-            if conn is None or conn._writer is not self._raw_writer:
+            if conn is None or writer_of(conn) is not self._raw_writer:
                 raise redis.ConnectionError("the subscriber connection was closed")
             await conn.send_command(*args, check_health=False)
         except Exception as exc:
             if self._failure is None:
-                self._failure = _error(exc, self.address)
+                self._failure = translated(exc, self.address)
 
     async def close(self) -> None:
         if self.forked:
             return  # (the parent's connections and task: left alone, see _after_fork)
         self.closing = True
-        self.running.set()
+        self.hooks.running.set()
         if self.task is not None:
             self.task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -886,10 +898,11 @@ class AsyncListener(_ListenerBase):
         op = next(flow)
         try:
             while not self.closing:
-                if not self.running.is_set():
-                    self.parked.set()
-                    await self.running.wait()
-                    self.parked.clear()
+                hooks = self.hooks
+                if not hooks.running.is_set():
+                    hooks.parked.set()
+                    await hooks.running.wait()
+                    hooks.parked.clear()
                 try:
                     result, error = await self._perform(op), None
                 except Exception as exc:
@@ -911,7 +924,7 @@ class AsyncListener(_ListenerBase):
                 command.cancel()  # (when the listener is closed meanwhile; else a no-op)
         if isinstance(op, PubsubPing):
             conn = self.pubsub.connection
-            if conn is None or conn._writer is not self._raw_writer:  # (redis-py would
+            if conn is None or writer_of(conn) is not self._raw_writer:  # (redis-py would
                 raise redis.ConnectionError("the subscriber connection was closed")  # reconnect)
             return await conn.send_command("PING", op.token, check_health=False)
         if isinstance(op, Sleep):
@@ -940,7 +953,7 @@ class AsyncListener(_ListenerBase):
             conn.register_connect_callback(pubsub.on_connect)
             _on_invalidation(conn, self._invalidated)
             # before any subscription is sent: from here on, every reply is _raw's to read
-            self._raw_writer = conn._writer
+            self._raw_writer = writer_of(conn)
             self._raw = _RawSubscriber.of_stream(self._raw_writer)
             self._failure = None
             self.pubsub = pubsub  # (a map registering from here on sends its own SSUBSCRIBE)
@@ -1022,7 +1035,7 @@ class AsyncListener(_ListenerBase):
         parse), not a wake-up of the listener task and a step of its flow. (As a reading
         thread does for the blocking map, during its listener thread's wait.)"""
         conn = self.pubsub.connection
-        if conn is None or conn._writer is not self._raw_writer:  # redis-py dropped it
+        if conn is None or writer_of(conn) is not self._raw_writer:  # redis-py dropped it
             raise redis.ConnectionError("the subscriber connection was closed")
         loop = asyncio.get_running_loop()
         waiter = self._waiter = loop.create_future()
@@ -1076,7 +1089,7 @@ class AsyncListener(_ListenerBase):
         through its callback; while the listener task is elsewhere (its probe, a step of its
         flow), here, and a failure is left for its next Receive to raise."""
         raw = self._raw
-        if raw is None or self.closing or not self.running.is_set() or self._failure:
+        if raw is None or self.closing or not self.hooks.running.is_set() or self._failure:
             return False
         waiter = self._waiter
         if waiter is not None and not waiter.done():

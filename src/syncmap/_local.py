@@ -34,7 +34,6 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
-import numbers
 import threading
 import time
 from collections import OrderedDict
@@ -49,6 +48,7 @@ from collections.abc import (
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar, overload
 
+from ._core.validate import check_seconds
 from ._errors import InvalidArgument
 
 __all__ = ["LocalStats", "SafeHashMap"]
@@ -77,21 +77,6 @@ class LocalStats:
         """``hits / (hits + misses)``; 0.0 before the first lookup."""
         lookups = self.hits + self.misses
         return self.hits / lookups if lookups else 0.0
-
-
-def check_ttl(ttl: object, what: str = "ttl") -> float:
-    """``ttl`` as float seconds: a finite number > 0 (not a bool), else :class:`InvalidArgument`."""
-    if (type(ttl) is not float and type(ttl) is not int) and (
-        isinstance(ttl, bool) or not isinstance(ttl, numbers.Real)
-    ):
-        raise InvalidArgument(f"{what} must be a number of seconds, not {type(ttl).__name__}")
-    try:
-        seconds = float(ttl)
-    except OverflowError:
-        seconds = _NEVER
-    if not 0 < seconds < _NEVER:
-        raise InvalidArgument(f"{what} must be a finite number of seconds > 0, got {ttl!r}")
-    return seconds
 
 
 def _check_maxsize(maxsize: object) -> int | None:
@@ -143,7 +128,7 @@ class SafeHashMap(MutableMapping[K, V], Generic[K, V]):
         timer: Callable[[], float] = time.monotonic,
     ) -> None:
         self._maxsize = _check_maxsize(maxsize)
-        self._ttl = None if ttl is None else check_ttl(ttl)
+        self._ttl = None if ttl is None else check_seconds(ttl, "ttl")
         if not callable(timer):
             raise InvalidArgument(f"timer must be callable, not {type(timer).__name__}")
         self._timer = timer
@@ -277,7 +262,7 @@ class SafeHashMap(MutableMapping[K, V], Generic[K, V]):
 
     def set(self, key: K, value: V, ttl: float | None = None) -> None:
         """Store ``value`` under ``key``; ``ttl=None`` uses the map's default TTL."""
-        seconds = self._ttl if ttl is None else check_ttl(ttl)
+        seconds = self._ttl if ttl is None else check_seconds(ttl, "ttl")
         with self._lock:
             self._store(key, value, seconds)
 
@@ -287,7 +272,7 @@ class SafeHashMap(MutableMapping[K, V], Generic[K, V]):
 
     def add(self, key: K, value: V, ttl: float | None = None) -> bool:
         """Store ``value`` only if ``key`` is absent (or expired); True if it stored."""
-        seconds = self._ttl if ttl is None else check_ttl(ttl)
+        seconds = self._ttl if ttl is None else check_seconds(ttl, "ttl")
         with self._lock:
             entry = self._data.get(key)
             if entry is not None and self._alive(entry[1]):
@@ -301,7 +286,7 @@ class SafeHashMap(MutableMapping[K, V], Generic[K, V]):
         Identity, not equality: a placeholder object installed before a fetch is replaced
         by the fetched value only if nothing (an invalidation, another write) took its place.
         """
-        seconds = self._ttl if ttl is None else check_ttl(ttl)
+        seconds = self._ttl if ttl is None else check_seconds(ttl, "ttl")
         with self._lock:
             entry = self._data.get(key)
             if entry is None or entry[0] is not expected or not self._alive(entry[1]):

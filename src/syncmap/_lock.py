@@ -59,7 +59,8 @@ from ._core.lock import (
     watchdog_flow,
 )
 from ._core.ops import Flow
-from ._core.retry import NoRetry, RetryStrategy, check_backoff, check_strategy
+from ._core.retry import NoRetry, RetryStrategy, check_strategy
+from ._core.validate import check_seconds
 from ._driver import AsyncDriver, SyncDriver
 from ._errors import InvalidArgument, LockLost, LockNotHeld, NotObtained
 from ._stats import registry
@@ -113,9 +114,7 @@ class _LockBase(Generic[N]):
             check_names(name) if isinstance(name, tuple) else (validate_name(name, "lock name"),)
         )
         self._state = LockState(LockKeys(names), check_ttl(ttl), check_metadata(metadata))
-        self._poll = check_backoff(poll_interval, "poll_interval")
-        if self._poll <= 0:
-            raise InvalidArgument("poll_interval must be > 0")
+        self._poll = check_seconds(poll_interval, "poll_interval")
         self._auto_renew = _check_bool(auto_renew, "auto_renew")
         if max_hold is not None:
             check_ttl(max_hold, "max_hold")

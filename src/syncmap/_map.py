@@ -37,9 +37,11 @@ from ._cached import AsyncCachedFunction, CachedFunction, cached, cached_async
 from ._cluster import key_slot
 from ._codec import Codec, get_codec
 from ._core.coherence import ABSENT, Change, Coherence, Entry
+from ._core.hooks import MapHooks
 from ._core.keys import MapKeys
 from ._core.map_flows import Call, MapCore, MapFlow
 from ._core.map_listen import Member
+from ._core.validate import check_seconds
 from ._driver import AsyncDriver, SyncDriver
 from ._errors import InvalidArgument, NodeForked, StaleRead
 from ._listener import READERS_ACTIVE, AsyncListener, SyncListener
@@ -147,10 +149,10 @@ def _check_options(
     max_value_bytes: object,
     push_values: object,
 ) -> None:
-    if isinstance(max_staleness, bool) or not isinstance(max_staleness, int | float):
-        raise InvalidArgument(f"max_staleness must be a number of seconds, not {max_staleness!r}")
-    if not (0.01 <= max_staleness <= 3600):
-        raise InvalidArgument(f"max_staleness must be between 0.01 and 3600 s, not {max_staleness}")
+    check_seconds(
+        max_staleness, "max_staleness", low=0.01, low_ok=True, high=3600,
+        expected="between 0.01 and 3600 s",
+    )  # fmt: skip
     if on_stale not in ("server", "raise"):
         raise InvalidArgument(f"on_stale must be 'server' or 'raise', not {on_stale!r}")
     for name, limit in (("max_key_bytes", max_key_bytes), ("max_value_bytes", max_value_bytes)):
@@ -239,8 +241,8 @@ class _MapBase:
             threading.RLock(),
             self._max_staleness,
             probe_timeout=max(3 * self._max_staleness, 2.0),
+            hooks=MapHooks(fill_guard=bool(_fill_guard)),
         )
-        self._state.fill_guard = bool(_fill_guard)
         self._core = MapCore(
             keys,
             self._state,

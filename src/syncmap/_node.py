@@ -30,8 +30,10 @@ from ._errors import (
     NodeForked,
     ServerUnavailable,
     SyncMapError,
-    translate_redis_error,
+    translated,
 )
+from ._errors import translated as _translated  # (the name the Node classes call it by)
+from ._redis_compat import connection_options
 
 if TYPE_CHECKING:
     from ._lock import AsyncLock, Lock
@@ -430,12 +432,6 @@ def _lock_key(name: Any) -> str:
     return name
 
 
-def _translated(exc: Exception, address: str) -> Exception:
-    if isinstance(exc, SyncMapError):
-        return exc
-    return translate_redis_error(exc, address) or exc
-
-
 def _client_options(kwargs: dict[str, Any]) -> dict[str, Any]:
     opts: dict[str, Any] = {"socket_connect_timeout": 5.0, "health_check_interval": 0}
     opts.update(kwargs)
@@ -447,7 +443,7 @@ def _prepare(
 ) -> tuple[Any, str, str | None]:
     """(client, address, url) for a URL, ``None`` or a ready client of ``ready_type``."""
     if isinstance(url, ready_type):
-        kw = url.connection_pool.connection_kwargs
+        kw = connection_options(url.connection_pool)
         address = kw.get("path") or f"{kw.get('host', '?')}:{kw.get('port', '?')}"
         return url, str(address), None
     resolved = resolve_url(url)
@@ -469,9 +465,9 @@ def _cluster_router(client: Any, is_async: bool) -> ClusterRouter:
     redis_client = getattr(first, "redis_connection", None)
     if redis_client is not None:  # sync: each node has a redis.Redis
         pool = redis_client.connection_pool
-        kwargs, conn_class = dict(pool.connection_kwargs), pool.connection_class
+        kwargs, conn_class = connection_options(pool), pool.connection_class
     else:  # asyncio: each node keeps its connection class and options
-        kwargs, conn_class = dict(first.connection_kwargs), first.connection_class
+        kwargs, conn_class = connection_options(first), first.connection_class
     options = {k: v for k, v in kwargs.items() if k not in ("host", "port")}
     options["connection_class"] = conn_class
     options.setdefault("socket_connect_timeout", 5.0)
@@ -495,14 +491,8 @@ def _prepare_cluster(url: Any, options: dict[str, Any], is_async: bool) -> tuple
     except (ValueError, TypeError) as exc:
         raise InvalidURL(f"bad server URL {address!r}: {exc}") from None
     except (redis.RedisError, RedisClusterException) as exc:  # the sync client discovers
-        raise _unreachable(exc, address) from exc  # the cluster at once
+        raise translated(exc, address) from exc  # the cluster at once
     return client, address, url
-
-
-def _unreachable(exc: Exception, address: str) -> Exception:
-    if isinstance(exc, RedisClusterException):  # (not a RedisError)
-        return ServerUnavailable(f"cannot reach the cluster at {address}: {exc}", address)
-    return _translated(exc, address)
 
 
 def connect(
@@ -557,7 +547,7 @@ async def connect_async(
             if resolved is not None:
                 await client.aclose()
             if isinstance(exc, redis.RedisError | RedisClusterException):
-                raise _unreachable(exc, address) from exc
+                raise translated(exc, address) from exc
             raise
         return AsyncNode(client, address, resolved, router)
     client, address, resolved = await asyncio.to_thread(

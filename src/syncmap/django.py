@@ -47,6 +47,7 @@ Importing this module imports Django; the rest of syncmap never does.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import threading
@@ -57,6 +58,7 @@ from asgiref.sync import sync_to_async
 from django.core.cache.backends.base import DEFAULT_TIMEOUT, BaseCache, memcache_key_warnings
 
 from ._codec import Codec, PickleCodec, get_codec
+from ._core.validate import check_seconds
 from ._errors import InvalidArgument
 from ._map import SyncMap
 from ._node import Node, connect
@@ -247,11 +249,13 @@ class SyncMapCache(BaseCache):  # type: ignore[misc]  # (Django ships no types)
             timeout = self.default_timeout
         if timeout is None:
             return False, None
-        if isinstance(timeout, bool) or not isinstance(timeout, int | float):
-            raise InvalidArgument(f"timeout must be a number of seconds or None, not {timeout!r}")
-        if timeout <= 0:
+        seconds = check_seconds(
+            timeout, "timeout", low=-math.inf, low_ok=True, or_none=True,
+            expected="a finite number of seconds or None",
+        )  # fmt: skip
+        if seconds <= 0:
             return True, None
-        return False, float(timeout)
+        return False, seconds
 
     def make_and_validate_key(self, key: Any, version: int | None = None) -> str:
         """Django's key (KEY_FUNCTION, KEY_PREFIX, VERSION) and its validation warnings. The

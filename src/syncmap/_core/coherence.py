@@ -31,6 +31,8 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any, ClassVar, Final, Protocol, overload
 
+from .hooks import MapHooks
+
 __all__ = [
     "ABSENT",
     "Change",
@@ -211,6 +213,7 @@ class Coherence:
         max_staleness: float,
         *,
         probe_timeout: float,
+        hooks: MapHooks | None = None,
     ) -> None:
         self.store = store
         self.clock = clock
@@ -218,7 +221,7 @@ class Coherence:
         self.max_staleness = max_staleness
         self.probe_interval = max_staleness / 3
         self.probe_timeout = probe_timeout
-        self.fill_guard = True  # tests turn it off to show the fill race it prevents
+        self.hooks = MapHooks() if hooks is None else hooks  # (tests' sabotage points)
         # decodes a value carried by a change message; None: such values only invalidate
         self.decode: Callable[[bytes], Any] | None = None
         self.watchers: list[Callable[[Change], None]] = []  # told of every change message
@@ -261,7 +264,7 @@ class Coherence:
 
     def begin_fill(self, key: str) -> Placeholder | None:
         """Reserve ``key`` before a fetch/write; ``None`` means "do not install the result"."""
-        if not self.fill_guard:
+        if not self.hooks.fill_guard:
             return UNGUARDED
         with self.mutex:
             if not self.synced:

@@ -43,7 +43,8 @@ from typing import Any
 from .._errors import InvalidArgument, LockNotHeld, ServerError, ServerUnavailable, TooLarge
 from .keys import PREFIX, hash_tag, validate_name
 from .ops import Command, Flow, Script, Sleep
-from .retry import check_backoff
+from .replies import PTTL_NOT_HELD, AcquireReply, ReleaseStatus
+from .validate import check_seconds
 
 __all__ = [
     "MAX_METADATA_BYTES",
@@ -57,7 +58,6 @@ __all__ = [
     "check_timeout",
     "check_ttl",
     "leave_flow",
-    "lock_keys",
     "locked_flow",
     "new_token",
     "owned_flow",
@@ -85,15 +85,8 @@ def new_token() -> str:
 
 
 def check_ttl(ttl: object, what: str = "ttl") -> int:
-    """A TTL in seconds (int or float, at least 1 ms) as whole milliseconds."""
-    if isinstance(ttl, bool) or not isinstance(ttl, int | float):
-        raise InvalidArgument(f"{what} must be a number of seconds, not {type(ttl).__name__}")
-    if not math.isfinite(ttl) or ttl <= 0:
-        raise InvalidArgument(f"{what} must be a finite number of seconds > 0, not {ttl!r}")
-    ms = math.ceil(ttl * 1000)
-    if ms > MAX_TTL_MS:
-        raise InvalidArgument(f"{what} of {ttl!r} s is over the limit of {MAX_TTL_MS // 1000} s")
-    return ms
+    """A TTL in seconds (> 0, at most :data:`MAX_TTL_MS`) as whole milliseconds."""
+    return math.ceil(check_seconds(ttl, what, high=MAX_TTL_MS / 1000) * 1000)
 
 
 MIN_TOKEN_CHARS = 8
@@ -132,15 +125,16 @@ def check_timeout(blocking: object, timeout: object) -> float | None:
     """``threading.Lock.acquire``'s rules: seconds to wait, or ``None`` for ever."""
     if not isinstance(blocking, bool):
         raise InvalidArgument(f"blocking must be a bool, not {type(blocking).__name__}")
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
-        raise InvalidArgument(f"timeout must be a number of seconds, not {type(timeout).__name__}")
-    if timeout == -1:
+    seconds = check_seconds(
+        timeout, "timeout", low=-1, low_ok=True, expected="-1 or a finite number >= 0"
+    )
+    if seconds == -1:
         return None if blocking else 0.0
     if not blocking:
         raise InvalidArgument("can't specify a timeout for a non-blocking call")
-    if not math.isfinite(timeout) or timeout < 0:
+    if seconds < 0:
         raise InvalidArgument(f"timeout must be -1 or a finite number >= 0, not {timeout!r}")
-    return float(timeout)
+    return seconds
 
 
 def check_names(names: object) -> tuple[str, ...]:
@@ -204,10 +198,6 @@ class LockKeys:
         return self.registration_prefixes[0] + token
 
 
-def lock_keys(names: tuple[str, ...]) -> LockKeys:
-    return LockKeys(names)
-
-
 # -- state -------------------------------------------------------------------------------------
 
 
@@ -258,7 +248,7 @@ def _next_pause(backoffs: Iterator[float], deadline: float | None, clock: Clock)
     pause = next(backoffs, None)
     if pause is None:
         return None
-    pause = check_backoff(pause)
+    pause = check_seconds(pause, "backoff", low_ok=True)
     if pause <= 0:
         return None
     if deadline is not None:
@@ -291,7 +281,7 @@ def acquire_flow(
     while True:
         if pause is None:
             args: tuple[Any, ...] = (value, token, state.ttl_ms, "try", 0, registrations)
-            got, fence = yield Script("lock_acquire", (*keys, wake), args)
+            got, fence = AcquireReply.parse((yield Script("lock_acquire", (*keys, wake), args)))
             if got:
                 state.took(token, (fence,))
             return bool(got)
@@ -302,11 +292,12 @@ def acquire_flow(
         if queued:
             # queue and wait in one write: one round trip instead of two (no second send,
             # no second command for the server to read, while the holder is at work)
-            (got, fence), woken = yield Script(
+            raw, woken = yield Script(
                 "lock_acquire", (*keys, wake), args, idempotent=False, then=blpop
             )
         else:
-            got, fence = yield Script("lock_acquire", (*keys, wake), args)
+            raw = yield Script("lock_acquire", (*keys, wake), args)
+        got, fence = AcquireReply.parse(raw)
         if got:  # taken at once (a wait sent behind the script popped this same fence)
             state.took(token, (fence,))
             state.contended = False
@@ -342,8 +333,8 @@ def leave_flow(state: LockState, token: str) -> Flow[None]:
     ``token`` meanwhile (its caller never learnt so), release it to the next waiter."""
     value = token + state.metadata
     args = (value, token, 0, "leave", 0, state.keys.registration_prefixes[0])
-    got, fence = yield Script(
-        "lock_acquire", (*state.keys.script_keys, state.keys.wake(token)), args
+    got, fence = AcquireReply.parse(
+        (yield Script("lock_acquire", (*state.keys.script_keys, state.keys.wake(token)), args))
     )
     if got:
         yield Script(
@@ -364,7 +355,7 @@ def release_flow(state: LockState) -> Flow[None]:
         "lock_release", state.keys.script_keys, _release_args(state, token, state.fence, value)
     )
     state.forget(token)
-    if answer == 0:
+    if answer == ReleaseStatus.NOT_HELD:
         raise LockNotHeld(
             f"lock {state.keys.names[0]!r} was no longer held (it expired or was taken) "
             "when it was released"
@@ -381,15 +372,15 @@ def refresh_flow(state: LockState, ttl_ms: int | None = None) -> Flow[None]:
 
 
 def pttl_flow(state: LockState) -> Flow[int]:
-    """Remaining TTL in ms (the shortest of the names); -3 when not held."""
+    """Remaining TTL in ms (the shortest of the names); :data:`PTTL_NOT_HELD` when not held."""
     if state.value is None:
-        return -3
+        return PTTL_NOT_HELD
     answer = yield Script("lock_pttl", state.keys.names, (state.value,))
     return int(answer)
 
 
 def owned_flow(state: LockState) -> Flow[bool]:
-    return (yield from pttl_flow(state)) != -3
+    return (yield from pttl_flow(state)) != PTTL_NOT_HELD
 
 
 def locked_flow(state: LockState) -> Flow[bool]:

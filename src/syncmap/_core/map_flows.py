@@ -23,6 +23,19 @@ from .._errors import (
 from .coherence import ABSENT, Coherence, Entry, Placeholder
 from .keys import MapKeys
 from .ops import Batch, Command, Op, Script, Sleep
+from .replies import (
+    PTTL_ABSENT,
+    DeleteManyReply,
+    GetManyReply,
+    GetReply,
+    LoadReply,
+    LoadState,
+    SetManyReply,
+    VersionReply,
+    WriteReply,
+    WriteStatus,
+)
+from .validate import check_seconds
 
 __all__ = ["Call", "MapCore", "MapFlow", "MapOp", "parse_record"]
 
@@ -54,13 +67,7 @@ MapFlow = Generator[MapOp, Any, T]
 
 def _keep_if_written(keep: Any) -> Callable[[int, Any], Any]:
     """An ``install`` for ``MapCore._write``: ``keep`` if the write landed, else nothing."""
-    return lambda status, record: keep if status == 1 else _NO_INSTALL
-
-
-def _text(value: Any) -> str | None:
-    if value is None or value is False:
-        return None
-    return value.decode() if isinstance(value, bytes) else str(value)
+    return lambda status, record: keep if status == WriteStatus.WRITTEN else _NO_INSTALL
 
 
 def parse_record(record: bytes) -> tuple[str, int, bytes]:
@@ -112,11 +119,8 @@ def _key_list(keys: object, what: str) -> list[Any]:
 
 
 def _check_ttl(ttl: object) -> float:
-    if isinstance(ttl, bool) or not isinstance(ttl, int | float):
-        raise InvalidArgument(f"ttl must be a number of seconds or None, not {type(ttl).__name__}")
-    if not (0 < ttl < math.inf) or ttl * 1000 >= 2**53:
-        raise InvalidArgument(f"ttl must be a finite number of seconds > 0, got {ttl!r}")
-    return float(ttl)
+    """A TTL > 0 whose milliseconds a Lua number holds exactly."""
+    return check_seconds(ttl, "ttl", high=(2**53 - 1) / 1000, or_none=True)
 
 
 class MapCore:
@@ -144,7 +148,6 @@ class MapCore:
         self.max_key_bytes = max_key_bytes
         self.max_value_bytes = max_value_bytes
         self.push_values = push_values  # payloads up to this size ride in change messages
-        self.fill_hook: Callable[[str], Any] | None = None  # tests: runs between fetch and install
         self._copy_scalars = codec.name in ("json", "msgpack")
         # incr runs on the server when the codec stores ints as JSON or msgpack numbers: the
         # json and msgpack codecs, or a codec that says so (``counters = "json"``)
@@ -214,11 +217,13 @@ class MapCore:
             generation = state.generation
             entry = state.store.get(k)
             if type(entry) is Entry:
-                reply = yield Script("map_version", (self.keys.meta, self.keys.record(k)), ())
-                epoch = _text(reply[0])
-                head = reply[2]
+                version = VersionReply.parse(
+                    (yield Script("map_version", (self.keys.meta, self.keys.record(k)), ()))
+                )
+                epoch = version.epoch
+                head = version.head
                 if (
-                    not reply[3]
+                    not version.foreign
                     and epoch is not None
                     and epoch == state.epoch
                     and generation == state.generation
@@ -247,16 +252,19 @@ class MapCore:
         ph = state.begin_fill(k)
         started = state.clock()
         try:
-            reply = yield Script("map_get", (self.keys.meta, self.keys.record(k)), ())
-            if reply[4]:
+            reply = GetReply.parse(
+                (yield Script("map_get", (self.keys.meta, self.keys.record(k)), ()))
+            )
+            if reply.foreign:
                 raise CorruptData(f"map key {k!r} holds a non-string value (foreign data)")
-            value = self.decode_value(reply[2])
-            if self.fill_hook is not None:
-                yield Call(self.fill_hook, (k,))
+            value = self.decode_value(reply.record)
+            fill_hook = self.state.hooks.fill_hook
+            if fill_hook is not None:
+                yield Call(fill_hook, (k,))
         except BaseException:
             state.abort_fill(k, ph)
             raise
-        self._install(k, ph, value, reply[1], _text(reply[0]), reply[3], started)
+        self._install(k, ph, value, reply.seq, reply.epoch, reply.pttl, started)
         return value
 
     def _install(
@@ -304,21 +312,22 @@ class MapCore:
         elif expected:
             args += (expected,)
         try:
-            reply = yield Script(
+            raw = yield Script(
                 "map_write",
                 script_keys,
                 args,
                 idempotent=False,  # an incr sent twice counts twice: never resent blindly
             )
-            epoch, seq, status, record = _text(reply[0]), int(reply[1]), int(reply[2]), reply[3]
-            if status == -1:
+            reply = WriteReply.parse(raw)
+            status, record = reply.status, reply.record
+            if status == WriteStatus.GUARD_REJECTED:
                 raise GuardRejected(
                     f"write to {k!r} refused: lock {guard_keys[0]!r} is no longer held by this "
                     "holder, or a newer holder has written"
                 )
-            if status == -2:
+            if status == WriteStatus.NOT_A_COUNTER:
                 raise InvalidArgument(f"incr: the value of {k!r} is not an integer counter")
-            if status == -3:
+            if status == WriteStatus.FOREIGN:
                 raise CorruptData(f"map key {k!r} holds foreign data; nothing was written")
             value = install(status, record)
         except BaseException:
@@ -327,7 +336,7 @@ class MapCore:
         if value is _NO_INSTALL:
             state.abort_fill(k, ph)
         else:
-            self._install(k, ph, value, seq, epoch, int(reply[4]), started)
+            self._install(k, ph, value, reply.seq, reply.epoch, reply.pttl, started)
         return status, record
 
     def set(self, key: object, value: Any, ttl: float | None, guard: Any) -> MapFlow[None]:
@@ -379,7 +388,8 @@ class MapCore:
                     state.abort_fill(k, phs[i])
                     i += 1
                 continue
-            epoch, seq, pttl = _text(reply[0]), int(reply[1]) - len(chunk), int(reply[2])
+            written = SetManyReply.parse(reply)
+            epoch, seq, pttl = written.epoch, written.last_seq - len(chunk), written.pttl
             for k, value, payload in chunk:
                 seq += 1
                 self._install(k, phs[i], self.local_copy(value, payload), seq, epoch, pttl, started)
@@ -427,25 +437,27 @@ class MapCore:
             misses,
             phs,
         )
-        if self.fill_hook is not None:
+        fill_hook = state.hooks.fill_hook
+        if fill_hook is not None:
             for k in misses:
-                yield Call(self.fill_hook, (k,))
+                yield Call(fill_hook, (k,))
         failure: BaseException | None = None
         i = 0
-        for chunk, reply in zip(chunks, replies, strict=True):
+        for chunk, raw in zip(chunks, replies, strict=True):
+            reply = raw if isinstance(raw, Exception) else GetManyReply.parse(raw)
             for j, k in enumerate(chunk):
                 ph = phs[i + j]
                 try:
                     if isinstance(reply, Exception):
                         raise reply
-                    if reply[4][j]:
+                    if reply.foreign[j]:
                         raise CorruptData(f"map key {k!r} holds a non-string value (foreign data)")
-                    value = self.decode_value(reply[2][j])
+                    value = self.decode_value(reply.records[j])
                 except Exception as exc:
                     failure = failure or exc
                     state.abort_fill(k, ph)
                     continue
-                self._install(k, ph, value, reply[1], _text(reply[0]), reply[3][j], started)
+                self._install(k, ph, value, reply.seq, reply.epoch, reply.pttls[j], started)
                 if value is not ABSENT:
                     found[k] = value
             i += len(chunk)
@@ -475,17 +487,18 @@ class MapCore:
         started = state.clock()
         replies = yield from self._batch(scripts, wanted, phs)
         failure, count, i = None, 0, 0
-        for chunk, reply in zip(chunks, replies, strict=True):
+        for chunk, raw in zip(chunks, replies, strict=True):
+            reply = raw if isinstance(raw, Exception) else DeleteManyReply.parse(raw)
             for k in chunk:
                 if isinstance(reply, Exception):
                     state.abort_fill(k, phs[i])
                 else:  # every key of the chunk is absent as of the script's seq
-                    self._install(k, phs[i], ABSENT, int(reply[1]), _text(reply[0]), -2, started)
+                    self._install(k, phs[i], ABSENT, reply.seq, reply.epoch, PTTL_ABSENT, started)
                 i += 1
             if isinstance(reply, Exception):
                 failure = failure or reply
             else:
-                count += int(reply[2])
+                count += reply.deleted
         if failure is not None:
             raise failure
         return count
@@ -495,7 +508,7 @@ class MapCore:
         status, _ = yield from self._write(
             "del", k, guard=guard, install=lambda status, rec: ABSENT
         )
-        return status == 1
+        return status == WriteStatus.WRITTEN
 
     def pop(self, key: object, default: Any, guard: Any = None) -> MapFlow[Any]:
         """The removed value, else ``default`` (``ABSENT`` if none was given)."""
@@ -503,7 +516,7 @@ class MapCore:
         status, record = yield from self._write(
             "del", k, guard=guard, install=lambda status, rec: ABSENT
         )
-        if status != 1:
+        if status != WriteStatus.WRITTEN:
             return default
         return self.decode_value(record)
 
@@ -541,12 +554,12 @@ class MapCore:
         keep = self.local_copy(value, payload)
 
         def install(status: int, record: Any) -> Any:
-            return keep if status == 1 else self.decode_value(record)
+            return keep if status == WriteStatus.WRITTEN else self.decode_value(record)
 
         status, record = yield from self._write(
             "setnx", k, payload=payload, px=px, guard=guard, install=install
         )
-        return (True, keep) if status == 1 else (False, self.decode_value(record))
+        return (True, keep) if status == WriteStatus.WRITTEN else (False, self.decode_value(record))
 
     def touch(self, key: object, ttl: float | None, guard: Any = None) -> MapFlow[bool]:
         """Give an existing entry a new expiry (``ttl`` None: the map's default, else none),
@@ -555,11 +568,11 @@ class MapCore:
         status, _ = yield from self._write(
             "touch", k, px=self.px(ttl), guard=guard, install=self._install_record
         )
-        return status == 1
+        return status == WriteStatus.WRITTEN
 
     def _install_record(self, status: int, record: Any) -> Any:
         """An ``install``: the record the script returned (incr, touch), if it wrote."""
-        return self.decode_value(record) if status == 1 else _NO_INSTALL
+        return self.decode_value(record) if status == WriteStatus.WRITTEN else _NO_INSTALL
 
     def compare_and_set(
         self, key: object, expected: Any, new: Any, ttl: float | None, guard: Any
@@ -572,7 +585,7 @@ class MapCore:
         seen: list[Any] = []
 
         def install(status: int, record: Any) -> Any:
-            if status == 1:
+            if status == WriteStatus.WRITTEN:
                 return keep
             seen[:] = [self.decode_value(record)]
             return seen[0]
@@ -582,7 +595,7 @@ class MapCore:
             status, record = yield from self._write(
                 op, k, payload=payload, px=px, expected=arg, guard=guard, install=install
             )
-            if status == 1:
+            if status == WriteStatus.WRITTEN:
                 return True
             current = seen[0]
             if current is ABSENT or current != expected:
@@ -606,10 +619,12 @@ class MapCore:
         px = self.px(ttl)
         self.guard_args(guard)
         for attempt in range(64):
-            reply = yield Script("map_get", (self.keys.meta, self.keys.record(k)), ())
-            if reply[4]:
+            reply = GetReply.parse(
+                (yield Script("map_get", (self.keys.meta, self.keys.record(k)), ()))
+            )
+            if reply.foreign:
                 raise CorruptData(f"map key {k!r} holds a non-string value (foreign data)")
-            record = reply[2]
+            record = reply.record
             if record is None:
                 current, version = default, b""
             else:
@@ -627,7 +642,7 @@ class MapCore:
                 guard=guard,
                 install=_keep_if_written(keep),
             )
-            if status == 1:
+            if status == WriteStatus.WRITTEN:
                 return keep
             if attempt >= 3:
                 yield Sleep(min(0.001 * attempt, 0.05))
@@ -656,7 +671,7 @@ class MapCore:
             "incr" if create else "incrx", k, payload=str(amount).encode(), px=self.px(None),
             expected=self.incr_codec, guard=guard, install=self._install_record,
         )  # fmt: skip
-        if status != 1:
+        if status != WriteStatus.WRITTEN:
             raise KeyError(k)
         return int(self.decode_value(record))
 
@@ -665,12 +680,7 @@ class MapCore:
     ) -> MapFlow[Any]:
         if not callable(loader):
             raise InvalidArgument(f"loader must be callable, not {type(loader).__name__}")
-        if (
-            isinstance(timeout, bool)
-            or not isinstance(timeout, int | float)
-            or not (0 < timeout < math.inf)
-        ):
-            raise InvalidArgument(f"timeout must be a number of seconds > 0, got {timeout!r}")
+        check_seconds(timeout, "timeout")
         k = self.check_key(key)
         px = self.px(ttl)
         state = self.state
@@ -682,24 +692,25 @@ class MapCore:
             ph = state.begin_fill(k)
             started = state.clock()
             try:
-                reply = yield Script(
+                raw = yield Script(
                     "map_load",
                     (keys.meta, keys.record(k), keys.load(k)),
                     (token, max(1, math.ceil(timeout * 1000))),
                 )
-                code = int(reply[0])
-                if code == 1:
-                    if reply[5]:
+                reply = LoadReply.parse(raw)
+                code = reply.state
+                if code == LoadState.PRESENT:
+                    if reply.foreign:
                         raise CorruptData(f"map key {k!r} holds a non-string value (foreign data)")
-                    value = self.decode_value(reply[3])
+                    value = self.decode_value(reply.record)
             except BaseException:
                 state.abort_fill(k, ph)
                 raise
-            if code == 1:
-                self._install(k, ph, value, reply[2], _text(reply[1]), reply[4], started)
+            if code == LoadState.PRESENT:
+                self._install(k, ph, value, reply.seq, reply.epoch, reply.pttl, started)
                 return value
             state.abort_fill(k, ph)
-            if code == 2:
+            if code == LoadState.OURS:
                 try:
                     value = yield Call(loader)
                     payload = self.encode(value)

@@ -15,12 +15,12 @@ clamped to ``[min, max]``.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from itertools import islice, repeat
 
 from .._errors import InvalidArgument
+from .validate import check_seconds
 
 __all__ = [
     "ExponentialBackoff",
@@ -28,22 +28,11 @@ __all__ = [
     "LinearBackoff",
     "NoRetry",
     "RetryStrategy",
-    "check_backoff",
     "check_strategy",
 ]
 
 RetryStrategy = Iterable[float]
 """Anything iterable whose items are backoff seconds (finite, >= 0)."""
-
-
-def check_backoff(value: object, what: str = "backoff") -> float:
-    """A finite number of seconds >= 0, else :class:`InvalidArgument`."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise InvalidArgument(f"{what} must be a number of seconds, not {type(value).__name__}")
-    seconds = float(value)
-    if not math.isfinite(seconds) or seconds < 0:
-        raise InvalidArgument(f"{what} must be a finite number of seconds >= 0, not {value!r}")
-    return seconds
 
 
 def check_strategy(strategy: object) -> RetryStrategy:
@@ -71,7 +60,7 @@ class LinearBackoff:
     interval: float
 
     def __post_init__(self) -> None:
-        check_backoff(self.interval, "LinearBackoff interval")
+        check_seconds(self.interval, "LinearBackoff interval", low_ok=True)
 
     def __iter__(self) -> Iterator[float]:
         return repeat(float(self.interval))
@@ -85,8 +74,8 @@ class ExponentialBackoff:
     max: float
 
     def __post_init__(self) -> None:
-        low = check_backoff(self.min, "ExponentialBackoff min")
-        high = check_backoff(self.max, "ExponentialBackoff max")
+        low = check_seconds(self.min, "ExponentialBackoff min", low_ok=True)
+        high = check_seconds(self.max, "ExponentialBackoff max", low_ok=True)
         if high < low:
             raise InvalidArgument(f"ExponentialBackoff max ({high}) is below min ({low})")
 

@@ -17,6 +17,7 @@
 --         whose registration is gone is taken for dead.
 -- Returns {1, fence} when this value holds the lock (taken now, or handed over by a
 -- release), else {0, 0}.
+-- Parsed by syncmap._core.replies.AcquireReply.
 local lock, fence, queue = KEYS[1], KEYS[2], KEYS[3]
 local value, token, mode, regs = ARGV[1], ARGV[2], ARGV[4], ARGV[6]
 local mine = regs .. token

@@ -11,6 +11,7 @@
 --       (the waiter's token is appended to each)
 -- Returns 1 released; 2 not held now, but this acquisition's release already happened (a retried
 -- release whose first answer was lost); 0 not held (expired, or taken by another holder).
+-- The answers are syncmap._core.replies.ReleaseStatus.
 local value, mark = ARGV[1], ARGV[2]
 local n = #KEYS / 3
 

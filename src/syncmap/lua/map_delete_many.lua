@@ -7,6 +7,7 @@
 -- ARGV[2 + i] the key of entry i
 -- Returns {epoch or false, seq, number deleted}: seq is the map's seq after the call (every
 -- entry of the batch is absent as of it)
+-- Parsed by syncmap._core.replies.DeleteManyReply.
 local gone, message = {}, {}
 for i = 1, #KEYS - 2 do
   if redis.call('DEL', KEYS[2 + i]) == 1 then

@@ -3,6 +3,7 @@
 -- Returns {epoch or false, seq, record or false, pttl, foreign}
 --   pttl: the record's remaining life in ms (-1: none, -2: absent)
 --   foreign: 1 when something that is not a string sits under the record key (record is false)
+-- Parsed by syncmap._core.replies.GetReply.
 local m = redis.call('HMGET', KEYS[1], 'epoch', 'seq')
 local t = redis.call('TYPE', KEYS[2])['ok']
 if t == 'none' then

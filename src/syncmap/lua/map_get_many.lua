@@ -5,6 +5,7 @@
 --   records: the record, or false (absent, or not a string)
 --   pttls: the record's remaining life in ms (-1: none, -2: absent)
 --   foreign: 1 when something that is not a string sits under the record key, else 0
+-- Parsed by syncmap._core.replies.GetManyReply.
 local m = redis.call('HMGET', KEYS[1], 'epoch', 'seq')
 local records = redis.call('MGET', unpack(KEYS, 2))  -- false for a key that is not a string
 local pttls, foreign = {}, {}

@@ -5,6 +5,7 @@
 -- Returns {state, epoch or false, seq, record or false, pttl, foreign}
 --   state: 1 the entry exists (record, pttl as map_get); 2 lock taken by us: run the loader;
 --          0 another node is loading (pttl: the load lock's remaining life)
+-- Parsed by syncmap._core.replies.LoadReply (state: LoadState).
 local m = redis.call('HMGET', KEYS[1], 'epoch', 'seq')
 local seq = tonumber(m[2] or '0')
 local t = redis.call('TYPE', KEYS[2])['ok']

@@ -11,6 +11,7 @@
 -- ARGV[4] push limit: carry payloads up to this many bytes in the change message (0 = never)
 -- ARGV[3 + 2i] the key of entry i   ARGV[4 + 2i] its payload
 -- Returns {epoch, seq of the last entry, pttl (-1: none)}; entry i's seq is last - n + i
+-- Parsed by syncmap._core.replies.SetManyReply.
 local n = #KEYS - 2
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
 if not epoch then

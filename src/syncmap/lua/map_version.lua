@@ -4,6 +4,7 @@
 -- Returns {epoch or false, seq, head or false, foreign}
 --   head: the record's first 64 bytes ("SM\1" .. epoch .. " " .. seq .. "\n" ...), false if absent
 --   foreign: 1 when something that is not a string sits under the record key
+-- Parsed by syncmap._core.replies.VersionReply.
 local m = redis.call('HMGET', KEYS[1], 'epoch', 'seq')
 local t = redis.call('TYPE', KEYS[2])['ok']
 if t == 'none' then

@@ -27,6 +27,7 @@
 --           -2 incr on a value that is not an integer; -3 foreign data under the record key
 --   record: del/setnx/cas/casv: the record before the call; incr/incrx/touch: the new record
 --   pttl: the record's remaining life in ms after the call (-1: none, -2: absent)
+-- Parsed by syncmap._core.replies.WriteReply (status: WriteStatus).
 local meta, rec, idx = KEYS[1], KEYS[2], KEYS[3]
 local op, key, channel = ARGV[1], ARGV[2], ARGV[4]
 local expected, guard, fence, load = ARGV[8] or '', ARGV[9] or '', ARGV[10] or '', ARGV[11] or ''

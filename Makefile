@@ -5,7 +5,7 @@
 # The blocking code of the lock, the node, the map, the driver and the cluster redirects is made from
 # the asyncio code: python scripts/unasync.py rewrites it; `make test` fails when it is stale.
 #
-# The development and CI environment is exactly what requirements-dev.lock pins (every
+# The development and CI environment is exactly what requirements-dev.txt pins (every
 # package, pip and the build backend included); pyproject.toml keeps the library's own ranges.
 #   make lock         - re-resolve the newest releases pyproject allows and rewrite the lock
 #   make test-latest  - the suite on those newest releases, in .venv-latest (lock untouched)
@@ -14,7 +14,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-LOCK   := requirements-dev.lock
+LOCK   := requirements-dev.txt
 LATEST := .venv-latest
 
 .PHONY: demo test checks lint bench setup clean lock test-latest test-server

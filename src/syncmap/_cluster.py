@@ -54,6 +54,7 @@ import redis.asyncio
 from redis.exceptions import AskError, MovedError, TryAgainError
 
 from ._errors import ServerError, ServerUnavailable
+from ._redis_compat import sock_of
 
 __all__ = [
     "MAX_REDIRECTS",
@@ -230,7 +231,7 @@ class _RedirectingIO(_Redirecting):
     router of a lost master (in the calling thread)."""
 
     def _syncmap_connected(self) -> bool:
-        return self._sock is not None  # type: ignore[attr-defined]
+        return sock_of(self) is not None
 
     def _syncmap_lost(self, address: Address, since: float) -> None:
         self.syncmap_router.lost(address, since)

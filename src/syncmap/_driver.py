@@ -199,9 +199,6 @@ class _DriverBase:
             conns = self._conns = _connections(self.client)
         return conns
 
-    def _translate(self, exc: Exception) -> Exception:
-        return translated(exc, self.address)  # (the one boundary, bound to this address)
-
     def _keep(self, conn: Any) -> bool:
         """Whether a connection given back is kept aside (else it goes back to the pool): at
         most ``_KEEP_IDLE`` of them, in this process's connections (:attr:`conns`)."""
@@ -214,7 +211,9 @@ class _DriverBase:
     def _settled(self, batch: Batch, replies: list[Any]) -> tuple[list[Any], list[int]]:
         """A batch's answers with the errors translated, and the scripts that did not run."""
         again = [i for i, reply in enumerate(replies) if isinstance(reply, _NOT_RUN)]
-        return [self._translate(r) if isinstance(r, Exception) else r for r in replies], again
+        return [
+            translated(r, self.address) if isinstance(r, Exception) else r for r in replies
+        ], again
 
 
 class _DriverIO(_DriverBase):
@@ -545,7 +544,7 @@ class AsyncDriver(_AsyncDriverIO):
                     for i, reply in zip(unknown, await self._call(op, evals), strict=True):
                         replies[i] = reply
             except Exception as exc:
-                raise self._translate(exc) from exc
+                raise translated(exc, self.address) from exc
             replies, again = self._settled(op, replies)
             for i in again:  # redirected: on their own (see _cluster)
                 try:
@@ -561,7 +560,7 @@ class AsyncDriver(_AsyncDriverIO):
                     raise
                 return await self._call(op, eval_instead(op, first))
         except Exception as exc:
-            raise self._translate(exc) from exc
+            raise translated(exc, self.address) from exc
 
     async def _call(self, op: Command | Script | Batch, args: Any) -> Any:
         conn = await self._borrow()
@@ -627,7 +626,7 @@ class SyncDriver(_DriverIO):
                     for i, reply in zip(unknown, self._call(op, evals), strict=True):
                         replies[i] = reply
             except Exception as exc:
-                raise self._translate(exc) from exc
+                raise translated(exc, self.address) from exc
             replies, again = self._settled(op, replies)
             for i in again:  # redirected: on their own (see _cluster)
                 try:
@@ -643,7 +642,7 @@ class SyncDriver(_DriverIO):
                     raise
                 return self._call(op, eval_instead(op, first))
         except Exception as exc:
-            raise self._translate(exc) from exc
+            raise translated(exc, self.address) from exc
 
     def _call(self, op: Command | Script | Batch, args: Any) -> Any:
         conn = self._borrow()

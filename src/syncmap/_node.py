@@ -32,7 +32,6 @@ from ._errors import (
     SyncMapError,
     translated,
 )
-from ._errors import translated as _translated  # (the name the Node classes call it by)
 from ._redis_compat import connection_options
 
 if TYPE_CHECKING:
@@ -248,7 +247,7 @@ class AsyncNode(_NodeBase):
         try:
             return bool(await self.client.ping())
         except Exception as exc:
-            raise _translated(exc, self.address) from exc
+            raise translated(exc, self.address) from exc
 
     def lock(self, name: str, **options: Any) -> AsyncLock:
         """A distributed lock named ``name`` for asyncio; not yet acquired."""
@@ -341,7 +340,7 @@ class Node(_NodeBase):
         try:
             return bool(self.client.ping())
         except Exception as exc:
-            raise _translated(exc, self.address) from exc
+            raise translated(exc, self.address) from exc
 
     def lock(self, name: str, **options: Any) -> Lock:
         """A distributed lock named ``name`` (see :class:`syncmap.Lock`); not yet acquired."""

@@ -1,8 +1,6 @@
 """Everything syncmap reads of redis-py's (and asyncio streams') private attributes, in one
 place. redis-py does not promise these; ``tests/test_redis_compat.py`` checks each one on the
-installed release, on real connections, and names the one that moved. (The cluster's
-connection classes in ``_cluster``, subclasses of redis-py's, read their own ``_sock``: the
-same attribute, checked here too.)
+installed release, on real connections, and names the one that moved.
 
 The accessors are ``operator.attrgetter`` objects (a C call: the driver's read and send paths
 use them on every operation).

@@ -222,8 +222,8 @@ def _map_write_variants() -> dict[str, str]:
             "local seq = 7",
         ),
         "- the SPUBLISH (the change message)": (
-            "  redis.call('SPUBLISH', channel, 'SM1 ' .. epoch .. ' ' .. seqs .. ' V ' .. #key",
-            "  local _ = ('SM1 ' .. epoch .. ' ' .. seqs .. ' V ' .. #key",
+            "  redis.call('SPUBLISH', channel, 'SM1 ' .. version .. ' V ' .. #key",
+            "  local _ = ('SM1 ' .. version .. ' V ' .. #key",
         ),
     }
     variants = {"map_write (a plain write)": src}

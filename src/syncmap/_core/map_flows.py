@@ -318,7 +318,7 @@ class MapCore:
                 args,
                 idempotent=False,  # an incr sent twice counts twice: never resent blindly
             )
-            reply = WriteReply.parse(raw)
+            reply = WriteReply.parse(raw, px)
             status, record = reply.status, reply.record
             if status == WriteStatus.GUARD_REJECTED:
                 raise GuardRejected(

@@ -21,7 +21,9 @@
 --         incr, incrx: codec name (json | msgpack)
 -- ARGV[9] guard token ("" or none = unguarded)   ARGV[10] guard fence ("" or none = none)
 -- ARGV[11] load token: release the entry's load lock if it holds this token ("" or none)
--- Returns {epoch or false, seq, status, record or false, pttl}
+-- Returns, for a set or setnx that wrote: the new record's version "epoch seq" (a string; its
+-- pttl is px, or -1 for none: time stands still inside a script). Anything else returns
+-- {epoch or false, seq, status, record or false, pttl}
 --   seq: the write's seq when written, else the map's current seq (version of what was read)
 --   status: 1 written; 0 condition false (nothing written); -1 guard rejected;
 --           -2 incr on a value that is not an integer; -3 foreign data under the record key
@@ -141,7 +143,7 @@ if not epoch then
   redis.call('HSET', meta, 'epoch', epoch, 'seq', 0)
 end
 local seq = redis.call('HINCRBY', meta, 'seq', 1)
-local seqs = string.format('%d', seq)
+local version = epoch .. ' ' .. string.format('%d', seq)  -- in the record, message and reply
 if guard ~= '' and fence ~= '' then
   local seen = redis.call('HGET', KEYS[4], KEYS[6])
   if not seen or tonumber(fence) > tonumber(seen) then
@@ -155,11 +157,11 @@ end
 if op == 'del' then
   redis.call('DEL', rec)
   redis.call('ZREM', idx, key)
-  redis.call('SPUBLISH', channel, 'SM1 ' .. epoch .. ' ' .. seqs .. ' D ' .. key)
+  redis.call('SPUBLISH', channel, 'SM1 ' .. version .. ' D ' .. key)
   return {epoch, seq, 1, before, -2}
 end
 
-local record = 'SM\1' .. epoch .. ' ' .. seqs .. '\n' .. payload
+local record = 'SM\1' .. version .. '\n' .. payload
 local px, pttl = tonumber(ARGV[6]), -1
 if keepttl then
   redis.call('SET', rec, record, 'KEEPTTL')
@@ -177,11 +179,13 @@ else
   redis.call('ZADD', idx, '+inf', key)
 end
 if pttl < 0 and #payload <= (tonumber(ARGV[7]) or 0) then
-  redis.call('SPUBLISH', channel, 'SM1 ' .. epoch .. ' ' .. seqs .. ' V ' .. #key .. ' ' .. key .. payload)
+  redis.call('SPUBLISH', channel, 'SM1 ' .. version .. ' V ' .. #key .. ' ' .. key .. payload)
 else
-  redis.call('SPUBLISH', channel, 'SM1 ' .. epoch .. ' ' .. seqs .. ' S ' .. key)
+  redis.call('SPUBLISH', channel, 'SM1 ' .. version .. ' S ' .. key)
 end
 -- record: the one before for cas/casv, the new one for incr, else false
 if op == 'incr' or op == 'incrx' or op == 'touch' then return {epoch, seq, 1, record, pttl} end
 if op == 'cas' or op == 'casv' then return {epoch, seq, 1, before, pttl} end
-return {epoch, seq, 1, false, pttl}
+-- set, setnx: the version alone (a string: a table reply costs the server about as much as a
+-- command, converted field by field and then garbage for the Lua collector)
+return version

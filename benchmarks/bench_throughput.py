@@ -196,9 +196,31 @@ CALLS_ONLY = (
 )
 # ... and strings like its record and message, and its reply, without a command
 STRINGS_ONLY = (
-    "local record = 'SM\\1' .. ARGV[3] .. ' ' .. #ARGV[2] .. '\\n' .. ARGV[5] "
-    "local message = 'SM1 ' .. ARGV[3] .. ' ' .. #ARGV[5] .. ' V ' .. #ARGV[2] .. ' ' "
-    ".. ARGV[2] .. ARGV[5] return {ARGV[3], #record, 1, false, #message}"
+    "local version = ARGV[3] .. ' ' .. string.format('%d', #ARGV[2]) "
+    "local record = 'SM\\1' .. version .. '\\n' .. ARGV[5] "
+    "local message = 'SM1 ' .. version .. ' V ' .. ARGV[7] .. ' ' .. ARGV[2] .. ARGV[5] "
+    "return version"
+)
+# The floors: the least any script does that keeps (a) each key's version and gap detection
+# (one seq bump, the version in the record and in the change message), (b) the same and the
+# detection of a server that lost the map's data, in the same command: the seq is a field of
+# the meta hash named after the epoch the writer knows (1: a new field, the data was lost or
+# the epoch is another; a slow path, not taken here, reads the epoch and retries), and (c) the
+# same and the index. Each answers the write's version, as map_write does.
+FLOOR_A = (
+    "local seq = string.format('%d', redis.call('HINCRBY', KEYS[1], 'seq', 1)) "
+    "redis.call('SET', KEYS[2], seq .. '\\n' .. ARGV[2]) "
+    "redis.call('SPUBLISH', ARGV[3], seq .. ' ' .. ARGV[1]) return seq"
+)
+FLOOR_B = (
+    "local n = redis.call('HINCRBY', KEYS[1], ARGV[4], 1) "
+    "if n == 1 then return redis.call('HGET', KEYS[1], 'epoch') end "
+    "local version = ARGV[4] .. ' ' .. string.format('%d', n) "
+    "redis.call('SET', KEYS[2], version .. '\\n' .. ARGV[2]) "
+    "redis.call('SPUBLISH', ARGV[3], version .. ' ' .. ARGV[1]) return version"
+)
+FLOOR_C = FLOOR_B.replace(
+    "redis.call('SPUBLISH'", "redis.call('ZADD', KEYS[3], '+inf', ARGV[1]) redis.call('SPUBLISH'"
 )
 
 
@@ -221,9 +243,13 @@ def _map_write_variants() -> dict[str, str]:
             "local seq = redis.call('HINCRBY', meta, 'seq', 1)",
             "local seq = 7",
         ),
+        "- the value in the change message (an invalidation instead)": (
+            "if pttl < 0 and push ~= '' then",
+            "if false then",
+        ),
         "- the SPUBLISH (the change message)": (
-            "  redis.call('SPUBLISH', channel, 'SM1 ' .. version .. ' V ' .. #key",
-            "  local _ = ('SM1 ' .. version .. ' V ' .. #key",
+            "  redis.call('SPUBLISH', channel, 'SM1 ' .. version .. ' V ' .. push",
+            "  local _ = ('SM1 ' .. version .. ' V ' .. push",
         ),
     }
     variants = {"map_write (a plain write)": src}
@@ -239,16 +265,25 @@ def _write_call(kind: str, i: int) -> tuple[Any, ...]:
     key = f"k{i % 1000}"
     if kind == "minimal":
         return (1, f"plain:{key}", b'{"n":12345}', "plain:ch", key)
+    if kind.startswith("floor"):  # a: meta, record; b: and the epoch; c: and the index
+        keys = ("syncmap:{tp}:meta", f"syncmap:{{tp}}:v:{key}")
+        args: tuple[Any, ...] = (key, b'{"n":12345}', "syncmap:{tp}:ch")
+        if kind == "floor_a":
+            return (2, *keys, *args)
+        if kind == "floor_b":
+            return (2, *keys, *args, "Xq3v9aZkP0rTb2cW1dE4fA")
+        return (3, *keys, "syncmap:{tp}:idx", *args, "Xq3v9aZkP0rTb2cW1dE4fA")
     if kind == "many":
-        args: list[Any] = [f"e{i}", "syncmap:{tp}:ch", 0, 4096]
-        keys = []
+        many: list[Any] = [f"e{i}", "syncmap:{tp}:ch", 0, 4096]
+        records = []
         for j in range(100):
             k = f"k{(i * 100 + j) % 1000}"
-            keys.append(f"syncmap:{{tp}}:v:{k}")
-            args += (k, b'{"n":12345}')
-        return (2 + len(keys), "syncmap:{tp}:meta", "syncmap:{tp}:idx", *keys, *args)
+            records.append(f"syncmap:{{tp}}:v:{k}")
+            many += (k, b'{"n":12345}')
+        return (2 + len(records), "syncmap:{tp}:meta", "syncmap:{tp}:idx", *records, *many)
+    # (a small value with no TTL rides in the change message: the writer sends the key's length)
     return (3, "syncmap:{tp}:meta", f"syncmap:{{tp}}:v:{key}", "syncmap:{tp}:idx",
-            "set", key, f"e{i}", "syncmap:{tp}:ch", b'{"n":12345}', 0, 4096)  # fmt: skip
+            "set", key, f"e{i}", "syncmap:{tp}:ch", b'{"n":12345}', 0, len(key))  # fmt: skip
 
 
 class _Subscriber:
@@ -298,6 +333,32 @@ def _server_time(r: Any, sha: str, kind: str, calls: int) -> tuple[float, int, f
     return mean, len(slow), float(sum(e["duration"] for e in slow))
 
 
+GC_PERIOD = 50  # the server runs a step of the Lua collector after every 50th script call
+
+
+def _gc_step(r: Any, sha: str, kind: str, calls: int) -> float:
+    """The Lua GC step's µs per call: every call is logged (SLOWLOG), and the calls that
+    ran the step (one position in every GC_PERIOD: the slowest on average) are compared
+    with the others; their extra time, spread over GC_PERIOD calls."""
+    r.config_set("slowlog-log-slower-than", 0)
+    r.config_set("slowlog-max-len", calls + 100)
+    r.slowlog_reset()
+    pipe = r.pipeline(transaction=False)
+    for i in range(calls):
+        pipe.evalsha(sha, *_write_call(kind, i))
+        if i % PIPELINE == PIPELINE - 1:
+            pipe.execute()
+    pipe.execute()
+    entries = r.slowlog_get(calls + 100)
+    r.config_set("slowlog-log-slower-than", 10_000)
+    r.slowlog_reset()
+    times = [e["duration"] for e in reversed(entries) if e["command"].startswith(b"EVALSHA")]
+    by_phase = [statistics.mean(times[j::GC_PERIOD]) for j in range(GC_PERIOD)]
+    step = max(range(GC_PERIOD), key=by_phase.__getitem__)
+    rest = statistics.mean(t for i, t in enumerate(times) if i % GC_PERIOD != step)
+    return (by_phase[step] - rest) / GC_PERIOD
+
+
 def bench_server_time(port: int) -> None:
     import redis
 
@@ -307,13 +368,21 @@ def bench_server_time(port: int) -> None:
     sub = _Subscriber(port)
     scripts: dict[str, tuple[str, str]] = {"SET + PUBLISH (minimal script)": (MINIMAL, "minimal")}
     scripts.update({name: (src, "write") for name, src in _map_write_variants().items()})
-    scripts["return 1, with map_write's arguments"] = ("return 1", "write")
+    scripts["return 1, with map_write's arguments (3 keys, 7 arguments)"] = ("return 1", "write")
+    scripts["return 1, with SET + PUBLISH's arguments (1 key, 3 arguments)"] = (
+        "return 1",
+        "minimal",
+    )
     scripts["map_write's five commands alone"] = (CALLS_ONLY, "write")
     scripts["map_write's strings and reply alone (no command)"] = (STRINGS_ONLY, "write")
+    scripts["floor (a): seq bump, version in record and message"] = (FLOOR_A, "floor_a")
+    scripts["floor (b): (a) + epoch, in the seq's command"] = (FLOOR_B, "floor_b")
+    scripts["floor (c): (b) + the index"] = (FLOOR_C, "floor_c")
     scripts["map_set_many, per key (100 keys a call)"] = (script_source("map_set_many"), "many")
     calls = 2_000 if quick() else 20_000
     means: dict[str, list[float]] = {name: [] for name in scripts}
     slow: dict[str, list[tuple[float, float]]] = {name: [] for name in scripts}
+    gc_steps: dict[str, list[float]] = {name: [] for name in scripts}
     try:
         shas = {name: r.script_load(src) for name, (src, _) in scripts.items()}
         for _ in range(_rounds(5)):
@@ -321,6 +390,8 @@ def bench_server_time(port: int) -> None:
                 per = 100 if kind == "many" else 1
                 n = calls // per
                 mean, count, total = _server_time(r, shas[name], kind, n)
+                if kind != "many":
+                    gc_steps[name].append(_gc_step(r, shas[name], kind, calls // 5))
                 means[name].append(mean / per)
                 # slow calls per 1,000 calls, and their share of all the time
                 slow[name].append((count * 1000 / n, total / (mean * n)))
@@ -337,14 +408,16 @@ def bench_server_time(port: int) -> None:
             part = f"{statistics.median(f - v for f, v in zip(full, values, strict=True)):.2f}"
         per_1000: object = statistics.median(c for c, _ in slow[name])
         share = f"{statistics.median(t for _, t in slow[name]):.0%}"
+        gc: object = statistics.median(gc_steps[name]) if gc_steps[name] else "-"
         if scripts[name][1] == "many":  # (a call of 100 keys is always over SLOW_US)
             per_1000 = share = "-"
-        rows.append([name, statistics.median(values), ratio, spread, part, per_1000, share])
+        rows.append([name, statistics.median(values), ratio, spread, part, per_1000, share, gc])
     print_table(
         f"(2) Server time per write (INFO commandstats, the Lua GC step included; "
         f"{_rounds(5)} rounds of {calls:,} calls; medians, ratios paired by round)",
         ["script", "µs/call", "x SET + PUBLISH", "range over rounds",
-         "µs this part costs", f"calls > {SLOW_US} µs per 1,000", "their share of the time"],
+         "µs this part costs", f"calls > {SLOW_US} µs per 1,000", "their share of the time",
+         "Lua GC step, µs per call"],
         rows,
     )  # fmt: skip
     ratio, _ = round_ratios(full, base)

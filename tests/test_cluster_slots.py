@@ -634,7 +634,7 @@ def _cluster_client_scripts(rc: redis.cluster.RedisCluster, name: str) -> None:
 
     write_keys = (keys.meta, keys.record("k"), keys.idx, keys.fences, keys.load("k"))
     common = ("E1", keys.channel)
-    reply = run("map_write", write_keys, "set", "k", *common, b"1", 0, 0, "", "", "", "")
+    reply = run("map_write", write_keys, "set", "k", *common, b"1", 0, "", "", "", "", "")
     assert WriteReply.parse(reply, 0)[:3] == ("E1", 1, WriteStatus.WRITTEN)
     assert run("map_get", (keys.meta, keys.record("k")))[2].endswith(b"\n1")
     assert run("map_version", (keys.meta, keys.record("k")))[2].startswith(b"SM\x01")

@@ -264,6 +264,38 @@ def test_pushed_values_update_the_local_copy(maps, server, ns):
     assert b.stats.misses == misses + 4
 
 
+def test_every_write_op_carries_a_small_value(maps, server, ns):
+    """set, compare_and_set (cas and casv), incr, touch and add each carry a small value with
+    no TTL: a node that had the key cached takes it without asking the server, also for a key
+    whose length in bytes is not its length in characters (the message says the bytes)."""
+    a = maps(server.url, ns, max_staleness=LONG)
+    b = maps(server.url, ns, max_staleness=LONG)
+    key = "clé ✓"  # 5 characters, 8 bytes
+    a.set(key, 1)
+    wait_until(lambda: b.get(key) == 1 and b.stats.hits > 0, 5, what="b caches the key")
+    misses = b.stats.misses
+    writes = [
+        (lambda: a.set(key, {"n": 2}), {"n": 2}),
+        (lambda: a.compare_and_set(key, {"n": 2}, 3), 3),
+        (lambda: a.update_item(key, lambda v: v + 1), 4),
+        (lambda: a.incr(key, 10), 14),
+        (lambda: a.touch(key), 14),
+    ]
+    for write, value in writes:
+        seen = b.stats.invalidations
+        write()
+        wait_until(lambda s=seen: b.stats.invalidations > s, 5, what="b saw the change")
+        assert b.get(key) == value
+    assert b.stats.misses == misses and b.stats.resync_causes == {}
+    b.delete(key)  # a's copy drops it; add (setnx) carries its value to a
+    wait_until(lambda: a.get_local(key) is None, 5, what="a saw the delete")
+    assert a.get(key) is None
+    seen, a_misses = a.stats.invalidations, a.stats.misses
+    assert b.add(key, "added")
+    wait_until(lambda: a.stats.invalidations > seen, 5, what="a saw the add")
+    assert a.get(key) == "added" and a.stats.misses == a_misses
+
+
 def test_fresh_read_is_linearizable_and_small(maps, server, ns):
     a = maps(server.url, ns, max_staleness=LONG)
     b = maps(server.url, ns, max_staleness=LONG)
@@ -506,7 +538,7 @@ def test_lost_message_is_detected_with_zero_tolerance(maps, server, ns, client):
     write = client.register_script(script_source("map_write"))
     meta, idx = f"syncmap:{{{ns}}}:meta", f"syncmap:{{{ns}}}:idx"
     keys = [meta, record_key(ns, "k"), idx, f"syncmap:{{{ns}}}:fences", "unused-load"]
-    write(keys=keys, args=["set", "k", "e", "nobody-listens", b'"new"', 0, 0])
+    write(keys=keys, args=["set", "k", "e", "nobody-listens", b'"new"', 0, ""])
     assert b.get("k") == "old"  # not yet detectable: allowed within max_staleness
     seen = b.stats.invalidations
     a.set("other", 1)  # its message carries seq + 2

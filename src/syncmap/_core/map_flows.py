@@ -43,6 +43,9 @@ T = TypeVar("T")
 RECORD_MAGIC: Final = b"SM\x01"
 _SCALARS: Final = (str, int, float, bool, type(None))
 _NO_INSTALL: Any = object()
+_SENT_PAYLOAD: Final = frozenset(("set", "setnx", "cas", "casv"))
+"""``map_write`` ops whose value the writer sends: it decides whether the value rides in the
+change message (the script then converts no number for it)."""
 BATCH_KEYS: Final = 500  # keys per script of a bulk operation (the scripts of one call share a
 # round trip; a script holds the server for ~0.3-1 ms of others' commands)
 BATCH_BYTES: Final = 256 * 1024  # ... and at most this many payload bytes (its change message)
@@ -304,8 +307,11 @@ class MapCore:
         ph = state.begin_fill(k)
         started = state.clock()
         script_keys: tuple[str, ...] = (keys.meta, keys.record(k), keys.idx)
-        args: tuple[Any, ...] = (op, k, self.new_token(), keys.channel, payload, px,
-                                 self.push_values)  # fmt: skip
+        push: Any = self.push_values  # the script makes the value: it compares with the limit
+        if op in _SENT_PAYLOAD:  # it rides: the key's length in bytes; it does not: ""
+            rides = not px and self.push_values > 0 and len(payload) <= self.push_values
+            push = (len(k) if k.isascii() else len(k.encode())) if rides else ""
+        args: tuple[Any, ...] = (op, k, self.new_token(), keys.channel, payload, px, push)
         if guard_keys or load_token:
             script_keys += (keys.fences, keys.load(k), *guard_keys)
             args += (expected, token, fence, load_token)

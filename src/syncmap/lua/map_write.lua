@@ -1,7 +1,7 @@
 -- map_write: one change of one SyncMap entry, atomically: guard check, epoch, seq, record, index,
 -- change message. Record = "SM\1" .. epoch .. " " .. seq .. "\n" .. payload.
 -- Change message (on the channel) = "SM1 " .. epoch .. " " .. seq .. " " .. op .. " " .. key, op S or D;
--- or, for a write with no expiry whose payload is at most ARGV[7] bytes, the value too:
+-- or, for a write with no expiry whose payload is at most the push limit, the value too:
 -- "SM1 " .. epoch .. " " .. seq .. " V " .. #key .. " " .. key .. payload.
 --
 -- KEYS[1] meta hash {epoch, seq}     KEYS[2] the entry's record     KEYS[3] idx zset
@@ -15,7 +15,11 @@
 -- ARGV[4] channel
 -- ARGV[5] payload (set, setnx, cas, casv) or increment (incr)
 -- ARGV[6] px: expiry in ms, 0 = none (incr keeps an existing entry's expiry)
--- ARGV[7] push limit: carry payloads up to this many bytes in the change message (0 = never)
+-- ARGV[7] push: whether the value rides in the change message.
+--   set, setnx, cas, casv (the writer sent the payload: it decides, as the push limit says): the
+--   key's length in bytes as text when it rides, "" when it does not (the script converts no
+--   number for it); incr, incrx, touch (the script makes the payload): the push limit, payloads
+--   up to this many bytes ride (0 = never). Either way, a record with an expiry never carries.
 -- The rest may be left out (a plain set sends none of them: fewer arguments, less garbage):
 -- ARGV[8] cas: expected payload; casv: expected "epoch seq" of the record ("" = absent);
 --         incr, incrx: codec name (json | msgpack)
@@ -136,6 +140,12 @@ if refused then  -- nothing written: the map's version, and the record as it is
   return {m[1], tonumber(m[2] or '0'), refused, before, redis.call('PTTL', rec)}
 end
 
+local push = ARGV[7] or ''  -- from here: the key's length when the value rides, else ''
+if op == 'incr' or op == 'incrx' or op == 'touch' then
+  local limit = tonumber(push) or 0
+  if limit > 0 and #payload <= limit then push = string.format('%d', #key) else push = '' end
+end
+
 -- commit: bump the map's seq (creating the epoch if the map's meta is gone), bookkeeping
 local epoch = redis.call('HGET', meta, 'epoch')
 if not epoch then
@@ -178,8 +188,8 @@ if pttl > 0 then
 else
   redis.call('ZADD', idx, '+inf', key)
 end
-if pttl < 0 and #payload <= (tonumber(ARGV[7]) or 0) then
-  redis.call('SPUBLISH', channel, 'SM1 ' .. version .. ' V ' .. #key .. ' ' .. key .. payload)
+if pttl < 0 and push ~= '' then
+  redis.call('SPUBLISH', channel, 'SM1 ' .. version .. ' V ' .. push .. ' ' .. key .. payload)
 else
   redis.call('SPUBLISH', channel, 'SM1 ' .. version .. ' S ' .. key)
 end

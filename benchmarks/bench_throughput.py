@@ -5,10 +5,12 @@
     before them (paired rounds; the ratio is the median of the rounds' ratios). ``get_many``
     is timed on a map opened for the round (an empty local copy: every key is fetched).
 (2) Server time per write: ``INFO commandstats`` (usec per call, the periodic Lua GC step
-    included) and ``INFO latencystats`` p50 (the GC step's calls are in the tail) of
-    20,000 pipelined calls per variant, with one subscriber on the channel: a minimal SET +
-    PUBLISH script, SyncMap's ``map_write`` as a plain write sends it, ``map_write`` with
-    one part cut out at a time (what that part costs), and ``map_set_many`` per key.
+    included) of 20,000 pipelined calls per variant, with one subscriber on the channel: a
+    minimal SET + PUBLISH script, SyncMap's ``map_write`` as a plain write sends it,
+    ``map_write`` with one part cut out at a time (what that part costs), the floors (the
+    least a script does that keeps each guarantee), ``return 1`` with each side's
+    arguments, and ``map_set_many`` per key; the calls over 25 µs (SLOWLOG), and the Lua GC
+    step's cost per call (every call of a further 4,000 logged).
 (3) Server write capacity: writes/s when CLIENTS processes each pipeline 100 writes at a time
     (30,000 each), SyncMap's ``map_write`` against the SET + PUBLISH script, and the
     server's CPU time per write.

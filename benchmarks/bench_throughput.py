@@ -316,11 +316,11 @@ class _Subscriber:
 SLOW_US = 25  # a call slower than this is logged (the Lua GC step's calls, mostly)
 
 
-def _server_time(r: Any, sha: str, kind: str, calls: int) -> tuple[float, int, float]:
-    """Over ``calls`` pipelined calls: µs per call (INFO commandstats: the mean, the Lua GC
-    step included), how many took over SLOW_US µs (SLOWLOG), and their µs in total."""
-    r.config_set("slowlog-log-slower-than", SLOW_US)
-    r.config_set("slowlog-max-len", 4096)
+def _logged_calls(r: Any, sha: str, kind: str, calls: int, over_us: int) -> list[Any]:
+    """Run ``calls`` pipelined calls (the server's stats reset first) with SLOWLOG logging
+    those over ``over_us`` µs: their entries, oldest first."""
+    r.config_set("slowlog-log-slower-than", over_us)
+    r.config_set("slowlog-max-len", calls + 100)
     r.slowlog_reset()
     r.config_resetstat()
     pipe = r.pipeline(transaction=False)
@@ -329,9 +329,17 @@ def _server_time(r: Any, sha: str, kind: str, calls: int) -> tuple[float, int, f
         if i % PIPELINE == PIPELINE - 1:
             pipe.execute()
     pipe.execute()
-    mean = float(r.info("commandstats")["cmdstat_evalsha"]["usec_per_call"])
-    slow = [e for e in r.slowlog_get(4096) if e["command"].startswith(b"EVALSHA")]
+    entries = r.slowlog_get(calls + 100)
     r.config_set("slowlog-log-slower-than", 10_000)
+    r.slowlog_reset()
+    return [e for e in reversed(entries) if e["command"].startswith(b"EVALSHA")]
+
+
+def _server_time(r: Any, sha: str, kind: str, calls: int) -> tuple[float, int, float]:
+    """Over ``calls`` pipelined calls: µs per call (INFO commandstats: the mean, the Lua GC
+    step included), how many took over SLOW_US µs (SLOWLOG), and their µs in total."""
+    slow = _logged_calls(r, sha, kind, calls, SLOW_US)
+    mean = float(r.info("commandstats")["cmdstat_evalsha"]["usec_per_call"])
     return mean, len(slow), float(sum(e["duration"] for e in slow))
 
 
@@ -342,19 +350,7 @@ def _gc_step(r: Any, sha: str, kind: str, calls: int) -> float:
     """The Lua GC step's µs per call: every call is logged (SLOWLOG), and the calls that
     ran the step (one position in every GC_PERIOD: the slowest on average) are compared
     with the others; their extra time, spread over GC_PERIOD calls."""
-    r.config_set("slowlog-log-slower-than", 0)
-    r.config_set("slowlog-max-len", calls + 100)
-    r.slowlog_reset()
-    pipe = r.pipeline(transaction=False)
-    for i in range(calls):
-        pipe.evalsha(sha, *_write_call(kind, i))
-        if i % PIPELINE == PIPELINE - 1:
-            pipe.execute()
-    pipe.execute()
-    entries = r.slowlog_get(calls + 100)
-    r.config_set("slowlog-log-slower-than", 10_000)
-    r.slowlog_reset()
-    times = [e["duration"] for e in reversed(entries) if e["command"].startswith(b"EVALSHA")]
+    times = [e["duration"] for e in _logged_calls(r, sha, kind, calls, 0)]
     by_phase = [statistics.mean(times[j::GC_PERIOD]) for j in range(GC_PERIOD)]
     step = max(range(GC_PERIOD), key=by_phase.__getitem__)
     rest = statistics.mean(t for i, t in enumerate(times) if i % GC_PERIOD != step)

@@ -67,7 +67,7 @@ class WriteReply(NamedTuple):
         """``px``: the expiry the call sent (a set or setnx that wrote answers its version
         alone, ``b"epoch seq"``, and its record lives ``px`` ms, or forever for 0)."""
         if isinstance(reply, bytes):
-            epoch, seq = reply.split(b" ")
+            epoch, seq = reply.rsplit(b" ", 1)
             return cls(epoch.decode(), int(seq), WriteStatus.WRITTEN, None, px or -1)
         return cls(text(reply[0]), int(reply[1]), int(reply[2]), reply[3], int(reply[4]))
 

@@ -284,7 +284,10 @@ class _DriverIO(_DriverBase):
 
     def _give_back(self, conn: Any) -> None:
         if not self._keep(conn):
-            self.conns.pool.release(conn)
+            self._release(conn)
+
+    def _release(self, conn: Any) -> None:
+        self.conns.pool.release(conn)
 
     def _sleep(self, seconds: float) -> None:
         if self.sleep is not None:
@@ -334,7 +337,7 @@ async def _send(conn: Any, packed: Any) -> None:
     if transport.is_closing():  # (uvloop refuses such a write with a bare RuntimeError)
         await conn.disconnect(nowait=True)
         raise redis.asyncio.ConnectionError("Connection closed by the server before write")
-    writer.writelines(packed)
+    transport.write(packed[0] if len(packed) == 1 else b"".join(packed))
     if transport.get_write_buffer_size():
         try:
             async with asyncio.timeout(conn.socket_timeout):
@@ -346,26 +349,61 @@ async def _send(conn: Any, packed: Any) -> None:
             raise redis.asyncio.ConnectionError(f"Error while writing to socket: {exc}") from exc
 
 
-class _Expiry:
-    """What ``asyncio.timeout`` does for one read, at half its cost (a timer that cancels the
-    task; ~2 us a read instead of ~4): ``expired(exc)`` tells its cancellation from any
-    other one (and makes the task's cancel count whole again), ``cancel()`` disarms it."""
+class _ReadTimer:
+    """What ``asyncio.timeout`` does for a connection's reads, for a fraction of its cost:
+    one timer per connection, armed once and moved forward only when it comes due (a read
+    writes its deadline; it creates and cancels no timer of its own). When it comes due
+    during a read whose deadline has passed, it cancels the reading task; ``expired(exc)``
+    tells that cancellation from any other one (and makes the task's cancel count whole
+    again)."""
 
-    __slots__ = ("base", "fired", "handle", "task")
+    __slots__ = ("base", "deadline", "fired", "handle", "loop", "task", "when")
 
-    def __init__(self, seconds: float | None) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.task: asyncio.Task[Any] | None = None  # the task reading now
+        self.base = 0
+        self.deadline = self.when = 0.0
         self.fired = False
         self.handle: asyncio.TimerHandle | None = None
-        task = self.task = asyncio.current_task()
-        if seconds is not None and task is not None:
-            self.base = task.cancelling()
-            loop = asyncio.get_running_loop()
-            self.handle = loop.call_at(loop.time() + seconds, self._fire)
 
-    def _fire(self) -> None:
+    @staticmethod
+    def of(conn: Any) -> _ReadTimer | None:
+        """The connection's timer, started for a read within its ``socket_timeout``
+        (``None``: no timeout, or not in a task)."""
+        seconds = conn.socket_timeout
+        task = asyncio.current_task()
+        if seconds is None or task is None:
+            return None
+        loop = task.get_loop()
+        timer: _ReadTimer | None = conn.__dict__.get("_syncmap_timer")
+        if timer is None or timer.loop is not loop:
+            timer = conn._syncmap_timer = _ReadTimer(loop)
+        timer.start(task, loop.time() + seconds)
+        return timer
+
+    def start(self, task: asyncio.Task[Any], deadline: float) -> None:
+        self.task = task
+        self.base = task.cancelling()
+        self.fired = False
+        self.deadline = deadline
+        if self.handle is None or deadline < self.when:
+            if self.handle is not None:
+                self.handle.cancel()
+            self.when = deadline
+            self.handle = self.loop.call_at(deadline, self._due)
+
+    def _due(self) -> None:
+        self.handle = None
+        task = self.task
+        if task is None:  # no read now: the next one arms it again
+            return
+        if self.loop.time() < self.deadline:  # a later read's: wait until its deadline
+            self.when = self.deadline
+            self.handle = self.loop.call_at(self.deadline, self._due)
+            return
         self.fired = True
-        assert self.task is not None
-        self.task.cancel()
+        task.cancel()
 
     def expired(self, exc: BaseException) -> bool:
         """Whether ``exc`` is this timer's cancellation (and no one else's as well)."""
@@ -374,15 +412,15 @@ class _Expiry:
         assert self.task is not None
         return self.task.uncancel() <= self.base
 
-    def cancel(self) -> None:
-        if self.handle is not None:
-            self.handle.cancel()
+    def stop(self) -> None:
+        """The read is over (the timer stays armed for the next one)."""
+        self.task = None
 
 
 async def _reply(conn: Any) -> Any:
     """``await conn.read_response()``, with fewer layers on its common path: a connection of
     redis-py's own class with the hiredis parser is read straight from the parser, within the
-    connection's ``socket_timeout`` (:class:`_Expiry`; a push frame in between goes to the
+    connection's ``socket_timeout`` (:class:`_ReadTimer`; a push frame in between goes to the
     parser's push handler, as redis-py does); on any failure the connection is closed and the
     error is redis-py's (``ConnectionError``, ``TimeoutError``), as ``read_response`` does.
     Any other connection goes through ``read_response``."""
@@ -401,7 +439,7 @@ async def _reply(conn: Any) -> Any:
         await conn.disconnect(nowait=True)
         raise
     if reply is NOT_ENOUGH_DATA or (push is not None and isinstance(reply, push)):
-        expiry = _Expiry(conn.socket_timeout)
+        timer = _ReadTimer.of(conn)
         try:
             while True:
                 if reply is NOT_ENOUGH_DATA:
@@ -412,7 +450,7 @@ async def _reply(conn: Any) -> Any:
                     break
                 reply = reader.gets()
         except BaseException as exc:
-            expired = expiry.expired(exc)
+            expired = timer is not None and timer.expired(exc)
             await conn.disconnect(nowait=True)
             if expired:
                 raise redis.asyncio.TimeoutError(f"Timeout reading from {conn.host}") from None
@@ -420,7 +458,8 @@ async def _reply(conn: Any) -> Any:
                 raise redis.asyncio.ConnectionError(f"Error while reading: {exc}") from exc
             raise
         finally:
-            expiry.cancel()
+            if timer is not None:
+                timer.stop()
     if isinstance(reply, redis.asyncio.ResponseError | redis.asyncio.ConnectionError):
         raise reply
     return reply
@@ -430,9 +469,15 @@ class _AsyncDriverIO(_DriverBase):
     """The asyncio driver's I/O: connections borrowed and given back awaiting, the transport
     written and the hiredis parser read directly (``_send``, ``_reply``)."""
 
+    check: Callable[[], object] | None = None
+    """Called before each flow runs (a lock's: its asyncio node's fork check)."""
+
     async def _give_back(self, conn: Any) -> None:
         if not self._keep(conn):
-            await self.conns.pool.release(conn)
+            await self._release(conn)
+
+    async def _release(self, conn: Any) -> None:
+        await self.conns.pool.release(conn)
 
     async def _borrow(self) -> Any:
         conns = self.conns
@@ -494,6 +539,8 @@ class _AsyncDriverIO(_DriverBase):
                 await conn.disconnect(nowait=True)
                 return first, None  # the wait's answer is lost: as if it had timed out
         await _send(conn, _pack(conn, args))
+        if args[0] != "BLPOP":  # (the common case: no layer of _read's in between)
+            return await _reply(conn)
         return await AsyncDriver._read(conn, args)
 
     @staticmethod
@@ -580,13 +627,16 @@ class AsyncDriver(_AsyncDriverIO):
         except BaseException:
             await self._discard(conn)
             raise
-        await self._give_back(conn)
+        if not self._keep(conn):  # (_give_back, without a coroutine on the common path)
+            await self._release(conn)
         _raise_swallowed_cancel()  # unasync: drop
         return reply
 
     async def run(self, flow: Flow[T]) -> T:
         """Run ``flow``: perform each operation it yields, send back the result (or throw
         the error), until it returns."""
+        if self.check is not None:  # unasync: drop
+            self.check()  # unasync: drop
         task = asyncio.current_task()  # unasync: drop
         baseline = _CANCELS.set(task.cancelling() if task is not None else 0)  # unasync: drop
         try:
@@ -662,7 +712,8 @@ class SyncDriver(_DriverIO):
         except BaseException:
             self._discard(conn)
             raise
-        self._give_back(conn)
+        if not self._keep(conn):  # (_give_back, without a coroutine on the common path)
+            self._release(conn)
         return reply
 
     def run(self, flow: Flow[T]) -> T:

@@ -214,32 +214,22 @@ class _LockBase(Generic[N]):
         self._last_token = token
         registry.lock_acquired(self.key, time.monotonic() - started)
 
-    @contextlib.contextmanager
-    def _releasing(self) -> Iterator[None]:
-        """Around a release: a hold found gone (expired or taken) is a lost hold, unless the
-        watchdog counted it already."""
-        token = self._state.token
-        try:
-            yield
-        except LockNotHeld:
-            if token is not None and self._lost_token != token:
-                registry.lock(self.key).lost_hold()
-            raise
+    def _found_gone(self, token: str | None) -> None:
+        """A release (of the acquisition ``token``) found the hold gone (expired or taken): a
+        lost hold, unless the watchdog counted it already."""
+        if token is not None and self._lost_token != token:
+            registry.lock(self.key).lost_hold()
 
-    @contextlib.contextmanager
-    def _leaving(self, exc: BaseException | None) -> Iterator[None]:
-        """Around the release that ends a ``with`` block: :class:`LockLost` if the lock was
-        lost meanwhile (only when the block itself is not raising). The acquisition is the
-        one held on entering: another thread (task) sharing this object may take the lock as
-        soon as it is released."""
-        token = self._state.token
-        try:
-            yield
-        except LockNotHeld:
-            if exc is None:
-                raise LockLost(f"lock {self.key!r} expired or was taken during the block") from None
+    def _left(self, token: str | None, exc: BaseException | None, gone: bool) -> None:
+        """After the release that ends a ``with`` block (``gone``: it raised LockNotHeld):
+        :class:`LockLost` if the lock was lost meanwhile (only when the block itself is not
+        raising). ``token`` is the acquisition held on entering the release: another thread
+        (task) sharing this object may take the lock as soon as it is released."""
+        if exc is not None:
             return
-        if exc is None and token is not None and self._lost_token == token:
+        if gone:
+            raise LockLost(f"lock {self.key!r} expired or was taken during the block") from None
+        if token is not None and self._lost_token == token:
             raise LockLost(f"lock {self.key!r} was lost during the block")
 
 
@@ -291,13 +281,9 @@ class _AsyncLockShell(_LockBase["AsyncNode"]):
         self, node: AsyncNode, name: str | tuple[str, ...], ttl: float = DEFAULT_TTL, **options: Any
     ) -> None:
         super().__init__(node, name, ttl, **options)
-        run = AsyncDriver(node.client, node.address).run
-
-        async def checked(flow: Flow[T]) -> T:
-            node._check_fork()  # an asyncio node does not cross a fork: NodeForked
-            return await run(flow)
-
-        self._run = checked
+        driver = AsyncDriver(node.client, node.address)
+        driver.check = node._check_fork  # an asyncio node does not cross a fork: NodeForked
+        self._run = driver.run
         self._watch_task: asyncio.Task[None] | None = None
 
     def _after_fork(self) -> None:
@@ -356,8 +342,12 @@ class AsyncLock(_AsyncLockShell):
     async def release(self) -> None:
         """Release; raises :class:`LockNotHeld` if it expired or was taken meanwhile."""
         stop = self._stopper()
-        with self._releasing():
+        token = self._state.token
+        try:
             await self._run(release_flow(self._state))
+        except LockNotHeld:
+            self._found_gone(token)
+            raise
         if stop is not None:
             stop()
 
@@ -382,8 +372,13 @@ class AsyncLock(_AsyncLockShell):
         return self
 
     async def __aexit__(self, kind: object, exc: BaseException | None, tb: object) -> None:
-        with self._leaving(exc):
+        token = self._state.token
+        try:
             await self.release()
+        except LockNotHeld:
+            self._left(token, exc, gone=True)
+            return
+        self._left(token, exc, gone=False)
 
 
 # unasync: end
@@ -420,8 +415,12 @@ class Lock(_LockShell):
     def release(self) -> None:
         """Release; raises :class:`LockNotHeld` if it expired or was taken meanwhile."""
         stop = self._stopper()
-        with self._releasing():
+        token = self._state.token
+        try:
             self._run(release_flow(self._state))
+        except LockNotHeld:
+            self._found_gone(token)
+            raise
         if stop is not None:
             stop()
 
@@ -446,8 +445,13 @@ class Lock(_LockShell):
         return self
 
     def __exit__(self, kind: object, exc: BaseException | None, tb: object) -> None:
-        with self._leaving(exc):
+        token = self._state.token
+        try:
             self.release()
+        except LockNotHeld:
+            self._left(token, exc, gone=True)
+            return
+        self._left(token, exc, gone=False)
 
 
 # unasync: end

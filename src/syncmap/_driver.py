@@ -87,12 +87,26 @@ def _blocking_wait(conn: Any, args: tuple[Any, ...]) -> float | None:
     return float(args[-1]) + (conn.socket_timeout or 5.0)
 
 
+class _Process:
+    """This process's id, kept current by a fork hook: read on every borrow and give-back
+    (``os.getpid()`` is a system call)."""
+
+    pid = os.getpid()
+
+    @classmethod
+    def forked(cls) -> None:
+        cls.pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_Process.forked)
+
+
 class _Connections:
     """Connections set aside from one client's pool (per process)."""
 
     def __init__(self, pool: Any) -> None:
         self.pool = pool
-        self.pid = os.getpid()
+        self.pid = _Process.pid
         self.idle: list[Any] = []
 
 
@@ -101,7 +115,7 @@ _KEPT: weakref.WeakKeyDictionary[Any, _Connections] = weakref.WeakKeyDictionary(
 
 def _connections(client: Any) -> _Connections:
     kept = _KEPT.get(client)
-    if kept is None or kept.pid != os.getpid():
+    if kept is None or kept.pid != _Process.pid:
         kept = _KEPT[client] = _Connections(client.connection_pool)
     return kept
 
@@ -195,7 +209,7 @@ class _DriverBase:
         """This process's connections: a forked child never borrows those its parent set
         aside (both would write on one socket and read each other's answers)."""
         conns = self._conns
-        if conns.pid != os.getpid():
+        if conns.pid != _Process.pid:
             conns = self._conns = _connections(self.client)
         return conns
 

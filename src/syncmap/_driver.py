@@ -33,7 +33,7 @@ import os
 import select
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import redis
@@ -336,31 +336,41 @@ def _raise_swallowed_cancel() -> None:
         raise asyncio.CancelledError
 
 
-async def _send(conn: Any, packed: Any) -> None:
+def _send(conn: Any, packed: Any) -> Awaitable[None] | None:
     """``conn.send_packed_command(packed, check_health=False)``, without what it costs per
     write on Python 3.11: its ``asyncio.wait_for`` runs the write in a new task (two more
     turns of the event loop for the caller). The write goes to the transport, which never
-    blocks; only a write that leaves data in the transport's buffer (a big batch) waits for it
-    to drain, within the connection's ``socket_timeout``. A connection class with a send of
-    its own (a cluster's: see ``_cluster``) or not connected yet goes through redis-py."""
+    blocks: ``None`` when it is done, else what to await (``if (sending := _send(...)) is not
+    None: await sending``; no coroutine on the common path). Only a write that leaves data in
+    the transport's buffer (a big batch) waits for it to drain, within the connection's
+    ``socket_timeout``. A connection class with a send of its own (a cluster's: see
+    ``_cluster``) or not connected yet goes through redis-py."""
     if type(conn).send_packed_command is not PLAIN_ASYNC_SEND or not conn.is_connected:
-        await conn.send_packed_command(packed, check_health=False)
-        return
+        return conn.send_packed_command(packed, check_health=False)  # type: ignore[no-any-return]
     writer = writer_of(conn)
     transport = writer.transport
     if transport.is_closing():  # (uvloop refuses such a write with a bare RuntimeError)
-        await conn.disconnect(nowait=True)
-        raise redis.asyncio.ConnectionError("Connection closed by the server before write")
+        return _closed_before_write(conn)
     transport.write(packed[0] if len(packed) == 1 else b"".join(packed))
     if transport.get_write_buffer_size():
-        try:
-            async with asyncio.timeout(conn.socket_timeout):
-                await writer.drain()
-        except (OSError, TimeoutError) as exc:
-            await conn.disconnect(nowait=True)
-            if isinstance(exc, TimeoutError):
-                raise redis.asyncio.TimeoutError("Timeout writing to socket") from None
-            raise redis.asyncio.ConnectionError(f"Error while writing to socket: {exc}") from exc
+        return _drain(conn, writer)
+    return None
+
+
+async def _closed_before_write(conn: Any) -> None:
+    await conn.disconnect(nowait=True)
+    raise redis.asyncio.ConnectionError("Connection closed by the server before write")
+
+
+async def _drain(conn: Any, writer: Any) -> None:
+    try:
+        async with asyncio.timeout(conn.socket_timeout):
+            await writer.drain()
+    except (OSError, TimeoutError) as exc:
+        await conn.disconnect(nowait=True)
+        if isinstance(exc, TimeoutError):
+            raise redis.asyncio.TimeoutError("Timeout writing to socket") from None
+        raise redis.asyncio.ConnectionError(f"Error while writing to socket: {exc}") from exc
 
 
 class _ReadTimer:
@@ -531,7 +541,8 @@ class _AsyncDriverIO(_DriverBase):
     @staticmethod
     async def _roundtrip(conn: Any, args: Any, then: tuple[Any, ...] | None) -> Any:
         if isinstance(args, list):  # a batch: every answer, errors included
-            await _send(conn, _packed(conn, args))
+            if (sending := _send(conn, _packed(conn, args))) is not None:
+                await sending
             _sent(conn, args)
             replies: list[Any] = []
             for _ in args:
@@ -541,7 +552,8 @@ class _AsyncDriverIO(_DriverBase):
                     replies.append(exc)
             return replies
         if then is not None:
-            await _send(conn, _pack(conn, args, then))
+            if (sending := _send(conn, _pack(conn, args, then))) is not None:
+                await sending
             try:
                 first = await _reply(conn)
             except redis.asyncio.ResponseError:
@@ -552,7 +564,8 @@ class _AsyncDriverIO(_DriverBase):
             except redis.asyncio.ConnectionError:
                 await conn.disconnect(nowait=True)
                 return first, None  # the wait's answer is lost: as if it had timed out
-        await _send(conn, _pack(conn, args))
+        if (sending := _send(conn, _pack(conn, args))) is not None:
+            await sending
         if args[0] != "BLPOP":  # (the common case: no layer of _read's in between)
             return await _reply(conn)
         return await AsyncDriver._read(conn, args)

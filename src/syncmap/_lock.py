@@ -125,16 +125,20 @@ class _LockBase(Generic[N]):
         self._node = node
         self._last_token: str | None = None  # the latest acquisition's token
         self._lost_token: str | None = None  # the latest acquisition the watchdog found lost
+        # what stops the running watchdog, if any (its thread's event, or its task's cancel)
+        self._stop_watch: Callable[[], object] | None = None
         _LOCKS.add(self)
 
     def _after_fork(self) -> None:
         """In a forked child: the parent holds the lock, not the child. The child forgets the
         acquisition (it cannot release or renew it: ``LockNotHeld``; ``owned()`` is False;
-        ``locked()`` still tells whether anyone holds it), and no watchdog runs here."""
+        ``locked()`` still tells whether anyone holds it), and no watchdog runs here (the
+        parent's thread or task: none runs in the child)."""
         token = self._state.token
         if token is not None:
             self._state.forget(token)
         self._last_token = None
+        self._stop_watch = None
 
     # -- what a holder (and a guarded map write) reads --
 
@@ -199,8 +203,20 @@ class _LockBase(Generic[N]):
     ) -> Flow[bool]:
         return acquire_flow(self._state, token, backoffs, deadline, time.monotonic)
 
-    def _watchdog(self, token: str) -> Flow[bool]:
-        return watchdog_flow(self._state, token, time.monotonic, self._max_hold)
+    def _watch(self, token: str) -> Flow[None]:
+        """The watchdog of the acquisition ``token`` (run by a thread or a task): renew it
+        until it is released; mark it lost if it was, or if renewals stopped (an error: the
+        lease will run out)."""
+        try:
+            lost = yield from watchdog_flow(self._state, token, time.monotonic, self._max_hold)
+        except Exception:
+            lost = True
+        if lost:
+            self._mark_lost(token)
+
+    def _stopper(self) -> Callable[[], object] | None:
+        """What stops the running watchdog, if any."""
+        return self._stop_watch
 
     def _mark_lost(self, token: str) -> None:
         if self._state.token != token:
@@ -241,11 +257,6 @@ class _LockShell(_LockBase["Node"]):
     ) -> None:
         super().__init__(node, name, ttl, **options)
         self._run = SyncDriver(node.client, node.address).run
-        self._stop: threading.Event | None = None
-
-    def _after_fork(self) -> None:
-        super()._after_fork()
-        self._stop = None  # (the parent's watchdog thread: none runs in the child)
 
     def _leave(self, token: str) -> None:
         """An interrupted acquisition leaves the queue (best effort)."""
@@ -253,25 +264,15 @@ class _LockShell(_LockBase["Node"]):
             self._run(leave_flow(self._state, token))
 
     def _start_watchdog(self, token: str) -> None:
-        stop = self._stop = threading.Event()
+        stop = threading.Event()
+        self._stop_watch = stop.set
         run = SyncDriver(self._node.client, self._node.address, stop.wait).run
-
-        def watch() -> None:
-            try:
-                lost = run(self._watchdog(token))
-            except Exception:  # renewals stopped: the lease will run out
-                lost = True
-            if lost:
-                self._mark_lost(token)
-
         threading.Thread(
-            target=watch, name=f"syncmap-lock-watchdog:{self.key}", daemon=True
+            target=run,
+            args=(self._watch(token),),
+            name=f"syncmap-lock-watchdog:{self.key}",
+            daemon=True,
         ).start()
-
-    def _stopper(self) -> Callable[[], object] | None:
-        """What stops the running watchdog, if any."""
-        stop = self._stop
-        return None if stop is None else stop.set
 
 
 class _AsyncLockShell(_LockBase["AsyncNode"]):
@@ -284,11 +285,6 @@ class _AsyncLockShell(_LockBase["AsyncNode"]):
         driver = AsyncDriver(node.client, node.address)
         driver.check = node._check_fork  # an asyncio node does not cross a fork: NodeForked
         self._run = driver.run
-        self._watch_task: asyncio.Task[None] | None = None
-
-    def _after_fork(self) -> None:
-        super()._after_fork()
-        self._watch_task = None  # (the parent's loop's)
 
     async def _leave(self, token: str) -> None:
         """An interrupted acquisition leaves the queue (best effort), even when the
@@ -298,20 +294,8 @@ class _AsyncLockShell(_LockBase["AsyncNode"]):
             await asyncio.shield(cleanup)
 
     def _start_watchdog(self, token: str) -> None:
-        self._watch_task = asyncio.create_task(self._watch(token))
-
-    async def _watch(self, token: str) -> None:
-        try:
-            lost = await self._run(self._watchdog(token))
-        except Exception:  # renewals stopped: the lease will run out
-            lost = True
-        if lost:
-            self._mark_lost(token)
-
-    def _stopper(self) -> Callable[[], object] | None:
-        """What stops the running watchdog, if any."""
-        task = self._watch_task
-        return None if task is None else task.cancel
+        task = asyncio.create_task(self._run(self._watch(token)))
+        self._stop_watch = task.cancel  # (and a reference: the loop keeps only a weak one)
 
 
 # The public locks: written once for asyncio; the blocking one is generated from it.

@@ -223,7 +223,7 @@ class LockState:
     def took(self, token: str, fences: Sequence[Any]) -> None:
         self.token = token
         self.value = token + self.metadata
-        self.fences = tuple(int(f) for f in fences)
+        self.fences = tuple(map(int, fences))
 
     def forget(self, token: str) -> None:
         """Drop the acquisition ``token`` (and only it: another may have replaced it)."""

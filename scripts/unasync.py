@@ -47,6 +47,7 @@ TOKENS: list[tuple[str, str]] = [
     (r"\b__aexit__\b", "__exit__"),
     (r"\.aclose\(", ".close("),
     (r"\basyncio\.sleep\(", "time.sleep("),
+    (r"\basyncio\.Event\b", "threading.Event"),
     (r"\bredis\.asyncio\.", "redis."),
     (r"\bAsyncIterator\b", "Iterator"),
     (r"\bAsyncSyncMap\b", "SyncMap"),

@@ -37,7 +37,6 @@ from ._cached import AsyncCachedFunction, CachedFunction, cached, cached_async
 from ._cluster import key_slot
 from ._codec import Codec, get_codec
 from ._core.coherence import ABSENT, Change, Coherence, Entry
-from ._core.hooks import MapHooks
 from ._core.keys import MapKeys
 from ._core.map_flows import Call, MapCore, MapFlow
 from ._core.map_listen import Member
@@ -220,7 +219,6 @@ class _MapBase:
         max_key_bytes: int = 1024,
         max_value_bytes: int = 1 << 20,
         push_values: int = DEFAULT_PUSH_VALUES,
-        _fill_guard: bool = True,
     ) -> None:
         keys = MapKeys(name)
         _check_options(
@@ -241,7 +239,7 @@ class _MapBase:
             threading.RLock(),
             self._max_staleness,
             probe_timeout=max(3 * self._max_staleness, 2.0),
-            hooks=MapHooks(fill_guard=bool(_fill_guard)),
+            hooks=node._root._hooks,
         )
         self._core = MapCore(
             keys,
@@ -377,6 +375,7 @@ class SyncMap(_MapBase, MutableMapping[str, Any]):
             self._quiet = False
             return
         now = self._clock()
+        answered = self._state.hooks.answered or answered
         if now >= self._next_op_poll and (now >= self._op_poll_by or not answered()):
             self._next_op_poll = now + OP_POLL_INTERVAL
             self._op_poll_by = now + OP_POLL_MAX_SKIP

@@ -21,6 +21,7 @@ import redis.cluster
 from redis.exceptions import RedisClusterException
 
 from ._cluster import ClusterRouter, key_slot
+from ._core.hooks import Hooks, new_hooks
 from ._core.keys import MapKeys, hash_tag
 from ._core.ops import Command, Flow
 from ._driver import AsyncDriver, SyncDriver
@@ -140,6 +141,7 @@ class _NodeBase:
     _shards: dict[int, Any]
     _root: Any
     _listeners: dict[Any, Any]
+    _hooks: Hooks[Any]  # the tests' sabotage points, given to the node's maps and listeners
 
     def _init_listeners(self) -> None:
         self._root = self
@@ -215,13 +217,14 @@ class AsyncNode(_NodeBase):
         self.router = router
         self._shards = {}
         self.driver = None if router is not None else AsyncDriver(client, address)
+        self._hooks = new_hooks(asyncio.Event)
         self._init_listeners()
         self.forked = False  # made before os.fork(), and this is the child  # unasync: drop
 
     def _new_listener(self, client: Any, address: str, timeout: float, home: Any) -> Any:
         from ._listener import AsyncListener
 
-        return AsyncListener(client, address, timeout, self.router, home)
+        return AsyncListener(client, address, timeout, self.router, home, self._hooks)
 
     # unasync: drop begin
     def _check_fork(self) -> None:
@@ -322,12 +325,13 @@ class Node(_NodeBase):
         self.router = router
         self._shards = {}
         self.driver = None if router is not None else SyncDriver(client, address)
+        self._hooks = new_hooks(threading.Event)
         self._init_listeners()
 
     def _new_listener(self, client: Any, address: str, timeout: float, home: Any) -> Any:
         from ._listener import SyncListener
 
-        return SyncListener(client, address, timeout, self.router, home)
+        return SyncListener(client, address, timeout, self.router, home, self._hooks)
 
     def run(self, flow: Flow[T]) -> T:
         if self.driver is None:

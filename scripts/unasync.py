@@ -107,6 +107,16 @@ TEXTS: dict[str, list[tuple[str, str]]] = {
     ],
     "_map.py": [
         (
+            '        """As :meth:`SyncMap.watch`: ``async for change in m.watch(timeout=...)``."""',
+            '        """Yield the map\'s changes as this node\'s listener receives them, for '
+            "``timeout``\n"
+            "        seconds (``None``: until the caller stops). Best effort: a change lost on "
+            "the way is\n"
+            '        not replayed (the local copy is still dropped, see the contract); a "set" '
+            "carries the\n"
+            '        value read when the change is yielded."""',
+        ),
+        (
             '        """As :meth:`SyncMap.get_or_load`; ``loader`` may be a coroutine function."""',
             '        """The value of ``key``; if absent, ``loader()`` runs on exactly one node '
             "and its\n"

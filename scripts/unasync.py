@@ -48,6 +48,9 @@ TOKENS: list[tuple[str, str]] = [
     (r"\.aclose\(", ".close("),
     (r"\basyncio\.sleep\(", "time.sleep("),
     (r"\basyncio\.Event\b", "threading.Event"),
+    (r"\basyncio\.to_thread\(\s*([\w.]+)\s*\)", r"\1()"),  # (blocking: called in place)
+    (r"\basyncio\.to_thread\(\s*([\w.]+),\s*", r"\1("),
+    (r"\bconnect_async\b", "connect"),
     (r"\bredis\.asyncio\.", "redis."),
     (r"\bAsyncIterator\b", "Iterator"),
     (r"\bAsyncSyncMap\b", "SyncMap"),
@@ -89,6 +92,12 @@ TEXTS: dict[str, list[tuple[str, str]]] = {
         ),
     ],
     "_node.py": [
+        (
+            '    """Connect an asyncio node to the server at ``url`` (or ``$SYNCMAP_URL``, or the '
+            "embedded\n    Valkey, found in a thread).",
+            '    """Connect to the server at ``url`` (or ``$SYNCMAP_URL``, or the embedded '
+            "Valkey).",
+        ),
         (
             '    """An asyncio connection to the server. Make one with :func:`connect_async`."""',
             '    """A blocking connection to the server. Make one with :func:`connect`."""',

@@ -298,8 +298,8 @@ class _MapBase:
         registry.add_map(self)  # (for syncmap.metrics: read at collect time)
 
     def _listen_at(self, slot: int | None) -> Any:
-        """The node's listener for the map, now its listener (on a Cluster: the one of the
-        master owning ``slot`` now)."""
+        """Take the node's listener for ``slot`` (on a Cluster: the one of the master owning
+        it now) as the map's, and return it."""
         self._listener = self.node._listener_for(slot, self._listener_timeout)
         return self._listener
 

@@ -341,7 +341,7 @@ class SyncListener(_ListenerBase):
         self._cut_short = False  # redis-py's reader: the last drain stopped at DRAIN_LIMIT
         self.closing = threading.Event()
         self.nudge = threading.Event()  # ends the listener thread's nap early
-        self.hooks = new_hooks(threading.Event) if hooks is None else hooks  # (its node's)
+        self.hooks = new_hooks(threading.Event, threading.Event) if hooks is None else hooks
         self._nap = BUSY_NAP  # the next nap while map threads apply the events
         self.thread = self._new_thread()
 
@@ -418,7 +418,7 @@ class SyncListener(_ListenerBase):
         self.started = False
         self.closing = threading.Event()
         self.nudge = threading.Event()
-        self.hooks.restart(threading.Event)  # (shared with the node's maps: in place)
+        self.hooks.restart(threading.Event, threading.Event)  # (in place: the node's)
         self.thread = self._new_thread()
         _forget_members(self.hub)
 
@@ -806,7 +806,7 @@ class AsyncListener(_ListenerBase):
         self._applied = 0  # events applied for the current _receive_raw
         self.closing = False
         self.forked = False  # made before os.fork(), and this is the child: unusable
-        self.hooks = new_hooks(asyncio.Event) if hooks is None else hooks  # (its node's)
+        self.hooks = new_hooks(asyncio.Event, threading.Event) if hooks is None else hooks
         self.task: asyncio.Task[None] | None = None
 
     @property

@@ -217,7 +217,7 @@ class AsyncNode(_NodeBase):
         self.router = router
         self._shards = {}
         self.driver = None if router is not None else AsyncDriver(client, address)
-        self._hooks = new_hooks(asyncio.Event)
+        self._hooks = new_hooks(asyncio.Event, threading.Event)
         self._init_listeners()
         self.forked = False  # made before os.fork(), and this is the child  # unasync: drop
 
@@ -325,7 +325,7 @@ class Node(_NodeBase):
         self.router = router
         self._shards = {}
         self.driver = None if router is not None else SyncDriver(client, address)
-        self._hooks = new_hooks(threading.Event)
+        self._hooks = new_hooks(threading.Event, threading.Event)
         self._init_listeners()
 
     def _new_listener(self, client: Any, address: str, timeout: float, home: Any) -> Any:

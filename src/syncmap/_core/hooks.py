@@ -7,9 +7,8 @@ code never changes it, and as made it does nothing: no sabotage, ``running`` set
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
 __all__ = ["Flag", "Hooks", "new_hooks"]
@@ -34,8 +33,9 @@ class Hooks(Generic[E]):
     running: E
     """Set as made. Cleared: the node's listeners stall before their next operation, and
     reading threads (or the raw reader's callback) apply nothing meanwhile."""
-    parked: threading.Event = field(default_factory=threading.Event)
-    """Set while a listener waits on ``running``."""
+    parked: Flag
+    """Set while a listener waits on ``running`` (a ``threading.Event``: other threads wait on
+    it)."""
     fill_guard: bool = True
     """``False``: no fill-race placeholder (a fetch's answer is installed even when a change
     of its key was applied meanwhile): the race the placeholder prevents."""
@@ -47,16 +47,16 @@ class Hooks(Generic[E]):
     writer does not apply waiting change messages meanwhile): ``lambda: True`` acts as a
     machine where the server always answers before the writer looks (one CPU)."""
 
-    def restart(self, event: Callable[[], E]) -> None:
+    def restart(self, running: Callable[[], E], parked: Callable[[], Flag]) -> None:
         """New events (``running`` set), as made: in a forked child, whose copies of the
         parent's may hold a lock a thread of the parent held."""
-        self.running, self.parked = _set(event()), threading.Event()
+        self.running, self.parked = _set(running()), parked()
 
 
-def new_hooks(event: Callable[[], E]) -> Hooks[E]:
-    """Hooks that do nothing, ``running`` made by ``event`` (a ``threading.Event`` or
-    ``asyncio.Event`` class)."""
-    return Hooks(_set(event()))
+def new_hooks(running: Callable[[], E], parked: Callable[[], Flag]) -> Hooks[E]:
+    """Hooks that do nothing, their events made by ``running`` (``threading.Event`` or
+    ``asyncio.Event``: the node's kind) and ``parked`` (``threading.Event``)."""
+    return Hooks(_set(running()), parked())
 
 
 def _set(flag: E) -> E:

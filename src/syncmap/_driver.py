@@ -143,11 +143,6 @@ def _polled(conn: Any, sock: Any) -> bool:
         return True
 
 
-def _answered(conn: Any) -> bool:
-    """Whether the answer to what was just sent is in already (the while-waiting check)."""
-    return _readable(conn)
-
-
 _NOT_RUN = (NoScriptError, AskError, TryAgainError)  # (MovedError is an AskError)
 
 
@@ -268,7 +263,7 @@ class _DriverIO(_DriverBase):
             conn.send_packed_command(_packed(conn, args), check_health=False)
             _sent(conn, args)
             if self.while_waiting is not None:
-                self.while_waiting(lambda: _answered(conn))
+                self.while_waiting(lambda: _readable(conn))
             replies: list[Any] = []
             for _ in args:
                 try:
@@ -292,7 +287,7 @@ class _DriverIO(_DriverBase):
         wait = _blocking_wait(conn, args)
         if wait is None:
             if self.while_waiting is not None:
-                self.while_waiting(lambda: _answered(conn))
+                self.while_waiting(lambda: _readable(conn))
             return conn.read_response()
         return conn.read_response(timeout=wait)
 

@@ -31,7 +31,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any, ClassVar, Final, Protocol, overload
 
-from .hooks import MapHooks
+from .hooks import Hooks
 
 __all__ = [
     "ABSENT",
@@ -221,7 +221,7 @@ class Coherence:
         max_staleness: float,
         *,
         probe_timeout: float,
-        hooks: MapHooks | None = None,
+        hooks: Hooks[Any],
     ) -> None:
         self.store = store
         self.clock = clock
@@ -229,7 +229,7 @@ class Coherence:
         self.max_staleness = max_staleness
         self.probe_interval = max_staleness / 3
         self.probe_timeout = probe_timeout
-        self.hooks = MapHooks() if hooks is None else hooks  # (tests' sabotage points)
+        self.hooks = hooks  # (its node's: the tests' sabotage points)
         # decodes a value carried by a change message; None: such values only invalidate
         self.decode: Callable[[bytes], Any] | None = None
         self.watchers: list[Callable[[Change], None]] = []  # told of every change message

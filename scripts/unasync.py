@@ -47,6 +47,10 @@ TOKENS: list[tuple[str, str]] = [
     (r"\b__aexit__\b", "__exit__"),
     (r"\.aclose\(", ".close("),
     (r"\basyncio\.sleep\(", "time.sleep("),
+    (r"\basyncio\.Event\b", "threading.Event"),
+    (r"\basyncio\.to_thread\(\s*([\w.]+)\s*\)", r"\1()"),  # (blocking: called in place)
+    (r"\basyncio\.to_thread\(\s*([\w.]+),\s*", r"\1("),
+    (r"\bconnect_async\b", "connect"),
     (r"\bredis\.asyncio\.", "redis."),
     (r"\bAsyncIterator\b", "Iterator"),
     (r"\bAsyncSyncMap\b", "SyncMap"),
@@ -89,6 +93,12 @@ TEXTS: dict[str, list[tuple[str, str]]] = {
     ],
     "_node.py": [
         (
+            '    """Connect an asyncio node to the server at ``url`` (or ``$SYNCMAP_URL``, or the '
+            "embedded\n    Valkey, found in a thread).",
+            '    """Connect to the server at ``url`` (or ``$SYNCMAP_URL``, or the embedded '
+            "Valkey).",
+        ),
+        (
             '    """An asyncio connection to the server. Make one with :func:`connect_async`."""',
             '    """A blocking connection to the server. Make one with :func:`connect`."""',
         ),
@@ -105,6 +115,16 @@ TEXTS: dict[str, list[tuple[str, str]]] = {
         ),
     ],
     "_map.py": [
+        (
+            '        """As :meth:`SyncMap.watch`: ``async for change in m.watch(timeout=...)``."""',
+            '        """Yield the map\'s changes as this node\'s listener receives them, for '
+            "``timeout``\n"
+            "        seconds (``None``: until the caller stops). Best effort: a change lost on "
+            "the way is\n"
+            '        not replayed (the local copy is still dropped, see the contract); a "set" '
+            "carries the\n"
+            '        value read when the change is yielded."""',
+        ),
         (
             '        """As :meth:`SyncMap.get_or_load`; ``loader`` may be a coroutine function."""',
             '        """The value of ``key``; if absent, ``loader()`` runs on exactly one node '

@@ -169,6 +169,37 @@ async def test_an_async_release_that_timed_out_keeps_the_token_and_can_be_retrie
     await node.close()
 
 
+async def test_an_async_read_timer_moved_by_earlier_reads_still_times_out(fresh_server):
+    """The asyncio read timer is one per connection, moved forward by each read: after reads
+    spanning several socket_timeouts, and an idle spell past the timer's deadline (nothing is
+    cancelled then), a silent server still ends the next read with ServerUnavailable."""
+    node = await syncmap.connect_async(fresh_server.url, socket_timeout=0.3)
+    lock = await node.obtain("job", 30)
+    until = time.monotonic() + 1.0
+    reads = 0
+    while time.monotonic() < until:  # (one kept connection: each read moves its deadline)
+        assert await lock.owned()
+        reads += 1
+    await asyncio.sleep(0.5)  # the timer comes due with no read in flight
+    assert await lock.owned()  # arms it again, for this read's deadline
+    task = asyncio.current_task()
+    assert task is not None and task.cancelling() == 0
+    await asyncio.sleep(0.15)  # the next read's deadline is well past the armed one
+    fresh_server.pause()
+    try:
+        started = time.monotonic()
+        with pytest.raises(ServerUnavailable):
+            async with asyncio.timeout(10):  # (a timer that never fires fails here)
+                await lock.release()
+        assert time.monotonic() - started < 5, reads
+        assert task.cancelling() == 0
+        assert lock.token is not None
+    finally:
+        fresh_server.resume()
+    await lock.release()
+    await node.close()
+
+
 def test_lock_commands_survive_killed_connections(fresh_server):
     node = syncmap.connect(fresh_server.url)
     lock = node.obtain("job", 30)

@@ -836,23 +836,20 @@ def test_closing_a_map_closes_its_connections(server, ns):
         assert open_fds() <= before  # a leak: one or more sockets per closed map
 
 
-def test_a_writing_thread_applies_its_own_messages_even_when_answers_come_at_once(
-    server, ns, monkeypatch
-):
+def test_a_writing_thread_applies_its_own_messages_even_when_answers_come_at_once(server, ns):
     """A writer skips applying waiting change messages when the server's answer is already
     in; but not for long: a busy write-only thread (the listener thread keeps out of its way)
     must not let its own change messages, and the freshness probe's PONG, pile up."""
-    from syncmap import _driver
-
-    monkeypatch.setattr(_driver, "_answered", lambda conn: True)  # as on a one-CPU machine
-    with syncmap.connect(server.url) as node, node.map(ns) as m:
-        m["k"] = 0
-        wait_until(lambda: m._state.applied >= 1, 5)
-        first = m._state.applied
-        lags = []
-        for i in range(1, 301):
-            m["k"] = i
-            lags.append(first + i - m._state.applied)  # own messages not applied yet
-            time.sleep(0.0005)
-        assert max(lags[100:]) < 100, max(lags)  # applied within ~20 ms, not never
-        assert m.stats.resyncs == 0
+    with syncmap.connect(server.url) as node:
+        node._hooks.answered = lambda: True  # as on a one-CPU machine
+        with node.map(ns) as m:
+            m["k"] = 0
+            wait_until(lambda: m._state.applied >= 1, 5)
+            first = m._state.applied
+            lags = []
+            for i in range(1, 301):
+                m["k"] = i
+                lags.append(first + i - m._state.applied)  # own messages not applied yet
+                time.sleep(0.0005)
+            assert max(lags[100:]) < 100, max(lags)  # applied within ~20 ms, not never
+            assert m.stats.resyncs == 0

@@ -179,7 +179,7 @@ def _coherence_of(m):
 
 
 def no_fill_guard(m) -> None:
-    """Disable the fill-race placeholder (what ``node.map(..., _fill_guard=False)`` does).
+    """Disable the fill-race placeholder (``node._hooks.fill_guard = False``).
 
     Two things of the real map hide the race from this small workload, so they are turned off
     here to keep it reachable: carried values (``push_values``) update cached entries in place,

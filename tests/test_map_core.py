@@ -4,10 +4,12 @@ server, an injected clock. Each test names the contract rule it pins down."""
 from __future__ import annotations
 
 import contextlib
+import threading
 
 import pytest
 
 from syncmap._core.coherence import ABSENT, Coherence, Entry, Placeholder, parse_change
+from syncmap._core.hooks import new_hooks
 from syncmap._local import SafeHashMap
 
 
@@ -45,7 +47,10 @@ def msg(epoch: str, seq: int, key: str = "k", op: str = "S") -> bytes:
 
 def synced(store=None, epoch="E", seq=10) -> tuple[Coherence, Clock]:
     clock = Clock()
-    st = Coherence(store or SafeHashMap(), clock, contextlib.nullcontext(), 1.0, probe_timeout=3)
+    hooks = new_hooks(threading.Event, threading.Event)
+    st = Coherence(
+        store or SafeHashMap(), clock, contextlib.nullcontext(), 1.0, probe_timeout=3, hooks=hooks
+    )
     st.on_subscribed()
     token = st.start_probe()
     st.probe_read(token, epoch, seq)

@@ -57,7 +57,8 @@ def test_no_fill_race_forced_interleaving(maps, server, ns, guarded):
     writes and this node processes that write's invalidation; then the install runs. The old
     value must not be installed. With the placeholder disabled the race shows (the test can
     fail)."""
-    a = maps(server.url, ns, max_staleness=LONG, _fill_guard=guarded)
+    a = maps(server.url, ns, max_staleness=LONG)
+    a.node._hooks.fill_guard = guarded  # (a's node: its one map)
     b = maps(server.url, ns, max_staleness=LONG)
     b.set("warm", 0)
     cached(a, "warm", 0)

@@ -103,3 +103,20 @@ def test_the_generated_code_is_current() -> None:
         [sys.executable, str(SCRIPT), "--check"], capture_output=True, text=True, check=False
     )
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_work_run_in_a_thread_is_called_in_place_and_events_are_threading_ones() -> None:
+    source = (
+        "async def start(self) -> None:\n"
+        "    self.running = asyncio.Event()\n"
+        "    await asyncio.to_thread(router.refresh)\n"
+        "    found = await asyncio.to_thread(_prepare, url, redis.asyncio.Redis, options)\n"
+        "    node = await connect_async(url)\n"
+    )
+    assert _script().unasync(source, []) == (
+        "def start(self) -> None:\n"
+        "    self.running = threading.Event()\n"
+        "    router.refresh()\n"
+        "    found = _prepare(url, redis.Redis, options)\n"
+        "    node = connect(url)\n"
+    )

@@ -33,7 +33,7 @@ import os
 import select
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import redis
@@ -87,12 +87,26 @@ def _blocking_wait(conn: Any, args: tuple[Any, ...]) -> float | None:
     return float(args[-1]) + (conn.socket_timeout or 5.0)
 
 
+class _Process:
+    """This process's id, kept current by a fork hook: read on every borrow and give-back
+    (``os.getpid()`` is a system call)."""
+
+    pid = os.getpid()
+
+    @classmethod
+    def forked(cls) -> None:
+        cls.pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_Process.forked)
+
+
 class _Connections:
     """Connections set aside from one client's pool (per process)."""
 
     def __init__(self, pool: Any) -> None:
         self.pool = pool
-        self.pid = os.getpid()
+        self.pid = _Process.pid
         self.idle: list[Any] = []
 
 
@@ -101,7 +115,7 @@ _KEPT: weakref.WeakKeyDictionary[Any, _Connections] = weakref.WeakKeyDictionary(
 
 def _connections(client: Any) -> _Connections:
     kept = _KEPT.get(client)
-    if kept is None or kept.pid != os.getpid():
+    if kept is None or kept.pid != _Process.pid:
         kept = _KEPT[client] = _Connections(client.connection_pool)
     return kept
 
@@ -127,11 +141,6 @@ def _polled(conn: Any, sock: Any) -> bool:
         return bool(watch[1].poll(0))
     except (OSError, ValueError):
         return True
-
-
-def _answered(conn: Any) -> bool:
-    """Whether the answer to what was just sent is in already (the while-waiting check)."""
-    return _readable(conn)
 
 
 _NOT_RUN = (NoScriptError, AskError, TryAgainError)  # (MovedError is an AskError)
@@ -195,7 +204,7 @@ class _DriverBase:
         """This process's connections: a forked child never borrows those its parent set
         aside (both would write on one socket and read each other's answers)."""
         conns = self._conns
-        if conns.pid != os.getpid():
+        if conns.pid != _Process.pid:
             conns = self._conns = _connections(self.client)
         return conns
 
@@ -254,7 +263,7 @@ class _DriverIO(_DriverBase):
             conn.send_packed_command(_packed(conn, args), check_health=False)
             _sent(conn, args)
             if self.while_waiting is not None:
-                self.while_waiting(lambda: _answered(conn))
+                self.while_waiting(lambda: _readable(conn))
             replies: list[Any] = []
             for _ in args:
                 try:
@@ -278,13 +287,16 @@ class _DriverIO(_DriverBase):
         wait = _blocking_wait(conn, args)
         if wait is None:
             if self.while_waiting is not None:
-                self.while_waiting(lambda: _answered(conn))
+                self.while_waiting(lambda: _readable(conn))
             return conn.read_response()
         return conn.read_response(timeout=wait)
 
     def _give_back(self, conn: Any) -> None:
         if not self._keep(conn):
-            self.conns.pool.release(conn)
+            self._release(conn)
+
+    def _release(self, conn: Any) -> None:
+        self.conns.pool.release(conn)
 
     def _sleep(self, seconds: float) -> None:
         if self.sleep is not None:
@@ -319,53 +331,98 @@ def _raise_swallowed_cancel() -> None:
         raise asyncio.CancelledError
 
 
-async def _send(conn: Any, packed: Any) -> None:
+def _send(conn: Any, packed: Any) -> Awaitable[None] | None:
     """``conn.send_packed_command(packed, check_health=False)``, without what it costs per
     write on Python 3.11: its ``asyncio.wait_for`` runs the write in a new task (two more
     turns of the event loop for the caller). The write goes to the transport, which never
-    blocks; only a write that leaves data in the transport's buffer (a big batch) waits for it
-    to drain, within the connection's ``socket_timeout``. A connection class with a send of
-    its own (a cluster's: see ``_cluster``) or not connected yet goes through redis-py."""
+    blocks: ``None`` when it is done, else what to await (``if (sending := _send(...)) is not
+    None: await sending``; no coroutine on the common path). Only a write that leaves data in
+    the transport's buffer (a big batch) waits for it to drain, within the connection's
+    ``socket_timeout``. A connection class with a send of its own (a cluster's: see
+    ``_cluster``) or not connected yet goes through redis-py."""
     if type(conn).send_packed_command is not PLAIN_ASYNC_SEND or not conn.is_connected:
-        await conn.send_packed_command(packed, check_health=False)
-        return
+        return conn.send_packed_command(packed, check_health=False)  # type: ignore[no-any-return]
     writer = writer_of(conn)
     transport = writer.transport
     if transport.is_closing():  # (uvloop refuses such a write with a bare RuntimeError)
-        await conn.disconnect(nowait=True)
-        raise redis.asyncio.ConnectionError("Connection closed by the server before write")
-    writer.writelines(packed)
+        return _closed_before_write(conn)
+    transport.write(packed[0] if len(packed) == 1 else b"".join(packed))
     if transport.get_write_buffer_size():
-        try:
-            async with asyncio.timeout(conn.socket_timeout):
-                await writer.drain()
-        except (OSError, TimeoutError) as exc:
-            await conn.disconnect(nowait=True)
-            if isinstance(exc, TimeoutError):
-                raise redis.asyncio.TimeoutError("Timeout writing to socket") from None
-            raise redis.asyncio.ConnectionError(f"Error while writing to socket: {exc}") from exc
+        return _drain(conn, writer)
+    return None
 
 
-class _Expiry:
-    """What ``asyncio.timeout`` does for one read, at half its cost (a timer that cancels the
-    task; ~2 us a read instead of ~4): ``expired(exc)`` tells its cancellation from any
-    other one (and makes the task's cancel count whole again), ``cancel()`` disarms it."""
+async def _closed_before_write(conn: Any) -> None:
+    await conn.disconnect(nowait=True)
+    raise redis.asyncio.ConnectionError("Connection closed by the server before write")
 
-    __slots__ = ("base", "fired", "handle", "task")
 
-    def __init__(self, seconds: float | None) -> None:
+async def _drain(conn: Any, writer: Any) -> None:
+    try:
+        async with asyncio.timeout(conn.socket_timeout):
+            await writer.drain()
+    except (OSError, TimeoutError) as exc:
+        await conn.disconnect(nowait=True)
+        if isinstance(exc, TimeoutError):
+            raise redis.asyncio.TimeoutError("Timeout writing to socket") from None
+        raise redis.asyncio.ConnectionError(f"Error while writing to socket: {exc}") from exc
+
+
+class _ReadTimer:
+    """What ``asyncio.timeout`` does for a connection's reads, for a fraction of its cost:
+    one timer per connection, armed once and moved forward only when it comes due (a read
+    writes its deadline; it creates and cancels no timer of its own). When it comes due
+    during a read whose deadline has passed, it cancels the reading task; ``expired(exc)``
+    tells that cancellation from any other one (and makes the task's cancel count whole
+    again)."""
+
+    __slots__ = ("base", "deadline", "fired", "handle", "loop", "task", "when")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.task: asyncio.Task[Any] | None = None  # the task reading now
+        self.base = 0
+        self.deadline = self.when = 0.0
         self.fired = False
         self.handle: asyncio.TimerHandle | None = None
-        task = self.task = asyncio.current_task()
-        if seconds is not None and task is not None:
-            self.base = task.cancelling()
-            loop = asyncio.get_running_loop()
-            self.handle = loop.call_at(loop.time() + seconds, self._fire)
 
-    def _fire(self) -> None:
+    @staticmethod
+    def of(conn: Any) -> _ReadTimer | None:
+        """The connection's timer, started for a read within its ``socket_timeout``
+        (``None``: no timeout, or not in a task)."""
+        seconds = conn.socket_timeout
+        task = asyncio.current_task()
+        if seconds is None or task is None:
+            return None
+        loop = task.get_loop()
+        timer: _ReadTimer | None = conn.__dict__.get("_syncmap_timer")
+        if timer is None or timer.loop is not loop:
+            timer = conn._syncmap_timer = _ReadTimer(loop)
+        timer.start(task, loop.time() + seconds)
+        return timer
+
+    def start(self, task: asyncio.Task[Any], deadline: float) -> None:
+        self.task = task
+        self.base = task.cancelling()
+        self.fired = False
+        self.deadline = deadline
+        if self.handle is None or deadline < self.when:
+            if self.handle is not None:
+                self.handle.cancel()
+            self.when = deadline
+            self.handle = self.loop.call_at(deadline, self._due)
+
+    def _due(self) -> None:
+        self.handle = None
+        task = self.task
+        if task is None:  # no read now: the next one arms it again
+            return
+        if self.loop.time() < self.deadline:  # a later read's: wait until its deadline
+            self.when = self.deadline
+            self.handle = self.loop.call_at(self.deadline, self._due)
+            return
         self.fired = True
-        assert self.task is not None
-        self.task.cancel()
+        task.cancel()
 
     def expired(self, exc: BaseException) -> bool:
         """Whether ``exc`` is this timer's cancellation (and no one else's as well)."""
@@ -374,15 +431,15 @@ class _Expiry:
         assert self.task is not None
         return self.task.uncancel() <= self.base
 
-    def cancel(self) -> None:
-        if self.handle is not None:
-            self.handle.cancel()
+    def stop(self) -> None:
+        """The read is over (the timer stays armed for the next one)."""
+        self.task = None
 
 
 async def _reply(conn: Any) -> Any:
     """``await conn.read_response()``, with fewer layers on its common path: a connection of
     redis-py's own class with the hiredis parser is read straight from the parser, within the
-    connection's ``socket_timeout`` (:class:`_Expiry`; a push frame in between goes to the
+    connection's ``socket_timeout`` (:class:`_ReadTimer`; a push frame in between goes to the
     parser's push handler, as redis-py does); on any failure the connection is closed and the
     error is redis-py's (``ConnectionError``, ``TimeoutError``), as ``read_response`` does.
     Any other connection goes through ``read_response``."""
@@ -401,7 +458,7 @@ async def _reply(conn: Any) -> Any:
         await conn.disconnect(nowait=True)
         raise
     if reply is NOT_ENOUGH_DATA or (push is not None and isinstance(reply, push)):
-        expiry = _Expiry(conn.socket_timeout)
+        timer = _ReadTimer.of(conn)
         try:
             while True:
                 if reply is NOT_ENOUGH_DATA:
@@ -412,7 +469,7 @@ async def _reply(conn: Any) -> Any:
                     break
                 reply = reader.gets()
         except BaseException as exc:
-            expired = expiry.expired(exc)
+            expired = timer is not None and timer.expired(exc)
             await conn.disconnect(nowait=True)
             if expired:
                 raise redis.asyncio.TimeoutError(f"Timeout reading from {conn.host}") from None
@@ -420,7 +477,8 @@ async def _reply(conn: Any) -> Any:
                 raise redis.asyncio.ConnectionError(f"Error while reading: {exc}") from exc
             raise
         finally:
-            expiry.cancel()
+            if timer is not None:
+                timer.stop()
     if isinstance(reply, redis.asyncio.ResponseError | redis.asyncio.ConnectionError):
         raise reply
     return reply
@@ -430,9 +488,15 @@ class _AsyncDriverIO(_DriverBase):
     """The asyncio driver's I/O: connections borrowed and given back awaiting, the transport
     written and the hiredis parser read directly (``_send``, ``_reply``)."""
 
+    check: Callable[[], object] | None = None
+    """Called before each flow runs (a lock's: its asyncio node's fork check)."""
+
     async def _give_back(self, conn: Any) -> None:
         if not self._keep(conn):
-            await self.conns.pool.release(conn)
+            await self._release(conn)
+
+    async def _release(self, conn: Any) -> None:
+        await self.conns.pool.release(conn)
 
     async def _borrow(self) -> Any:
         conns = self.conns
@@ -472,7 +536,8 @@ class _AsyncDriverIO(_DriverBase):
     @staticmethod
     async def _roundtrip(conn: Any, args: Any, then: tuple[Any, ...] | None) -> Any:
         if isinstance(args, list):  # a batch: every answer, errors included
-            await _send(conn, _packed(conn, args))
+            if (sending := _send(conn, _packed(conn, args))) is not None:
+                await sending
             _sent(conn, args)
             replies: list[Any] = []
             for _ in args:
@@ -482,7 +547,8 @@ class _AsyncDriverIO(_DriverBase):
                     replies.append(exc)
             return replies
         if then is not None:
-            await _send(conn, _pack(conn, args, then))
+            if (sending := _send(conn, _pack(conn, args, then))) is not None:
+                await sending
             try:
                 first = await _reply(conn)
             except redis.asyncio.ResponseError:
@@ -493,7 +559,10 @@ class _AsyncDriverIO(_DriverBase):
             except redis.asyncio.ConnectionError:
                 await conn.disconnect(nowait=True)
                 return first, None  # the wait's answer is lost: as if it had timed out
-        await _send(conn, _pack(conn, args))
+        if (sending := _send(conn, _pack(conn, args))) is not None:
+            await sending
+        if args[0] != "BLPOP":  # (the common case: no layer of _read's in between)
+            return await _reply(conn)
         return await AsyncDriver._read(conn, args)
 
     @staticmethod
@@ -580,13 +649,16 @@ class AsyncDriver(_AsyncDriverIO):
         except BaseException:
             await self._discard(conn)
             raise
-        await self._give_back(conn)
+        if not self._keep(conn):  # (_give_back, without a coroutine on the common path)
+            await self._release(conn)
         _raise_swallowed_cancel()  # unasync: drop
         return reply
 
     async def run(self, flow: Flow[T]) -> T:
         """Run ``flow``: perform each operation it yields, send back the result (or throw
         the error), until it returns."""
+        if self.check is not None:  # unasync: drop
+            self.check()  # unasync: drop
         task = asyncio.current_task()  # unasync: drop
         baseline = _CANCELS.set(task.cancelling() if task is not None else 0)  # unasync: drop
         try:
@@ -662,7 +734,8 @@ class SyncDriver(_DriverIO):
         except BaseException:
             self._discard(conn)
             raise
-        self._give_back(conn)
+        if not self._keep(conn):  # (_give_back, without a coroutine on the common path)
+            self._release(conn)
         return reply
 
     def run(self, flow: Flow[T]) -> T:

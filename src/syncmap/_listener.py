@@ -48,7 +48,7 @@ from redis.exceptions import MovedError
 from redis.retry import Retry
 
 from ._core.coherence import Coherence
-from ._core.hooks import ListenerHooks
+from ._core.hooks import Hooks, new_hooks
 from ._core.map_listen import (
     FLUSH_CHANNEL,
     MAX_WAIT,
@@ -159,18 +159,6 @@ def _on_invalidation(conn: Any, handler: Any) -> None:
     setter = getattr(parser_of(conn), "set_invalidation_push_handler", None)
     if setter is not None:
         setter(handler)
-
-
-def _blocking_hooks() -> ListenerHooks[threading.Event]:
-    running = threading.Event()
-    running.set()
-    return ListenerHooks(running, threading.Event())
-
-
-def _asyncio_hooks() -> ListenerHooks[asyncio.Event]:
-    running = asyncio.Event()
-    running.set()
-    return ListenerHooks(running, threading.Event())
 
 
 def _channels_of(members: Iterable[Member]) -> list[bytes]:
@@ -334,7 +322,7 @@ class SyncListener(_ListenerBase):
         timeout: float,
         router: Any = None,
         home: Any = None,
-        hooks: ListenerHooks[threading.Event] | None = None,
+        hooks: Hooks[threading.Event] | None = None,
     ) -> None:
         super().__init__(client, address, timeout, router, home)
         pool = client.connection_pool
@@ -353,7 +341,7 @@ class SyncListener(_ListenerBase):
         self._cut_short = False  # redis-py's reader: the last drain stopped at DRAIN_LIMIT
         self.closing = threading.Event()
         self.nudge = threading.Event()  # ends the listener thread's nap early
-        self.hooks = _blocking_hooks() if hooks is None else hooks
+        self.hooks = new_hooks(threading.Event, threading.Event) if hooks is None else hooks
         self._nap = BUSY_NAP  # the next nap while map threads apply the events
         self.thread = self._new_thread()
 
@@ -430,7 +418,7 @@ class SyncListener(_ListenerBase):
         self.started = False
         self.closing = threading.Event()
         self.nudge = threading.Event()
-        self.hooks = _blocking_hooks()
+        self.hooks.restart(threading.Event, threading.Event)  # (in place: the node's)
         self.thread = self._new_thread()
         _forget_members(self.hub)
 
@@ -799,7 +787,7 @@ class AsyncListener(_ListenerBase):
         timeout: float,
         router: Any = None,
         home: Any = None,
-        hooks: ListenerHooks[asyncio.Event] | None = None,
+        hooks: Hooks[asyncio.Event] | None = None,
     ) -> None:
         super().__init__(client, address, timeout, router, home)
         pool = client.connection_pool
@@ -818,7 +806,7 @@ class AsyncListener(_ListenerBase):
         self._applied = 0  # events applied for the current _receive_raw
         self.closing = False
         self.forked = False  # made before os.fork(), and this is the child: unusable
-        self.hooks = _asyncio_hooks() if hooks is None else hooks
+        self.hooks = new_hooks(asyncio.Event, threading.Event) if hooks is None else hooks
         self.task: asyncio.Task[None] | None = None
 
     @property

@@ -125,16 +125,20 @@ class _LockBase(Generic[N]):
         self._node = node
         self._last_token: str | None = None  # the latest acquisition's token
         self._lost_token: str | None = None  # the latest acquisition the watchdog found lost
+        # what stops the running watchdog, if any (its thread's event, or its task's cancel)
+        self._stop_watch: Callable[[], object] | None = None
         _LOCKS.add(self)
 
     def _after_fork(self) -> None:
         """In a forked child: the parent holds the lock, not the child. The child forgets the
         acquisition (it cannot release or renew it: ``LockNotHeld``; ``owned()`` is False;
-        ``locked()`` still tells whether anyone holds it), and no watchdog runs here."""
+        ``locked()`` still tells whether anyone holds it), and no watchdog runs here (the
+        parent's thread or task: none runs in the child)."""
         token = self._state.token
         if token is not None:
             self._state.forget(token)
         self._last_token = None
+        self._stop_watch = None
 
     # -- what a holder (and a guarded map write) reads --
 
@@ -199,8 +203,20 @@ class _LockBase(Generic[N]):
     ) -> Flow[bool]:
         return acquire_flow(self._state, token, backoffs, deadline, time.monotonic)
 
-    def _watchdog(self, token: str) -> Flow[bool]:
-        return watchdog_flow(self._state, token, time.monotonic, self._max_hold)
+    def _watch(self, token: str) -> Flow[None]:
+        """The watchdog of the acquisition ``token`` (run by a thread or a task): renew it
+        until it is released; mark it lost if it was, or if renewals stopped (an error: the
+        lease will run out)."""
+        try:
+            lost = yield from watchdog_flow(self._state, token, time.monotonic, self._max_hold)
+        except Exception:
+            lost = True
+        if lost:
+            self._mark_lost(token)
+
+    def _stopper(self) -> Callable[[], object] | None:
+        """What stops the running watchdog, if any."""
+        return self._stop_watch
 
     def _mark_lost(self, token: str) -> None:
         if self._state.token != token:
@@ -214,32 +230,22 @@ class _LockBase(Generic[N]):
         self._last_token = token
         registry.lock_acquired(self.key, time.monotonic() - started)
 
-    @contextlib.contextmanager
-    def _releasing(self) -> Iterator[None]:
-        """Around a release: a hold found gone (expired or taken) is a lost hold, unless the
-        watchdog counted it already."""
-        token = self._state.token
-        try:
-            yield
-        except LockNotHeld:
-            if token is not None and self._lost_token != token:
-                registry.lock(self.key).lost_hold()
-            raise
+    def _found_gone(self, token: str | None) -> None:
+        """A release (of the acquisition ``token``) found the hold gone (expired or taken): a
+        lost hold, unless the watchdog counted it already."""
+        if token is not None and self._lost_token != token:
+            registry.lock(self.key).lost_hold()
 
-    @contextlib.contextmanager
-    def _leaving(self, exc: BaseException | None) -> Iterator[None]:
-        """Around the release that ends a ``with`` block: :class:`LockLost` if the lock was
-        lost meanwhile (only when the block itself is not raising). The acquisition is the
-        one held on entering: another thread (task) sharing this object may take the lock as
-        soon as it is released."""
-        token = self._state.token
-        try:
-            yield
-        except LockNotHeld:
-            if exc is None:
-                raise LockLost(f"lock {self.key!r} expired or was taken during the block") from None
+    def _left(self, token: str | None, exc: BaseException | None, gone: bool) -> None:
+        """After the release that ends a ``with`` block (``gone``: it raised LockNotHeld):
+        :class:`LockLost` if the lock was lost meanwhile (only when the block itself is not
+        raising). ``token`` is the acquisition held on entering the release: another thread
+        (task) sharing this object may take the lock as soon as it is released."""
+        if exc is not None:
             return
-        if exc is None and token is not None and self._lost_token == token:
+        if gone:
+            raise LockLost(f"lock {self.key!r} expired or was taken during the block") from None
+        if token is not None and self._lost_token == token:
             raise LockLost(f"lock {self.key!r} was lost during the block")
 
 
@@ -251,11 +257,6 @@ class _LockShell(_LockBase["Node"]):
     ) -> None:
         super().__init__(node, name, ttl, **options)
         self._run = SyncDriver(node.client, node.address).run
-        self._stop: threading.Event | None = None
-
-    def _after_fork(self) -> None:
-        super()._after_fork()
-        self._stop = None  # (the parent's watchdog thread: none runs in the child)
 
     def _leave(self, token: str) -> None:
         """An interrupted acquisition leaves the queue (best effort)."""
@@ -263,25 +264,15 @@ class _LockShell(_LockBase["Node"]):
             self._run(leave_flow(self._state, token))
 
     def _start_watchdog(self, token: str) -> None:
-        stop = self._stop = threading.Event()
+        stop = threading.Event()
+        self._stop_watch = stop.set
         run = SyncDriver(self._node.client, self._node.address, stop.wait).run
-
-        def watch() -> None:
-            try:
-                lost = run(self._watchdog(token))
-            except Exception:  # renewals stopped: the lease will run out
-                lost = True
-            if lost:
-                self._mark_lost(token)
-
         threading.Thread(
-            target=watch, name=f"syncmap-lock-watchdog:{self.key}", daemon=True
+            target=run,
+            args=(self._watch(token),),
+            name=f"syncmap-lock-watchdog:{self.key}",
+            daemon=True,
         ).start()
-
-    def _stopper(self) -> Callable[[], object] | None:
-        """What stops the running watchdog, if any."""
-        stop = self._stop
-        return None if stop is None else stop.set
 
 
 class _AsyncLockShell(_LockBase["AsyncNode"]):
@@ -291,18 +282,9 @@ class _AsyncLockShell(_LockBase["AsyncNode"]):
         self, node: AsyncNode, name: str | tuple[str, ...], ttl: float = DEFAULT_TTL, **options: Any
     ) -> None:
         super().__init__(node, name, ttl, **options)
-        run = AsyncDriver(node.client, node.address).run
-
-        async def checked(flow: Flow[T]) -> T:
-            node._check_fork()  # an asyncio node does not cross a fork: NodeForked
-            return await run(flow)
-
-        self._run = checked
-        self._watch_task: asyncio.Task[None] | None = None
-
-    def _after_fork(self) -> None:
-        super()._after_fork()
-        self._watch_task = None  # (the parent's loop's)
+        driver = AsyncDriver(node.client, node.address)
+        driver.check = node._check_fork  # an asyncio node does not cross a fork: NodeForked
+        self._run = driver.run
 
     async def _leave(self, token: str) -> None:
         """An interrupted acquisition leaves the queue (best effort), even when the
@@ -312,20 +294,8 @@ class _AsyncLockShell(_LockBase["AsyncNode"]):
             await asyncio.shield(cleanup)
 
     def _start_watchdog(self, token: str) -> None:
-        self._watch_task = asyncio.create_task(self._watch(token))
-
-    async def _watch(self, token: str) -> None:
-        try:
-            lost = await self._run(self._watchdog(token))
-        except Exception:  # renewals stopped: the lease will run out
-            lost = True
-        if lost:
-            self._mark_lost(token)
-
-    def _stopper(self) -> Callable[[], object] | None:
-        """What stops the running watchdog, if any."""
-        task = self._watch_task
-        return None if task is None else task.cancel
+        task = asyncio.create_task(self._run(self._watch(token)))
+        self._stop_watch = task.cancel  # (and a reference: the loop keeps only a weak one)
 
 
 # The public locks: written once for asyncio; the blocking one is generated from it.
@@ -356,8 +326,12 @@ class AsyncLock(_AsyncLockShell):
     async def release(self) -> None:
         """Release; raises :class:`LockNotHeld` if it expired or was taken meanwhile."""
         stop = self._stopper()
-        with self._releasing():
+        token = self._state.token
+        try:
             await self._run(release_flow(self._state))
+        except LockNotHeld:
+            self._found_gone(token)
+            raise
         if stop is not None:
             stop()
 
@@ -382,8 +356,13 @@ class AsyncLock(_AsyncLockShell):
         return self
 
     async def __aexit__(self, kind: object, exc: BaseException | None, tb: object) -> None:
-        with self._leaving(exc):
+        token = self._state.token
+        try:
             await self.release()
+        except LockNotHeld:
+            self._left(token, exc, gone=True)
+            return
+        self._left(token, exc, gone=False)
 
 
 # unasync: end
@@ -420,8 +399,12 @@ class Lock(_LockShell):
     def release(self) -> None:
         """Release; raises :class:`LockNotHeld` if it expired or was taken meanwhile."""
         stop = self._stopper()
-        with self._releasing():
+        token = self._state.token
+        try:
             self._run(release_flow(self._state))
+        except LockNotHeld:
+            self._found_gone(token)
+            raise
         if stop is not None:
             stop()
 
@@ -446,8 +429,13 @@ class Lock(_LockShell):
         return self
 
     def __exit__(self, kind: object, exc: BaseException | None, tb: object) -> None:
-        with self._leaving(exc):
+        token = self._state.token
+        try:
             self.release()
+        except LockNotHeld:
+            self._left(token, exc, gone=True)
+            return
+        self._left(token, exc, gone=False)
 
 
 # unasync: end

@@ -37,7 +37,6 @@ from ._cached import AsyncCachedFunction, CachedFunction, cached, cached_async
 from ._cluster import key_slot
 from ._codec import Codec, get_codec
 from ._core.coherence import ABSENT, Change, Coherence, Entry
-from ._core.hooks import MapHooks
 from ._core.keys import MapKeys
 from ._core.map_flows import Call, MapCore, MapFlow
 from ._core.map_listen import Member
@@ -124,11 +123,7 @@ class _Items(ItemsView[str, Any]):
     _mapping: SyncMap
 
     def __iter__(self) -> Iterator[tuple[str, Any]]:
-        m = self._mapping
-        for key in m:
-            value = m.get(key, _MISSING)
-            if value is not _MISSING:
-                yield key, value
+        return self._mapping._each_item()
 
 
 class _Values(ValuesView[Any]):
@@ -139,6 +134,45 @@ class _Values(ValuesView[Any]):
     def __iter__(self) -> Iterator[Any]:
         for _, value in _Items(self._mapping):
             yield value
+
+
+# What a watch waits on differs (threads vs tasks): a queue and its wait, one class per kind.
+
+
+class _Changes:
+    """A blocking watch's changes, put by the listener thread (or a reading thread)."""
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[Change] = queue.SimpleQueue()
+        self.put = self._queue.put
+
+    def next(self, deadline: float | None) -> Change | None:
+        """The next change; ``None`` once ``deadline`` has passed (woken every 0.1 s)."""
+        while deadline is None or time.monotonic() < deadline:
+            wait = 0.1 if deadline is None else max(0.0, min(0.1, deadline - time.monotonic()))
+            try:
+                return self._queue.get(timeout=wait)
+            except queue.Empty:
+                continue
+        return None
+
+
+class _AsyncChanges:
+    """An asyncio watch's changes, put by the listener task (or the raw reader's callback)."""
+
+    def __init__(self) -> None:
+        self._queue: asyncio.Queue[Change] = asyncio.Queue()
+        self.put = self._queue.put_nowait
+
+    async def next(self, deadline: float | None) -> Change | None:
+        """The next change; ``None`` once ``deadline`` has passed."""
+        wait = None if deadline is None else deadline - time.monotonic()
+        if wait is not None and wait <= 0:
+            return None
+        try:
+            return await asyncio.wait_for(self._queue.get(), wait)
+        except TimeoutError:
+            return None
 
 
 def _check_options(
@@ -220,7 +254,6 @@ class _MapBase:
         max_key_bytes: int = 1024,
         max_value_bytes: int = 1 << 20,
         push_values: int = DEFAULT_PUSH_VALUES,
-        _fill_guard: bool = True,
     ) -> None:
         keys = MapKeys(name)
         _check_options(
@@ -241,7 +274,7 @@ class _MapBase:
             threading.RLock(),
             self._max_staleness,
             probe_timeout=max(3 * self._max_staleness, 2.0),
-            hooks=MapHooks(fill_guard=bool(_fill_guard)),
+            hooks=node._root._hooks,
         )
         self._core = MapCore(
             keys,
@@ -257,10 +290,22 @@ class _MapBase:
         self._listener_timeout = min(max(self._max_staleness, 0.25), 2.0)
         slot = None if node._root.router is None else key_slot(keys.meta)
         self._member = Member(self._state, keys, slot)
+        self._listen_at(slot)
+        self._member.relisten = self._relisten
         self._hits = 0
         self._misses = 0
         self._closed = False
         registry.add_map(self)  # (for syncmap.metrics: read at collect time)
+
+    def _listen_at(self, slot: int | None) -> Any:
+        """Take the node's listener for ``slot`` (on a Cluster: the one of the master owning
+        it now) as the map's, and return it."""
+        self._listener = self.node._listener_for(slot, self._listener_timeout)
+        return self._listener
+
+    def _relisten(self, member: Member) -> None:
+        """(Cluster) The map's slot now lives on another master: listen there."""
+        raise NotImplementedError
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r} on {self.node.address}>"
@@ -327,32 +372,37 @@ class _MapBase:
 class SyncMap(_MapBase, MutableMapping[str, Any]):
     """The blocking map. Make one with ``node.map(name, ...)``; its contract: docs/contract.md."""
 
+    _listener: SyncListener
+
     def __init__(self, node: Node, name: str, **options: Any) -> None:
         super().__init__(node, name, **options)
         self._driver = _Driver(node.client, node.address)
         self._driver.while_waiting = self._poll_while_waiting
-        self._listener: SyncListener = node._listener_for(self._member.slot, self._listener_timeout)
-        self._member.relisten = self._relisten
         self._next_poll = 0.0  # the read path applies waiting change messages from then on
         self._read_until = -math.inf  # a local hit is served without more checks until then
         self._next_op_poll = 0.0  # the same before a server operation (less often: batches)
         self._op_poll_by = 0.0  # ... and not skipped past this time
         self._quiet = False  # the running operation came after a quiet spell (no polling)
-        self._listener.register(self._member)
-        deadline = time.monotonic() + 2.0  # usually ms: ready to cache right away
-        while not self._state.synced and time.monotonic() < deadline:
-            time.sleep(0.001)
+        self._start()  # (a blocking map starts as it is made; an asyncio one in open)
 
     @classmethod
     def open(cls, node: Node, name: str, **options: Any) -> SyncMap:
         """The map, started (as ``AsyncSyncMap.open``: ``node.map(name)`` calls it)."""
         return cls(node, name, **options)
 
+    # unasync: generated start (from the asyncio code by scripts/unasync.py: do not edit)
+    def _start(self) -> None:
+        """Listen for the map's changes, and wait (usually ms, at most 2 s) for the first
+        proof that the copy is current: ready to cache right away."""
+        self._listener.register(self._member)
+        deadline = time.monotonic() + 2.0
+        while not self._state.synced and time.monotonic() < deadline:
+            time.sleep(0.001)
+
+    # unasync: end
+
     def _relisten(self, member: Member) -> None:
-        """(Cluster) The map's slot now lives on another master: listen there."""
-        listener = self.node._listener_for(member.slot, self._listener_timeout)
-        self._listener = listener
-        listener.register(member)
+        self._listen_at(member.slot).register(member)  # (in the listener thread)
 
     def _run(self, flow: MapFlow[T]) -> T:
         now, listener = self._clock(), self._listener
@@ -377,6 +427,7 @@ class SyncMap(_MapBase, MutableMapping[str, Any]):
             self._quiet = False
             return
         now = self._clock()
+        answered = self._state.hooks.answered or answered
         if now >= self._next_op_poll and (now >= self._op_poll_by or not answered()):
             self._next_op_poll = now + OP_POLL_INTERVAL
             self._op_poll_by = now + OP_POLL_MAX_SKIP
@@ -597,6 +648,17 @@ class SyncMap(_MapBase, MutableMapping[str, Any]):
 
     # unasync: end
 
+    # unasync: generated items (from the asyncio code by scripts/unasync.py: do not edit)
+    def _each_item(self) -> Iterator[tuple[str, Any]]:
+        """The map's ``(key, value)`` pairs: its keys are listed first, then each value is read
+        in turn; a key deleted meanwhile (by any node) is skipped, not a KeyError."""
+        for key in self.keys():
+            value = self.get(key, _MISSING)
+            if value is not _MISSING:
+                yield key, value
+
+    # unasync: end
+
     def cached(
         self,
         ttl: float | None = None,
@@ -612,21 +674,17 @@ class SyncMap(_MapBase, MutableMapping[str, Any]):
         See :mod:`syncmap._cached`."""
         return cached(self, ttl, key, timeout, early_refresh)
 
+    # unasync: generated lifecycle (from the asyncio code by scripts/unasync.py: do not edit)
     def watch(self, timeout: float | None = None) -> Iterator[MapChange]:
         """Yield the map's changes as this node's listener receives them, for ``timeout``
         seconds (``None``: until the caller stops). Best effort: a change lost on the way is
         not replayed (the local copy is still dropped, see the contract); a "set" carries the
         value read when the change is yielded."""
-        changes: queue.SimpleQueue[Change] = queue.SimpleQueue()
+        changes = _Changes()
         self._state.watchers.append(changes.put)
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
-            while deadline is None or time.monotonic() < deadline:
-                wait = 0.1 if deadline is None else max(0.0, min(0.1, deadline - time.monotonic()))
-                try:
-                    change = changes.get(timeout=wait)
-                except queue.Empty:
-                    continue
+            while (change := changes.next(deadline)) is not None:
                 value = self.get(change.key) if change.op == "S" else None
                 yield MapChange(_OPS[change.op], change.key, value)
         finally:
@@ -638,7 +696,6 @@ class SyncMap(_MapBase, MutableMapping[str, Any]):
             self._closing()
             self._listener.unregister(self._member)
 
-    # unasync: generated enter (from the asyncio code by scripts/unasync.py: do not edit)
     def __enter__(self) -> SyncMap:
         return self
 
@@ -652,31 +709,36 @@ class AsyncSyncMap(_MapBase):
     """The asyncio map. ``await anode.map(name, ...)``; server operations are awaited,
     ``get_local`` reads the local copy without awaiting."""
 
+    _listener: AsyncListener
+
     def __init__(self, node: AsyncNode, name: str, **options: Any) -> None:
         super().__init__(node, name, **options)
         self._driver = _AsyncDriver(node.client, node.address)
-        self._listener: AsyncListener = node._listener_for(
-            self._member.slot, self._listener_timeout
-        )
-        self._member.relisten = self._relisten
         self._relistening: set[asyncio.Task[None]] = set()
         self._next_yield = 0.0  # a local hit yields to the event loop from then on
 
     @classmethod
     async def open(cls, node: AsyncNode, name: str, **options: Any) -> AsyncSyncMap:
+        """The map, started: ``await anode.map(name)`` calls it (a constructor cannot await)."""
         self = cls(node, name, **options)
+        await self._start()
+        return self
+
+    # unasync: source start
+    async def _start(self) -> None:
+        """Listen for the map's changes, and wait (usually ms, at most 2 s) for the first
+        proof that the copy is current: ready to cache right away."""
         await self._listener.register(self._member)
         deadline = time.monotonic() + 2.0
         while not self._state.synced and time.monotonic() < deadline:
             await asyncio.sleep(0.001)
-        return self
+
+    # unasync: end
 
     def _relisten(self, member: Member) -> None:
-        """(Cluster) The map's slot now lives on another master: listen there (called from
-        the listener task)."""
-        listener = self.node._listener_for(member.slot, self._listener_timeout)
-        self._listener = listener
-        task = asyncio.get_running_loop().create_task(listener.register(member))
+        # (in the listener task: registering awaits, so it is a task of its own)
+        register = self._listen_at(member.slot).register(member)
+        task = asyncio.get_running_loop().create_task(register)
         self._relistening.add(task)  # (the loop keeps only a weak reference to a task)
         task.add_done_callback(self._relistening.discard)
 
@@ -817,6 +879,7 @@ class AsyncSyncMap(_MapBase):
 
     async def _catch_up(self) -> None:
         """Before a bulk read: let the listener task apply what waits."""
+        # (a blocking map's thread applies it itself: SyncMap._catch_up)
         if self._clock() >= self._next_yield:
             self._next_yield = self._clock() + YIELD_INTERVAL
             await asyncio.sleep(0)
@@ -824,12 +887,18 @@ class AsyncSyncMap(_MapBase):
     async def items(self) -> list[tuple[str, Any]]:
         """``(key, value)`` pairs: the keys are listed first, then each value is read; a key
         deleted meanwhile is skipped."""
-        pairs = []
+        return [pair async for pair in self._each_item()]
+
+    # unasync: source items
+    async def _each_item(self) -> AsyncIterator[tuple[str, Any]]:
+        """The map's ``(key, value)`` pairs: its keys are listed first, then each value is read
+        in turn; a key deleted meanwhile (by any node) is skipped, not a KeyError."""
         for key in await self.keys():
             value = await self.get(key, _MISSING)
             if value is not _MISSING:
-                pairs.append((key, value))
-        return pairs
+                yield key, value
+
+    # unasync: end
 
     async def values(self) -> list[Any]:
         return [value for _, value in await self.items()]
@@ -845,32 +914,27 @@ class AsyncSyncMap(_MapBase):
         """As :meth:`SyncMap.cached`, for ``async def`` functions."""
         return cached_async(self, ttl, key, timeout, early_refresh)
 
+    # unasync: source lifecycle
     async def watch(self, timeout: float | None = None) -> AsyncIterator[MapChange]:
         """As :meth:`SyncMap.watch`: ``async for change in m.watch(timeout=...)``."""
-        changes: asyncio.Queue[Change] = asyncio.Queue()
-        self._state.watchers.append(changes.put_nowait)
+        changes = _AsyncChanges()
+        self._state.watchers.append(changes.put)
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
-            while True:
-                wait = None if deadline is None else deadline - time.monotonic()
-                if wait is not None and wait <= 0:
-                    return
-                try:
-                    change = await asyncio.wait_for(changes.get(), wait)
-                except TimeoutError:
-                    return
+            while (change := await changes.next(deadline)) is not None:
                 value = await self.get(change.key) if change.op == "S" else None
                 yield MapChange(_OPS[change.op], change.key, value)
         finally:
-            self._state.watchers.remove(changes.put_nowait)
+            self._state.watchers.remove(changes.put)
 
     async def close(self) -> None:
+        """Stop the listener; the local copy is no longer used (server calls still work)."""
         if not self._closed:
             self._closing()
-            if not self._listener.forked:
-                await self._listener.unregister(self._member)
+            if self._listener.forked:  # unasync: drop
+                return  # (the parent's listener: see AsyncListener._after_fork)  # unasync: drop
+            await self._listener.unregister(self._member)
 
-    # unasync: source enter
     async def __aenter__(self) -> AsyncSyncMap:
         return self
 

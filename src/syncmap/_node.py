@@ -21,6 +21,7 @@ import redis.cluster
 from redis.exceptions import RedisClusterException
 
 from ._cluster import ClusterRouter, key_slot
+from ._core.hooks import Hooks, new_hooks
 from ._core.keys import MapKeys, hash_tag
 from ._core.ops import Command, Flow
 from ._driver import AsyncDriver, SyncDriver
@@ -140,6 +141,7 @@ class _NodeBase:
     _shards: dict[int, Any]
     _root: Any
     _listeners: dict[Any, Any]
+    _hooks: Hooks[Any]  # the tests' sabotage points, given to the node's maps and listeners
 
     def _init_listeners(self) -> None:
         self._root = self
@@ -215,13 +217,14 @@ class AsyncNode(_NodeBase):
         self.router = router
         self._shards = {}
         self.driver = None if router is not None else AsyncDriver(client, address)
+        self._hooks = new_hooks(asyncio.Event, threading.Event)
         self._init_listeners()
         self.forked = False  # made before os.fork(), and this is the child  # unasync: drop
 
     def _new_listener(self, client: Any, address: str, timeout: float, home: Any) -> Any:
         from ._listener import AsyncListener
 
-        return AsyncListener(client, address, timeout, self.router, home)
+        return AsyncListener(client, address, timeout, self.router, home, self._hooks)
 
     # unasync: drop begin
     def _check_fork(self) -> None:
@@ -322,12 +325,13 @@ class Node(_NodeBase):
         self.router = router
         self._shards = {}
         self.driver = None if router is not None else SyncDriver(client, address)
+        self._hooks = new_hooks(threading.Event, threading.Event)
         self._init_listeners()
 
     def _new_listener(self, client: Any, address: str, timeout: float, home: Any) -> Any:
         from ._listener import SyncListener
 
-        return SyncListener(client, address, timeout, self.router, home)
+        return SyncListener(client, address, timeout, self.router, home, self._hooks)
 
     def run(self, flow: Flow[T]) -> T:
         if self.driver is None:
@@ -437,26 +441,26 @@ def _client_options(kwargs: dict[str, Any]) -> dict[str, Any]:
     return opts
 
 
-def _prepare(
-    url: Any, ready_type: type[Any], factory: Any, options: dict[str, Any]
-) -> tuple[Any, str, str | None]:
-    """(client, address, url) for a URL, ``None`` or a ready client of ``ready_type``."""
-    if isinstance(url, ready_type):
+def _prepare(url: Any, kind: type[Any], options: dict[str, Any]) -> tuple[Any, str, str | None]:
+    """(client, address, url) for a URL, ``None`` or a ready client of ``kind`` (``redis.Redis``
+    or the asyncio one)."""
+    if isinstance(url, kind):
         kw = connection_options(url.connection_pool)
         address = kw.get("path") or f"{kw.get('host', '?')}:{kw.get('port', '?')}"
         return url, str(address), None
     resolved = resolve_url(url)
     address = describe_url(resolved)
     try:
-        client = factory(_redis_url(resolved), **_client_options(options))
+        client = kind.from_url(_redis_url(resolved), **_client_options(options))
     except (ValueError, TypeError) as exc:
         raise InvalidURL(f"bad server URL {address!r}: {exc}") from None
     return client, address, resolved
 
 
-def _cluster_router(client: Any, is_async: bool) -> ClusterRouter:
+def _cluster_router(client: Any) -> ClusterRouter:
     """A router for a ready ``RedisCluster`` (sync or asyncio; initialized): its primaries are
     the seeds, and their connection options (password, TLS, timeouts) are every master's."""
+    is_async = isinstance(client, redis.asyncio.cluster.RedisCluster)
     primaries = client.get_primaries()
     if not primaries:
         raise ServerUnavailable("the cluster client knows no primary node")
@@ -475,10 +479,11 @@ def _cluster_router(client: Any, is_async: bool) -> ClusterRouter:
     return ClusterRouter(seeds, options, is_async)
 
 
-def _prepare_cluster(url: Any, options: dict[str, Any], is_async: bool) -> tuple[Any, str, Any]:
-    """(RedisCluster, address, URL or None) for a ``+cluster`` URL or a ready RedisCluster;
-    the router is made by the caller (the asyncio client must be initialized first)."""
-    kind: Any = redis.asyncio.cluster.RedisCluster if is_async else redis.cluster.RedisCluster
+def _prepare_cluster(url: Any, options: dict[str, Any], kind: Any) -> tuple[Any, str, Any]:
+    """(RedisCluster, address, URL or None) for a ``+cluster`` URL or a ready RedisCluster of
+    ``kind`` (sync or asyncio); the router is made by the caller (the asyncio client must be
+    initialized first)."""
+    is_async = kind is redis.asyncio.cluster.RedisCluster
     if isinstance(url, kind):
         first = url.get_default_node() if not is_async else None
         where = f"{first.host}:{first.port}" if first is not None else "a ready client"
@@ -494,32 +499,38 @@ def _prepare_cluster(url: Any, options: dict[str, Any], is_async: bool) -> tuple
     return client, address, url
 
 
+# unasync: generated connect (from the asyncio code by scripts/unasync.py: do not edit)
 def connect(
-    url: str | redis.Redis | redis.cluster.RedisCluster | None = None, **client_options: Any
+    url: str | redis.Redis | redis.cluster.RedisCluster | None = None,
+    **client_options: Any,
 ) -> Node:
     """Connect to the server at ``url`` (or ``$SYNCMAP_URL``, or the embedded Valkey).
 
-    ``url`` may also be a ready ``redis.Redis``; ``client_options`` go to redis-py. Raises
-    :class:`InvalidURL` for a malformed URL and :class:`ServerUnavailable` (naming the
+    ``url`` may also be a ready ``redis.Redis``; ``client_options`` go to redis-py.
+    Raises :class:`InvalidURL` for a malformed URL and :class:`ServerUnavailable` (naming the
     address) when the server does not answer.
 
     A Redis/Valkey Cluster: ``redis+cluster://host:port`` (any node; also ``rediss+cluster``,
-    ``valkey+cluster``, ``valkeys+cluster``) or a ready ``redis.cluster.RedisCluster``. Each
-    map and lock then runs on the master owning its slot (see ``syncmap._cluster``).
+    ``valkey+cluster``, ``valkeys+cluster``) or a ready ``redis.cluster.RedisCluster``.
+    Each map and lock then runs on the master owning its slot (see ``syncmap._cluster``).
     """
     if isinstance(url, redis.cluster.RedisCluster) or (
         isinstance(url, str) and is_cluster_url(url)
     ):
-        client, address, resolved = _prepare_cluster(url, client_options, False)
+        kind = redis.cluster.RedisCluster
+        client, address, resolved = _prepare_cluster(url, client_options, kind)
         try:
-            router = _cluster_router(client, False)
+            router = _cluster_router(client)
             router.refresh()
-        except BaseException:
+        except BaseException as exc:
             if resolved is not None:
                 client.close()
+            if isinstance(exc, redis.RedisError | RedisClusterException):
+                raise translated(exc, address) from exc
             raise
         return Node(client, address, resolved, router)
-    node = Node(*_prepare(url, redis.Redis, redis.Redis.from_url, client_options))
+    prepared = _prepare(url, redis.Redis, client_options)
+    node = Node(*prepared)
     try:
         node.ping()
     except ServerUnavailable:
@@ -528,19 +539,33 @@ def connect(
     return node
 
 
+# unasync: end
+
+
+# unasync: source connect
 async def connect_async(
     url: str | redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster | None = None,
     **client_options: Any,
 ) -> AsyncNode:
-    """The asyncio form of :func:`connect` (finding the embedded server runs in a thread).
-    A Cluster: a ``+cluster`` URL or a ready ``redis.asyncio.cluster.RedisCluster``."""
+    """Connect an asyncio node to the server at ``url`` (or ``$SYNCMAP_URL``, or the embedded
+    Valkey, found in a thread).
+
+    ``url`` may also be a ready ``redis.asyncio.Redis``; ``client_options`` go to redis-py.
+    Raises :class:`InvalidURL` for a malformed URL and :class:`ServerUnavailable` (naming the
+    address) when the server does not answer.
+
+    A Redis/Valkey Cluster: ``redis+cluster://host:port`` (any node; also ``rediss+cluster``,
+    ``valkey+cluster``, ``valkeys+cluster``) or a ready ``redis.asyncio.cluster.RedisCluster``.
+    Each map and lock then runs on the master owning its slot (see ``syncmap._cluster``).
+    """
     if isinstance(url, redis.asyncio.cluster.RedisCluster) or (
         isinstance(url, str) and is_cluster_url(url)
     ):
-        client, address, resolved = _prepare_cluster(url, client_options, True)
+        kind = redis.asyncio.cluster.RedisCluster
+        client, address, resolved = _prepare_cluster(url, client_options, kind)
         try:
-            await client.initialize()
-            router = _cluster_router(client, True)
+            await client.initialize()  # unasync: drop
+            router = _cluster_router(client)
             await asyncio.to_thread(router.refresh)
         except BaseException as exc:
             if resolved is not None:
@@ -549,13 +574,14 @@ async def connect_async(
                 raise translated(exc, address) from exc
             raise
         return AsyncNode(client, address, resolved, router)
-    client, address, resolved = await asyncio.to_thread(
-        _prepare, url, redis.asyncio.Redis, redis.asyncio.Redis.from_url, client_options
-    )
-    node = AsyncNode(client, address, resolved)
+    prepared = await asyncio.to_thread(_prepare, url, redis.asyncio.Redis, client_options)
+    node = AsyncNode(*prepared)
     try:
         await node.ping()
     except ServerUnavailable:
         await node.close()
         raise
     return node
+
+
+# unasync: end

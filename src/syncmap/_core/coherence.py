@@ -31,7 +31,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any, ClassVar, Final, Protocol, overload
 
-from .hooks import MapHooks
+from .hooks import Hooks
 
 __all__ = [
     "ABSENT",
@@ -142,7 +142,11 @@ def parse_change(data: bytes) -> Change | None:
     :class:`MalformedChange` for one that claims to be ours but is malformed (resync)."""
     if not data.startswith(MAGIC):
         return None
-    parts = data.split(b" ", 4)
+    return _parse_single(data.split(b" ", 4))
+
+
+def _parse_single(parts: list[bytes]) -> Change:
+    """One change from its message split in five at spaces (see :func:`parse_change`)."""
     if len(parts) != 5:
         raise MalformedChange(f"change message with {len(parts)} fields")
     _, epoch, seq, op, key = parts
@@ -167,10 +171,14 @@ def parse_changes(data: bytes) -> list[Change] | None:
     """The changes of one message, as :func:`parse_change`; a batch message
     ``SM1 <epoch> <seq> B <changes>`` holds consecutive changes from ``seq`` on, each
     ``S<len(key)> <key>``, ``D<len(key)> <key>`` or ``V<len(key)> <key><len(value)> <value>``."""
-    if data[:4] != MAGIC or data.split(b" ", 4)[3:4] != [b"B"]:
-        change = parse_change(data)
-        return None if change is None else [change]
-    _, epoch_b, seq_b, _, body = data.split(b" ", 4)
+    if not data.startswith(MAGIC):
+        return None
+    parts = data.split(b" ", 4)  # (once: the single change's fields, or the batch's)
+    if parts[3:4] != [b"B"]:
+        return [_parse_single(parts)]
+    if len(parts) != 5:
+        raise MalformedChange("a batch change message without a body")
+    _, epoch_b, seq_b, _, body = parts
     if not seq_b.isdigit() or not epoch_b or not body:
         raise MalformedChange("bad seq, epoch or body in a batch change message")
     try:
@@ -213,7 +221,7 @@ class Coherence:
         max_staleness: float,
         *,
         probe_timeout: float,
-        hooks: MapHooks | None = None,
+        hooks: Hooks[Any],
     ) -> None:
         self.store = store
         self.clock = clock
@@ -221,7 +229,7 @@ class Coherence:
         self.max_staleness = max_staleness
         self.probe_interval = max_staleness / 3
         self.probe_timeout = probe_timeout
-        self.hooks = MapHooks() if hooks is None else hooks  # (tests' sabotage points)
+        self.hooks = hooks  # (its node's: the tests' sabotage points)
         # decodes a value carried by a change message; None: such values only invalidate
         self.decode: Callable[[bytes], Any] | None = None
         self.watchers: list[Callable[[Change], None]] = []  # told of every change message

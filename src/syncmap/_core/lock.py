@@ -223,7 +223,7 @@ class LockState:
     def took(self, token: str, fences: Sequence[Any]) -> None:
         self.token = token
         self.value = token + self.metadata
-        self.fences = tuple(int(f) for f in fences)
+        self.fences = tuple(map(int, fences))
 
     def forget(self, token: str) -> None:
         """Drop the acquisition ``token`` (and only it: another may have replaced it)."""
@@ -259,6 +259,11 @@ def _next_pause(backoffs: Iterator[float], deadline: float | None, clock: Clock)
     return max(pause, 0.001)
 
 
+def _blpop(wake: str, pause: float) -> tuple[str, str, str]:
+    """The wait on a waiter's wake list, for at most ``pause`` seconds."""
+    return ("BLPOP", wake, f"{pause:.3f}")
+
+
 def acquire_flow(
     state: LockState,
     token: str,
@@ -286,14 +291,13 @@ def acquire_flow(
                 state.took(token, (fence,))
             return bool(got)
         lifetime = math.ceil(pause * 1000) + REGISTRATION_SLACK_MS
-        blpop = ("BLPOP", wake, f"{pause:.3f}")
         queued = state.contended
         args = (value, token, state.ttl_ms, "queue" if queued else "wait", lifetime, registrations)
         if queued:
             # queue and wait in one write: one round trip instead of two (no second send,
             # no second command for the server to read, while the holder is at work)
             raw, woken = yield Script(
-                "lock_acquire", (*keys, wake), args, idempotent=False, then=blpop
+                "lock_acquire", (*keys, wake), args, idempotent=False, then=_blpop(wake, pause)
             )
         else:
             raw = yield Script("lock_acquire", (*keys, wake), args)
@@ -304,7 +308,7 @@ def acquire_flow(
             return True
         state.contended = True
         if not queued:
-            woken = yield Command(blpop)
+            woken = yield Command(_blpop(wake, pause))
         if woken is not None:
             state.took(token, (woken[1],))
             return True

@@ -326,15 +326,8 @@ class MapCore:
             )
             reply = WriteReply.parse(raw, px)
             status, record = reply.status, reply.record
-            if status == WriteStatus.GUARD_REJECTED:
-                raise GuardRejected(
-                    f"write to {k!r} refused: lock {guard_keys[0]!r} is no longer held by this "
-                    "holder, or a newer holder has written"
-                )
-            if status == WriteStatus.NOT_A_COUNTER:
-                raise InvalidArgument(f"incr: the value of {k!r} is not an integer counter")
-            if status == WriteStatus.FOREIGN:
-                raise CorruptData(f"map key {k!r} holds foreign data; nothing was written")
+            if status < 0:  # (the refusals: WRITTEN and CONDITION_FALSE are >= 0)
+                self._refused(status, k, guard_keys)
             value = install(status, record)
         except BaseException:
             state.abort_fill(k, ph)
@@ -345,14 +338,23 @@ class MapCore:
             self._install(k, ph, value, reply.seq, reply.epoch, reply.pttl, started)
         return status, record
 
+    @staticmethod
+    def _refused(status: int, k: str, guard_keys: tuple[str, ...]) -> None:
+        """Raise the error of a ``map_write`` that refused to write (a negative status)."""
+        if status == WriteStatus.GUARD_REJECTED:
+            raise GuardRejected(
+                f"write to {k!r} refused: lock {guard_keys[0]!r} is no longer held by this "
+                "holder, or a newer holder has written"
+            )
+        if status == WriteStatus.NOT_A_COUNTER:
+            raise InvalidArgument(f"incr: the value of {k!r} is not an integer counter")
+        if status == WriteStatus.FOREIGN:
+            raise CorruptData(f"map key {k!r} holds foreign data; nothing was written")
+
     def set(self, key: object, value: Any, ttl: float | None, guard: Any) -> MapFlow[None]:
         k = self.check_key(key)
         payload = self.encode(value)
-        yield from self._set_encoded(k, value, payload, self.px(ttl), guard)
-
-    def _set_encoded(
-        self, k: str, value: Any, payload: bytes, px: int, guard: Any = None
-    ) -> MapFlow[None]:
+        px = self.px(ttl)
         keep = self.local_copy(value, payload)
         yield from self._write(
             "set", k, payload=payload, px=px, guard=guard, install=lambda status, rec: keep

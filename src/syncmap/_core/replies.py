@@ -171,8 +171,8 @@ class AcquireReply(NamedTuple):
 
     @classmethod
     def parse(cls, reply: Any) -> AcquireReply:
-        got, fence = reply
-        return cls(bool(got), fence)
+        """The fencing number when held, else ``None`` (the script's false)."""
+        return cls(reply is not None, reply)
 
 
 class ReleaseStatus(IntEnum):

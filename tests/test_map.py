@@ -506,6 +506,8 @@ def test_foreign_data_under_keys(maps, server, ns, client):
     client.set(record_key(ns, "bad"), b"SM\x01abc 1\n{not json")
     with pytest.raises(syncmap.CorruptData):
         m.get("bad")
+    assert m.delete("h") and not client.exists(record_key(ns, "h"))  # a delete may remove it
+    assert not m.delete("h") and m.get("h") is None
 
 
 def test_garbage_on_the_channel(maps, server, ns, client):

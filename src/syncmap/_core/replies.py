@@ -64,10 +64,15 @@ class WriteReply(NamedTuple):
 
     @classmethod
     def parse(cls, reply: Any, px: int) -> WriteReply:
-        """``px``: the expiry the call sent (a set or setnx that wrote answers its version
-        alone, ``b"epoch seq"``, and its record lives ``px`` ms, or forever for 0)."""
+        """``px``: the expiry the call sent. A set or setnx that wrote answers its version
+        alone, ``b"epoch seq"`` (its record lives ``px`` ms, or forever for 0); a del that
+        wrote, its version, a newline and the record it removed (empty: foreign data)."""
         if isinstance(reply, bytes):
-            epoch, seq = reply.rsplit(b" ", 1)
+            version, deleted, record = reply.partition(b"\n")
+            epoch, seq = version.rsplit(b" ", 1)
+            if deleted:
+                return cls(epoch.decode(), int(seq), WriteStatus.WRITTEN, record or None,
+                           PTTL_ABSENT)  # fmt: skip
             return cls(epoch.decode(), int(seq), WriteStatus.WRITTEN, None, px or -1)
         return cls(text(reply[0]), int(reply[1]), int(reply[2]), reply[3], int(reply[4]))
 

@@ -41,7 +41,7 @@ from syncmap import _driver
 from syncmap._core.keys import MapKeys, hash_tag
 from syncmap._core.lock import LockKeys
 from syncmap._core.ops import Batch, Script
-from syncmap._core.replies import WriteReply, WriteStatus
+from syncmap._core.replies import GetReply, WriteReply, WriteStatus
 from syncmap._scripts import script_source
 
 LUA_DIR = Path(syncmap.__file__).parent / "lua"
@@ -636,7 +636,8 @@ def _cluster_client_scripts(rc: redis.cluster.RedisCluster, name: str) -> None:
     common = ("E1", keys.channel)
     reply = run("map_write", write_keys, "set", "k", *common, b"1", 0, "", "", "", "", "")
     assert WriteReply.parse(reply, 0)[:3] == ("E1", 1, WriteStatus.WRITTEN)
-    assert run("map_get", (keys.meta, keys.record("k")))[2].endswith(b"\n1")
+    got = GetReply.parse(run("map_get", (keys.meta, keys.record("k"))))
+    assert got.epoch == "E1" and got.record.endswith(b"\n1")
     assert run("map_version", (keys.meta, keys.record("k")))[2].startswith(b"SM\x01")
     assert run("map_len", (keys.idx,)) == 1
     reply = run("map_write", write_keys, "incr", "k", *common, b"2", 0, 0, "json")

@@ -88,6 +88,10 @@ class GetReply(NamedTuple):
 
     @classmethod
     def parse(cls, reply: Any) -> GetReply:
+        if isinstance(reply, bytes):  # a record is there: b"epoch seq pttl\n" and the record
+            head, _, record = reply.partition(b"\n")
+            epoch, seq, pttl = head.split(b" ")
+            return cls(epoch.decode() or None, int(seq), record, int(pttl), False)
         return cls(text(reply[0]), reply[1], reply[2], reply[3], bool(reply[4]))
 
 

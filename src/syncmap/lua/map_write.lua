@@ -69,9 +69,9 @@ repeat
   if op == 'set' then break end
 
   -- the current record: before = the record or false; old_version = "epoch seq"; old_payload
-  local t = redis.call('TYPE', rec)['ok']
-  if t == 'string' then
-    before = redis.call('GET', rec)
+  local got = redis.pcall('GET', rec)  -- false: absent; an error (a table): not a string
+  if type(got) == 'string' then
+    before = got
     local nl = string.find(before, '\n', 4, true)
     if string.sub(before, 1, 3) ~= 'SM\1' or not nl then  -- foreign data: only del goes on
       before = false
@@ -84,7 +84,7 @@ repeat
       old_payload = string.sub(before, nl + 1)
     end
     existed = true
-  elseif t ~= 'none' then
+  elseif got then  -- foreign data of another type: only del goes on
     if op ~= 'del' then
       refused = -3
       break

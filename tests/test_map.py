@@ -14,6 +14,7 @@ import redis
 
 import syncmap
 from servers import wait_until
+from syncmap._core.replies import VersionReply
 from syncmap._scripts import script_source
 from test_map_support import maps  # noqa: F401 (fixture)
 
@@ -495,6 +496,18 @@ def test_foreign_data_under_keys(maps, server, ns, client):
             m.get(key)
         with pytest.raises(syncmap.CorruptData):
             m.get(key, fresh=True)
+        with pytest.raises(syncmap.CorruptData):
+            m.get_or_load(key, lambda: pytest.fail("a loader ran over foreign data"))
+    # a fresh read of a cached key reads only the record's head: foreign, absent, or the head
+    version = client.register_script(script_source("map_version"))
+    meta = f"syncmap:{{{ns}}}:meta"
+    heads = [VersionReply.parse(version(keys=[meta, record_key(ns, key)]))
+             for key in ("h", "absent", "s")]  # fmt: skip
+    assert [(v.head, v.foreign) for v in heads] == [
+        (None, True),
+        (None, False),
+        (b"not ours", False),
+    ]
     for op in (lambda: m.incr("s"), lambda: m.compare_and_set("h", 1, 2),
                lambda: m.setdefault("s", 1), lambda: m.update_item("j", lambda v: 1)):  # fmt: skip
         with pytest.raises(syncmap.CorruptData):

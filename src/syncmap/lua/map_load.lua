@@ -8,11 +8,11 @@
 -- Parsed by syncmap._core.replies.LoadReply (state: LoadState).
 local m = redis.call('HMGET', KEYS[1], 'epoch', 'seq')
 local seq = tonumber(m[2] or '0')
-local t = redis.call('TYPE', KEYS[2])['ok']
-if t == 'string' then
-  return {1, m[1], seq, redis.call('GET', KEYS[2]), redis.call('PTTL', KEYS[2]), 0}
-elseif t ~= 'none' then
+local record = redis.pcall('GET', KEYS[2])  -- an error: not a string (no TYPE call needed)
+if type(record) == 'table' then
   return {1, m[1], seq, false, -2, 1}
+elseif record then
+  return {1, m[1], seq, record, redis.call('PTTL', KEYS[2]), 0}
 end
 -- (ours already: a resent call whose first answer was lost; idempotent)
 if redis.call('SET', KEYS[3], ARGV[1], 'NX', 'PX', ARGV[2]) or redis.call('GET', KEYS[3]) == ARGV[1] then

@@ -6,10 +6,11 @@
 --   foreign: 1 when something that is not a string sits under the record key
 -- Parsed by syncmap._core.replies.VersionReply.
 local m = redis.call('HMGET', KEYS[1], 'epoch', 'seq')
-local t = redis.call('TYPE', KEYS[2])['ok']
-if t == 'none' then
-  return {m[1], tonumber(m[2] or '0'), false, 0}
-elseif t ~= 'string' then
+-- an error: not a string; "": absent (a record is never empty); no TYPE call needed
+local head = redis.pcall('GETRANGE', KEYS[2], 0, 63)
+if type(head) == 'table' then
   return {m[1], tonumber(m[2] or '0'), false, 1}
+elseif head == '' then
+  return {m[1], tonumber(m[2] or '0'), false, 0}
 end
-return {m[1], tonumber(m[2] or '0'), redis.call('GETRANGE', KEYS[2], 0, 63), 0}
+return {m[1], tonumber(m[2] or '0'), head, 0}

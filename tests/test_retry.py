@@ -81,9 +81,9 @@ def run_scripted(flow, answer):
 
 
 def busy(op):
-    """The lock stays taken: scripts answer "not yours", waits time out."""
+    """The lock stays taken: scripts answer "not yours" (nil), waits time out."""
     if isinstance(op, Script):
-        return ([0, 0], None) if op.then else [0, 0]
+        return (None, None) if op.then else None
     return None
 
 
@@ -115,14 +115,14 @@ def test_a_contended_lock_queues_and_waits_in_one_write_until_it_finds_the_lock_
     state = LockState(LockKeys(("job",)), 1000, "")
     ops, got = run_scripted(
         acquire_flow(state, "t1", iter(LinearBackoff(1.0)), None, FakeClock()),
-        lambda op: [0, 0] if isinstance(op, Script) else [b"w", b"4"],
+        lambda op: None if isinstance(op, Script) else [b"w", b"4"],
     )
     assert got is True and state.fence == 4 and state.contended
     state.forget("t1")
     # contended: one op, the script with BLPOP behind it; handed over while queued
     ops, got = run_scripted(
         acquire_flow(state, "t2", iter(LinearBackoff(1.0)), None, FakeClock()),
-        lambda op: ([0, 0], [b"w", b"5"]),
+        lambda op: (None, [b"w", b"5"]),
     )
     assert got is True and state.fence == 5 and state.contended
     assert len(ops) == 1 and ops[0].args[3] == "queue" and ops[0].then[0] == "BLPOP"
@@ -131,12 +131,12 @@ def test_a_contended_lock_queues_and_waits_in_one_write_until_it_finds_the_lock_
     # the next acquire starts plainly again
     ops, got = run_scripted(
         acquire_flow(state, "t3", iter(LinearBackoff(1.0)), None, FakeClock()),
-        lambda op: ([1, 6], [b"w", b"6"]),
+        lambda op: (6, [b"w", b"6"]),
     )
     assert got is True and state.fence == 6 and not state.contended
     state.forget("t3")
     ops, _ = run_scripted(
-        acquire_flow(state, "t4", iter(LinearBackoff(1.0)), None, FakeClock()), lambda op: [1, 7]
+        acquire_flow(state, "t4", iter(LinearBackoff(1.0)), None, FakeClock()), lambda op: 7
     )
     assert len(ops) == 1 and ops[0].args[3] == "wait" and ops[0].then is None
 
@@ -160,7 +160,7 @@ def test_acquire_waits_no_longer_than_the_deadline():
 def test_a_wake_up_carries_the_fence_and_ends_the_wait():
     state = LockState(LockKeys(("job",)), 1000, "meta")
     flow = acquire_flow(state, "tok", iter(LinearBackoff(1.0)), None, FakeClock())
-    ops, got = run_scripted(flow, lambda op: [0, 0] if isinstance(op, Script) else [b"k", b"7"])
+    ops, got = run_scripted(flow, lambda op: None if isinstance(op, Script) else [b"k", b"7"])
     assert got is True and state.fence == 7 and state.value == "tokmeta"
     assert len(ops) == 2
 

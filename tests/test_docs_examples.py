@@ -1,0 +1,215 @@
+"""The Python examples of README.md and docs/ run as written, against a real Valkey.
+
+Each example is found by a line it contains (not by its position), run with the fewest stubs
+for the names it leaves undefined (``fetch_pear``, ``run_report``, ``db``, ...), its map and
+lock names moved into the test's namespace. An expression statement followed by a comment
+that starts with a Python literal (``prices["apple"]  # 1.25, from the local copy``) must
+evaluate to that literal. Every fenced ``python`` block of those files must at least compile.
+"""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import io
+import os
+import re
+import subprocess
+import sys
+import tokenize
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import syncmap
+from servers import wait_until
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+FENCE = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
+
+
+def blocks(path: Path) -> list[str]:
+    return FENCE.findall(path.read_text(encoding="utf-8"))
+
+
+def block(path: Path, marker: str) -> str:
+    """The one python block of ``path`` that contains ``marker``."""
+    found = [b for b in blocks(path) if marker in b]
+    assert len(found) == 1, f"{path.name}: {len(found)} python blocks contain {marker!r}"
+    return found[0]
+
+
+def compile_block(source: str, name: str) -> Any:
+    return compile(source, name, "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
+
+
+def stated_results(source: str) -> dict[int, Any]:
+    """Line -> the literal a trailing comment says that line's expression returns."""
+    stated = {}
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type != tokenize.COMMENT:
+            continue
+        text = tok.string[1:].strip()
+        for candidate in (text, text.split(",")[0]):
+            try:
+                stated[tok.start[0]] = ast.literal_eval(candidate)
+                break
+            except (ValueError, SyntaxError):
+                continue
+    return stated
+
+
+async def run_example(source: str, env: dict[str, Any], name: str) -> dict[str, Any]:
+    """Run ``source`` statement by statement in ``env`` (top-level ``await`` allowed); an
+    expression whose line's comment states a literal must evaluate to it."""
+    stated = stated_results(source)
+    for stmt in ast.parse(source).body:
+        wanted = stated.get(stmt.lineno, ...) if isinstance(stmt, ast.Expr) else ...
+        if wanted is not ...:
+            code = compile(ast.Expression(stmt.value), name, "eval", ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
+        else:
+            code = compile(ast.Module([stmt], []), name, "exec", ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
+        result = eval(code, env)  # the docs' own examples
+        if asyncio.iscoroutine(result):
+            result = await result
+        if wanted is not ...:
+            line = source.splitlines()[stmt.lineno - 1].strip()
+            assert result == wanted, f"{name}: `{line}` gave {result!r}"
+    return env
+
+
+def renamed(source: str, ns: str) -> str:
+    """The example with its map named ``ns`` (and its guard lock in that map's hash tag)."""
+    return source.replace('"prices"', f'"{ns}"').replace("{prices}", f"{{{ns}}}")
+
+
+@pytest.mark.parametrize("path", DOCS, ids=lambda p: p.name)
+def test_every_python_block_compiles(path):
+    for i, source in enumerate(blocks(path)):
+        compile_block(source, f"{path.name} block {i}")
+
+
+def test_readme_tour(server, ns, monkeypatch):
+    monkeypatch.setenv("SYNCMAP_URL", server.url)
+    source = renamed(block(ROOT / "README.md", 'get_or_load("pear"'), ns)
+    env = {
+        "fetch_pear": lambda: 0.8,
+        "catalog": {"kiwi": 0.5, "plum": 0.3},
+        "skus": ["kiwi", "plum", "absent"],
+    }
+    asyncio.run(run_example(source, env, "README tour"))
+    try:
+        prices = env["prices"]
+        assert prices.get("apple", fresh=True) == 1.30  # the guarded write
+        assert prices.get_many(["orders", "pear", "kiwi"]) == {
+            "orders": 1,
+            "pear": 0.8,
+            "kiwi": 0.5,
+        }
+    finally:
+        env["node"].close()
+
+
+def test_readme_two_processes(server, ns):
+    """The README's prices.py in two processes: the reader prints each price the writer sets
+    and serves its reads from the local copy. Sleeps are scaled down (reader x0.5, writer
+    x0.1), and the writer starts once the reader has subscribed."""
+    source = renamed(block(ROOT / "README.md", 'sys.argv[1] == "writer"'), ns)
+
+    def script(scale: float) -> str:
+        return (
+            f"import time\n_sleep = time.sleep\ntime.sleep = lambda s: _sleep(s * {scale})\n"
+            + source
+        )
+
+    env = {**os.environ, "SYNCMAP_URL": server.url}
+    run = [sys.executable, "-c"]
+    reader = subprocess.Popen(
+        [*run, script(0.5), "reader"], env=env, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        client = server.client()
+        channel = f"syncmap:{{{ns}}}:ch"
+        wait_until(
+            lambda: client.execute_command("PUBSUB", "SHARDNUMSUB", channel)[1],
+            what="the reader to subscribe",
+        )
+        client.close()
+        subprocess.run([*run, script(0.1), "writer"], env=env, check=True, timeout=60)
+        out, _ = reader.communicate(timeout=60)
+    finally:
+        reader.kill()
+        reader.wait()
+    assert reader.returncode == 0
+    lines = out.splitlines()
+    prices = [float(line.split()[-1]) for line in lines if line.startswith("apple is now")]
+    assert prices and prices == sorted(prices) and prices[-1] == 1.09, out
+    stats = re.search(r"hits=(\d+), misses=(\d+)", lines[-1])
+    assert stats, out
+    hits, misses = map(int, stats.groups())
+    assert hits + misses == 60 and hits >= 50, out  # all but a few reads are local hits
+
+
+def test_readme_lock_and_safehashmap(server, ns, monkeypatch):
+    monkeypatch.setenv("SYNCMAP_URL", server.url)
+    readme = ROOT / "README.md"
+    fences = []
+    with syncmap.connect() as node:
+        env = {
+            "node": node,
+            "run_report": lambda fence: fences.append(fence),
+            "alert": lambda lock: None,
+        }
+        lock_source = re.sub(
+            r'"(reports:nightly|job:42|leader)"',
+            rf'"{ns}-\1"',
+            block(readme, 'node.obtain("job:42"'),
+        )
+        asyncio.run(run_example(lock_source, env, "README Lock"))
+    assert len(fences) == 1 and fences[0] >= 1
+    env = {"token": "t0k3n", "expected": None, "new": 2}
+    asyncio.run(run_example(block(readme, "SafeHashMap(maxsize="), env, "README SafeHashMap"))
+    assert env["m"]["user:1"] == {"name": "Ada"} and env["m"].get("session:9") == "t0k3n"
+
+
+def test_lock_md_usage(server, ns):
+    source = block(ROOT / "docs" / "lock.md", "obtain_multi")
+    source = re.sub(r'"(reports:nightly|job:42|leader)"', rf'"{ns}-\1"', source)
+    source = source.replace("{order:42}", f"{{{ns}}}")
+    fences = []
+
+    async def main() -> None:
+        with syncmap.connect(server.url) as node:
+            anode = await syncmap.connect_async(server.url)
+            env = {
+                "syncmap": syncmap,
+                "node": node,
+                "anode": anode,
+                "run_report": lambda fence: fences.append(fence),
+                "alert": lambda lock: None,
+            }
+            try:
+                await run_example(source, env, "docs/lock.md")
+                env["both"].release()
+            finally:
+                await anode.close()
+
+    asyncio.run(main())
+    assert fences and fences[0] >= 1
+
+
+def test_frameworks_md_cached(server, ns):
+    source = renamed(block(ROOT / "docs" / "frameworks.md", "price.refresh("), ns)
+    calls = []
+
+    class Db:
+        def fetch_price(self, sku: str, currency: str) -> dict:
+            calls.append(sku)
+            return {"sku": sku, "currency": currency}
+
+    with syncmap.connect(server.url) as node:
+        env = {"__name__": "app.prices", "node": node, "db": Db()}
+        asyncio.run(run_example(source, env, "docs/frameworks.md cached"))
+    assert calls == ["A-1", "A-1"]  # the first call, then refresh() (invalidate drops it)

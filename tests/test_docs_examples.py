@@ -213,3 +213,45 @@ def test_frameworks_md_cached(server, ns):
         env = {"__name__": "app.prices", "node": node, "db": Db()}
         asyncio.run(run_example(source, env, "docs/frameworks.md cached"))
     assert calls == ["A-1", "A-1"]  # the first call, then refresh() (invalidate drops it)
+
+
+def test_readme_cached_and_frameworks_md_keys(server, ns):
+    """The README's decorator example, and frameworks.md's key= and early_refresh ones (their
+    functions' bodies are ``...``: what they return here is None)."""
+    calls = []
+
+    class Db:
+        def fetch_price(self, sku: str) -> dict:
+            calls.append(sku)
+            return {"sku": sku}
+
+    class User:
+        id = 7
+
+    frameworks = ROOT / "docs" / "frameworks.md"
+    with syncmap.connect(server.url) as node:
+        env = {"__name__": "app.prices", "node": node, "db": Db()}
+        source = renamed(block(ROOT / "README.md", "def price(sku: str) -> dict | None"), ns)
+        asyncio.run(run_example(source, env, "README cached"))
+        assert env["price"]("A-1") == {"sku": "A-1"} and calls == ["A-1"]
+        env.update(Session=object, User=User)
+        for marker in ('key="price:{sku}"', "early_refresh=1.0"):
+            asyncio.run(run_example(block(frameworks, marker), env, f"docs/frameworks.md {marker}"))
+        assert env["price_of"].key("B-2", object()) == "price:B-2"
+        assert env["report"].key(User(), "mon") == "report:7:mon"
+        assert env["exchange_rates"]() is None
+
+
+def test_prefork_md_spawn_example(server, ns, tmp_path):
+    """prefork.md's multiprocessing example (spawn: the URL and the map's name go to the
+    children), its body filled in: each of the 4 children writes and reads the map."""
+    source = block(ROOT / "docs" / "prefork.md", 'get_context("spawn")')
+    source = source.replace('"redis://127.0.0.1:6379/0"', repr(server.url))
+    source = source.replace('"prices"', repr(ns))
+    assert source.count("        ...\n") == 1, source
+    source = source.replace("        ...\n", "        prices.incr('workers')\n")
+    script = tmp_path / "example.py"
+    script.write_text(source)
+    subprocess.run([sys.executable, str(script)], check=True, timeout=60)
+    with syncmap.connect(server.url) as node, node.map(ns) as prices:
+        assert prices.get("workers", fresh=True) == 4

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import inspect
 import io
 import os
 import re
@@ -255,3 +256,23 @@ def test_prefork_md_spawn_example(server, ns, tmp_path):
     subprocess.run([sys.executable, str(script)], check=True, timeout=60)
     with syncmap.connect(server.url) as node, node.map(ns) as prices:
         assert prices.get("workers", fresh=True) == 4
+
+
+def test_operations_md_map_options_are_the_maps():
+    """docs/operations.md's table of map options names every option a map takes, with its
+    default."""
+    from syncmap._map import _MapBase
+
+    text = (ROOT / "docs" / "operations.md").read_text(encoding="utf-8")
+    section = text.split("## Map options", 1)[1].split("\n## ", 1)[0]
+    rows = dict(re.findall(r"^\| `(\w+)` \| ([^|]+) \|", section, re.M))
+    params = inspect.signature(_MapBase.__init__).parameters
+    taken = {n: p.default for n, p in params.items() if p.kind is p.KEYWORD_ONLY}
+    assert set(rows) == set(taken)
+    written = {"`None`": None, '`"json"`': None, '`"server"`': "server", "1 MiB": 1 << 20}
+    for name, default in rows.items():
+        default = default.strip()
+        value = (
+            written[default] if default in written else ast.literal_eval(default.replace(",", ""))
+        )
+        assert value == taken[name], f"{name}: the table says {default}, the map {taken[name]!r}"

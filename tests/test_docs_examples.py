@@ -18,6 +18,7 @@ import re
 import subprocess
 import sys
 import tokenize
+import unicodedata
 from pathlib import Path
 from typing import Any
 
@@ -276,3 +277,43 @@ def test_operations_md_map_options_are_the_maps():
             written[default] if default in written else ast.literal_eval(default.replace(",", ""))
         )
         assert value == taken[name], f"{name}: the table says {default}, the map {taken[name]!r}"
+
+
+def github_anchor(heading: str) -> str:
+    """The anchor GitHub makes of a heading: markup dropped, lowercase, punctuation and
+    symbols dropped (``§``, ``:``, backticks), spaces to ``-``."""
+    text = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", heading).replace("`", "").replace("*", "")
+    kept = (ch for ch in text.lower() if ch in " -_" or unicodedata.category(ch)[0] in "LNM")
+    return "".join(kept).replace(" ", "-")
+
+
+def anchors(path: Path) -> set[str]:
+    found: set[str] = set()
+    seen: dict[str, int] = {}
+    in_code = False
+    for line in path.read_text(encoding="utf-8").splitlines():
+        in_code ^= line.startswith("```")
+        heading = re.match(r"#{1,6}\s+(.*?)\s*$", line)
+        if heading and not in_code:
+            anchor = github_anchor(heading.group(1))
+            n = seen[anchor] = seen.get(anchor, -1) + 1
+            found.add(f"{anchor}-{n}" if n else anchor)
+    return found
+
+
+def test_relative_links_and_anchors_resolve():
+    """Every relative link of README.md, CONTRIBUTING.md, CHANGELOG.md and docs/ names a file
+    that exists, and its ``#anchor`` a heading of that file."""
+    broken = []
+    for path in [*DOCS, ROOT / "CONTRIBUTING.md", ROOT / "CHANGELOG.md"]:
+        text = re.sub(r"^```.*?^```", "", path.read_text(encoding="utf-8"), flags=re.S | re.M)
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target):
+                continue
+            file, _, anchor = target.partition("#")
+            linked = (path.parent / file).resolve() if file else path
+            if not linked.exists():
+                broken.append(f"{path.name}: {target} (no such file)")
+            elif anchor and anchor not in anchors(linked):
+                broken.append(f"{path.name}: {target} (no such heading)")
+    assert not broken, "\n".join(broken)

@@ -1,11 +1,11 @@
 """SyncMap: a map shared by every node, with a local copy in each for dict-speed reads.
 
 The consistency contract, numbered, and how each point is enforced, lives in one place:
-``docs/contract.md``. Code comments cite it as "contract §N". In short: every write is one Lua
-script that bumps the map's seq, writes the entry and publishes the change atomically (§1-§2);
-fetches are guarded by placeholders (§3); gaps, epochs and lost connections drop the copy
-(§4); one probe per node and server bounds staleness (§5); and a node crosses ``os.fork()``
-as described under "Across fork".
+``docs/contract.md``. Code comments cite it as "docs/contract.md §N". In short: every write is
+one Lua script that bumps the map's seq, writes the entry and publishes the change atomically
+(§1-§2); fetches are guarded by placeholders (§3); gaps, epochs and lost connections drop
+the copy (§4); one probe per node and server bounds staleness (§5); and a node crosses
+``os.fork()`` as described under "Across fork".
 """
 
 from __future__ import annotations

@@ -678,7 +678,7 @@ class SyncMap(_MapBase, MutableMapping[str, Any]):
     def watch(self, timeout: float | None = None) -> Iterator[MapChange]:
         """Yield the map's changes as this node's listener receives them, for ``timeout``
         seconds (``None``: until the caller stops). Best effort: a change lost on the way is
-        not replayed (the local copy is still dropped, see the contract); a "set" carries the
+        not replayed (the local copy is still dropped: contract §4); a "set" carries the
         value read when the change is yielded."""
         changes = _Changes()
         self._state.watchers.append(changes.put)

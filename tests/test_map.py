@@ -387,6 +387,27 @@ def test_the_hit_path_follows_the_local_copy_when_it_is_dropped(server, ns, monk
         assert slow == [], f"{len(slow)} of 20 hits took the slow path"
 
 
+def test_the_hit_path_ends_at_the_earliest_local_ttl(server, ns, monkeypatch):
+    """The hit path reads no entry's own deadline: its one deadline comes no later than the
+    earliest local TTL, also for an entry written after that deadline was set (contract
+    §10: a local deadline is never later than the server's)."""
+    monkeypatch.setattr(syncmap._map, "POLL_INTERVAL", LONG)
+    with syncmap.connect(server.url) as node, node.map(ns, max_staleness=LONG) as m:
+        m["p"] = 1
+        assert m.get("p") == 1 and m["p"] == 1  # sets the hit path's deadline, LONG away
+        m.set("t", 2, ttl=0.3)
+        m.set("u", 3, ttl=0.6)
+        assert m.get("t") == 2 and m["t"] == 2 and m.get("u") == 3
+        wait_until(lambda: m.get("t") is None, 5, what="t expired locally")
+        with pytest.raises(KeyError):
+            m["t"]
+        assert m.get("u") == 3 and m["u"] == 3 and m["p"] == 1  # u lives on, p has no TTL
+        wait_until(lambda: m.get("u") is None, 5, what="u expired locally")
+        with pytest.raises(KeyError):
+            m["u"]
+        assert m.get("p") == 1 and m.stats.misses >= 2
+
+
 BAD_KEYS = [1, b"bytes", None, ("t",), 1.5, "\ud800"]
 
 

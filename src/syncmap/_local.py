@@ -17,7 +17,10 @@ Concurrency model (CPython 3.11, which has a GIL):
   min-heap of deadlines before ``len``, iteration and eviction. Every entry with a deadline
   has a heap record due no later than it; refreshing an entry to a later deadline (the
   common case) pushes nothing, and the old record is re-filed when it comes due. Records
-  of deleted keys are skipped when popped; the heap is rebuilt if they pile up.
+  of deleted keys are skipped when popped; the heap is rebuilt if they pile up. A record is
+  filed before its entry is written, so the heap's first record bounds every deadline: a
+  reader that keeps the store's dict (``follow_store``) may skip reading deadlines until
+  ``settle``'s time, and ``follow_deadlines`` resets it before an entry that expires sooner.
 * Hit and miss counters are bumped without the lock. CPython 3.11 checks for a thread
   switch only at calls and backward jumps, never between the load and the store of
   ``self._hits += 1``, so they come out exact; on other interpreters they may under-count
@@ -110,6 +113,7 @@ class SafeHashMap(MutableMapping[K, V], Generic[K, V]):
         "_lock",
         "_maxsize",
         "_misses",
+        "_on_deadline",
         "_on_new_store",
         "_seq",
         "_timer",
@@ -137,6 +141,7 @@ class SafeHashMap(MutableMapping[K, V], Generic[K, V]):
         self._seq = itertools.count()
         self._hits = self._misses = self._evictions = self._expirations = 0
         self._on_new_store: Callable[[dict[K, tuple[V, float]]], None] | None = None
+        self._on_deadline: Callable[[], None] | None = None
         self._new_store()
 
     def follow_store(self, callback: Callable[[dict[K, tuple[V, float]]], None]) -> None:
@@ -144,6 +149,25 @@ class SafeHashMap(MutableMapping[K, V], Generic[K, V]):
         reader that keeps the store's dict itself (SyncMap's hit path)."""
         self._on_new_store = callback
         callback(self._data)
+
+    def follow_deadlines(self, reset: Callable[[], None]) -> None:
+        """For a reader that serves entries without checking their deadlines until a time
+        :meth:`settle` gave it (SyncMap's hit path): ``reset()`` is called, lock held, before
+        an entry is written whose deadline is earlier than that time may be. The reader then
+        checks deadlines again until it settles anew."""
+        self._on_deadline = reset
+
+    def settle(self, until: float, keep: Callable[[float], None]) -> None:
+        """``keep(t)``, lock held: ``t`` is ``until`` or, if earlier, the earliest time an
+        entry may expire (expired entries are dropped first). No entry expires before ``t``,
+        and until :meth:`follow_deadlines`' ``reset()`` is called, no entry that expires
+        before ``t`` is written."""
+        with self._lock:
+            heap = self._expiry
+            if heap and heap[0][0] <= self._timer():
+                self._purge()
+                heap = self._expiry
+            keep(min(until, heap[0][0]) if heap else until)
 
     def _new_store(self) -> None:
         # Unbounded maps need no recency order: a plain dict reads faster than an OrderedDict.
@@ -336,17 +360,20 @@ class SafeHashMap(MutableMapping[K, V], Generic[K, V]):
             maxsize = self._maxsize
             if maxsize is not None and len(data) >= maxsize:
                 self._make_room(maxsize)
-            data[key] = (value, deadline)
-        else:
-            data[key] = (value, deadline)
-            if self._touch is not None:
-                self._touch(key)
-        # An entry with a deadline needs a heap record due no later than it. A refresh to a
-        # later deadline keeps the old record, which _purge re-files when it comes due.
-        if deadline < (_NEVER if old is None else old[1]):
-            heapq.heappush(self._expiry, (deadline, next(self._seq), key))
-            if len(self._expiry) > 2 * len(data) + 32:
-                self._rebuild_expiry()
+        # An entry with a deadline needs a heap record due no later than it, filed before the
+        # entry is written (see settle). A refresh to a later deadline keeps the old record,
+        # which _purge re-files when it comes due.
+        filed = deadline < (_NEVER if old is None else old[1])
+        if filed:
+            heap = self._expiry
+            if self._on_deadline is not None and (not heap or deadline < heap[0][0]):
+                self._on_deadline()  # (due before every other record: see settle)
+            heapq.heappush(heap, (deadline, next(self._seq), key))
+        data[key] = (value, deadline)
+        if old is not None and self._touch is not None:
+            self._touch(key)
+        if filed and len(self._expiry) > 2 * len(data) + 32:
+            self._rebuild_expiry()
 
     def _forget_expired(self, key: K) -> tuple[V, float] | None:
         """An expired key is absent: a write to it inserts anew, at the end (lock held)."""

@@ -387,6 +387,24 @@ def test_the_hit_path_follows_the_local_copy_when_it_is_dropped(server, ns, monk
         assert slow == [], f"{len(slow)} of 20 hits took the slow path"
 
 
+def test_hits_refresh_recency_in_the_new_store_after_a_drop(server, ns, monkeypatch):
+    """Dropping the local copy swaps its store for a new one: the hit path's LRU move follows
+    it, so a hit still makes its key the most recently used one (contract §10)."""
+    monkeypatch.setattr(syncmap._map, "POLL_INTERVAL", LONG)
+    with syncmap.connect(server.url) as node, node.map(ns, maxsize=3, max_staleness=LONG) as m:
+        m._state.resync("test")  # the copy is dropped: a new store
+        wait_until(lambda: m._state.synced, 5, what="a new base")
+        for k in "abc":
+            m[k] = k  # own writes, installed locally: a is the least recently used
+        assert m.get("c") == "c"  # sets the hit path's deadline
+        assert m.get("a") == "a"  # a hit: a is the most recent now, b the least
+        misses = m.stats.misses
+        m["d"] = "d"  # makes room: drops b
+        assert m.get("a") == "a" and m["c"] == "c" and m.get("d") == "d"
+        assert m.stats.misses == misses
+        assert m.get("b") == "b" and m.stats.misses == misses + 1
+
+
 def test_the_hit_path_ends_at_the_earliest_local_ttl(server, ns, monkeypatch):
     """The hit path reads no entry's own deadline: its one deadline comes no later than the
     earliest local TTL, also for an entry written after that deadline was set (contract

@@ -387,6 +387,35 @@ def test_the_hit_path_follows_the_local_copy_when_it_is_dropped(server, ns, monk
         assert slow == [], f"{len(slow)} of 20 hits took the slow path"
 
 
+async def test_async_hits_refresh_recency_and_count_once(server, ns):
+    """The asyncio map's local reads (get_local, await get): a hit makes its key the most
+    recently used one of the local copy (contract §10) and counts once; an expired entry
+    is not served."""
+    node = await syncmap.connect_async(server.url)
+    try:
+        m = await node.map(ns, maxsize=3, max_staleness=LONG)
+        for k in "abc":
+            await m.set(k, k)  # own writes, installed locally: a is the least recently used
+        hits, misses = m.stats.hits, m.stats.misses
+        assert m.get_local("a") == "a"  # a hit: a is the most recent now, b the least
+        await m.set("d", "d")  # makes room: drops b
+        assert m.get_local("b") is None
+        assert await m.get("a") == "a" and m.get_local("c") == "c" and m.get_local("d") == "d"
+        assert (m.stats.hits, m.stats.misses) == (hits + 4, misses)
+        assert m.get_local("c") == "c"  # a, d, c
+        await m.set("e", "e", ttl=0.3)  # drops a
+        assert m.get_local("a") is None and m.get_local("d") == "d"
+        assert m.get_local("e") == "e"
+        deadline = time.monotonic() + 5
+        while m.get_local("e") is not None:  # expired locally
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        assert m.stats.misses == misses
+        await m.close()
+    finally:
+        await node.close()
+
+
 def test_hits_refresh_recency_in_the_new_store_after_a_drop(server, ns, monkeypatch):
     """Dropping the local copy swaps its store for a new one: the hit path's LRU move follows
     it, so a hit still makes its key the most recently used one (contract §10)."""

@@ -318,13 +318,24 @@ class _MapBase:
         self._data = data
 
     def _local(self, key: Any) -> Any:
-        """The local copy's value (``ABSENT`` for a cached miss), or ``_MISSING``."""
+        """The local copy's value (``ABSENT`` for a cached miss), or ``_MISSING``. Reads the
+        store's dict in place, as SafeHashMap.get does (the lookup, the entry's deadline, the
+        LRU touch), with one clock read for the deadline and the proof (contract §5)."""
         try:
-            entry = self._store.get(key)
-        except TypeError:  # unhashable: not cached; the server path names the error
+            entry, expires = self._data[key]
+        except (KeyError, TypeError):  # (unhashable: not cached; the server path names it)
             return _MISSING
         if entry.__class__ is Entry:
-            if self._clock() <= self._state.fresh_until:
+            now = self._clock()
+            if now >= expires:  # expired: absent (the store drops it lazily)
+                return _MISSING
+            if now <= self._state.fresh_until:
+                touch = self._touch
+                if touch is not None:
+                    try:  # noqa: SIM105 (contextlib.suppress costs more on this hot path)
+                        touch(key)
+                    except KeyError:  # a writer removed it since our read: the read stands
+                        pass
                 self._hits += 1
                 return entry.value
             if self._raise_stale:

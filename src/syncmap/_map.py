@@ -329,7 +329,7 @@ class _MapBase:
             now = self._clock()
             if now >= expires:  # expired: absent (the store drops it lazily)
                 return _MISSING
-            if now <= self._state.fresh_until:
+            if now <= self._state.fresh_until:  # a hit (LRU move, count: inline, as in get)
                 touch = self._touch
                 if touch is not None:
                     try:  # noqa: SIM105 (contextlib.suppress costs more on this hot path)

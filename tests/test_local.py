@@ -498,6 +498,33 @@ def test_bad_timer_rejected():
         SafeHashMap(timer=5)  # type: ignore[arg-type]
 
 
+def test_bad_view_rejected():
+    with pytest.raises(InvalidArgument):
+        SafeHashMap(view=5)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("maxsize", [None, 2])
+def test_the_store_keeps_each_values_view_beside_it(maxsize):
+    """A reader of the store's dict (follow_store) finds ``(value, deadline, view(value))``;
+    without a view, the value itself. The map's own reads are not changed by it."""
+    stores: list[dict[str, tuple[object, float, object]]] = []
+    m: SafeHashMap[str, list[int]] = SafeHashMap(maxsize, view=len)
+    m.follow_store(stores.append)
+    m["a"] = [1, 2]
+    m.set("b", [3], ttl=10)
+    assert m["a"] == [1, 2] and m.get("b") == [3]
+    assert stores[-1]["a"][0] == [1, 2] and stores[-1]["a"][2] == 2
+    assert stores[-1]["b"][2] == 1 and stores[-1]["b"][1] < math.inf
+    assert m.replace("a", m["a"], [4, 5, 6]) and stores[-1]["a"][2] == 3
+    m.clear()
+    m["c"] = [7]
+    assert stores[-1] == {"c": ([7], math.inf, 1)}
+    plain: SafeHashMap[str, int] = SafeHashMap(maxsize)
+    plain.follow_store(stores.append)
+    plain["a"] = 1
+    assert stores[-1]["a"] == (1, math.inf, 1)
+
+
 def test_errors_are_typed():
     with pytest.raises(ValueError):
         SafeHashMap(ttl=-1)

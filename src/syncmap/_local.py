@@ -11,8 +11,10 @@ Concurrency model (CPython 3.11, which has a GIL):
 * Every write, and every read that must look at more than one key (``len``, iteration,
   ``popitem``), holds one ``threading.Lock``. Writers make room *before* inserting, so no
   reader ever sees more than ``maxsize`` entries.
-* Entries are ``(value, deadline)`` tuples. ``deadline`` is ``inf`` without a TTL, so a
-  hit on such an entry costs one float comparison and no clock call.
+* Entries are ``(value, deadline, view)`` tuples. ``deadline`` is ``inf`` without a TTL, so
+  a hit on such an entry costs one float comparison and no clock call. ``view`` is the value
+  itself, or what the map's ``view`` makes of it: for a reader of the store's dict
+  (``follow_store``) that wants a part of the value without another lookup.
 * Expired entries are dropped lazily: by the read that finds one, and in bulk through a
   min-heap of deadlines before ``len``, iteration and eviction. Every entry with a deadline
   has a heap record due no later than it; refreshing an entry to a later deadline (the
@@ -97,10 +99,11 @@ class SafeHashMap(MutableMapping[K, V], Generic[K, V]):
 
     ``maxsize=None`` is unbounded; ``ttl=None`` means entries never expire unless
     ``set(..., ttl=)`` says otherwise. ``timer`` is the clock the deadlines are read on.
-    Iteration, ``keys()``, ``values()`` and ``items()`` walk a snapshot (least recently
-    used first when bounded), so they never raise while other threads write. Only
-    ``get``, ``[]`` and ``setdefault`` count as hits/misses and refresh recency;
-    ``in`` does neither.
+    ``view(value)``, if given, is kept beside each value for readers of the store's dict
+    (:meth:`follow_store`). Iteration, ``keys()``, ``values()`` and ``items()`` walk a
+    snapshot (least recently used first when bounded), so they never raise while other
+    threads write. Only ``get``, ``[]`` and ``setdefault`` count as hits/misses and refresh
+    recency; ``in`` does neither.
     """
 
     __slots__ = (
@@ -119,9 +122,10 @@ class SafeHashMap(MutableMapping[K, V], Generic[K, V]):
         "_timer",
         "_touch",
         "_ttl",
+        "_view",
     )
 
-    _data: dict[K, tuple[V, float]]
+    _data: dict[K, tuple[V, float, Any]]
     _touch: Callable[[K], None] | None
 
     def __init__(
@@ -130,23 +134,28 @@ class SafeHashMap(MutableMapping[K, V], Generic[K, V]):
         ttl: float | None = None,
         *,
         timer: Callable[[], float] = time.monotonic,
+        view: Callable[[V], Any] | None = None,
     ) -> None:
         self._maxsize = _check_maxsize(maxsize)
         self._ttl = None if ttl is None else check_seconds(ttl, "ttl")
         if not callable(timer):
             raise InvalidArgument(f"timer must be callable, not {type(timer).__name__}")
+        if view is not None and not callable(view):
+            raise InvalidArgument(f"view must be callable or None, not {type(view).__name__}")
         self._timer = timer
+        self._view = view
         self._lock = threading.Lock()
         self._expiry: list[tuple[float, int, K]] = []
         self._seq = itertools.count()
         self._hits = self._misses = self._evictions = self._expirations = 0
-        self._on_new_store: Callable[[dict[K, tuple[V, float]]], None] | None = None
+        self._on_new_store: Callable[[dict[K, tuple[V, float, Any]]], None] | None = None
         self._on_deadline: Callable[[], None] | None = None
         self._new_store()
 
-    def follow_store(self, callback: Callable[[dict[K, tuple[V, float]]], None]) -> None:
+    def follow_store(self, callback: Callable[[dict[K, tuple[V, float, Any]]], None]) -> None:
         """Call ``callback(store)`` now and with each new store (``clear`` swaps it): for a
-        reader that keeps the store's dict itself (SyncMap's hit path)."""
+        reader that keeps the store's dict itself (SyncMap's hit path). The dict maps each
+        key to ``(value, deadline, view)`` (see the module docstring)."""
         self._on_new_store = callback
         callback(self._data)
 
@@ -175,7 +184,7 @@ class SafeHashMap(MutableMapping[K, V], Generic[K, V]):
             self._data = {}
             self._touch = None
         else:
-            ordered: OrderedDict[K, tuple[V, float]] = OrderedDict()
+            ordered: OrderedDict[K, tuple[V, float, Any]] = OrderedDict()
             self._data = ordered
             self._touch = ordered.move_to_end
         if self._on_new_store is not None:
@@ -199,7 +208,7 @@ class SafeHashMap(MutableMapping[K, V], Generic[K, V]):
 
     def get(self, key: K, default: Any = None) -> Any:
         try:
-            value, deadline = self._data[key]
+            value, deadline, _ = self._data[key]
         except KeyError:
             self._misses += 1
             return default
@@ -246,7 +255,7 @@ class SafeHashMap(MutableMapping[K, V], Generic[K, V]):
             entries = self._entries()
         return [(key, entry[0]) for key, entry in entries]
 
-    def _entries(self) -> list[tuple[K, tuple[V, float]]]:
+    def _entries(self) -> list[tuple[K, tuple[V, float, Any]]]:
         """A copy of the store, least recently used first when bounded (lock held).
 
         Writers wait on the lock, but lock-free readers may ``move_to_end`` meanwhile. The
@@ -369,13 +378,14 @@ class SafeHashMap(MutableMapping[K, V], Generic[K, V]):
             if self._on_deadline is not None and (not heap or deadline < heap[0][0]):
                 self._on_deadline()  # (due before every other record: see settle)
             heapq.heappush(heap, (deadline, next(self._seq), key))
-        data[key] = (value, deadline)
+        view = self._view
+        data[key] = (value, deadline, value if view is None else view(value))
         if old is not None and self._touch is not None:
             self._touch(key)
         if filed and len(self._expiry) > 2 * len(data) + 32:
             self._rebuild_expiry()
 
-    def _forget_expired(self, key: K) -> tuple[V, float] | None:
+    def _forget_expired(self, key: K) -> tuple[V, float, Any] | None:
         """An expired key is absent: a write to it inserts anew, at the end (lock held)."""
         del self._data[key]
         self._expirations += 1

@@ -14,6 +14,7 @@ import asyncio
 import inspect
 import itertools
 import math
+import operator
 import os
 import queue
 import secrets
@@ -60,6 +61,7 @@ _MISSING: Any = object()
 DEFAULT_MAXSIZE: Final = 100_000
 DEFAULT_PUSH_VALUES: Final = 4096  # bytes: writes of values up to this size carry them
 _monotonic: Final = time.monotonic  # the map's clock (a global: cheaper to call on hits)
+_value_of: Final = operator.attrgetter("value")  # the local store's view of its entries
 POLL_INTERVAL: Final = 0.00005  # s: how often a local hit applies waiting change messages
 # (one check costs ~3 µs when nothing waits: ~6% of a thread spinning on hits; at 0.1 ms,
 # a hit cost ~5% less and another node's write took ~60-80 µs longer to show, p50 to p95)
@@ -262,8 +264,10 @@ class _MapBase:
         )
         self.name = name
         self.node = node
-        self._store: SafeHashMap[str, Any] = SafeHashMap(maxsize)
-        self._data: dict[str, tuple[Any, float]] = {}  # the store's dict, for the hit path
+        # the store's entries are Entry or Placeholder objects, viewed as their value (a
+        # Placeholder's is ABSENT): the hit path reads the value without a second lookup
+        self._store: SafeHashMap[str, Any] = SafeHashMap(maxsize, view=_value_of)
+        self._data: dict[str, tuple[Any, float, Any]] = {}  # the store's dict, for the hit path
         self._touch: Callable[[str], object] | None = None  # its move_to_end (LRU), if bounded
         self._store.follow_store(self._follow)
         self._clock = _monotonic
@@ -311,7 +315,7 @@ class _MapBase:
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r} on {self.node.address}>"
 
-    def _follow(self, data: dict[str, tuple[Any, float]]) -> None:
+    def _follow(self, data: dict[str, tuple[Any, float, Any]]) -> None:
         # (set with the swap, under the store's lock; a hit between the two sees the other
         # store's move_to_end: a KeyError it ignores, or the key's move in the new store)
         self._touch = data.move_to_end if isinstance(data, OrderedDict) else None
@@ -322,7 +326,7 @@ class _MapBase:
         store's dict in place, as SafeHashMap.get does (the lookup, the entry's deadline, the
         LRU touch), with one clock read for the deadline and the proof (contract §5)."""
         try:
-            entry, expires = self._data[key]
+            entry, expires, _ = self._data[key]
         except (KeyError, TypeError):  # (unhashable: not cached; the server path names it)
             return _MISSING
         if entry.__class__ is Entry:
@@ -464,47 +468,44 @@ class SyncMap(_MapBase, MutableMapping[str, Any]):
     # and nothing is installed in it again before a new proof moves fresh_until past the old
     # one; and the store resets it (_unsettle, under its lock, then the write) before it
     # writes an entry that may expire sooner. The entry is looked up before the deadline is
-    # read, so a hit on an entry just written sees that reset. It serves only a value that is
-    # not ABSENT, and a Placeholder's value is ABSENT: no type check. Past the deadline, on a
-    # miss, a placeholder or a cached absence, _read does the rest.
+    # read, so a hit on an entry just written sees that reset. The lookup gives the entry's
+    # value itself (the store keeps it beside the entry: its view). It serves only a value
+    # that is not ABSENT, and a Placeholder's value is ABSENT: no type check. Past the
+    # deadline, on a miss, a placeholder or a cached absence, _read does the rest.
 
     def get(self, key: Any, default: Any = None, fresh: bool = False) -> Any:
         """The value of ``key`` (``default`` if absent): local when fresh, else the server's.
         ``fresh=True``: linearizable, at the cost of one small round trip."""
         try:
-            entry = self._data[key][0]
+            value = self._data[key][2]  # (the entry's value: the store's view of it)
         except (KeyError, TypeError):  # (unhashable: _read names the error)
             return self._read(key, default, fresh)
         # (the clock: a module global, cheaper than self._clock here)
-        if _monotonic() < self._read_until and not fresh:
-            value = entry.value
-            if value is not ABSENT:
-                touch = self._touch
-                if touch is not None:
-                    try:  # noqa: SIM105 (contextlib.suppress costs more on this hot path)
-                        touch(key)
-                    except KeyError:  # a writer removed it since our read: the read stands
-                        pass
-                self._hits += 1
-                return value
+        if _monotonic() < self._read_until and value is not ABSENT and not fresh:
+            touch = self._touch
+            if touch is not None:
+                try:  # noqa: SIM105 (contextlib.suppress costs more on this hot path)
+                    touch(key)
+                except KeyError:  # a writer removed it since our read: the read stands
+                    pass
+            self._hits += 1
+            return value
         return self._read(key, default, fresh)
 
     def __getitem__(self, key: str) -> Any:
         try:
-            entry = self._data[key][0]
+            value = self._data[key][2]
         except (KeyError, TypeError):
-            entry = None
-        if entry is not None and _monotonic() < self._read_until:  # as in get
-            value = entry.value
-            if value is not ABSENT:
-                touch = self._touch
-                if touch is not None:
-                    try:  # noqa: SIM105
-                        touch(key)
-                    except KeyError:
-                        pass
-                self._hits += 1
-                return value
+            value = ABSENT
+        if _monotonic() < self._read_until and value is not ABSENT:  # as in get
+            touch = self._touch
+            if touch is not None:
+                try:  # noqa: SIM105
+                    touch(key)
+                except KeyError:
+                    pass
+            self._hits += 1
+            return value
         value = self._read(key, _MISSING, False)
         if value is _MISSING:
             raise KeyError(key)

@@ -17,7 +17,7 @@ BIN    := $(VENV)/bin
 LOCK   := requirements-dev.txt
 LATEST := .venv-latest
 
-.PHONY: demo test checks lint bench setup clean lock test-latest test-server
+.PHONY: demo test checks lint lint-only bench setup clean lock test-latest test-server
 
 $(BIN)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
@@ -31,12 +31,18 @@ setup: $(BIN)/.installed
 demo: setup
 	$(BIN)/syncmap demo
 
-checks:
+checks: lint-only
+	$(B)/pytest -q
+
+# the generated code, ruff (lint and format) and mypy, without the tests
+lint-only:
 	$(B)/python scripts/unasync.py --check
 	$(B)/ruff check src tests benchmarks scripts
 	$(B)/ruff format --check src tests benchmarks scripts
 	$(B)/mypy
-	$(B)/pytest -q
+
+lint: setup
+	$(MAKE) --no-print-directory lint-only B=$(BIN)
 
 test: setup
 	$(MAKE) --no-print-directory checks B=$(BIN)

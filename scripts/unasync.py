@@ -121,7 +121,7 @@ TEXTS: dict[str, list[tuple[str, str]]] = {
             "``timeout``\n"
             "        seconds (``None``: until the caller stops). Best effort: a change lost on "
             "the way is\n"
-            '        not replayed (the local copy is still dropped, see the contract); a "set" '
+            '        not replayed (the local copy is still dropped: contract §4); a "set" '
             "carries the\n"
             '        value read when the change is yielded."""',
         ),

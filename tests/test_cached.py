@@ -223,7 +223,7 @@ def test_early_refresh_keeps_a_hot_key_from_expiring(server, ns):
     """With early_refresh, a key read steadily for more than twice its TTL is recomputed in
     the background before it expires: after the first call, no caller runs the function.
     (A read concurrent with a refresh's write may go to the server once: the map reserves a
-    key while it is written; see the contract, 3.)"""
+    key while it is written: docs/contract.md §3.)"""
     calls = []
     with syncmap.connect(server.url) as node, node.map(ns) as m:
 

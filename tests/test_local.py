@@ -228,6 +228,40 @@ def test_expiry_heap_stays_bounded(clock):
     assert len(m) == 0 and m._expiry == []
 
 
+def test_settle_gives_a_time_before_which_no_entry_expires(clock):
+    """A reader that serves entries without reading their deadlines (SyncMap's hit path) is
+    told the earliest one (settle), and reset before an entry is written that expires sooner;
+    a later deadline, or none, needs no reset."""
+    m = SafeHashMap(timer=clock)
+    kept: list[float] = []
+    resets: list[int] = []
+    m.follow_deadlines(lambda: resets.append(len(m._data)))  # (lock held: no len(m))
+    m.settle(2000.0, kept.append)
+    assert kept == [2000.0]  # no entry has a deadline: the reader's own time
+    m.set("a", 1, ttl=10)
+    assert resets == [0]  # before the entry was written
+    m.settle(2000.0, kept.append)
+    assert kept[-1] == 1010.0
+    m.set("b", 2, ttl=20)  # expires later than a: no reset
+    m.set("a", 3, ttl=30)  # a refresh to a later deadline: no reset
+    m["c"] = 4  # no deadline
+    assert resets == [0]
+    m.set("d", 5, ttl=5)  # sooner than every other
+    assert resets == [0, 3]
+    m.settle(2000.0, kept.append)
+    assert kept[-1] == 1005.0
+    m.settle(1001.0, kept.append)
+    assert kept[-1] == 1001.0  # the reader's own time is earlier
+    clock.advance(15)  # d expired; a's first record came due, refiled at its new deadline
+    m.settle(2000.0, kept.append)
+    assert kept[-1] == 1020.0 and "d" not in m and len(m) == 3
+    m.clear()
+    m.settle(2000.0, kept.append)
+    assert kept[-1] == 2000.0
+    m.set("e", 6, ttl=100)  # the first deadline of a new store
+    assert resets == [0, 3, 0]
+
+
 def test_expirations_counted(clock):
     m = SafeHashMap(timer=clock)
     for i in range(5):
@@ -462,6 +496,33 @@ def test_bad_maxsize_rejected(maxsize):
 def test_bad_timer_rejected():
     with pytest.raises(InvalidArgument):
         SafeHashMap(timer=5)  # type: ignore[arg-type]
+
+
+def test_bad_view_rejected():
+    with pytest.raises(InvalidArgument):
+        SafeHashMap(view=5)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("maxsize", [None, 2])
+def test_the_store_keeps_each_values_view_beside_it(maxsize):
+    """A reader of the store's dict (follow_store) finds ``(value, deadline, view(value))``;
+    without a view, the value itself. The map's own reads are not changed by it."""
+    stores: list[dict[str, tuple[object, float, object]]] = []
+    m: SafeHashMap[str, list[int]] = SafeHashMap(maxsize, view=len)
+    m.follow_store(stores.append)
+    m["a"] = [1, 2]
+    m.set("b", [3], ttl=10)
+    assert m["a"] == [1, 2] and m.get("b") == [3]
+    assert stores[-1]["a"][0] == [1, 2] and stores[-1]["a"][2] == 2
+    assert stores[-1]["b"][2] == 1 and stores[-1]["b"][1] < math.inf
+    assert m.replace("a", m["a"], [4, 5, 6]) and stores[-1]["a"][2] == 3
+    m.clear()
+    m["c"] = [7]
+    assert stores[-1] == {"c": ([7], math.inf, 1)}
+    plain: SafeHashMap[str, int] = SafeHashMap(maxsize)
+    plain.follow_store(stores.append)
+    plain["a"] = 1
+    assert stores[-1]["a"] == (1, math.inf, 1)
 
 
 def test_errors_are_typed():

@@ -121,7 +121,7 @@ def test_mixed_ops_keep_the_bound_and_never_raise():
 
     def nothing_expiring() -> bool:  # (an entry expiring between two reads would tell them apart)
         now = time.monotonic()
-        return not any(now < deadline < now + 1 for _, deadline in list(m._data.values()))
+        return not any(now < entry[1] < now + 1 for entry in list(m._data.values()))
 
     wait_until(nothing_expiring, 5, what="the short-TTL entries to expire")
     assert m.stats.size == len(list(m))

@@ -420,6 +420,74 @@ def test_the_hit_path_follows_the_local_copy_when_it_is_dropped(server, ns, monk
         assert slow == [], f"{len(slow)} of 20 hits took the slow path"
 
 
+async def test_async_hits_refresh_recency_and_count_once(server, ns):
+    """The asyncio map's local reads (get_local, await get): a hit makes its key the most
+    recently used one of the local copy (contract §10) and counts once; an expired entry
+    is not served."""
+    node = await syncmap.connect_async(server.url)
+    try:
+        m = await node.map(ns, maxsize=3, max_staleness=LONG)
+        for k in "abc":
+            await m.set(k, k)  # own writes, installed locally: a is the least recently used
+        hits, misses = m.stats.hits, m.stats.misses
+        assert m.get_local("a") == "a"  # a hit: a is the most recent now, b the least
+        await m.set("d", "d")  # makes room: drops b
+        assert m.get_local("b") is None
+        assert await m.get("a") == "a" and m.get_local("c") == "c" and m.get_local("d") == "d"
+        assert (m.stats.hits, m.stats.misses) == (hits + 4, misses)
+        assert m.get_local("c") == "c"  # a, d, c
+        await m.set("e", "e", ttl=0.3)  # drops a
+        assert m.get_local("a") is None and m.get_local("d") == "d"
+        assert m.get_local("e") == "e"
+        deadline = time.monotonic() + 5
+        while m.get_local("e") is not None:  # expired locally
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        assert m.stats.misses == misses
+        await m.close()
+    finally:
+        await node.close()
+
+
+def test_hits_refresh_recency_in_the_new_store_after_a_drop(server, ns, monkeypatch):
+    """Dropping the local copy swaps its store for a new one: the hit path's LRU move follows
+    it, so a hit still makes its key the most recently used one (contract §10)."""
+    monkeypatch.setattr(syncmap._map, "POLL_INTERVAL", LONG)
+    with syncmap.connect(server.url) as node, node.map(ns, maxsize=3, max_staleness=LONG) as m:
+        m._state.resync("test")  # the copy is dropped: a new store
+        wait_until(lambda: m._state.synced, 5, what="a new base")
+        for k in "abc":
+            m[k] = k  # own writes, installed locally: a is the least recently used
+        assert m.get("c") == "c"  # sets the hit path's deadline
+        assert m.get("a") == "a"  # a hit: a is the most recent now, b the least
+        misses = m.stats.misses
+        m["d"] = "d"  # makes room: drops b
+        assert m.get("a") == "a" and m["c"] == "c" and m.get("d") == "d"
+        assert m.stats.misses == misses
+        assert m.get("b") == "b" and m.stats.misses == misses + 1
+
+
+def test_the_hit_path_ends_at_the_earliest_local_ttl(server, ns, monkeypatch):
+    """The hit path reads no entry's own deadline: its one deadline comes no later than the
+    earliest local TTL, also for an entry written after that deadline was set (contract
+    §10: a local deadline is never later than the server's)."""
+    monkeypatch.setattr(syncmap._map, "POLL_INTERVAL", LONG)
+    with syncmap.connect(server.url) as node, node.map(ns, max_staleness=LONG) as m:
+        m["p"] = 1
+        assert m.get("p") == 1 and m["p"] == 1  # sets the hit path's deadline, LONG away
+        m.set("t", 2, ttl=0.3)
+        m.set("u", 3, ttl=0.6)
+        assert m.get("t") == 2 and m["t"] == 2 and m.get("u") == 3
+        wait_until(lambda: m.get("t") is None, 5, what="t expired locally")
+        with pytest.raises(KeyError):
+            m["t"]
+        assert m.get("u") == 3 and m["u"] == 3 and m["p"] == 1  # u lives on, p has no TTL
+        wait_until(lambda: m.get("u") is None, 5, what="u expired locally")
+        with pytest.raises(KeyError):
+            m["u"]
+        assert m.get("p") == 1 and m.stats.misses >= 2
+
+
 BAD_KEYS = [1, b"bytes", None, ("t",), 1.5, "\ud800"]
 
 

@@ -129,9 +129,9 @@ class KeyMaker:
                 parts.append(f"{name}={_encode(value)}")
             except _Unstable as exc:
                 raise InvalidArgument(
-                    f"{self.name}: argument {name!r} holds a {type(exc.value).__name__}, which "
-                    "makes no key that is stable across processes; pass key= (a template or "
-                    "a callable) to cached()"
+                    f"{self.name}: argument {name!r} holds a value of type "
+                    f"{type(exc.value).__name__}, which makes no key that is stable across "
+                    "processes; pass key= (a template or a callable) to cached()"
                 ) from None
         text = f"{self.name}({','.join(parts)})"
         if len(text) > MAX_PLAIN_KEY:

@@ -390,7 +390,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_server)
 
     p = sub.add_parser("bench", help="run the benchmarks and print the ratio tables")
-    p.add_argument("names", nargs="*", help="local, lock, map, django, throughput (default: all)")
+    p.add_argument(
+        "names", nargs="*", help="local, lock, map, django, throughput, scale (default: all)"
+    )
     p.add_argument("--quick", action="store_true")
     p.set_defaults(func=_cmd_bench)
     return parser

@@ -11,13 +11,18 @@ Concurrency model (CPython 3.11, which has a GIL):
 * Every write, and every read that must look at more than one key (``len``, iteration,
   ``popitem``), holds one ``threading.Lock``. Writers make room *before* inserting, so no
   reader ever sees more than ``maxsize`` entries.
-* Entries are ``(value, deadline)`` tuples. ``deadline`` is ``inf`` without a TTL, so a
-  hit on such an entry costs one float comparison and no clock call.
+* Entries are ``(value, deadline, view)`` tuples. ``deadline`` is ``inf`` without a TTL, so
+  a hit on such an entry costs one float comparison and no clock call. ``view`` is the value
+  itself, or what the map's ``view`` makes of it: for a reader of the store's dict
+  (``follow_store``) that wants a part of the value without another lookup.
 * Expired entries are dropped lazily: by the read that finds one, and in bulk through a
   min-heap of deadlines before ``len``, iteration and eviction. Every entry with a deadline
   has a heap record due no later than it; refreshing an entry to a later deadline (the
   common case) pushes nothing, and the old record is re-filed when it comes due. Records
-  of deleted keys are skipped when popped; the heap is rebuilt if they pile up.
+  of deleted keys are skipped when popped; the heap is rebuilt if they pile up. A record is
+  filed before its entry is written, so the heap's first record bounds every deadline: a
+  reader that keeps the store's dict (``follow_store``) may skip reading deadlines until
+  ``settle``'s time, and ``follow_deadlines`` resets it before an entry that expires sooner.
 * Hit and miss counters are bumped without the lock. CPython 3.11 checks for a thread
   switch only at calls and backward jumps, never between the load and the store of
   ``self._hits += 1``, so they come out exact; on other interpreters they may under-count
@@ -94,10 +99,11 @@ class SafeHashMap(MutableMapping[K, V], Generic[K, V]):
 
     ``maxsize=None`` is unbounded; ``ttl=None`` means entries never expire unless
     ``set(..., ttl=)`` says otherwise. ``timer`` is the clock the deadlines are read on.
-    Iteration, ``keys()``, ``values()`` and ``items()`` walk a snapshot (least recently
-    used first when bounded), so they never raise while other threads write. Only
-    ``get``, ``[]`` and ``setdefault`` count as hits/misses and refresh recency;
-    ``in`` does neither.
+    ``view(value)``, if given, is kept beside each value for readers of the store's dict
+    (:meth:`follow_store`). Iteration, ``keys()``, ``values()`` and ``items()`` walk a
+    snapshot (least recently used first when bounded), so they never raise while other
+    threads write. Only ``get``, ``[]`` and ``setdefault`` count as hits/misses and refresh
+    recency; ``in`` does neither.
     """
 
     __slots__ = (
@@ -110,14 +116,16 @@ class SafeHashMap(MutableMapping[K, V], Generic[K, V]):
         "_lock",
         "_maxsize",
         "_misses",
+        "_on_deadline",
         "_on_new_store",
         "_seq",
         "_timer",
         "_touch",
         "_ttl",
+        "_view",
     )
 
-    _data: dict[K, tuple[V, float]]
+    _data: dict[K, tuple[V, float, Any]]
     _touch: Callable[[K], None] | None
 
     def __init__(
@@ -126,24 +134,49 @@ class SafeHashMap(MutableMapping[K, V], Generic[K, V]):
         ttl: float | None = None,
         *,
         timer: Callable[[], float] = time.monotonic,
+        view: Callable[[V], Any] | None = None,
     ) -> None:
         self._maxsize = _check_maxsize(maxsize)
         self._ttl = None if ttl is None else check_seconds(ttl, "ttl")
         if not callable(timer):
             raise InvalidArgument(f"timer must be callable, not {type(timer).__name__}")
+        if view is not None and not callable(view):
+            raise InvalidArgument(f"view must be callable or None, not {type(view).__name__}")
         self._timer = timer
+        self._view = view
         self._lock = threading.Lock()
         self._expiry: list[tuple[float, int, K]] = []
         self._seq = itertools.count()
         self._hits = self._misses = self._evictions = self._expirations = 0
-        self._on_new_store: Callable[[dict[K, tuple[V, float]]], None] | None = None
+        self._on_new_store: Callable[[dict[K, tuple[V, float, Any]]], None] | None = None
+        self._on_deadline: Callable[[], None] | None = None
         self._new_store()
 
-    def follow_store(self, callback: Callable[[dict[K, tuple[V, float]]], None]) -> None:
+    def follow_store(self, callback: Callable[[dict[K, tuple[V, float, Any]]], None]) -> None:
         """Call ``callback(store)`` now and with each new store (``clear`` swaps it): for a
-        reader that keeps the store's dict itself (SyncMap's hit path)."""
+        reader that keeps the store's dict itself (SyncMap's hit path). The dict maps each
+        key to ``(value, deadline, view)`` (see the module docstring)."""
         self._on_new_store = callback
         callback(self._data)
+
+    def follow_deadlines(self, reset: Callable[[], None]) -> None:
+        """For a reader that serves entries without checking their deadlines until a time
+        :meth:`settle` gave it (SyncMap's hit path): ``reset()`` is called, lock held, before
+        an entry is written whose deadline is earlier than that time may be. The reader then
+        checks deadlines again until it settles anew."""
+        self._on_deadline = reset
+
+    def settle(self, until: float, keep: Callable[[float], None]) -> None:
+        """``keep(t)``, lock held: ``t`` is ``until`` or, if earlier, the earliest time an
+        entry may expire (expired entries are dropped first). No entry expires before ``t``,
+        and until :meth:`follow_deadlines`' ``reset()`` is called, no entry that expires
+        before ``t`` is written."""
+        with self._lock:
+            heap = self._expiry
+            if heap and heap[0][0] <= self._timer():
+                self._purge()
+                heap = self._expiry
+            keep(min(until, heap[0][0]) if heap else until)
 
     def _new_store(self) -> None:
         # Unbounded maps need no recency order: a plain dict reads faster than an OrderedDict.
@@ -151,7 +184,7 @@ class SafeHashMap(MutableMapping[K, V], Generic[K, V]):
             self._data = {}
             self._touch = None
         else:
-            ordered: OrderedDict[K, tuple[V, float]] = OrderedDict()
+            ordered: OrderedDict[K, tuple[V, float, Any]] = OrderedDict()
             self._data = ordered
             self._touch = ordered.move_to_end
         if self._on_new_store is not None:
@@ -175,7 +208,7 @@ class SafeHashMap(MutableMapping[K, V], Generic[K, V]):
 
     def get(self, key: K, default: Any = None) -> Any:
         try:
-            value, deadline = self._data[key]
+            value, deadline, _ = self._data[key]
         except KeyError:
             self._misses += 1
             return default
@@ -222,7 +255,7 @@ class SafeHashMap(MutableMapping[K, V], Generic[K, V]):
             entries = self._entries()
         return [(key, entry[0]) for key, entry in entries]
 
-    def _entries(self) -> list[tuple[K, tuple[V, float]]]:
+    def _entries(self) -> list[tuple[K, tuple[V, float, Any]]]:
         """A copy of the store, least recently used first when bounded (lock held).
 
         Writers wait on the lock, but lock-free readers may ``move_to_end`` meanwhile. The
@@ -336,19 +369,23 @@ class SafeHashMap(MutableMapping[K, V], Generic[K, V]):
             maxsize = self._maxsize
             if maxsize is not None and len(data) >= maxsize:
                 self._make_room(maxsize)
-            data[key] = (value, deadline)
-        else:
-            data[key] = (value, deadline)
-            if self._touch is not None:
-                self._touch(key)
-        # An entry with a deadline needs a heap record due no later than it. A refresh to a
-        # later deadline keeps the old record, which _purge re-files when it comes due.
-        if deadline < (_NEVER if old is None else old[1]):
-            heapq.heappush(self._expiry, (deadline, next(self._seq), key))
-            if len(self._expiry) > 2 * len(data) + 32:
-                self._rebuild_expiry()
+        # An entry with a deadline needs a heap record due no later than it, filed before the
+        # entry is written (see settle). A refresh to a later deadline keeps the old record,
+        # which _purge re-files when it comes due.
+        filed = deadline < (_NEVER if old is None else old[1])
+        if filed:
+            heap = self._expiry
+            if self._on_deadline is not None and (not heap or deadline < heap[0][0]):
+                self._on_deadline()  # (due before every other record: see settle)
+            heapq.heappush(heap, (deadline, next(self._seq), key))
+        view = self._view
+        data[key] = (value, deadline, value if view is None else view(value))
+        if old is not None and self._touch is not None:
+            self._touch(key)
+        if filed and len(self._expiry) > 2 * len(data) + 32:
+            self._rebuild_expiry()
 
-    def _forget_expired(self, key: K) -> tuple[V, float] | None:
+    def _forget_expired(self, key: K) -> tuple[V, float, Any] | None:
         """An expired key is absent: a write to it inserts anew, at the end (lock held)."""
         del self._data[key]
         self._expirations += 1

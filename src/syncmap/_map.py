@@ -1,11 +1,11 @@
 """SyncMap: a map shared by every node, with a local copy in each for dict-speed reads.
 
 The consistency contract, numbered, and how each point is enforced, lives in one place:
-``docs/contract.md``. Code comments cite it as "contract §N". In short: every write is one Lua
-script that bumps the map's seq, writes the entry and publishes the change atomically (§1-§2);
-fetches are guarded by placeholders (§3); gaps, epochs and lost connections drop the copy
-(§4); one probe per node and server bounds staleness (§5); and a node crosses ``os.fork()``
-as described under "Across fork".
+``docs/contract.md``. Code comments cite it as "docs/contract.md §N". In short: every write is
+one Lua script that bumps the map's seq, writes the entry and publishes the change atomically
+(§1-§2); fetches are guarded by placeholders (§3); gaps, epochs and lost connections drop
+the copy (§4); one probe per node and server bounds staleness (§5); and a node crosses
+``os.fork()`` as described under "Across fork".
 """
 
 from __future__ import annotations
@@ -14,11 +14,13 @@ import asyncio
 import inspect
 import itertools
 import math
+import operator
 import os
 import queue
 import secrets
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import (
     AsyncIterator,
     Callable,
@@ -59,6 +61,7 @@ _MISSING: Any = object()
 DEFAULT_MAXSIZE: Final = 100_000
 DEFAULT_PUSH_VALUES: Final = 4096  # bytes: writes of values up to this size carry them
 _monotonic: Final = time.monotonic  # the map's clock (a global: cheaper to call on hits)
+_value_of: Final = operator.attrgetter("value")  # the local store's view of its entries
 POLL_INTERVAL: Final = 0.00005  # s: how often a local hit applies waiting change messages
 # (one check costs ~3 µs when nothing waits: ~6% of a thread spinning on hits; at 0.1 ms,
 # a hit cost ~5% less and another node's write took ~60-80 µs longer to show, p50 to p95)
@@ -261,10 +264,12 @@ class _MapBase:
         )
         self.name = name
         self.node = node
-        self._store: SafeHashMap[str, Any] = SafeHashMap(maxsize)
-        self._data: dict[str, tuple[Any, float]] = {}  # the store's dict, for the hit path
+        # the store's entries are Entry or Placeholder objects, viewed as their value (a
+        # Placeholder's is ABSENT): the hit path reads the value without a second lookup
+        self._store: SafeHashMap[str, Any] = SafeHashMap(maxsize, view=_value_of)
+        self._data: dict[str, tuple[Any, float, Any]] = {}  # the store's dict, for the hit path
+        self._touch: Callable[[str], object] | None = None  # its move_to_end (LRU), if bounded
         self._store.follow_store(self._follow)
-        self._lru = maxsize is not None  # the store is an OrderedDict: a hit moves its key
         self._clock = _monotonic
         self._max_staleness = float(max_staleness)
         self._raise_stale = on_stale == "raise"
@@ -310,17 +315,31 @@ class _MapBase:
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r} on {self.node.address}>"
 
-    def _follow(self, data: dict[str, tuple[Any, float]]) -> None:
-        self._data = data  # (set with the swap, under the store's lock)
+    def _follow(self, data: dict[str, tuple[Any, float, Any]]) -> None:
+        # (set with the swap, under the store's lock; a hit between the two sees the other
+        # store's move_to_end: a KeyError it ignores, or the key's move in the new store)
+        self._touch = data.move_to_end if isinstance(data, OrderedDict) else None
+        self._data = data
 
     def _local(self, key: Any) -> Any:
-        """The local copy's value (``ABSENT`` for a cached miss), or ``_MISSING``."""
+        """The local copy's value (``ABSENT`` for a cached miss), or ``_MISSING``. Reads the
+        store's dict in place, as SafeHashMap.get does (the lookup, the entry's deadline, the
+        LRU touch), with one clock read for the deadline and the proof (contract §5)."""
         try:
-            entry = self._store.get(key)
-        except TypeError:  # unhashable: not cached; the server path names the error
+            entry, expires, _ = self._data[key]
+        except (KeyError, TypeError):  # (unhashable: not cached; the server path names it)
             return _MISSING
         if entry.__class__ is Entry:
-            if self._clock() <= self._state.fresh_until:
+            now = self._clock()
+            if now >= expires:  # expired: absent (the store drops it lazily)
+                return _MISSING
+            if now <= self._state.fresh_until:  # a hit (LRU move, count: inline, as in get)
+                touch = self._touch
+                if touch is not None:
+                    try:  # noqa: SIM105 (contextlib.suppress costs more on this hot path)
+                        touch(key)
+                    except KeyError:  # a writer removed it since our read: the read stands
+                        pass
                 self._hits += 1
                 return entry.value
             if self._raise_stale:
@@ -380,6 +399,7 @@ class SyncMap(_MapBase, MutableMapping[str, Any]):
         self._driver.while_waiting = self._poll_while_waiting
         self._next_poll = 0.0  # the read path applies waiting change messages from then on
         self._read_until = -math.inf  # a local hit is served without more checks until then
+        self._store.follow_deadlines(self._unsettle)
         self._next_op_poll = 0.0  # the same before a server operation (less often: batches)
         self._op_poll_by = 0.0  # ... and not skipped past this time
         self._quiet = False  # the running operation came after a quiet spell (no polling)
@@ -439,58 +459,65 @@ class SyncMap(_MapBase, MutableMapping[str, Any]):
     # ---- reads ----
 
     # The hit path of get and [] reads the local store's dict in place, without a call into
-    # it: SafeHashMap.get's lock-free read (see _local.py: the lookup, the entry's deadline,
-    # the LRU touch). It reads the clock once and compares it with one deadline, _read_until:
-    # the earlier of the next poll and fresh_until, as _read last saw them. That deadline can
-    # only be early, never late: the next poll only moves later, and fresh_until only grows,
-    # except when the copy is dropped (Coherence._resync), which empties the store, and
-    # nothing is installed in it again before a new proof moves fresh_until past the old one.
-    # It serves only a value that is not ABSENT, and a Placeholder's value is ABSENT: no
-    # type check. Past the deadline, on a miss, a placeholder or a cached absence, _read
-    # does the rest.
+    # it: SafeHashMap.get's lock-free read (see _local.py: the lookup, the LRU touch). It reads
+    # the clock once and compares it with one deadline, _read_until, which _read settles with
+    # the store (SafeHashMap.settle): the earliest of the next poll, fresh_until, and the
+    # earliest time an entry of the store may expire (so no entry's own deadline is read).
+    # That deadline can only be early, never late: the next poll only moves later; fresh_until
+    # only grows, except when the copy is dropped (Coherence._resync), which empties the store,
+    # and nothing is installed in it again before a new proof moves fresh_until past the old
+    # one; and the store resets it (_unsettle, under its lock, then the write) before it
+    # writes an entry that may expire sooner. The entry is looked up before the deadline is
+    # read, so a hit on an entry just written sees that reset. The lookup gives the entry's
+    # value itself (the store keeps it beside the entry: its view). It serves only a value
+    # that is not ABSENT, and a Placeholder's value is ABSENT: no type check. Past the
+    # deadline, on a miss, a placeholder or a cached absence, _read does the rest.
 
     def get(self, key: Any, default: Any = None, fresh: bool = False) -> Any:
         """The value of ``key`` (``default`` if absent): local when fresh, else the server's.
         ``fresh=True``: linearizable, at the cost of one small round trip."""
-        data = self._data
         try:
-            entry, expires = data[key]
+            value = self._data[key][2]  # (the entry's value: the store's view of it)
         except (KeyError, TypeError):  # (unhashable: _read names the error)
             return self._read(key, default, fresh)
-        now = _monotonic()  # (a module global: cheaper than self._clock here)
-        if now < self._read_until and now < expires and not fresh:
-            value = entry.value
-            if value is not ABSENT:
-                if self._lru:
-                    try:  # noqa: SIM105 (contextlib.suppress costs more on this hot path)
-                        data.move_to_end(key)  # type: ignore[attr-defined]
-                    except KeyError:  # a writer removed it since our read: the read stands
-                        pass
-                self._hits += 1
-                return value
+        # (the clock: a module global, cheaper than self._clock here)
+        if _monotonic() < self._read_until and value is not ABSENT and not fresh:
+            touch = self._touch
+            if touch is not None:
+                try:  # noqa: SIM105 (contextlib.suppress costs more on this hot path)
+                    touch(key)
+                except KeyError:  # a writer removed it since our read: the read stands
+                    pass
+            self._hits += 1
+            return value
         return self._read(key, default, fresh)
 
     def __getitem__(self, key: str) -> Any:
-        data = self._data
         try:
-            entry, expires = data[key]
+            value = self._data[key][2]
         except (KeyError, TypeError):
-            entry, expires = None, 0.0
-        now = _monotonic()  # (a module global: cheaper than self._clock here)
-        if now < self._read_until and now < expires:  # as in get
-            value = entry.value
-            if value is not ABSENT:
-                if self._lru:
-                    try:  # noqa: SIM105
-                        data.move_to_end(key)  # type: ignore[attr-defined]
-                    except KeyError:
-                        pass
-                self._hits += 1
-                return value
+            value = ABSENT
+        if _monotonic() < self._read_until and value is not ABSENT:  # as in get
+            touch = self._touch
+            if touch is not None:
+                try:  # noqa: SIM105
+                    touch(key)
+                except KeyError:
+                    pass
+            self._hits += 1
+            return value
         value = self._read(key, _MISSING, False)
         if value is _MISSING:
             raise KeyError(key)
         return value
+
+    def _unsettle(self) -> None:
+        """The store is about to write an entry that may expire before ``_read_until``: hits
+        go through :meth:`_read` until it settles the deadline again (store's lock held)."""
+        self._read_until = -math.inf
+
+    def _settled(self, until: float) -> None:
+        self._read_until = until  # (store's lock held: see SafeHashMap.settle)
 
     def _read(self, key: Any, default: Any, fresh: bool) -> Any:
         """``get`` past the hit path: applies the waiting change messages when a poll is due
@@ -511,7 +538,7 @@ class SyncMap(_MapBase, MutableMapping[str, Any]):
                         entry = self._store.get(key)
                         now = self._clock()
                         fresh_until = self._state.fresh_until
-                    self._read_until = min(self._next_poll, fresh_until)
+                    self._store.settle(min(self._next_poll, fresh_until), self._settled)
                     if entry.__class__ is Entry and now <= fresh_until:
                         self._hits += 1
                         value = entry.value
@@ -678,7 +705,7 @@ class SyncMap(_MapBase, MutableMapping[str, Any]):
     def watch(self, timeout: float | None = None) -> Iterator[MapChange]:
         """Yield the map's changes as this node's listener receives them, for ``timeout``
         seconds (``None``: until the caller stops). Best effort: a change lost on the way is
-        not replayed (the local copy is still dropped, see the contract); a "set" carries the
+        not replayed (the local copy is still dropped: contract §4); a "set" carries the
         value read when the change is yielded."""
         changes = _Changes()
         self._state.watchers.append(changes.put)

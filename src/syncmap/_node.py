@@ -131,7 +131,7 @@ class _NodeBase:
 
     The node's maps share one listener per server (per master on a Cluster): one subscriber
     connection, one thread (one task under asyncio), one freshness probe (see
-    ``syncmap._listener`` and the contract in ``syncmap._map``). The listeners belong to the
+    ``syncmap._listener`` and docs/contract.md §5). The listeners belong to the
     node the user made (``_root``; the per-master nodes of a Cluster use their root's)."""
 
     client: Any

@@ -11,9 +11,9 @@
         }
     }
 
-Every process keeps a coherent local copy of the cache (see the contract in
-:mod:`syncmap._map`): a ``get`` of a cached key is served from memory, and a write anywhere
-reaches every process's copy within ``max_staleness``.
+Every process keeps a coherent local copy of the cache (its contract: docs/contract.md): a
+``get`` of a cached key is served from memory, and a write anywhere reaches every process's
+copy within ``max_staleness``.
 
 * Django makes a backend instance per thread (and async context) and calls ``close()`` after
   each request. All instances of one process with the same LOCATION and OPTIONS share one

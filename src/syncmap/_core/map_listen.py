@@ -3,7 +3,7 @@ server (one master on a Cluster), the maps' change messages dispatched by channe
 map's :class:`~syncmap._core.coherence.Coherence`, one freshness probe per interval for all
 of them, reconnect with backoff. The blocking runner (a thread) and the asyncio runner (a
 task) in ``syncmap._listener`` differ only in how they wait and send; every decision is here
-or in ``Coherence``. See the contract in ``syncmap._map`` (points 4 and 5).
+or in ``Coherence``. What they enforce: docs/contract.md §4 and §5.
 """
 
 from __future__ import annotations
@@ -272,7 +272,7 @@ class Hub:
 
     def start_probe(self) -> tuple[str, list[Member]]:
         """Start a probe: its token, and the members that read their (epoch, seq) for it:
-        those with no base, and one synced map in turn (the audit, see the contract)."""
+        those with no base, and one synced map in turn (the audit: docs/contract.md §5)."""
         self._counter += 1
         self.wanted = False
         token = self.token = f"syncmap-probe-{self._counter}"

@@ -1,0 +1,337 @@
+"""SyncMap in a real Celery worker with the prefork pool (3 processes), its broker and result
+backend on the test's Valkey. tests/celery_app.py makes its node and map at import time, in
+the worker's main process, and reads the key there before the worker forks the pool's
+processes; its tasks read and write the map in those processes.
+
+Every pool process must serve the map from its own local copy (hit ratio >= 90% after
+warm-up), never the value the main process cached before the fork, see another node's writes
+(this test's) and a task's write, and run a ``get_or_load`` loader asked by all of them at
+once only once. A pool process killed with SIGKILL is replaced by Celery with a new fork of
+the main process, which works the same way. The main process keeps its own hits, its
+listener, and sees every write.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Collection, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+from celery import Celery
+
+import syncmap
+from servers import wait_until
+
+pytestmark = pytest.mark.slow
+
+TESTS = Path(__file__).resolve().parent
+CHILDREN = 3  # the pool's processes (--concurrency)
+STALENESS = 2.0  # the map's max_staleness in the worker, s
+KEY = "greeting"
+
+Answer = dict[str, Any]
+
+
+class Worker:
+    """A real ``celery worker`` (once :meth:`start` is called) running tests/celery_app.py
+    with the prefork pool, in a process group of its own; and a Celery client for it (sends
+    tasks by name, gets their results and asks the worker's main process)."""
+
+    def __init__(self, url: str, ns: str, tmp: Path) -> None:
+        self.hostname = f"{ns}@127.0.0.1"
+        self.log = tmp / "celery.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join([str(TESTS), *sys.path]),
+            "CELERY_TEST_URL": url,
+            "CELERY_TEST_MAP": ns,
+            "CELERY_TEST_KEY": KEY,
+            "CELERY_TEST_STALENESS": str(STALENESS),
+            "CELERY_TEST_QUEUE": ns,
+        }
+        self.cmd = [
+            sys.executable, "-m", "celery", "-A", "celery_app", "worker",
+            "--pool", "prefork",
+            "--concurrency", str(CHILDREN),
+            "-O", "fair",  # a task goes to an idle pool process
+            "--hostname", self.hostname,
+            "--queues", ns,
+            "--without-gossip", "--without-mingle", "--without-heartbeat",
+            "--loglevel", "INFO",
+        ]  # fmt: skip
+        self.app = Celery("client", broker=url, backend=url)
+        self.app.conf.update(task_default_queue=ns, broker_connection_retry_on_startup=True)
+
+    def start(self) -> None:
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(
+                self.cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                env=self.env,
+                cwd=TESTS,
+                start_new_session=True,  # its process group: the main process and the pool
+            )
+
+    def log_tail(self) -> str:
+        with contextlib.suppress(OSError):
+            return self.log.read_text()[-4000:]
+        return ""
+
+    def alive(self) -> None:
+        assert self.proc is not None, "start() first"
+        if self.proc.poll() is not None:
+            raise AssertionError(f"celery worker exited:\n{self.log_tail()}")
+
+    def call(self, name: str, *args: Any, timeout: float = 30) -> Answer:
+        return dict(self.app.send_task(name, args=args).get(timeout=timeout))
+
+    def control(self, command: str, **arguments: Any) -> Any:
+        """``command`` run by the worker's main process (remote control); None if it has
+        not answered within 2 s."""
+        self.alive()
+        replies = self.app.control.broadcast(
+            command, arguments=arguments, destination=[self.hostname], reply=True, timeout=2
+        )
+        for reply in replies or []:
+            if self.hostname in reply:
+                return reply[self.hostname]
+        return None
+
+    def pool(self) -> set[int]:
+        """The pids of the pool's processes, as the main process counts them."""
+        stats = self.control("stats")
+        return set(stats["pool"]["processes"]) if stats else set()
+
+    def wait_pool(self, without: Collection[int] = ()) -> set[int]:
+        """Wait until the pool has ``CHILDREN`` processes, none of ``without``; their pids."""
+        got: set[int] = set()
+
+        def full() -> bool:
+            nonlocal got
+            got = self.pool()
+            return len(got) == CHILDREN and not got & set(without)
+
+        wait_until(full, timeout=60, interval=0.05, what=f"{CHILDREN} pool processes")
+        return got
+
+    def stop(self, timeout: float = 20) -> int | None:
+        """SIGTERM (warm shutdown), then SIGKILL to the whole process group if the main
+        process has not exited after ``timeout`` seconds; its exit code (None: never
+        started). The group is killed in any case (a pool process left behind)."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(10)
+        # the results' finalizers unsubscribe from the result backend: run them now, while
+        # the server is up (later, each would retry its reconnection for many seconds)
+        gc.collect()
+        self.app.close()
+        return self.proc.returncode
+
+
+def reads(answer: Answer) -> int:
+    return int(answer["hits"] + answer["misses"])
+
+
+class Traffic:
+    """Bursts of concurrent ``celery_app.read`` tasks (each holds its pool process 10 ms, so
+    that the processes share the load), the latest answer of each process kept."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self.pool = ThreadPoolExecutor(6)
+        self.lock = threading.Lock()
+        self.latest: dict[int, Answer] = {}
+        self.answers: list[tuple[float, Answer]] = []  # (sent at, answer)
+
+    def burst(self, n: int = 18) -> list[tuple[float, Answer]]:
+        self.worker.alive()
+
+        def one(_: int) -> tuple[float, Answer]:
+            sent = time.monotonic()
+            return sent, self.worker.call("celery_app.read", 0.01)
+
+        got = list(self.pool.map(one, range(n)))
+        with self.lock:
+            for _sent, answer in got:  # (a process's answers may come back out of order)
+                known = self.latest.get(answer["pid"])
+                if known is None or reads(answer) > reads(known):
+                    self.latest[answer["pid"]] = answer
+            self.answers += got
+        return got
+
+    def until(self, predicate: Callable[[Traffic], bool], timeout: float, what: str) -> None:
+        """Bursts until ``predicate(self)`` holds; fail after ``timeout`` seconds."""
+        wait_until(lambda: self.burst() and predicate(self), timeout, interval=0, what=what)
+
+    def warm_up(self, children: set[int]) -> dict[int, Answer]:
+        """Traffic until each of ``children`` has answered at least 5 times; then their
+        latest answers (the base of :meth:`check_hit_ratios`)."""
+        self.until(
+            lambda t: all(pid in t.latest and reads(t.latest[pid]) >= 5 for pid in children),
+            timeout=60,
+            what=f"pool processes {sorted(children)} to answer",
+        )
+        return {pid: dict(self.latest[pid]) for pid in children}
+
+    def check_hit_ratios(self, base: dict[int, Answer], min_reads: int = 50) -> None:
+        """Every process of ``base`` served at least 90% of its reads since ``base`` from
+        its local copy, over at least ``min_reads`` reads each."""
+
+        def reads_since(pid: int) -> int:
+            return reads(self.latest[pid]) - reads(base[pid])
+
+        self.until(
+            lambda t: all(reads_since(pid) >= min_reads for pid in base),
+            timeout=60,
+            what=f"{min_reads} reads in every pool process after warm-up",
+        )
+        for pid in base:
+            a = self.latest[pid]
+            ratio = (a["hits"] - base[pid]["hits"]) / reads_since(pid)
+            assert ratio >= 0.9, f"pool process {pid}: hit ratio {ratio:.0%} after warm-up ({a})"
+
+    def check_served(self, value: Any, acked: float, children: set[int]) -> None:
+        """Traffic until every one of ``children`` has served ``value`` (written at
+        ``acked``, a ``time.monotonic()``); no process serves another value to a task sent
+        more than ``STALENESS`` after ``acked``."""
+        seen: set[int] = set()
+        checked = len(self.answers)
+
+        def all_seen(t: Traffic) -> bool:
+            nonlocal checked
+            for sent, a in t.answers[checked:]:
+                if a["value"] == value:
+                    seen.add(a["pid"])
+                else:
+                    assert sent <= acked + STALENESS, (
+                        f"pool process {a['pid']} served {a['value']!r} more than "
+                        f"max_staleness={STALENESS}s after {value!r} was written"
+                    )
+            checked = len(t.answers)
+            return children <= seen
+
+        self.until(all_seen, timeout=STALENESS + 20, what=f"every pool process to serve {value!r}")
+
+    def close(self) -> None:
+        self.pool.shutdown()
+
+
+@pytest.fixture
+def worker(server, ns, tmp_path) -> Iterator[Worker]:
+    """A celery worker for tests/celery_app.py, not started yet; stopped (its whole process
+    group) after the test."""
+    w = Worker(server.url, ns, tmp_path)
+    try:
+        yield w
+    finally:
+        w.stop()
+
+
+def test_the_map_is_a_near_cache_in_every_celery_pool_process(worker, server, ns, client):
+    with syncmap.connect(server.url) as node, node.map(ns) as writer:
+        writer[KEY] = "v0"  # what the main process reads at import, before the fork
+        worker.start()
+        children = worker.wait_pool()
+        assert worker.proc is not None
+        main = worker.proc.pid
+        writer[KEY] = "v1"  # after the fork: the value every process must serve from now on
+        traffic = Traffic(worker)
+        try:
+            base = traffic.warm_up(children)
+            # the map was made in the main process, and nothing inherited across the fork is
+            # trusted: each process dropped its copy and serves only what it read since
+            stale = [a for _, a in traffic.answers if a["value"] != "v1"]
+            assert not stale, f"a pool process served the value cached before the fork: {stale[:3]}"
+            for pid, a in base.items():
+                assert a["main"] == main, a
+                assert a["resync_causes"].get("fork", 0) >= 1, (pid, a)
+
+            # hit ratio per process after warm-up: >= 90%, over >= 50 reads each
+            traffic.check_hit_ratios(base)
+
+            # another node's writes: every process serves each one (by max_staleness at the
+            # latest, per the contract), heard by its own listener, and keeps serving hits
+            for value in ["v2", "v3", "v4"]:
+                writer[KEY] = value
+                traffic.check_served(value, time.monotonic(), children)
+            traffic.check_hit_ratios(base)
+            for pid in children:
+                a = traffic.latest[pid]
+                assert a["invalidations"] > base[pid]["invalidations"], (pid, a)
+
+            # a task's write: the other node (this test's) and every process see it
+            written_by = worker.call("celery_app.write", KEY, "v5")["pid"]
+            acked = time.monotonic()
+            assert written_by in children
+            wait_until(
+                lambda: writer.get(KEY) == "v5" and writer.get_local(KEY) == "v5",
+                STALENESS + 10,
+                what="the test's node to serve the task's write",
+            )
+            traffic.check_served("v5", acked, children)
+
+            # get_or_load asked by every process at once: the loader runs once
+            hot = f"{ns}-hot"
+            with ThreadPoolExecutor(2 * CHILDREN) as pool:
+                loaded = list(
+                    pool.map(lambda _: worker.call("celery_app.load", hot), range(2 * CHILDREN))
+                )
+            loads = int(client.get(f"{hot}:loads") or 0)
+            assert {a["pid"] for a in loaded} == children, loaded
+            assert len({a["value"] for a in loaded}) == 1, loaded
+            assert loads == 1, f"the loader ran {loads} times: {loaded}"
+
+            # a pool process killed: Celery forks a new one from the main process, which
+            # drops its inherited copy, serves the last value, hits and sees writes
+            victim = min(children)
+            os.kill(victim, signal.SIGKILL)
+            children = worker.wait_pool(without={victim})
+            (newcomer,) = children - set(base)
+            base = traffic.warm_up(children)
+            fresh = [a for _, a in traffic.answers if a["pid"] == newcomer]
+            assert all(a["value"] == "v5" for a in fresh), fresh
+            assert base[newcomer]["main"] == main, base[newcomer]
+            assert base[newcomer]["resync_causes"].get("fork", 0) >= 1, base[newcomer]
+            traffic.check_hit_ratios(base)
+            writer[KEY] = "v6"
+            traffic.check_served("v6", time.monotonic(), children)
+            assert traffic.latest[newcomer]["invalidations"] > base[newcomer]["invalidations"]
+        finally:
+            traffic.close()
+
+        # the main process (made the node, forked the pool, replaced a process): still a
+        # near cache with its own listener, and it has seen every write
+        def main_serves_v6() -> Any:
+            answer = worker.control("syncmap_main", reads=200)
+            return answer if answer and answer["values"] == [repr("v6")] else None
+
+        state = wait_until(main_serves_v6, STALENESS + 10, what="the main process to serve v6")
+        assert state["pid"] == main and state["main"] == main, state
+        assert state["preloaded"] == "v0", state
+        assert state["hits"] >= 0.9 * (state["hits"] + state["misses"]), state
+        assert state["invalidations"] >= 6, state  # v1..v6, heard by its own listener
+        assert "fork" not in state["resync_causes"], state
+        assert state["listeners"], state
+
+        code = worker.stop()
+        assert code == 0, f"celery worker exited with {code}:\n{worker.log_tail()}"

@@ -31,6 +31,7 @@ from celery import Celery
 from celery.worker.control import inspect_command
 
 import syncmap
+from prefork_harness import map_stats
 
 URL = os.environ["CELERY_TEST_URL"]
 KEY = os.environ["CELERY_TEST_KEY"]
@@ -52,21 +53,10 @@ shared = node.map(
 PRELOADED = shared.get(KEY)  # the main process reads before forking: its local copy holds it
 
 
-def _stats() -> dict[str, Any]:
-    stats = shared.stats
-    return {
-        "hits": stats.hits,
-        "misses": stats.misses,
-        "resyncs": stats.resyncs,
-        "resync_causes": dict(stats.resync_causes),
-        "invalidations": stats.invalidations,
-    }
-
-
 @app.task(name="celery_app.read")
 def read(hold: float = 0.0) -> dict[str, Any]:
     value = shared.get(KEY)
-    answer = {"pid": os.getpid(), "main": MAIN_PID, "value": value, **_stats()}
+    answer = {"pid": os.getpid(), "main": MAIN_PID, "value": value, **map_stats(shared)}
     if hold:
         time.sleep(min(hold, 0.1))
     return answer

@@ -19,9 +19,8 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -30,16 +29,15 @@ import pytest
 from celery import Celery
 
 import syncmap
+from prefork_harness import WORKERS, Answer, Traffic
 from servers import wait_until
 
 pytestmark = pytest.mark.slow
 
 TESTS = Path(__file__).resolve().parent
-CHILDREN = 3  # the pool's processes (--concurrency)
+CHILDREN = WORKERS  # the pool's processes (--concurrency)
 STALENESS = 2.0  # the map's max_staleness in the worker, s
 KEY = "greeting"
-
-Answer = dict[str, Any]
 
 
 class Worker:
@@ -96,6 +94,8 @@ class Worker:
             raise AssertionError(f"celery worker exited:\n{self.log_tail()}")
 
     def call(self, name: str, *args: Any, timeout: float = 30) -> Answer:
+        """Task ``name`` run by the worker; its result."""
+        self.alive()
         return dict(self.app.send_task(name, args=args).get(timeout=timeout))
 
     def control(self, command: str, **arguments: Any) -> Any:
@@ -148,94 +148,6 @@ class Worker:
         return self.proc.returncode
 
 
-def reads(answer: Answer) -> int:
-    return int(answer["hits"] + answer["misses"])
-
-
-class Traffic:
-    """Bursts of concurrent ``celery_app.read`` tasks (each holds its pool process 10 ms, so
-    that the processes share the load), the latest answer of each process kept."""
-
-    def __init__(self, worker: Worker) -> None:
-        self.worker = worker
-        self.pool = ThreadPoolExecutor(6)
-        self.lock = threading.Lock()
-        self.latest: dict[int, Answer] = {}
-        self.answers: list[tuple[float, Answer]] = []  # (sent at, answer)
-
-    def burst(self, n: int = 18) -> list[tuple[float, Answer]]:
-        self.worker.alive()
-
-        def one(_: int) -> tuple[float, Answer]:
-            sent = time.monotonic()
-            return sent, self.worker.call("celery_app.read", 0.01)
-
-        got = list(self.pool.map(one, range(n)))
-        with self.lock:
-            for _sent, answer in got:  # (a process's answers may come back out of order)
-                known = self.latest.get(answer["pid"])
-                if known is None or reads(answer) > reads(known):
-                    self.latest[answer["pid"]] = answer
-            self.answers += got
-        return got
-
-    def until(self, predicate: Callable[[Traffic], bool], timeout: float, what: str) -> None:
-        """Bursts until ``predicate(self)`` holds; fail after ``timeout`` seconds."""
-        wait_until(lambda: self.burst() and predicate(self), timeout, interval=0, what=what)
-
-    def warm_up(self, children: set[int]) -> dict[int, Answer]:
-        """Traffic until each of ``children`` has answered at least 5 times; then their
-        latest answers (the base of :meth:`check_hit_ratios`)."""
-        self.until(
-            lambda t: all(pid in t.latest and reads(t.latest[pid]) >= 5 for pid in children),
-            timeout=60,
-            what=f"pool processes {sorted(children)} to answer",
-        )
-        return {pid: dict(self.latest[pid]) for pid in children}
-
-    def check_hit_ratios(self, base: dict[int, Answer], min_reads: int = 50) -> None:
-        """Every process of ``base`` served at least 90% of its reads since ``base`` from
-        its local copy, over at least ``min_reads`` reads each."""
-
-        def reads_since(pid: int) -> int:
-            return reads(self.latest[pid]) - reads(base[pid])
-
-        self.until(
-            lambda t: all(reads_since(pid) >= min_reads for pid in base),
-            timeout=60,
-            what=f"{min_reads} reads in every pool process after warm-up",
-        )
-        for pid in base:
-            a = self.latest[pid]
-            ratio = (a["hits"] - base[pid]["hits"]) / reads_since(pid)
-            assert ratio >= 0.9, f"pool process {pid}: hit ratio {ratio:.0%} after warm-up ({a})"
-
-    def check_served(self, value: Any, acked: float, children: set[int]) -> None:
-        """Traffic until every one of ``children`` has served ``value`` (written at
-        ``acked``, a ``time.monotonic()``); no process serves another value to a task sent
-        more than ``STALENESS`` after ``acked``."""
-        seen: set[int] = set()
-        checked = len(self.answers)
-
-        def all_seen(t: Traffic) -> bool:
-            nonlocal checked
-            for sent, a in t.answers[checked:]:
-                if a["value"] == value:
-                    seen.add(a["pid"])
-                else:
-                    assert sent <= acked + STALENESS, (
-                        f"pool process {a['pid']} served {a['value']!r} more than "
-                        f"max_staleness={STALENESS}s after {value!r} was written"
-                    )
-            checked = len(t.answers)
-            return children <= seen
-
-        self.until(all_seen, timeout=STALENESS + 20, what=f"every pool process to serve {value!r}")
-
-    def close(self) -> None:
-        self.pool.shutdown()
-
-
 @pytest.fixture
 def worker(server, ns, tmp_path) -> Iterator[Worker]:
     """A celery worker for tests/celery_app.py, not started yet; stopped (its whole process
@@ -255,7 +167,10 @@ def test_the_map_is_a_near_cache_in_every_celery_pool_process(worker, server, ns
         assert worker.proc is not None
         main = worker.proc.pid
         writer[KEY] = "v1"  # after the fork: the value every process must serve from now on
-        traffic = Traffic(worker)
+        # reads spread over the pool: each task holds its process 10 ms
+        traffic = Traffic(
+            lambda: worker.call("celery_app.read", 0.01), worker.log_tail, burst_size=18
+        )
         try:
             base = traffic.warm_up(children)
             # the map was made in the main process, and nothing inherited across the fork is
@@ -271,13 +186,9 @@ def test_the_map_is_a_near_cache_in_every_celery_pool_process(worker, server, ns
 
             # another node's writes: every process serves each one (by max_staleness at the
             # latest, per the contract), heard by its own listener, and keeps serving hits
-            for value in ["v2", "v3", "v4"]:
-                writer[KEY] = value
-                traffic.check_served(value, time.monotonic(), children)
-            traffic.check_hit_ratios(base)
-            for pid in children:
-                a = traffic.latest[pid]
-                assert a["invalidations"] > base[pid]["invalidations"], (pid, a)
+            traffic.check_writes_seen(
+                lambda v: writer.__setitem__(KEY, v), ["v2", "v3", "v4"], STALENESS, base
+            )
 
             # a task's write: the other node (this test's) and every process see it
             written_by = worker.call("celery_app.write", KEY, "v5")["pid"]
@@ -288,7 +199,7 @@ def test_the_map_is_a_near_cache_in_every_celery_pool_process(worker, server, ns
                 STALENESS + 10,
                 what="the test's node to serve the task's write",
             )
-            traffic.check_served("v5", acked, children)
+            traffic.wait_every_worker_serves("v5", acked, STALENESS)
 
             # get_or_load asked by every process at once: the loader runs once
             hot = f"{ns}-hot"
@@ -305,6 +216,7 @@ def test_the_map_is_a_near_cache_in_every_celery_pool_process(worker, server, ns
             # drops its inherited copy, serves the last value, hits and sees writes
             victim = min(children)
             os.kill(victim, signal.SIGKILL)
+            traffic.forget(victim)
             children = worker.wait_pool(without={victim})
             (newcomer,) = children - set(base)
             base = traffic.warm_up(children)
@@ -312,10 +224,7 @@ def test_the_map_is_a_near_cache_in_every_celery_pool_process(worker, server, ns
             assert all(a["value"] == "v5" for a in fresh), fresh
             assert base[newcomer]["main"] == main, base[newcomer]
             assert base[newcomer]["resync_causes"].get("fork", 0) >= 1, base[newcomer]
-            traffic.check_hit_ratios(base)
-            writer[KEY] = "v6"
-            traffic.check_served("v6", time.monotonic(), children)
-            assert traffic.latest[newcomer]["invalidations"] > base[newcomer]["invalidations"]
+            traffic.check_writes_seen(lambda v: writer.__setitem__(KEY, v), ["v6"], STALENESS, base)
         finally:
             traffic.close()
 

@@ -7,8 +7,9 @@ Every pool process must serve the map from its own local copy (hit ratio >= 90% 
 warm-up), never the value the main process cached before the fork, see another node's writes
 (this test's) and a task's write, and run a ``get_or_load`` loader asked by all of them at
 once only once. A pool process killed with SIGKILL is replaced by Celery with a new fork of
-the main process, which works the same way. The main process keeps its own hits, its
-listener, and sees every write.
+the main process, which works the same way, and so is each pool process Celery recycles after
+``--max-tasks-per-child`` tasks. The main process keeps its own hits, its listener, and sees
+every write.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import pytest
 from celery import Celery
 
 import syncmap
-from prefork_harness import WORKERS, Answer, Traffic
+from prefork_harness import WORKERS, Answer, Traffic, reads
 from servers import wait_until
 
 pytestmark = pytest.mark.slow
@@ -45,7 +46,7 @@ class Worker:
     with the prefork pool, in a process group of its own; and a Celery client for it (sends
     tasks by name, gets their results and asks the worker's main process)."""
 
-    def __init__(self, url: str, ns: str, tmp: Path) -> None:
+    def __init__(self, url: str, ns: str, tmp: Path, *options: str) -> None:
         self.hostname = f"{ns}@127.0.0.1"
         self.log = tmp / "celery.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -67,6 +68,7 @@ class Worker:
             "--queues", ns,
             "--without-gossip", "--without-mingle", "--without-heartbeat",
             "--loglevel", "INFO",
+            *options,
         ]  # fmt: skip
         self.app = Celery("client", broker=url, backend=url)
         self.app.conf.update(task_default_queue=ns, broker_connection_retry_on_startup=True)
@@ -149,10 +151,10 @@ class Worker:
 
 
 @pytest.fixture
-def worker(server, ns, tmp_path) -> Iterator[Worker]:
+def worker(server, ns, tmp_path, request) -> Iterator[Worker]:
     """A celery worker for tests/celery_app.py, not started yet; stopped (its whole process
-    group) after the test."""
-    w = Worker(server.url, ns, tmp_path)
+    group) after the test. ``request.param`` (if any): more options of ``celery worker``."""
+    w = Worker(server.url, ns, tmp_path, *getattr(request, "param", ()))
     try:
         yield w
     finally:
@@ -244,3 +246,59 @@ def test_the_map_is_a_near_cache_in_every_celery_pool_process(worker, server, ns
 
         code = worker.stop()
         assert code == 0, f"celery worker exited with {code}:\n{worker.log_tail()}"
+
+
+RECYCLE = 10  # tasks per pool process (--max-tasks-per-child)
+
+
+@pytest.mark.parametrize(
+    "worker", [("--max-tasks-per-child", str(RECYCLE))], ids=["max-tasks-per-child"], indirect=True
+)
+def test_pool_processes_recycled_after_max_tasks_per_child_are_near_caches(worker, server, ns):
+    """Celery replaces a pool process after ``RECYCLE`` tasks with a new fork of the main
+    process: each new one drops its inherited copy, serves hits from its own and sees
+    another node's writes."""
+    with syncmap.connect(server.url) as node, node.map(ns) as writer:
+        writer[KEY] = "v0"  # what the main process reads at import, before the forks
+        worker.start()
+        first = worker.wait_pool()
+        assert worker.proc is not None
+        main = worker.proc.pid
+        writer[KEY] = "v1"
+        traffic = Traffic(
+            lambda: worker.call("celery_app.read", 0.01), worker.log_tail, burst_size=18
+        )
+        try:
+            # two generations of processes beyond the first
+            traffic.until(
+                lambda t: len(set(t.latest) - first) >= 2 * CHILDREN,
+                timeout=60,
+                what="pool processes to be recycled",
+            )
+            writer[KEY] = "v2"
+            acked = time.monotonic()
+            before = set(traffic.latest)
+            traffic.until(
+                lambda t: (
+                    t.answers[-1][0] > acked + STALENESS and len(set(t.latest) - before) >= CHILDREN
+                ),
+                timeout=STALENESS + 60,
+                what="pool processes forked after the write",
+            )
+        finally:
+            traffic.close()
+        assert all(a["main"] == main for _, a in traffic.answers)
+        stale = [(t, a) for t, a in traffic.answers if a["value"] == "v0"]
+        assert not stale, f"a pool process served the value cached before the fork: {stale[:3]}"
+        late = [a for t, a in traffic.answers if t > acked + STALENESS and a["value"] != "v2"]
+        assert not late, f"served more than max_staleness after v2 was written: {late[:3]}"
+        recycled = 0
+        for pid in set(traffic.latest) - first:
+            mine = sorted((a for _, a in traffic.answers if a["pid"] == pid), key=reads)
+            assert mine[0]["resync_causes"].get("fork", 0) >= 1, mine[0]
+            if len(mine) < RECYCLE:  # (still running)
+                continue
+            recycled += 1  # a whole life: its reads after its first, half of them hits at least
+            hits, n = mine[-1]["hits"] - mine[0]["hits"], reads(mine[-1]) - reads(mine[0])
+            assert hits >= n / 2, f"pool process {pid}: {hits} hits of {n} reads: {mine[-1]}"
+        assert recycled >= CHILDREN, traffic.latest

@@ -129,10 +129,15 @@ class Worker:
         wait_until(full, timeout=60, interval=0.05, what=f"{CHILDREN} pool processes")
         return got
 
+    def traffic(self) -> Traffic:
+        """Reads spread over the pool (each ``celery_app.read`` task holds its process
+        10 ms)."""
+        return Traffic(lambda: self.call("celery_app.read", 0.01), self.log_tail, burst_size=18)
+
     def stop(self, timeout: float = 20) -> int | None:
-        """SIGTERM (warm shutdown), then SIGKILL to the whole process group if the main
-        process has not exited after ``timeout`` seconds; its exit code (None: never
-        started). The group is killed in any case (a pool process left behind)."""
+        """SIGTERM (warm shutdown) and up to ``timeout`` seconds for the main process to
+        exit, then SIGKILL to whatever is left of the process group; the main process's exit
+        code (None: never started)."""
         if self.proc is None:
             return None
         if self.proc.poll() is None:
@@ -150,6 +155,18 @@ class Worker:
         return self.proc.returncode
 
 
+def start(worker: Worker, writer: Any) -> tuple[int, set[int]]:
+    """``v0`` written, then the worker started (its main process reads ``v0`` at import,
+    before the pool forks), then ``v1`` written (after the fork): the pids of the main
+    process and of the pool's processes."""
+    writer[KEY] = "v0"
+    worker.start()
+    children = worker.wait_pool()
+    writer[KEY] = "v1"
+    assert worker.proc is not None
+    return worker.proc.pid, children
+
+
 @pytest.fixture
 def worker(server, ns, tmp_path, request) -> Iterator[Worker]:
     """A celery worker for tests/celery_app.py, not started yet; stopped (its whole process
@@ -163,16 +180,8 @@ def worker(server, ns, tmp_path, request) -> Iterator[Worker]:
 
 def test_the_map_is_a_near_cache_in_every_celery_pool_process(worker, server, ns, client):
     with syncmap.connect(server.url) as node, node.map(ns) as writer:
-        writer[KEY] = "v0"  # what the main process reads at import, before the fork
-        worker.start()
-        children = worker.wait_pool()
-        assert worker.proc is not None
-        main = worker.proc.pid
-        writer[KEY] = "v1"  # after the fork: the value every process must serve from now on
-        # reads spread over the pool: each task holds its process 10 ms
-        traffic = Traffic(
-            lambda: worker.call("celery_app.read", 0.01), worker.log_tail, burst_size=18
-        )
+        main, children = start(worker, writer)
+        traffic = worker.traffic()
         try:
             base = traffic.warm_up(children)
             # the map was made in the main process, and nothing inherited across the fork is
@@ -259,15 +268,8 @@ def test_pool_processes_recycled_after_max_tasks_per_child_are_near_caches(worke
     process: each new one drops its inherited copy, serves hits from its own and sees
     another node's writes."""
     with syncmap.connect(server.url) as node, node.map(ns) as writer:
-        writer[KEY] = "v0"  # what the main process reads at import, before the forks
-        worker.start()
-        first = worker.wait_pool()
-        assert worker.proc is not None
-        main = worker.proc.pid
-        writer[KEY] = "v1"
-        traffic = Traffic(
-            lambda: worker.call("celery_app.read", 0.01), worker.log_tail, burst_size=18
-        )
+        main, first = start(worker, writer)
+        traffic = worker.traffic()
         try:
             # two generations of processes beyond the first
             traffic.until(

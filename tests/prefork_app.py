@@ -26,6 +26,7 @@ from urllib.parse import parse_qs
 import redis
 
 import syncmap
+from prefork_harness import map_stats
 
 URL = os.environ["PREFORK_URL"]
 KEY = os.environ["PREFORK_KEY"]
@@ -36,17 +37,6 @@ shared = node.map(os.environ["PREFORK_MAP"], max_staleness=float(os.environ["PRE
 PRELOADED = shared.get(KEY)  # the master reads before forking: its local copy holds the key
 
 StartResponse = Callable[[str, list[tuple[str, str]]], Any]
-
-
-def _stats() -> dict[str, Any]:
-    stats = shared.stats
-    return {
-        "hits": stats.hits,
-        "misses": stats.misses,
-        "resyncs": stats.resyncs,
-        "resync_causes": stats.resync_causes,
-        "invalidations": stats.invalidations,
-    }
 
 
 def _load(key: str) -> str:
@@ -62,7 +52,7 @@ def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[byte
         body: dict[str, Any] = {"pid": os.getpid(), "master": MASTER_PID}
     elif path == "/read":
         value = shared.get(KEY)
-        body = {"pid": os.getpid(), "master": MASTER_PID, "value": value, **_stats()}
+        body = {"pid": os.getpid(), "master": MASTER_PID, "value": value, **map_stats(shared)}
         hold = parse_qs(environ.get("QUERY_STRING", "")).get("hold")
         if hold:
             time.sleep(min(float(hold[0]), 0.1))

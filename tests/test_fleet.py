@@ -260,6 +260,7 @@ def _child_of_a_blocking_node(m: syncmap.SyncMap, lock: syncmap.Lock, url: str) 
     out["resync_causes"] = dict(m.stats.resync_causes)
     assert m.get("k") == "v0"
     cached(m, "k", "v0")  # the child's listener took a base: the copy fills again
+    out["resync_causes_cached"] = dict(m.stats.resync_causes)
     hits = m.stats.hits
     for _ in range(2000):
         assert m.get("k") == "v0"
@@ -291,6 +292,10 @@ def test_a_blocking_node_made_before_fork_works_in_the_child(server, ns):
         assert out["token"] is None and out["owned"] is False and out["locked"] is True
         assert out["release"] == "LockNotHeld"
         assert out["local_before"] is None and out["resync_causes"].get("fork") == 1
+        # the child's listener subscribing is its first subscription, not a resubscribe: the
+        # fork is the drop counted (the counts the parent had at the fork come along)
+        before, after = out["resync_causes"], out["resync_causes_cached"]
+        assert after.get("resubscribe") == before.get("resubscribe"), out
         assert out["hits"] >= 1800, out  # a near cache in the child
         assert out["own_listener"] and out["own_listener"] != thread.ident
         # the parent is unaffected: same listener, thread and connection; it keeps its hits,

@@ -89,9 +89,11 @@ _ABANDONED: list[Any] = []  # a forked child's inherited asyncio objects (see As
 def _forget_members(hub: Hub) -> None:
     """In a forked child: every map of ``hub`` drops its copy (nothing it holds was seen by a
     listener of the child), with fresh locks (a thread of the parent may have held one; no
-    thread of the parent runs in the child), and waits for a new subscription."""
+    thread of the parent runs in the child), and waits for a new subscription: the child's
+    first (the drop is counted once, as ``"fork"``, not again as a resubscribe)."""
     for member in hub.members:
         member.state.mutex = threading.RLock()
+        member.state.subscribed_once = False
         store = member.state.store
         if hasattr(store, "_lock"):
             store._lock = threading.Lock()

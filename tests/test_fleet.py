@@ -18,6 +18,7 @@ import redis
 
 import syncmap
 from servers import wait_until
+from syncmap._stats import lock_stats
 from test_map_support import _Loop
 
 FORK = multiprocessing.get_context("fork")
@@ -255,6 +256,10 @@ def _child_of_a_blocking_node(m: syncmap.SyncMap, lock: syncmap.Lock, url: str) 
         out["release"] = "released"
     except syncmap.LockNotHeld:
         out["release"] = "LockNotHeld"
+    # the child's counts are its own, from zero (as its metrics are)
+    stats = m.stats
+    out["counts_at_fork"] = (stats.hits, stats.misses, stats.invalidations, stats.resyncs)
+    out["lock_counts_at_fork"] = lock_stats(lock.key).snapshot()[:2]
     # no inherited entry is trusted; the first read starts the child's own listener
     out["local_before"] = m.get_local("k")
     out["resync_causes"] = dict(m.stats.resync_causes)
@@ -291,9 +296,11 @@ def test_a_blocking_node_made_before_fork_works_in_the_child(server, ns):
 
         assert out["token"] is None and out["owned"] is False and out["locked"] is True
         assert out["release"] == "LockNotHeld"
-        assert out["local_before"] is None and out["resync_causes"].get("fork") == 1
-        # the child's listener subscribing is its first subscription, not a resubscribe: the
-        # fork is the drop counted (the counts the parent had at the fork come along)
+        assert out["local_before"] is None and out["resync_causes"] == {"fork": 1}, out
+        assert out["counts_at_fork"] == (0, 0, 0, 1), out  # the fork is the child's first
+        assert out["lock_counts_at_fork"] == (0, 0), out  # (the parent's acquisition: its own)
+        assert m.stats.hits > 0 and lock_stats(lock.key).acquisitions == 1
+        # the child's listener subscribing is its first subscription, not a resubscribe
         before, after = out["resync_causes"], out["resync_causes_cached"]
         assert after.get("resubscribe") == before.get("resubscribe"), out
         assert out["hits"] >= 1800, out  # a near cache in the child

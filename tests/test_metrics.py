@@ -178,3 +178,66 @@ def test_prometheus_multiprocess_mode(server, ns, tmp_path):
     out = subprocess.run([sys.executable, "-c", code, ns], env=env, check=True, timeout=60,
                          capture_output=True, text=True).stdout.split()  # fmt: skip
     assert [float(x) for x in out] == [20.0, 2.0, 2.0]
+
+
+PRELOADED = textwrap.dedent(
+    """
+    import os, sys, threading
+    import syncmap
+    from syncmap.metrics import start_multiprocess_export
+
+    url, name, out = sys.argv[1], sys.argv[2], sys.argv[3]
+    start_multiprocess_export(interval=60)  # in the master, before the fork (--preload)
+    node = syncmap.connect(url)
+    m = node.map(name)
+    m.set("k", 1)
+    for _ in range(10):
+        assert m.get("k") == 1
+    start_multiprocess_export()  # the master's 10 hits
+    pid = os.fork()
+    if pid == 0:  # a worker: its post_fork hook starts the export again
+        code = 1
+        try:
+            start_multiprocess_export()
+            exporters = [t for t in threading.enumerate() if t.name == "syncmap-metrics"]
+            for _ in range(30):
+                m.get("k")
+            with open(out, "w") as f:
+                f.write(f"{m.stats.hits} {len(exporters)}")
+            start_multiprocess_export()
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    node.close()
+    """
+)
+
+
+def test_prometheus_multiprocess_mode_across_a_fork(server, ns, tmp_path):
+    """A master that exported before forking (gunicorn --preload): the worker's counts start
+    from zero, with an exporter thread of its own, so the scrape adds up each process's own
+    reads once."""
+    env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "prom"))
+    (tmp_path / "prom").mkdir()
+    out = tmp_path / "child"
+    subprocess.run([sys.executable, "-c", PRELOADED, server.url, ns, str(out)], env=env,
+                   check=True, timeout=60)  # fmt: skip
+    child_hits, exporters = (int(x) for x in out.read_text().split())
+    assert exporters == 1
+    code = textwrap.dedent(
+        """
+        import sys
+        from prometheus_client import CollectorRegistry
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        reg = CollectorRegistry()
+        MultiProcessCollector(reg)
+        print(reg.get_sample_value("syncmap_map_requests_total",
+                                   {"map": sys.argv[1], "result": "hit"}))
+        """
+    )
+    total = subprocess.run([sys.executable, "-c", code, ns], env=env, check=True, timeout=60,
+                           capture_output=True, text=True).stdout  # fmt: skip
+    assert float(total) == 10 + child_hits

@@ -94,6 +94,7 @@ def _forget_members(hub: Hub) -> None:
     for member in hub.members:
         member.state.mutex = threading.RLock()
         member.state.subscribed_once = False
+        member.state.forget_counts()  # (the child's counts are its own, as its metrics)
         store = member.state.store
         if hasattr(store, "_lock"):
             store._lock = threading.Lock()

@@ -11,6 +11,7 @@ holds, per lock name; lock names beyond :data:`MAX_LOCK_NAMES` are counted under
 from __future__ import annotations
 
 import bisect
+import os
 import threading
 import weakref
 from collections.abc import Callable
@@ -143,8 +144,22 @@ class _Registry:
         for listener in self.wait_listeners:
             listener(stats.name, wait)
 
+    def forked(self) -> None:
+        """In a forked child: every count starts from zero (a process's counts are its own,
+        as prometheus_client's are: else a metrics backend adding up processes counts the
+        parent's twice)."""
+        self._lock = threading.Lock()
+        self._retired.clear()
+        for name in list(self._locks):
+            self._locks[name] = LockStats(name)
+        for ref in list(self._maps.values()):
+            m = ref()
+            if m is not None:
+                m._hits = m._misses = 0
+
 
 registry = _Registry()
+os.register_at_fork(after_in_child=registry.forked)
 
 
 def lock_stats(name: str) -> LockStats:

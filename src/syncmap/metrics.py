@@ -45,6 +45,7 @@ Keys are never labels. Lock names are (one series per name, at most 1000 names, 
 from __future__ import annotations
 
 import math
+import os
 import threading
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -140,6 +141,19 @@ _export_lock = threading.Lock()
 _exporter: _MultiprocessExporter | None = None
 
 
+def _forget_exporter() -> None:
+    """In a forked child: the parent's exporter thread does not run here, and the child's
+    counts start from zero (prometheus_client's multiprocess values restart too): the
+    exporter copies from zero, in a thread of the child's own."""
+    global _export_lock
+    _export_lock = threading.Lock()
+    if _exporter is not None:
+        _exporter.forked()
+
+
+os.register_at_fork(after_in_child=_forget_exporter)
+
+
 class _MultiprocessExporter:
     """Copies the series into prometheus_client's own metrics (multiprocess-aware)."""
 
@@ -170,6 +184,13 @@ class _MultiprocessExporter:
         self.lost = Counter("syncmap_lock_lost", "Holds found expired or taken", ["lock"])
         self._copied: dict[tuple[str, tuple[str, ...]], float] = {}
         registry.wait_listeners.append(self._on_wait)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="syncmap-metrics", daemon=True)
+        self._thread.start()
+
+    def forked(self) -> None:
+        """(In a forked child, see _forget_exporter.)"""
+        self._copied = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="syncmap-metrics", daemon=True)
         self._thread.start()

@@ -248,7 +248,10 @@ class Coherence:
         self.probe_meta: tuple[str | None, int] | None = None
         self.last_probe = -INF
         self._seen: list[tuple[str, int]] = []  # unsynced: changes seen since the probe began
-        # stats
+        self.forget_counts()
+
+    def forget_counts(self) -> None:
+        """Start the stats from zero (made, or in a forked child: counts are per process)."""
         self.invalidations = 0
         self.skipped = 0
         self.resyncs = 0

@@ -66,7 +66,7 @@ def _sync_child(url: str, pipe: Connection) -> None:
         stop = threading.Event()
         hits = [0]
 
-        def spinner() -> None:
+        def spinner(stop: threading.Event = stop, hits: list[int] = hits) -> None:
             get, n = m.get, 0
             while not stop.is_set():
                 for _ in range(1000):
@@ -152,7 +152,7 @@ def _pubsub_child(url: str, threaded: bool, pipe: Connection) -> None:
         while pubsub.get_message(timeout=0.2) is None and not pubsub.subscribed:
             pass
     pipe.send("ready")
-    while (cmd := pipe.recv()) is not None:
+    while pipe.recv() is not None:
         count0, cpu0, t0 = count[0], _cpu(), time.monotonic()
         pipe.send("started")
         while not pipe.poll(0):
@@ -182,7 +182,7 @@ def _socket_child(url: str, port: int, pipe: Connection) -> None:
     poller.register(pipe.fileno(), select.POLLIN)
     mark = b"smessage\r\n"
     pipe.send("ready")
-    while (cmd := pipe.recv()) is not None:
+    while pipe.recv() is not None:
         count, cpu0, t0 = 0, _cpu(), time.monotonic()
         pipe.send("started")
         while True:

@@ -527,7 +527,12 @@ class SyncListener(_ListenerBase):
         return [_meta_reply(reply, self.address) for reply in replies]
 
     def _receive(self, timeout: float) -> int:
-        """Wait (without the lock) up to ``timeout`` for data, then apply all there is.
+        """Wait (without the lock) up to ``timeout`` for data, applying all there is as it
+        arrives; returns how many events. Ends early when the flow has something to do (a map
+        awaits its base, or lost its subscription), or a reading thread's drain failed.
+
+        One Receive serves every message of its time, as the asyncio listener's does: a
+        message costs a wake-up and a drain, not a step of the flow as well.
 
         While other threads of the map are busy (reads, writes: they call :meth:`poll`), they
         apply what arrives, and this thread stays out of their way: it does not even watch the
@@ -535,15 +540,17 @@ class SyncListener(_ListenerBase):
         takes the lock from them (every system call of its drain would hand the GIL to a busy
         thread and wait up to a switch interval to get it back, the lock held all along)."""
         end = time.monotonic() + timeout
+        hub = self.hub
+        count = 0
         while self.failure is None:
             now = time.monotonic()
             if now - self.last_poll < READERS_ACTIVE:  # busy threads apply the events
                 # (and need the GIL: waking up often here would compete with them for it)
                 nap = self._nap
                 self._nap = min(2 * nap, BUSY_NAP_MAX)
-                if self.hub.wanted or now >= end or self.nudge.wait(min(end - now, nap)):
+                if hub.wanted or now >= end or self.nudge.wait(min(end - now, nap)):
                     self.nudge.clear()  # (a map awaits its base, or close())
-                    return 0
+                    return count
                 continue
             self._nap = BUSY_NAP
             poller = self._poller
@@ -552,19 +559,26 @@ class SyncListener(_ListenerBase):
             if poller is None:  # no poll(2) (or no socket: the drain below raises)
                 self.closing.wait(min(timeout, 0.001))
                 break
-            if self._backlog():
-                break  # events left over by a drain that hit DRAIN_LIMIT
-            try:
-                ready = poller[0].poll(max(0.0, end - now) * 1000)
-            except (OSError, ValueError):  # closed: the drain below says so
-                break
-            if not ready or time.monotonic() - self.last_poll >= READERS_ACTIVE:
-                break
+            if not self._backlog():  # (else: events left over by a drain that hit the limit)
+                try:
+                    ready = poller[0].poll(max(0.0, end - now) * 1000)
+                except (OSError, ValueError):  # closed: the drain below says so
+                    break
+                if not ready:
+                    break  # (its end)
+                if time.monotonic() - self.last_poll < READERS_ACTIVE:
+                    continue  # (a reading thread applies them)
+            with self.lock:
+                if self.failure is not None:
+                    break
+                count += self._drain()
+            if hub.wanted or hub.lost or self.closing.is_set() or time.monotonic() >= end:
+                return count
         with self.lock:
             failure, self.failure = self.failure, None
             if failure is not None:
                 raise failure
-            return self._drain()
+            return count + self._drain()
 
     def poll(self, now: float) -> None:
         """Apply the events already waiting on the subscriber connection, in the calling

@@ -19,6 +19,9 @@ spins on local hits of another key and applies the messages itself (``poll``); t
 message is the CPU the process spent beyond its hits, each hit costing what one did in a
 window without writes: ``(cpu - hits * cpu_per_hit) / messages``. Only the node measured
 spins; the other receivers stay idle. Every window is bounded; ``--quick`` shrinks them.
+
+``BENCH_LISTEN_OTHER=<src dir>`` adds two receivers, a blocking and an asyncio node of the
+syncmap found in that directory (another checkout's ``src``), measured in the same windows.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import multiprocessing as mp
+import os
 import select
 import socket
 import statistics
@@ -39,7 +43,9 @@ from benchmarks._common import ServerProcess, print_table, quick, versions
 SPAWN = mp.get_context("spawn")
 BATCH = 10  # keys per set_many
 GAP = 0.001  # s between writes
-RECEIVERS = ("syncmap", "syncmap-async", "redis-py get_message", "redis-py run_in_thread", "socket")
+OTHER = os.environ.get("BENCH_LISTEN_OTHER", "")  # another syncmap's src dir, or ""
+NODES = ("syncmap", "syncmap-async", *(("other", "other-async") if OTHER else ()))
+RECEIVERS = (*NODES, "redis-py get_message", "redis-py run_in_thread", "socket")
 KINDS = ("S", "V", "B")
 MAP = "listen-bench"
 KEYS = ["k", *(f"b{j}" for j in range(BATCH))]
@@ -52,8 +58,21 @@ def _cpu() -> float:
 # ----------------------------------------------------------------------------- receivers
 
 
-def _sync_child(url: str, pipe: Connection) -> None:
+def _import_syncmap(src: str) -> Any:
+    """syncmap, from ``src`` if given (before anything imported it in this process)."""
+    if src:
+        import sys
+
+        sys.path.insert(0, src)
     import syncmap
+
+    if src and not syncmap.__file__.startswith(src):  # type: ignore[operator]
+        raise RuntimeError(f"syncmap came from {syncmap.__file__}, not {src}")
+    return syncmap
+
+
+def _sync_child(url: str, src: str, pipe: Connection) -> None:
+    syncmap = _import_syncmap(src)
 
     node = syncmap.connect(url)
     m = node.map(MAP)
@@ -87,8 +106,8 @@ def _sync_child(url: str, pipe: Connection) -> None:
     node.close()
 
 
-def _async_child(url: str, pipe: Connection) -> None:
-    import syncmap
+def _async_child(url: str, src: str, pipe: Connection) -> None:
+    syncmap = _import_syncmap(src)
 
     async def main() -> None:
         node = await syncmap.connect_async(url)
@@ -218,8 +237,10 @@ class _Run:
         self.pipes: dict[str, Connection] = {}
         self.procs: list[Any] = []
         targets: dict[str, tuple[Any, tuple[Any, ...]]] = {
-            "syncmap": (_sync_child, (self.url,)),
-            "syncmap-async": (_async_child, (self.url,)),
+            "syncmap": (_sync_child, (self.url, "")),
+            "syncmap-async": (_async_child, (self.url, "")),
+            "other": (_sync_child, (self.url, OTHER)),
+            "other-async": (_async_child, (self.url, OTHER)),
             "redis-py get_message": (_pubsub_child, (self.url, False)),
             "redis-py run_in_thread": (_pubsub_child, (self.url, True)),
             "socket": (_socket_child, (self.url, port)),
@@ -276,7 +297,7 @@ class _Run:
 
 def _per_message(changes: int, kind: str, name: str) -> float:
     """Messages received, from what the receiver counted (changes for a syncmap node)."""
-    return changes / BATCH if kind == "B" and name.startswith("syncmap") else changes
+    return changes / BATCH if kind == "B" and name in NODES else changes
 
 
 def bench(port: int) -> None:
@@ -292,7 +313,7 @@ def bench(port: int) -> None:
             base = run.window(None, writes, None)
             rates = {name: r[0] / r[1] for name, r in base.items()}  # CPU s per s, idle
             hit_cost = {}
-            for name in ("syncmap", "syncmap-async"):
+            for name in NODES:
                 r = run.window(None, writes, name)[name]
                 hit_cost[name] = r[0] / max(1, r[3])
             for i in range(len(KINDS)):
@@ -305,7 +326,7 @@ def bench(port: int) -> None:
                     idle.setdefault((name, kind), []).append(
                         (cpu - rates[name] * seconds) / max(1, got) * 1e6
                     )
-                for name in ("syncmap", "syncmap-async"):
+                for name in NODES:
                     cpu, _, changes, hits = run.window(kind, writes, name)[name]
                     got = _per_message(changes, kind, name)
                     spin.setdefault((name, kind), []).append(
@@ -363,6 +384,8 @@ def main() -> None:
             f"## bench_listen (server on port {srv.port}{', quick' if quick() else ''}; "
             f"{versions('redis', 'hiredis')})\n"
         )
+        if OTHER:
+            print(f"*other*, *other-async*: the syncmap of {OTHER}\n")
         bench(srv.port)
     finally:
         srv.stop()

@@ -131,6 +131,7 @@ MAGIC: Final = b"SM1 "
 
 
 _BATCH_OPS: Final = {ord("S"): "S", ord("D"): "D", ord("V"): "S"}
+_OPS: Final = {b"S": "S", b"D": "D", b"C": "C", b"V": "S"}  # a single change's op, decoded
 
 
 class MalformedChange(ValueError):
@@ -150,7 +151,8 @@ def _parse_single(parts: list[bytes]) -> Change:
     if len(parts) != 5:
         raise MalformedChange(f"change message with {len(parts)} fields")
     _, epoch, seq, op, key = parts
-    if not seq.isdigit() or op not in (b"S", b"D", b"C", b"V") or not epoch:
+    kind = _OPS.get(op)
+    if kind is None or not seq.isdigit() or not epoch:
         raise MalformedChange("bad seq, op or epoch in change message")
     value = None
     if op == b"V":
@@ -158,11 +160,9 @@ def _parse_single(parts: list[bytes]) -> Change:
         if not size.isdigit() or len(body) < int(size):
             raise MalformedChange("bad key length in a change message with a value")
         n = int(size)
-        key, value, op = body[:n], body[n:], b"S"
+        key, value = body[:n], body[n:]
     try:
-        return Change(
-            epoch.decode("ascii"), int(seq), op.decode("ascii"), key.decode("utf-8"), value
-        )
+        return Change(epoch.decode("ascii"), int(seq), kind, key.decode("utf-8"), value)
     except UnicodeDecodeError as exc:
         raise MalformedChange(f"undecodable change message: {exc}") from None
 
@@ -174,7 +174,7 @@ def parse_changes(data: bytes) -> list[Change] | None:
     if not data.startswith(MAGIC):
         return None
     parts = data.split(b" ", 4)  # (once: the single change's fields, or the batch's)
-    if parts[3:4] != [b"B"]:
+    if len(parts) < 4 or parts[3] != b"B":
         return [_parse_single(parts)]
     if len(parts) != 5:
         raise MalformedChange("a batch change message without a body")
@@ -384,9 +384,11 @@ class Coherence:
             log.warning("skipped a message that is not syncmap's: %r", data[:200])
             self.skipped += 1
             return
-        for change in changes:
-            for watcher in self.watchers:
-                watcher(change)
+        watchers = self.watchers
+        if watchers:
+            for change in changes:
+                for watcher in watchers:
+                    watcher(change)
         with self.mutex:
             for change in changes:
                 if not self._on_change(change):

@@ -306,17 +306,17 @@ async def test_changes_are_applied_while_the_probe_waits_for_its_answer(
     assert b._listener.reader == reader
     await a.set("k", 0)
     await cached(b, "k", 0)
-    probe = b._listener._driver
-    read = probe.perform
+    listener = b._listener
+    read = listener._read_metas
     held, let_go = asyncio.Event(), asyncio.Event()
 
-    async def slow_read(op):
-        if op.args[0] == "HMGET" and not held.is_set():
+    async def slow_read(keys):
+        if not held.is_set():
             held.set()
             await let_go.wait()
-        return await read(op)
+        return await read(keys)
 
-    monkeypatch.setattr(probe, "perform", slow_read)
+    monkeypatch.setattr(listener, "_read_metas", slow_read)
     other = asyncio.ensure_future(nb.map(f"{ns}-other", max_staleness=3.0))
     await asyncio.wait_for(held.wait(), 5)  # the other map's base read is in flight, and held
     for i in range(1, 4):

@@ -297,6 +297,104 @@ def test_resharding_ask_tryagain_then_moved(ns, monkeypatch):
             srv.stop()
 
 
+def _moved_answers(srv: ServerProcess) -> int:
+    with srv.client() as c:
+        return int(c.info("errorstats").get("errorstat_MOVED", {}).get("count", 0))
+
+
+def _half_moved(servers: list[ServerProcess], slot: int) -> tuple[ServerProcess, ServerProcess]:
+    """Move ``slot`` to another master and tell only the old owner: until the new owner learns
+    it from the old one (over the cluster bus, within a fraction of a second), the old owner
+    answers MOVED to the new one and the new one, still importing, MOVED back."""
+    ids = _ids(servers)
+    src = _owner(servers, slot)
+    dst = next(s for s in servers if s is not src)
+    with dst.client() as c:
+        c.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", ids[servers.index(src)])
+    with src.client() as c:
+        c.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", ids[servers.index(dst)])
+    assert _move_keys(src, dst, slot) >= 1
+    with src.client() as c:
+        c.execute_command("CLUSTER", "SETSLOT", slot, "NODE", ids[servers.index(dst)])
+    return src, dst
+
+
+def test_a_redirect_streak_waits_for_the_cluster_to_settle(ns, monkeypatch):
+    """A write sent while two masters disagree about its slot bounces between them for more
+    than MAX_REDIRECTS hops: it pauses, follows, and is applied once, when they agree. With no
+    time to wait (REDIRECT_WAIT 0) such a write gets a clear error and is not applied."""
+    servers = _start_cluster()
+    a = None
+    try:
+        names = [f"{ns.replace('_', '-')[:36]}-{i}" for i in range(6)]
+        a = syncmap.connect(cluster_url(servers[0]))
+        maps = [a.map(name) for name in names]
+        for m in maps:
+            m.set("n", 1)
+
+        # the masters may agree within MAX_REDIRECTS hops: then the write is simply applied
+        refused = None
+        for m, name in zip(maps[:-1], names, strict=False):
+            monkeypatch.setattr(_cluster, "REDIRECT_WAIT", 0.0)
+            _half_moved(servers, key_slot(name))
+            try:
+                m.incr("n", 1)
+            except syncmap.ServerError as exc:
+                assert "kept moving" in str(exc)
+                refused = m
+            monkeypatch.setattr(_cluster, "REDIRECT_WAIT", 30.0)
+            expected = 1 if m is refused else 2
+            wait_until(lambda m=m, e=expected: m.get("n", fresh=True) == e, 10, what="n")
+            if refused is not None:
+                break
+        assert refused is not None, "the masters agreed each time before the write bounced"
+
+        slot = key_slot(names[-1])
+        _, dst = _half_moved(servers, slot)
+        before = _moved_answers(dst)
+        assert maps[-1].incr("n", 1) == 2  # applied once
+        assert _moved_answers(dst) - before > _cluster.MAX_REDIRECTS // 2  # it did bounce
+        assert a.router is not None and a.router.table.owner(slot)[1] == dst.port
+        assert maps[-1].get("n", fresh=True) == 2
+    finally:
+        if a is not None:
+            a.close()
+        for srv in servers:
+            srv.stop()
+
+
+async def test_an_asyncio_redirect_streak_waits_for_the_cluster_to_settle(ns):
+    """As above, on an asyncio node (its connections re-read the slot table in a thread): a
+    map write and a lock acquire, each sent while the two masters disagree about its slot,
+    are applied once."""
+    servers = _start_cluster()
+    a = None
+    try:
+        names = [f"{ns.replace('_', '-')[:36]}-{i}" for i in range(2)]
+        a = await syncmap.connect_async(cluster_url(servers[0]))
+        m = await a.map(names[0])
+        await m.set("n", 1)
+        _, dst = _half_moved(servers, key_slot(names[0]))
+        assert await m.incr("n", 1) == 2
+        assert await m.get("n", fresh=True) == 2
+
+        lock = a.lock(f"{{{names[1]}}}:held", ttl=10)
+        with _owner(servers, key_slot(names[1])).client() as c:  # (a key for the move)
+            c.set(f"{{{names[1]}}}:other", 1)
+        _, dst = _half_moved(servers, key_slot(names[1]))
+        assert await lock.acquire()
+        with dst.client() as c:
+            assert c.get(f"{{{names[1]}}}:held") is not None  # taken on the new owner
+        await lock.release()
+        with dst.client() as c:
+            assert c.get(f"{{{names[1]}}}:held") is None
+    finally:
+        if a is not None:
+            await a.close()
+        for srv in servers:
+            srv.stop()
+
+
 def test_list_locks_sees_locks_on_every_master(cluster, ns):
     """``syncmap locks`` (list_locks) on a cluster node lists the locks held on all masters."""
     from syncmap._lock import list_locks

@@ -305,14 +305,14 @@ def test_instances_share_one_map_per_process(server, ns):
             cache = caches["default"]
             cache.set(f"from-{threading.get_ident()}", 1)
             cache.close()
-            seen.append((id(cache), cache.map, caches["other"].map))
+            seen.append((cache, cache.map, caches["other"].map))  # (kept: ids stay unique)
 
         threads = [threading.Thread(target=use) for _ in range(4)]
         for t in threads:
             t.start()
         for t in threads:
             t.join(30)
-        assert len({instance for instance, _, _ in seen}) == 4  # one per thread
+        assert len({id(instance) for instance, _, _ in seen}) == 4  # one per thread
         assert len({id(m) for _, m, _ in seen}) == 1  # one map
         assert len({id(o) for _, _, o in seen}) == 1 and seen[0][2] is not seen[0][1]
         m = seen[0][1]

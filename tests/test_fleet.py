@@ -514,6 +514,49 @@ def test_idle_traffic_is_two_commands_per_probe_whatever_the_number_of_maps(fres
 
 
 @pytest.mark.parametrize("kind", ["sync", "async"])
+def test_a_node_holds_two_connections_beyond_its_own_whatever_the_number_of_maps(
+    fresh_server, ns, kind
+):
+    """A node with 50 maps (opened in a row, so the listener reads several maps' bases at once,
+    then probing one map's seq at a time while idle) holds three connections to the server,
+    blocking or asyncio: its own, its listener's subscriber connection and the one its probes
+    read on. Counted by the server (CLIENT LIST)."""
+    with fresh_server.client() as c:
+        before = {x["id"] for x in c.client_list()}
+
+        def mine() -> list[str]:
+            return sorted(x["id"] for x in c.client_list() if x["id"] not in before)
+
+        def settled(maps: list[Any]) -> int:
+            hub = maps[0]._listener.hub
+            wait_until(lambda: all(m._state.synced for m in maps), 5, what="every map synced")
+            probes = hub._counter
+            wait_until(lambda: hub._counter >= probes + 5, 10, what="5 idle probes")
+            return len(mine())
+
+        if kind == "sync":
+            with syncmap.connect(fresh_server.url) as node:
+                maps = [node.map(f"{ns}-{i}", max_staleness=0.3) for i in range(50)]
+                maps[0]["k"] = 1
+                assert maps[0]["k"] == 1
+                assert settled(maps) == 3
+        else:
+
+            async def scenario() -> int:
+                node = await syncmap.connect_async(fresh_server.url)
+                try:
+                    maps = [await node.map(f"{ns}-{i}", max_staleness=0.3) for i in range(50)]
+                    await maps[0].set("k", 1)
+                    assert await maps[0].get("k") == 1
+                    return await asyncio.to_thread(settled, maps)
+                finally:
+                    await node.close()
+
+            assert asyncio.run(scenario()) == 3
+        wait_until(lambda: not mine(), 5, what="the node's connections closed")
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
 def test_a_lost_subscriber_connection_drops_every_map_and_all_come_back(fresh_server, ns, kind):
     """The server kills the node's subscriber connection: every map of it drops its copy
     (before its next local read), the listener reconnects, SSUBSCRIBEs every channel again,

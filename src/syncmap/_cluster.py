@@ -17,8 +17,15 @@ connections are :func:`redirecting <connection_class>`:
   missing: a map write declares keys that rarely exist, so map writes get it for the whole
   migration of their slot): not executed either; resent on the original connection after a
   short pause (10 ms, doubling up to 100 ms), for at most :data:`TRYAGAIN_WAIT` seconds;
-* at most :data:`MAX_REDIRECTS` hops in a row, then :class:`~syncmap.ServerError` naming the
-  slot (also when TRYAGAIN lasts longer than :data:`TRYAGAIN_WAIT`).
+* up to :data:`MAX_REDIRECTS` MOVED / ASK hops in a row are resent at once (a resharding
+  costs one). More mean the nodes disagree about the slot while a resharding or a failover
+  settles (a node told of a move redirects to one still importing the slot, which redirects
+  back until it is told): the router re-reads ``CLUSTER SLOTS`` once (for the other slots of
+  the move too; rate-limited as after a lost connection), and each further hop waits first
+  (10 ms, doubling up to 100 ms), for at most :data:`REDIRECT_WAIT` seconds in all; then
+  :class:`~syncmap.ServerError` naming the slot (also when TRYAGAIN lasts longer than
+  :data:`TRYAGAIN_WAIT`). Every redirect is an answer, so the command was not executed and
+  resending it keeps it at most once (contract §11).
 
 A map's listener subscribes (``SSUBSCRIBE``) through a connection bound to the map's slot, so
 a reconnect finds the slot's current owner; a master that loses the slot unsubscribes it
@@ -61,6 +68,7 @@ __all__ = [
     "REFRESH_BUDGET",
     "REFRESH_INTERVAL",
     "REFRESH_TIMEOUT",
+    "REDIRECT_WAIT",
     "TRYAGAIN_WAIT",
     "ClusterRouter",
     "SlotTable",
@@ -70,6 +78,7 @@ __all__ = [
 SLOTS = 16384
 MAX_REDIRECTS = 5
 TRYAGAIN_WAIT = 2.0  # s
+REDIRECT_WAIT = 2.0  # s: a streak of more than MAX_REDIRECTS redirects, with pauses
 REFRESH_INTERVAL = 0.2  # s: after failures, the slot table is re-read at most this often
 REFRESH_TIMEOUT = 1.0  # s: to connect to and hear from one node, in such a refresh
 REFRESH_BUDGET = 3.0  # s: for all the nodes asked, in such a refresh
@@ -163,34 +172,46 @@ class _Redirects:
         self.address = address
         self.hops = 0
         self.pauses = 0
-        self.deadline = 0.0
+        self.tryagain_until = self.moving_until = 0.0
 
-    def next(self, exc: Exception) -> tuple[Address | None, bool, float]:
-        """``(target or None for the original connection, ASKING first?, pause before)``."""
+    def next(self, exc: Exception) -> tuple[Address | None, bool, float, bool]:
+        """``(target or None for the original connection, ASKING first?, pause before,
+        re-read the slot table first?)``."""
+        now = time.monotonic()
         if isinstance(exc, TryAgainError):
-            now = time.monotonic()
-            if not self.pauses:
-                self.deadline = now + TRYAGAIN_WAIT
-            elif now >= self.deadline:
+            if not self.tryagain_until:
+                self.tryagain_until = now + TRYAGAIN_WAIT
+            elif now >= self.tryagain_until:
                 raise ServerError(
                     f"a cluster slot is being migrated: {self.address} answered TRYAGAIN for "
                     f"{TRYAGAIN_WAIT}s ({exc})"
                 ) from exc
             self.hops = 0
-            self.pauses += 1
-            return None, False, min(0.01 * 2 ** (self.pauses - 1), 0.1)
+            return None, False, self._pause(), False
         assert isinstance(exc, AskError)
         self.hops += 1
-        if self.hops > MAX_REDIRECTS:
-            raise ServerError(
-                f"cluster slot {exc.slot_id} kept moving (last: {exc}, from {self.address}); "
-                f"gave up after {MAX_REDIRECTS} redirects"
-            ) from exc
-        target = (exc.host, int(exc.port))
+        refresh, pause = False, 0.0
+        if self.hops > MAX_REDIRECTS:  # the nodes disagree: a resharding or failover settling
+            if self.hops == MAX_REDIRECTS + 1:
+                self.moving_until, refresh = now + REDIRECT_WAIT, True
+            elif now >= self.moving_until:
+                raise ServerError(
+                    f"cluster slot {exc.slot_id} kept moving (last: {exc}, from "
+                    f"{self.address}); gave up after {self.hops - 1} redirects in "
+                    f"{REDIRECT_WAIT}s"
+                ) from exc
+            pause = self._pause()
+        return (exc.host, int(exc.port)), not isinstance(exc, MovedError), pause, refresh
+
+    def _pause(self) -> float:
+        """10 ms, doubling up to 100 ms."""
+        self.pauses += 1
+        return min(0.01 * 2.0 ** (self.pauses - 1), 0.1)
+
+    def learn(self, exc: Exception) -> None:
+        """A MOVED answer names the slot's owner (newer than any table re-read before it)."""
         if isinstance(exc, MovedError):
-            self.table.moved(exc.slot_id, target)
-            return target, False, 0.0
-        return target, True, 0.0
+            self.table.moved(exc.slot_id, (exc.host, int(exc.port)))
 
 
 _ASKING = b"*1\r\n$6\r\nASKING\r\n"
@@ -213,6 +234,7 @@ class _Redirecting:
         self.syncmap_router = syncmap_router
         self.syncmap_slot = syncmap_slot
         self.syncmap_sent: Any = None
+        self.syncmap_connecting = False
         super().__init__(**kw)
 
     def _elsewhere(self) -> bool:
@@ -233,7 +255,7 @@ class _RedirectingIO(_Redirecting):
     def _syncmap_connected(self) -> bool:
         return sock_of(self) is not None
 
-    def _syncmap_lost(self, address: Address, since: float) -> None:
+    def _syncmap_lost(self, address: Address | None, since: float) -> None:
         self.syncmap_router.lost(address, since)
 
 
@@ -244,7 +266,7 @@ class _AsyncRedirectingIO(_Redirecting):
     def _syncmap_connected(self) -> bool:
         return bool(self.is_connected)  # type: ignore[attr-defined]
 
-    async def _syncmap_lost(self, address: Address, since: float) -> None:
+    async def _syncmap_lost(self, address: Address | None, since: float) -> None:
         await asyncio.to_thread(self.syncmap_router.lost, address, since)
 
 
@@ -265,7 +287,7 @@ class _AsyncRedirecting(_AsyncRedirectingIO):
         self.host, self.port = router.target(slot, (self.host, self.port))
         since = time.monotonic()
         try:
-            return await super().connect_check_health(*args, **kwargs)  # type: ignore[misc]
+            return await self._connect_here(args, kwargs)
         except (redis.ConnectionError, redis.TimeoutError):
             failed = (self.host, self.port)
             await self._syncmap_lost(failed, since)
@@ -273,13 +295,20 @@ class _AsyncRedirecting(_AsyncRedirectingIO):
             if target == failed:
                 raise
         self.host, self.port = target
-        return await super().connect_check_health(*args, **kwargs)  # type: ignore[misc]
+        return await self._connect_here(args, kwargs)
+
+    async def _connect_here(self, args: Any, kwargs: Any) -> Any:
+        self.syncmap_connecting = True  # (the handshake's commands stay on this connection)
+        try:
+            return await super().connect_check_health(*args, **kwargs)  # type: ignore[misc]
+        finally:
+            self.syncmap_connecting = False
 
     async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
-        if self._syncmap_connected() and self._elsewhere():
+        if not self.syncmap_connecting and self._syncmap_connected() and self._elsewhere():
             await self.disconnect()  # type: ignore[attr-defined]
-        self.syncmap_sent = command
         await super().send_packed_command(command, check_health)  # type: ignore[misc]
+        self.syncmap_sent = command  # (after: a reconnect's handshake reads forget it)
 
     async def read_response(self, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -302,7 +331,10 @@ class _AsyncRedirecting(_AsyncRedirectingIO):
         packed = [packed] if isinstance(packed, str | bytes) else list(packed)
         plan = _Redirects(router.table, f"{self.host}:{self.port}")
         while True:
-            target, asking, pause = plan.next(exc)
+            target, asking, pause, refresh = plan.next(exc)
+            if refresh:  # (for the other slots moved with this one too)
+                await self._syncmap_lost(None, time.monotonic())
+            plan.learn(exc)
             await asyncio.sleep(pause)
             # MOVED of a connection bound to the slot: reconnect it to the new owner
             here = target is None or (not asking and _same_slot(exc, self.syncmap_slot))
@@ -340,7 +372,7 @@ class _SyncRedirecting(_RedirectingIO):
         self.host, self.port = router.target(slot, (self.host, self.port))
         since = time.monotonic()
         try:
-            return super().connect_check_health(*args, **kwargs)  # type: ignore[misc]
+            return self._connect_here(args, kwargs)
         except (redis.ConnectionError, redis.TimeoutError):
             failed = (self.host, self.port)
             self._syncmap_lost(failed, since)
@@ -348,13 +380,20 @@ class _SyncRedirecting(_RedirectingIO):
             if target == failed:
                 raise
         self.host, self.port = target
-        return super().connect_check_health(*args, **kwargs)  # type: ignore[misc]
+        return self._connect_here(args, kwargs)
+
+    def _connect_here(self, args: Any, kwargs: Any) -> Any:
+        self.syncmap_connecting = True  # (the handshake's commands stay on this connection)
+        try:
+            return super().connect_check_health(*args, **kwargs)  # type: ignore[misc]
+        finally:
+            self.syncmap_connecting = False
 
     def send_packed_command(self, command: Any, check_health: bool = True) -> None:
-        if self._syncmap_connected() and self._elsewhere():
+        if not self.syncmap_connecting and self._syncmap_connected() and self._elsewhere():
             self.disconnect()  # type: ignore[attr-defined]
-        self.syncmap_sent = command
         super().send_packed_command(command, check_health)  # type: ignore[misc]
+        self.syncmap_sent = command  # (after: a reconnect's handshake reads forget it)
 
     def read_response(self, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -377,7 +416,10 @@ class _SyncRedirecting(_RedirectingIO):
         packed = [packed] if isinstance(packed, str | bytes) else list(packed)
         plan = _Redirects(router.table, f"{self.host}:{self.port}")
         while True:
-            target, asking, pause = plan.next(exc)
+            target, asking, pause, refresh = plan.next(exc)
+            if refresh:  # (for the other slots moved with this one too)
+                self._syncmap_lost(None, time.monotonic())
+            plan.learn(exc)
             time.sleep(pause)
             # MOVED of a connection bound to the slot: reconnect it to the new owner
             here = target is None or (not asking and _same_slot(exc, self.syncmap_slot))
@@ -446,7 +488,7 @@ class ClusterRouter:
             address = successor
         return address
 
-    def lost(self, address: Address, since: float) -> None:
+    def lost(self, address: Address | None, since: float) -> None:
         """A connection to ``address``, tried at ``since`` (``time.monotonic()``), could not
         be made or broke: re-read the slot table, asking the other nodes before ``address``,
         unless a refresh began after ``since`` (its table is as new as any). Refreshes are at

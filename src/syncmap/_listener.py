@@ -978,10 +978,12 @@ class AsyncListener(_ListenerBase):
             self.hub.resync("flush")
 
     async def _read_metas(self, keys: tuple[str, ...]) -> list[Any]:
-        """As :meth:`SyncListener._read_metas` (single reads through the driver: its
-        connections are checked before use, and a read is resent once if its connection is
-        lost)."""
-        if self.router is None and len(keys) > 1:
+        """As :meth:`SyncListener._read_metas`: on a single server, one pipeline of the
+        probe's pool, whatever the number of maps, so the probe holds one connection (the
+        driver would keep one of its own aside); on a Cluster, one read per map through the
+        driver (its connections are checked before use, and a read is resent once if its
+        connection is lost)."""
+        if self.router is None:
             try:
                 replies = await self._pipeline(keys).execute(raise_on_error=False)
             except (redis.ConnectionError, redis.TimeoutError):  # (as SyncListener's)

@@ -21,33 +21,11 @@
 -- Parsed by syncmap._core.replies.AcquireReply.
 local lock, fence, queue = KEYS[1], KEYS[2], KEYS[3]
 local value, token, mode, regs = ARGV[1], ARGV[2], ARGV[4], ARGV[6]
-local mine = regs .. token
-
-local function unregister()
-  if redis.call("ZREM", queue, token) == 1 then
-    redis.call("DEL", mine)
-  end
-end
-
--- the first waiter whose registration is still alive (dead ones are dropped); I count as live
-local function first_live()
-  while true do
-    local head = redis.call("ZRANGE", queue, 0, 0)[1]
-    if not head or head == token or redis.call("EXISTS", regs .. head) == 1 then
-      return head
-    end
-    redis.call("ZREM", queue, head)
-  end
-end
-
--- the answer when this value holds the lock
-local function held(n)
-  if mode == "queue" then
-    redis.call("RPUSH", KEYS[4], n)
-    redis.call("PEXPIRE", KEYS[4], 60000)
-  end
-  return n
-end
+-- Straight-line code, no closures or helper functions: this script runs on every acquire, and
+-- every object it makes is garbage that the server's Lua collector sweeps (as map_write.lua).
+-- Each branch sets `held` (the fencing number when this value holds the lock, else false) and
+-- `drop` (leave the queue: remove my registration); both are acted on at the end.
+local held, drop = false, false
 
 -- ours: the value starts with this token. Handed over to it by a release; or taken again with
 -- a caller's own token (redislock's custom token: its holder may obtain it again, which
@@ -55,7 +33,7 @@ end
 local current = redis.call("GET", lock)
 local ours = current and string.sub(current, 1, #token) == token
 if ours or mode == "leave" then
-  unregister()
+  drop = true
   if KEYS[4] then
     redis.call("DEL", KEYS[4])
   end
@@ -63,34 +41,47 @@ if ours or mode == "leave" then
     if mode ~= "leave" then
       redis.call("SET", lock, value, "PX", ARGV[3])
     end
-    return held(tonumber(redis.call("HGET", fence, "n") or "0"))
-  end
-  return false
-end
-
-if not current then
-  local head = first_live()
-  if head == nil or head == token then
-    redis.call("SET", lock, value, "PX", ARGV[3])
-    if head then
-      unregister()
-    end
-    return held(redis.call("HINCRBY", fence, "n", 1))
-  end
-end
-
-if mode == "wait" or mode == "queue" then
-  local lifetime = tonumber(ARGV[5])
-  local last = redis.call("ZRANGE", queue, -1, -1, "WITHSCORES")
-  redis.call("ZADD", queue, "NX", (tonumber(last[2]) or 0) + 1, token)
-  redis.call("SET", mine, ARGV[3] .. " " .. value, "PX", lifetime)
-  -- the queue outlives every registration in it (GT: never shorten a longer waiter's)
-  if last[1] then
-    redis.call("PEXPIRE", queue, lifetime + 60000, "GT")
-  else
-    redis.call("PEXPIRE", queue, lifetime + 60000)
+    held = tonumber(redis.call("HGET", fence, "n") or "0")
   end
 else
-  unregister()
+  if not current then
+    -- the first waiter whose registration is still alive (dead ones are dropped); I count as
+    -- live
+    local head = redis.call("ZRANGE", queue, 0, 0)[1]
+    while head and head ~= token and redis.call("EXISTS", regs .. head) == 0 do
+      redis.call("ZREM", queue, head)
+      head = redis.call("ZRANGE", queue, 0, 0)[1]
+    end
+    if head == nil or head == token then
+      redis.call("SET", lock, value, "PX", ARGV[3])
+      drop = head ~= nil
+      held = redis.call("HINCRBY", fence, "n", 1)
+    end
+  end
+  if not held then
+    if mode == "wait" or mode == "queue" then
+      local lifetime = tonumber(ARGV[5])
+      local last = redis.call("ZRANGE", queue, -1, -1, "WITHSCORES")
+      redis.call("ZADD", queue, "NX", (tonumber(last[2]) or 0) + 1, token)
+      redis.call("SET", regs .. token, ARGV[3] .. " " .. value, "PX", lifetime)
+      -- the queue outlives every registration in it (GT: never shorten a longer waiter's)
+      if last[1] then
+        redis.call("PEXPIRE", queue, lifetime + 60000, "GT")
+      else
+        redis.call("PEXPIRE", queue, lifetime + 60000)
+      end
+    else
+      drop = true
+    end
+  end
 end
-return false
+
+if drop and redis.call("ZREM", queue, token) == 1 then
+  redis.call("DEL", regs .. token)
+end
+-- "queue": the fence goes onto the wake list too, for the BLPOP sent behind this script
+if held and mode == "queue" then
+  redis.call("RPUSH", KEYS[4], held)
+  redis.call("PEXPIRE", KEYS[4], 60000)
+end
+return held

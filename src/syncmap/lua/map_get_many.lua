@@ -15,7 +15,9 @@ for i = 1, #KEYS - 1 do
     foreign[i] = 0
   else
     pttls[i] = -2
-    foreign[i] = redis.call('TYPE', KEYS[i + 1])['ok'] == 'none' and 0 or 1
+    -- absent, or not a string: GET errs on the latter (as map_get; cheaper than TYPE, whose
+    -- status answer is a table for the Lua collector)
+    foreign[i] = type(redis.pcall('GET', KEYS[i + 1])) == 'table' and 1 or 0
   end
 end
 return {m[1], tonumber(m[2] or '0'), records, pttls, foreign}

@@ -319,6 +319,14 @@ def _half_moved(servers: list[ServerProcess], slot: int) -> tuple[ServerProcess,
     return src, dst
 
 
+def _settles_by_itself(srv: ServerProcess) -> bool:
+    """Whether a slot half moved by :func:`_half_moved` settles without another word: Valkey
+    (8 and later) carries the old owner's ``SETSLOT ... NODE`` to the new one; Redis 7.0 does
+    not (the new owner keeps importing until it is told), so the masters never agree there."""
+    with srv.client(protocol=3) as c:
+        return bool(c.execute_command("HELLO", 3)[b"server"] == b"valkey")
+
+
 def test_a_redirect_streak_waits_for_the_cluster_to_settle(ns, monkeypatch):
     """A write sent while two masters disagree about its slot bounces between them for more
     than MAX_REDIRECTS hops: it pauses, follows, and is applied once, when they agree. With no
@@ -326,6 +334,10 @@ def test_a_redirect_streak_waits_for_the_cluster_to_settle(ns, monkeypatch):
     servers = _start_cluster()
     a = None
     try:
+        if not _settles_by_itself(servers[0]):
+            pytest.skip(
+                "a half-moved slot settles by itself only on Valkey (see _settles_by_itself)"
+            )
         names = [f"{ns.replace('_', '-')[:36]}-{i}" for i in range(6)]
         a = syncmap.connect(cluster_url(servers[0]))
         maps = [a.map(name) for name in names]
@@ -370,6 +382,10 @@ async def test_an_asyncio_redirect_streak_waits_for_the_cluster_to_settle(ns):
     servers = _start_cluster()
     a = None
     try:
+        if not _settles_by_itself(servers[0]):
+            pytest.skip(
+                "a half-moved slot settles by itself only on Valkey (see _settles_by_itself)"
+            )
         names = [f"{ns.replace('_', '-')[:36]}-{i}" for i in range(2)]
         a = await syncmap.connect_async(cluster_url(servers[0]))
         m = await a.map(names[0])

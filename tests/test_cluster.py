@@ -327,17 +327,26 @@ def _settles_by_itself(srv: ServerProcess) -> bool:
         return bool(c.execute_command("HELLO", 3)[b"server"] == b"valkey")
 
 
-def test_a_redirect_streak_waits_for_the_cluster_to_settle(ns, monkeypatch):
+@pytest.fixture
+def settling_cluster() -> Iterator[list[ServerProcess]]:
+    """A cluster of its own (the streak tests move slots), where a half-moved slot settles."""
+    servers = _start_cluster()
+    try:
+        if not _settles_by_itself(servers[0]):
+            pytest.skip("a half-moved slot settles by itself only on Valkey: _settles_by_itself")
+        yield servers
+    finally:
+        for srv in servers:
+            srv.stop()
+
+
+def test_a_redirect_streak_waits_for_the_cluster_to_settle(ns, monkeypatch, settling_cluster):
     """A write sent while two masters disagree about its slot bounces between them for more
     than MAX_REDIRECTS hops: it pauses, follows, and is applied once, when they agree. With no
     time to wait (REDIRECT_WAIT 0) such a write gets a clear error and is not applied."""
-    servers = _start_cluster()
+    servers = settling_cluster
     a = None
     try:
-        if not _settles_by_itself(servers[0]):
-            pytest.skip(
-                "a half-moved slot settles by itself only on Valkey (see _settles_by_itself)"
-            )
         names = [f"{ns.replace('_', '-')[:36]}-{i}" for i in range(6)]
         a = syncmap.connect(cluster_url(servers[0]))
         maps = [a.map(name) for name in names]
@@ -371,21 +380,15 @@ def test_a_redirect_streak_waits_for_the_cluster_to_settle(ns, monkeypatch):
     finally:
         if a is not None:
             a.close()
-        for srv in servers:
-            srv.stop()
 
 
-async def test_an_asyncio_redirect_streak_waits_for_the_cluster_to_settle(ns):
+async def test_an_asyncio_redirect_streak_waits_for_the_cluster_to_settle(ns, settling_cluster):
     """As above, on an asyncio node (its connections re-read the slot table in a thread): a
     map write and a lock acquire, each sent while the two masters disagree about its slot,
     are applied once."""
-    servers = _start_cluster()
+    servers = settling_cluster
     a = None
     try:
-        if not _settles_by_itself(servers[0]):
-            pytest.skip(
-                "a half-moved slot settles by itself only on Valkey (see _settles_by_itself)"
-            )
         names = [f"{ns.replace('_', '-')[:36]}-{i}" for i in range(2)]
         a = await syncmap.connect_async(cluster_url(servers[0]))
         m = await a.map(names[0])
@@ -407,8 +410,6 @@ async def test_an_asyncio_redirect_streak_waits_for_the_cluster_to_settle(ns):
     finally:
         if a is not None:
             await a.close()
-        for srv in servers:
-            srv.stop()
 
 
 def test_list_locks_sees_locks_on_every_master(cluster, ns):

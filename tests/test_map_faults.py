@@ -62,7 +62,10 @@ def test_no_fill_race_forced_interleaving(maps, server, ns, guarded):
     b = maps(server.url, ns, max_staleness=LONG)
     b.set("warm", 0)
     cached(a, "warm", 0)
+    seen = a.stats.invalidations
     b.set("k", "old")
+    # (a has processed "old": the invalidation awaited below can only be the one of "new")
+    wait_until(lambda: a.stats.invalidations > seen, 5, what="a processed the first write")
     hold, fetched, release = fill_holder(a, "k")
     a.m._state.hooks.fill_hook = hold
     result = {}
